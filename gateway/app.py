@@ -1,0 +1,90 @@
+"""``create_app``: the FastAPI application, its lifespan and its one error renderer."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from gateway.backends.registry import BackendRegistry
+from gateway.config import FileConfig, Settings, load_file_config
+from gateway.errors import InvalidRequest, RaglineError, error_body
+from gateway.http import BodyLimitMiddleware, ClientDisconnected, RequestIdMiddleware, param_path
+from gateway.pipeline import Pipeline
+from gateway.routes import chat, completions, health, models
+
+log = logging.getLogger("ragline")
+
+
+def create_app(settings: Settings | None = None, config: FileConfig | None = None) -> FastAPI:
+    """Build the app; models load in the background once it starts (see ``/ready``)."""
+    settings = settings or Settings()
+    config = config or load_file_config(settings)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        registry = BackendRegistry.from_config(settings, config)
+        app.state.settings = settings
+        app.state.registry = registry
+        app.state.pipeline = Pipeline(settings, registry)
+        registry.start_in_background()
+        try:
+            yield
+        finally:
+            await registry.aclose()
+
+    app = FastAPI(
+        title="ragline",
+        summary="OpenAI-compatible LLM serving and RAG gateway",
+        version="0.1.0",
+        lifespan=lifespan,
+    )
+    for router in (chat.router, completions.router, models.router, health.router):
+        app.include_router(router)
+    _install_error_handlers(app)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_request_bytes)
+    app.add_middleware(RequestIdMiddleware)
+    return app
+
+
+def _json_error(status: int, body: dict[str, object], headers: dict[str, str] | None = None) -> Response:
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(RaglineError)
+    async def ragline_error(_: Request, exc: RaglineError) -> Response:
+        if exc.status_code >= 500:
+            log.warning("request failed: %s (%s)", exc.message, type(exc).__name__)
+        return _json_error(exc.status_code, exc.body(), exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def request_validation(_: Request, exc: RequestValidationError) -> Response:
+        # Bodies are parsed by ``parse_body``; this covers path and query parameters.
+        err = exc.errors()[0] if exc.errors() else {}
+        loc = tuple(p for p in err.get("loc", ()) if p not in ("body", "query", "path"))
+        param = param_path(loc)
+        invalid = InvalidRequest(f"Invalid value for '{param}': {err.get('msg')}", param=param)
+        return _json_error(400, invalid.body())
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, exc: StarletteHTTPException) -> Response:
+        kinds = {404: "not_found_error", 405: "invalid_request_error"}
+        message = "Unknown request URL." if exc.status_code == 404 else str(exc.detail)
+        body = error_body(message, kinds.get(exc.status_code, "invalid_request_error"))
+        return _json_error(exc.status_code, body, getattr(exc, "headers", None))
+
+    @app.exception_handler(ClientDisconnected)
+    async def disconnected(_: Request, __: ClientDisconnected) -> Response:
+        return Response(status_code=499)
+
+    @app.exception_handler(Exception)
+    async def unexpected(_: Request, exc: Exception) -> Response:
+        log.exception("unhandled error", exc_info=exc)
+        return _json_error(500, error_body("The server had an error processing your request.",
+                                           "server_error"))

@@ -1,0 +1,207 @@
+"""The embedded engine: a transformers checkpoint served in-process with continuous batching.
+
+It needs no GPU and no server: ``start()`` loads the weights (CUDA when present, else CPU) in a
+worker thread, then the scheduler thread (``scheduler.py``) runs the model. Prompts are rendered
+with the tokenizer's own chat template and counted with its tokenizer, so ``usage`` is exact.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from gateway.backends.base import (
+    Chunk,
+    Generation,
+    GenerationRequest,
+    ModelInfo,
+    Usage,
+    collect,
+)
+from gateway.backends.llama import LlamaRunner
+from gateway.backends.scheduler import Job, Scheduler, on_cpu_with_bf16
+from gateway.config import EmbeddedModelConfig
+from gateway.errors import ContextLengthExceeded, InvalidRequest, Overloaded
+
+log = logging.getLogger("ragline.embedded")
+
+_LONG_PROMPT_CHARS = 20_000  # tokenize longer prompts off the event loop
+
+
+def choose_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def choose_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name != "auto":
+        return getattr(torch, name)  # type: ignore[no-any-return]
+    if device.type == "cuda" or on_cpu_with_bf16():
+        return torch.bfloat16
+    return torch.float32
+
+
+class EmbeddedBackend:
+    def __init__(self, config: EmbeddedModelConfig, model_path: Path) -> None:
+        self.config = config
+        self.model_path = model_path
+        self._created = int(time.time())
+        self._tokenizer: Any = None
+        self._scheduler: Scheduler | None = None
+        self._max_len = config.max_model_len
+        self._vocab_size = 0
+        self.load_error: str | None = None
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    @property
+    def ready(self) -> bool:
+        return self._scheduler is not None
+
+    def models(self) -> list[ModelInfo]:
+        return [
+            ModelInfo(
+                id=self.config.name,
+                owned_by=self.config.owned_by,
+                created=self._created,
+                max_model_len=self._max_len,
+                root=str(self.model_path),
+            )
+        ]
+
+    async def start(self) -> None:
+        """Load tokenizer and weights (seconds), then start the engine thread."""
+        loop = asyncio.get_running_loop()
+        try:
+            await asyncio.to_thread(self._load, loop)
+        except Exception as exc:
+            self.load_error = f"{type(exc).__name__}: {exc}"
+            raise
+
+    def _load(self, loop: asyncio.AbstractEventLoop) -> None:
+        from transformers import AutoTokenizer, GenerationConfig
+
+        if not (self.model_path / "config.json").exists():
+            raise FileNotFoundError(
+                f"no model at {self.model_path}; run `ragline models pull` (or `make setup`)"
+            )
+        device = choose_device(self.config.device)
+        dtype = choose_dtype(self.config.dtype, device)
+        started = time.perf_counter()
+        # Two tokenizers: the request side and the engine thread never share one.
+        self._tokenizer = AutoTokenizer.from_pretrained(self.model_path)
+        engine_tokenizer = AutoTokenizer.from_pretrained(self.model_path)
+        runner = LlamaRunner.from_pretrained(
+            self.model_path,
+            max_slots=self.config.max_batch,
+            max_len=self.config.max_model_len,
+            dtype=dtype,
+            device=device,
+        )
+        self._max_len = runner.max_len
+        self._vocab_size = runner.shape.vocab_size
+        eos = GenerationConfig.from_pretrained(self.model_path).eos_token_id
+        eos_ids = frozenset([eos] if isinstance(eos, int) else eos or [])
+        if self._tokenizer.eos_token_id is not None:
+            eos_ids |= {self._tokenizer.eos_token_id}
+        self._scheduler = Scheduler(
+            runner,
+            engine_tokenizer,
+            eos_ids=eos_ids,
+            max_batch=self.config.max_batch,
+            max_waiting=self.config.max_waiting,
+            loop=loop,
+        )
+        self._scheduler.start()
+        log.info(
+            "model %s loaded from %s on %s (%s) in %.1fs",
+            self.config.name, self.model_path, device, dtype, time.perf_counter() - started,
+        )
+
+    async def aclose(self) -> None:
+        if self._scheduler is not None:
+            scheduler, self._scheduler = self._scheduler, None
+            await asyncio.to_thread(scheduler.stop)
+
+    # -- requests ------------------------------------------------------------------------------
+
+    async def prompt_ids(self, request: GenerationRequest) -> list[int]:
+        """Render and tokenize the request's prompt exactly as the model will see it."""
+        if request.prompt_ids is not None:
+            bad = [t for t in request.prompt_ids if not 0 <= t < self._vocab_size]
+            if bad:
+                raise InvalidRequest(f"token id {bad[0]} is outside the vocabulary", param="prompt")
+            return list(request.prompt_ids)
+        size = sum(len(m["content"]) for m in request.messages or ()) + len(request.prompt or "")
+        if size > _LONG_PROMPT_CHARS:
+            return await asyncio.to_thread(self._encode, request)
+        return self._encode(request)
+
+    def _encode(self, request: GenerationRequest) -> list[int]:
+        tok = self._tokenizer
+        if request.messages is not None:
+            text = tok.apply_chat_template(
+                list(request.messages), tokenize=False, add_generation_prompt=True
+            )
+            return list(tok.encode(text, add_special_tokens=False))
+        return list(tok.encode(request.prompt or ""))
+
+    async def stream(self, request: GenerationRequest) -> AsyncIterator[Chunk | Usage]:
+        scheduler = self._scheduler
+        if scheduler is None:
+            raise Overloaded(f"model {request.model!r} is still loading", retry_after=5)
+        prompt_ids = await self.prompt_ids(request)
+        job = Job(
+            prompt_ids=prompt_ids,
+            params=request.params,
+            n=request.n,
+            max_tokens=self._max_tokens(request, len(prompt_ids)),
+            queue=asyncio.Queue(),
+        )
+        self._check_logit_bias(request)
+        scheduler.submit(job)
+        done = False
+        try:
+            while True:
+                event = await job.queue.get()
+                if isinstance(event, Exception):
+                    raise event
+                yield event
+                if isinstance(event, Usage):
+                    done = True
+                    return
+        finally:
+            if not done:
+                scheduler.cancel(job)
+
+    async def generate(self, request: GenerationRequest) -> Generation:
+        return await collect(self.stream(request), request.n)
+
+    def _max_tokens(self, request: GenerationRequest, prompt_len: int) -> int:
+        room = self._max_len - prompt_len
+        wanted = request.params.max_tokens
+        if room < 1 or (wanted is not None and wanted > room):
+            raise ContextLengthExceeded(
+                f"This model's maximum context length is {self._max_len} tokens. However, you "
+                f"requested {prompt_len + (wanted or 1)} tokens ({prompt_len} in the messages, "
+                f"{wanted or 1} in the completion). Please reduce the length of the messages or "
+                "completion.",
+                param="messages" if request.messages is not None else "prompt",
+            )
+        return wanted if wanted is not None else room
+
+    def _check_logit_bias(self, request: GenerationRequest) -> None:
+        for token_id, _ in request.params.logit_bias:
+            if not 0 <= token_id < self._vocab_size:
+                raise InvalidRequest(
+                    f"logit_bias token id {token_id} is outside the vocabulary "
+                    f"(0..{self._vocab_size - 1})",
+                    param="logit_bias",
+                )

@@ -1,0 +1,250 @@
+"""A lean Llama forward pass with a slot-based KV cache, for the embedded engine.
+
+Scope: the Llama architecture as transformers' ``LlamaForCausalLM`` defines it (RMSNorm, rotary
+embeddings with the default rope type, grouped-query attention, SiLU-gated MLP, optionally tied
+embeddings), inference only. SmolLM2 is a Llama model.
+
+Why not call ``LlamaForCausalLM.forward``: continuous batching needs every sequence in the batch at
+its own position, writing into its own cache slot, and joining or leaving between two steps. The
+transformers cache classes assume one shared length per batch (left padding) and re-allocate on
+every join; their per-step Python overhead also dominates a 135M model on two cores (FACTS.md:
+25 tok/s for one stream). This module keeps the weights fused (q/k/v and gate/up as one matmul
+each), the cache preallocated, and the op count per layer small. Its greedy output is checked
+against ``model.generate`` in the tests.
+
+The cache is ``[slots, max_len, kv_heads, head_dim]`` per layer and for keys and values. The
+engine keeps its running sequences in slots ``0..n-1`` (it compacts when one leaves), so a decode
+step reads a view of the cache, never a gathered copy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+
+@dataclass(frozen=True)
+class LlamaShape:
+    """The few numbers of a Llama config the forward pass needs."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+
+    @classmethod
+    def from_config(cls, config: object) -> LlamaShape:
+        """Read a transformers ``LlamaConfig``; refuses rope types this module does not implement."""
+        rope = getattr(config, "rope_parameters", None) or {}
+        rope_type = rope.get("rope_type", "default")
+        if rope_type != "default":
+            raise ValueError(f"rope type {rope_type!r} is not supported by the embedded engine")
+        num_heads = config.num_attention_heads  # type: ignore[attr-defined]
+        hidden = config.hidden_size  # type: ignore[attr-defined]
+        return cls(
+            vocab_size=config.vocab_size,  # type: ignore[attr-defined]
+            hidden_size=hidden,
+            intermediate_size=config.intermediate_size,  # type: ignore[attr-defined]
+            num_layers=config.num_hidden_layers,  # type: ignore[attr-defined]
+            num_heads=num_heads,
+            num_kv_heads=config.num_key_value_heads,  # type: ignore[attr-defined]
+            head_dim=getattr(config, "head_dim", None) or hidden // num_heads,
+            rms_norm_eps=config.rms_norm_eps,  # type: ignore[attr-defined]
+            rope_theta=float(rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))),
+            max_position_embeddings=config.max_position_embeddings,  # type: ignore[attr-defined]
+            tie_word_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
+        )
+
+
+@dataclass
+class _Layer:
+    input_norm: torch.Tensor
+    qkv: torch.Tensor  # [(heads + 2 * kv_heads) * head_dim, hidden]
+    o: torch.Tensor
+    post_norm: torch.Tensor
+    gate_up: torch.Tensor  # [2 * intermediate, hidden]
+    down: torch.Tensor
+
+
+class LlamaRunner:
+    """Weights, rotary tables and the KV cache of one Llama model; not thread-safe.
+
+    ``prefill`` and ``decode`` return float32 logits of the last position of each sequence.
+    """
+
+    def __init__(
+        self,
+        shape: LlamaShape,
+        weights: dict[str, torch.Tensor],
+        *,
+        max_slots: int,
+        max_len: int,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
+        self.shape = shape
+        self.max_slots = max_slots
+        self.max_len = max_len
+        self.dtype = dtype
+        self.device = device
+
+        def w(name: str) -> torch.Tensor:
+            return weights[name].to(device=device, dtype=dtype).contiguous()
+
+        self.embed = w("model.embed_tokens.weight")
+        self.lm_head = self.embed if shape.tie_word_embeddings else w("lm_head.weight")
+        self.final_norm = w("model.norm.weight")
+        self.layers: list[_Layer] = []
+        for i in range(shape.num_layers):
+            p = f"model.layers.{i}."
+            qkv = torch.cat(
+                [w(p + "self_attn.q_proj.weight"), w(p + "self_attn.k_proj.weight"),
+                 w(p + "self_attn.v_proj.weight")]
+            )
+            gate_up = torch.cat([w(p + "mlp.gate_proj.weight"), w(p + "mlp.up_proj.weight")])
+            self.layers.append(
+                _Layer(
+                    input_norm=w(p + "input_layernorm.weight"),
+                    qkv=qkv.contiguous(),
+                    o=w(p + "self_attn.o_proj.weight"),
+                    post_norm=w(p + "post_attention_layernorm.weight"),
+                    gate_up=gate_up.contiguous(),
+                    down=w(p + "mlp.down_proj.weight"),
+                )
+            )
+        # Rotary tables for every position, in the cache dtype, as transformers computes them.
+        inv_freq = 1.0 / (
+            shape.rope_theta
+            ** (torch.arange(0, shape.head_dim, 2, dtype=torch.int64).float() / shape.head_dim)
+        )
+        t = torch.arange(max_len, dtype=torch.float32)
+        freqs = torch.outer(t, inv_freq)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        self.cos = emb.cos().to(device=device, dtype=dtype)
+        self.sin = emb.sin().to(device=device, dtype=dtype)
+        cache_shape = (max_slots, max_len, shape.num_kv_heads, shape.head_dim)
+        self.k_cache = [torch.zeros(cache_shape, dtype=dtype, device=device) for _ in self.layers]
+        self.v_cache = [torch.zeros(cache_shape, dtype=dtype, device=device) for _ in self.layers]
+
+    @classmethod
+    def from_pretrained(
+        cls, path: Path, *, max_slots: int, max_len: int, dtype: torch.dtype, device: torch.device
+    ) -> LlamaRunner:
+        """Load a transformers Llama checkpoint directory (config.json + safetensors)."""
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(path)
+        if config.model_type not in ("llama",):
+            raise ValueError(f"model type {config.model_type!r} is not a Llama model")
+        weights: dict[str, torch.Tensor] = {}
+        for file in sorted(Path(path).glob("*.safetensors")):
+            weights.update(load_file(str(file)))
+        shape = LlamaShape.from_config(config)
+        max_len = min(max_len, shape.max_position_embeddings)
+        return cls(shape, weights, max_slots=max_slots, max_len=max_len, dtype=dtype, device=device)
+
+    # -- cache bookkeeping ---------------------------------------------------------------------
+
+    def move_slot(self, src: int, dst: int, length: int) -> None:
+        """Copy the first ``length`` cached positions of slot ``src`` into slot ``dst``."""
+        for k, v in zip(self.k_cache, self.v_cache, strict=True):
+            k[dst, :length] = k[src, :length]
+            v[dst, :length] = v[src, :length]
+
+    # -- forward -------------------------------------------------------------------------------
+
+    def _rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        half = x.shape[-1] // 2
+        rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+        return x * cos + rotated * sin
+
+    def _mlp_and_attn_out(self, x: torch.Tensor, attn: torch.Tensor, layer: _Layer) -> torch.Tensor:
+        x = x + F.linear(attn, layer.o)
+        h = F.rms_norm(x, (x.shape[-1],), layer.post_norm, self.shape.rms_norm_eps)
+        gate, up = F.linear(h, layer.gate_up).chunk(2, dim=-1)
+        return x + F.linear(F.silu(gate) * up, layer.down)
+
+    def _split_qkv(
+        self, h: torch.Tensor, layer: _Layer, cos: torch.Tensor, sin: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        s = self.shape
+        b, t, _ = h.shape
+        qkv = F.linear(h, layer.qkv).view(b, t, s.num_heads + 2 * s.num_kv_heads, s.head_dim)
+        q, k, v = qkv.split([s.num_heads, s.num_kv_heads, s.num_kv_heads], dim=2)
+        return self._rope(q, cos, sin), self._rope(k, cos, sin), v
+
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.rms_norm(x, (x.shape[-1],), self.final_norm, self.shape.rms_norm_eps)
+        return F.linear(x, self.lm_head).float()
+
+    @torch.inference_mode()
+    def prefill(self, slot: int, token_ids: list[int]) -> torch.Tensor:
+        """Run a fresh prompt into ``slot`` (positions ``0..len-1``); returns logits ``[vocab]``."""
+        t = len(token_ids)
+        if t > self.max_len:
+            raise ValueError(f"prompt of {t} tokens exceeds the cache length {self.max_len}")
+        ids = torch.tensor([token_ids], dtype=torch.long, device=self.device)
+        x = F.embedding(ids, self.embed)
+        cos = self.cos[:t].view(1, t, 1, -1)
+        sin = self.sin[:t].view(1, t, 1, -1)
+        groups = self.shape.num_heads // self.shape.num_kv_heads
+        for layer, kc, vc in zip(self.layers, self.k_cache, self.v_cache, strict=True):
+            h = F.rms_norm(x, (x.shape[-1],), layer.input_norm, self.shape.rms_norm_eps)
+            q, k, v = self._split_qkv(h, layer, cos, sin)
+            kc[slot, :t] = k[0]
+            vc[slot, :t] = v[0]
+            attn = F.scaled_dot_product_attention(
+                q.transpose(1, 2),
+                k.transpose(1, 2).repeat_interleave(groups, dim=1),
+                v.transpose(1, 2).repeat_interleave(groups, dim=1),
+                is_causal=True,
+            )
+            x = self._mlp_and_attn_out(x, attn.transpose(1, 2).reshape(1, t, -1), layer)
+        return self._logits(x[0, -1])
+
+    @torch.inference_mode()
+    def decode(self, token_ids: list[int], positions: list[int]) -> torch.Tensor:
+        """One step for the sequences in slots ``0..n-1``; returns logits ``[n, vocab]``.
+
+        ``token_ids[i]`` is written at ``positions[i]`` of slot ``i``; attention covers positions
+        ``0..positions[i]`` of that slot.
+        """
+        n = len(token_ids)
+        ids = torch.tensor(token_ids, dtype=torch.long, device=self.device).view(n, 1)
+        pos = torch.tensor(positions, dtype=torch.long, device=self.device)
+        length = max(positions) + 1
+        x = F.embedding(ids, self.embed)
+        cos = self.cos[pos].view(n, 1, 1, -1)
+        sin = self.sin[pos].view(n, 1, 1, -1)
+        rows = torch.arange(n, device=self.device)
+        # [n, 1, 1, length]: True where a key position is visible to that row's query.
+        mask = (torch.arange(length, device=self.device).view(1, -1) <= pos.view(-1, 1)).view(
+            n, 1, 1, length
+        )
+        groups = self.shape.num_heads // self.shape.num_kv_heads
+        for layer, kc, vc in zip(self.layers, self.k_cache, self.v_cache, strict=True):
+            h = F.rms_norm(x, (x.shape[-1],), layer.input_norm, self.shape.rms_norm_eps)
+            q, k, v = self._split_qkv(h, layer, cos, sin)
+            kc[rows, pos] = k[:, 0]
+            vc[rows, pos] = v[:, 0]
+            keys = kc[:n, :length].transpose(1, 2)
+            values = vc[:n, :length].transpose(1, 2)
+            attn = F.scaled_dot_product_attention(
+                q.transpose(1, 2),
+                keys.repeat_interleave(groups, dim=1),
+                values.repeat_interleave(groups, dim=1),
+                attn_mask=mask,
+            )
+            x = self._mlp_and_attn_out(x, attn.transpose(1, 2).reshape(n, 1, -1), layer)
+        return self._logits(x[:, -1])

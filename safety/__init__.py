@@ -1,0 +1,1 @@
+"""ragline safety package."""
