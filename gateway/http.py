@@ -115,8 +115,15 @@ def param_path(loc: tuple[int | str, ...]) -> str | None:
 
 
 def validation_error(exc: ValidationError) -> InvalidRequest:
-    """The first pydantic error as an OpenAI ``invalid_request_error`` naming its parameter."""
-    err: Any = exc.errors(include_url=False)[0]
+    """The most specific pydantic error as an OpenAI ``invalid_request_error`` naming its param.
+
+    A union (``content: str | list[part]``) fails once per member; the deepest location is the
+    one that tells the user what to fix (``messages[0].content[0].type``, not ``content``);
+    an unknown field counts only when nothing else is wrong.
+    """
+    errors: list[Any] = exc.errors(include_url=False)
+    err = max(errors, key=lambda e: (e["type"] != "extra_forbidden",
+                                     len(param_path(tuple(e["loc"])) or "")))
     kind, loc = err["type"], tuple(err["loc"])
     param = param_path(loc)
     if kind == "json_invalid":

@@ -76,6 +76,12 @@ class EmbeddedBackend:
             )
         ]
 
+    def stats(self) -> dict[str, int]:
+        if self._scheduler is None:
+            return {"running": 0, "waiting": 0}
+        running, waiting = self._scheduler.load
+        return {"running": running, "waiting": waiting}
+
     async def start(self) -> None:
         """Load tokenizer and weights (seconds), then start the engine thread."""
         loop = asyncio.get_running_loop()

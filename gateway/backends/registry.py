@@ -46,11 +46,13 @@ class BackendRegistry:
     def ready(self) -> bool:
         return all(b.ready for b in self._backends.values())
 
-    def status(self) -> dict[str, str]:
-        out = {}
+    def status(self) -> dict[str, dict[str, object]]:
+        """Per model: ``status`` (ready, loading or failed: why) and the backend's own load."""
+        out: dict[str, dict[str, object]] = {}
         for name, backend in self._backends.items():
             error = getattr(backend, "load_error", None)
-            out[name] = "ready" if backend.ready else f"failed: {error}" if error else "loading"
+            state = "ready" if backend.ready else f"failed: {error}" if error else "loading"
+            out[name] = {"status": state, **backend.stats()}
         return out
 
     def get(self, model: str) -> Backend:

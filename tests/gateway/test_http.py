@@ -1,0 +1,38 @@
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from gateway.http import param_path, validation_error
+from gateway.protocol import ChatCompletionRequest
+
+
+@pytest.mark.parametrize(
+    ("loc", "want"),
+    [
+        (("messages", 0, "content", "str"), "messages[0].content"),
+        (("messages", 1, "content", "list[TextContentPart]", 0, "type"), "messages[1].content[0].type"),
+        (("stop", "list[str]"), "stop"),
+        ((), None),
+    ],
+)
+def test_param_path(loc, want) -> None:  # type: ignore[no-untyped-def]
+    assert param_path(loc) == want
+
+
+def test_validation_error_prefers_the_specific_branch() -> None:
+    with pytest.raises(ValidationError) as info:
+        ChatCompletionRequest.model_validate_json(
+            b'{"model": "m", "messages": [{"role": "user", "content": [{"type": "audio"}]}]}')
+    err = validation_error(info.value)
+    assert err.param == "messages[0].content[0].type"
+    assert err.status_code == 400
+
+
+def test_unknown_field_is_named() -> None:
+    with pytest.raises(ValidationError) as info:
+        ChatCompletionRequest.model_validate_json(
+            b'{"model": "m", "messages": [{"role": "user", "content": "x"}], "functions": []}')
+    err = validation_error(info.value)
+    assert err.param == "functions"
+    assert "Unrecognized" in err.message
