@@ -52,7 +52,9 @@ def create_app(settings: Settings | None = None, config: FileConfig | None = Non
     return app
 
 
-def _json_error(status: int, body: dict[str, object], headers: dict[str, str] | None = None) -> Response:
+def _json_error(
+    status: int, body: dict[str, object], headers: dict[str, str] | None = None
+) -> Response:
     return JSONResponse(body, status_code=status, headers=headers)
 
 
@@ -86,5 +88,6 @@ def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def unexpected(_: Request, exc: Exception) -> Response:
         log.exception("unhandled error", exc_info=exc)
-        return _json_error(500, error_body("The server had an error processing your request.",
-                                           "server_error"))
+        return _json_error(
+            500, error_body("The server had an error processing your request.", "server_error")
+        )

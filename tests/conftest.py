@@ -52,8 +52,12 @@ class Gateway:
         return self.log.read_text(errors="replace")
 
 
-def start_gateway(tmp: Path, models: list[dict[str, object]] | None = None,
-                  env: dict[str, str] | None = None, timeout: float = 120) -> Gateway:
+def start_gateway(
+    tmp: Path,
+    models: list[dict[str, object]] | None = None,
+    env: dict[str, str] | None = None,
+    timeout: float = 120,
+) -> Gateway:
     """Run ``ragline serve`` in a subprocess on a free port and wait until ``/ready``."""
     port = free_port()
     cmd = [sys.executable, "-m", "gateway.cli", "serve", "--port", str(port)]
@@ -63,8 +67,11 @@ def start_gateway(tmp: Path, models: list[dict[str, object]] | None = None,
         cmd += ["--config", str(config)]
     log = tmp / f"gateway-{port}.log"
     proc = subprocess.Popen(
-        cmd, stdout=log.open("wb"), stderr=subprocess.STDOUT,
-        env={**os.environ, **(env or {})}, cwd=REPO,
+        cmd,
+        stdout=log.open("wb"),
+        stderr=subprocess.STDOUT,
+        env={**os.environ, **(env or {})},
+        cwd=REPO,
     )
     gw = Gateway(f"http://127.0.0.1:{port}", proc, log)
     deadline = time.monotonic() + timeout
@@ -109,8 +116,9 @@ def client(gateway: Gateway):  # type: ignore[no-untyped-def]
 def aclient(gateway: Gateway):  # type: ignore[no-untyped-def]
     import openai
 
-    return openai.AsyncOpenAI(base_url=gateway.base_url, api_key="unused", max_retries=0,
-                              timeout=120)
+    return openai.AsyncOpenAI(
+        base_url=gateway.base_url, api_key="unused", max_retries=0, timeout=120
+    )
 
 
 @pytest.fixture(scope="session")

@@ -42,7 +42,8 @@ def choose_device(name: str) -> torch.device:
 
 def choose_dtype(name: str, device: torch.device) -> torch.dtype:
     if name != "auto":
-        return getattr(torch, name)  # type: ignore[no-any-return]
+        dtype: torch.dtype = getattr(torch, name)
+        return dtype
     if device.type == "cuda" or on_cpu_with_bf16():
         return torch.bfloat16
     return torch.float32
@@ -128,7 +129,11 @@ class EmbeddedBackend:
         self._scheduler.start()
         log.info(
             "model %s loaded from %s on %s (%s) in %.1fs",
-            self.config.name, self.model_path, device, dtype, time.perf_counter() - started,
+            self.config.name,
+            self.model_path,
+            device,
+            dtype,
+            time.perf_counter() - started,
         )
 
     async def aclose(self) -> None:

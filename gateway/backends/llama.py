@@ -45,7 +45,7 @@ class LlamaShape:
 
     @classmethod
     def from_config(cls, config: object) -> LlamaShape:
-        """Read a transformers ``LlamaConfig``; refuses rope types this module does not implement."""
+        """Read a transformers ``LlamaConfig``; refuses rope types not implemented here."""
         rope = getattr(config, "rope_parameters", None) or {}
         rope_type = rope.get("rope_type", "default")
         if rope_type != "default":
@@ -109,8 +109,11 @@ class LlamaRunner:
         for i in range(shape.num_layers):
             p = f"model.layers.{i}."
             qkv = torch.cat(
-                [w(p + "self_attn.q_proj.weight"), w(p + "self_attn.k_proj.weight"),
-                 w(p + "self_attn.v_proj.weight")]
+                [
+                    w(p + "self_attn.q_proj.weight"),
+                    w(p + "self_attn.k_proj.weight"),
+                    w(p + "self_attn.v_proj.weight"),
+                ]
             )
             gate_up = torch.cat([w(p + "mlp.gate_proj.weight"), w(p + "mlp.up_proj.weight")])
             self.layers.append(

@@ -19,8 +19,6 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
-
 from gateway.backends.base import Chunk, GenerationParams, TokenInfo, Usage
 from gateway.backends.detokenize import IncrementalDetokenizer, StopStrings
 from gateway.backends.llama import LlamaRunner
@@ -98,7 +96,10 @@ class Scheduler:
     def submit(self, job: Job) -> None:
         """Queue a job; raises ``Overloaded`` when the waiting queue is full."""
         with self._cv:
-            if len(self._waiting) >= self._max_waiting and self._busy_slots() + job.n > self._max_batch:
+            if (
+                len(self._waiting) >= self._max_waiting
+                and self._busy_slots() + job.n > self._max_batch
+            ):
                 raise Overloaded(
                     "The embedded engine's queue is full; retry after a moment.", retry_after=1
                 )
@@ -175,7 +176,9 @@ class Scheduler:
             self._running.append(seq)
             sequences.append(seq)
         job.unfinished = job.n
-        choices = sample_batch(logits.unsqueeze(0).expand(job.n, -1).clone(), [s.sampler for s in sequences])
+        choices = sample_batch(
+            logits.unsqueeze(0).expand(job.n, -1).clone(), [s.sampler for s in sequences]
+        )
         for seq, choice in zip(sequences, choices, strict=True):
             self._advance(seq, choice, events)
 
@@ -192,7 +195,9 @@ class Scheduler:
             seq.position += 1
             self._advance(seq, choice, events)
 
-    def _advance(self, seq: _Sequence, choice: TokenChoice, events: list[tuple[Job, Event]]) -> None:
+    def _advance(
+        self, seq: _Sequence, choice: TokenChoice, events: list[tuple[Job, Event]]
+    ) -> None:
         job = seq.job
         token = choice.token_id
         seq.last_token = token
@@ -254,7 +259,8 @@ class Scheduler:
             self._waiting.clear()
             self._running.clear()
         if jobs:
-            self._loop.call_soon_threadsafe(_dispatch, [(job, error) for job in jobs])
+            events: list[tuple[Job, Event]] = [(job, error) for job in jobs]
+            self._loop.call_soon_threadsafe(_dispatch, events)
 
 
 def _dispatch(events: list[tuple[Job, Event]]) -> None:
@@ -271,4 +277,3 @@ def on_cpu_with_bf16() -> bool:
     except OSError:
         return False
     return "avx512_bf16" in flags or "amx_bf16" in flags
-

@@ -11,11 +11,13 @@ from gateway.pipeline import Pipeline
 
 
 def get_pipeline(request: Request) -> Pipeline:
-    return request.app.state.pipeline  # type: ignore[no-any-return]
+    pipeline: Pipeline = request.app.state.pipeline
+    return pipeline
 
 
 def get_registry(request: Request) -> BackendRegistry:
-    return request.app.state.registry  # type: ignore[no-any-return]
+    registry: BackendRegistry = request.app.state.registry
+    return registry
 
 
 PipelineDep = Annotated[Pipeline, Depends(get_pipeline)]

@@ -14,8 +14,12 @@ router = APIRouter()
 
 def _card(info: ModelInfo) -> ModelCard:
     return ModelCard(
-        id=info.id, created=info.created, owned_by=info.owned_by, root=info.root,
-        parent=info.parent, max_model_len=info.max_model_len,
+        id=info.id,
+        created=info.created,
+        owned_by=info.owned_by,
+        root=info.root,
+        parent=info.parent,
+        max_model_len=info.max_model_len,
     )
 
 

@@ -11,7 +11,10 @@ from gateway.protocol import ChatCompletionRequest
     ("loc", "want"),
     [
         (("messages", 0, "content", "str"), "messages[0].content"),
-        (("messages", 1, "content", "list[TextContentPart]", 0, "type"), "messages[1].content[0].type"),
+        (
+            ("messages", 1, "content", "list[TextContentPart]", 0, "type"),
+            "messages[1].content[0].type",
+        ),
         (("stop", "list[str]"), "stop"),
         ((), None),
     ],
@@ -23,7 +26,8 @@ def test_param_path(loc, want) -> None:  # type: ignore[no-untyped-def]
 def test_validation_error_prefers_the_specific_branch() -> None:
     with pytest.raises(ValidationError) as info:
         ChatCompletionRequest.model_validate_json(
-            b'{"model": "m", "messages": [{"role": "user", "content": [{"type": "audio"}]}]}')
+            b'{"model": "m", "messages": [{"role": "user", "content": [{"type": "audio"}]}]}'
+        )
     err = validation_error(info.value)
     assert err.param == "messages[0].content[0].type"
     assert err.status_code == 400
@@ -32,7 +36,8 @@ def test_validation_error_prefers_the_specific_branch() -> None:
 def test_unknown_field_is_named() -> None:
     with pytest.raises(ValidationError) as info:
         ChatCompletionRequest.model_validate_json(
-            b'{"model": "m", "messages": [{"role": "user", "content": "x"}], "functions": []}')
+            b'{"model": "m", "messages": [{"role": "user", "content": "x"}], "functions": []}'
+        )
     err = validation_error(info.value)
     assert err.param == "functions"
     assert "Unrecognized" in err.message

@@ -12,15 +12,17 @@ PROMPTS = ["What is the capital of France?", "Write a haiku about rain.", "Expla
 
 
 def chat_ids(tokenizer, text: str) -> list[int]:  # type: ignore[no-untyped-def]
-    rendered = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
-                                             add_generation_prompt=True)
+    rendered = tokenizer.apply_chat_template(
+        [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
+    )
     return list(tokenizer.encode(rendered, add_special_tokens=False))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_greedy_matches_transformers_generate(model_path, tokenizer, dtype) -> None:  # type: ignore[no-untyped-def]
-    runner = LlamaRunner.from_pretrained(model_path, max_slots=4, max_len=512, dtype=dtype,
-                                         device=torch.device("cpu"))
+    runner = LlamaRunner.from_pretrained(
+        model_path, max_slots=4, max_len=512, dtype=dtype, device=torch.device("cpu")
+    )
     reference = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
     steps = 32 if dtype == torch.float32 else 12
     prompts = [chat_ids(tokenizer, p) for p in PROMPTS]
@@ -36,15 +38,21 @@ def test_greedy_matches_transformers_generate(model_path, tokenizer, dtype) -> N
         positions = [p + 1 for p in positions]
     for ids, out in zip(prompts, outs, strict=True):
         with torch.inference_mode():
-            ref = reference.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids),
-                                     dtype=torch.long), max_new_tokens=steps, do_sample=False,
-                                     eos_token_id=None, pad_token_id=0)
-        assert out == ref[0, len(ids):].tolist()
+            ref = reference.generate(
+                torch.tensor([ids]),
+                attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                max_new_tokens=steps,
+                do_sample=False,
+                eos_token_id=None,
+                pad_token_id=0,
+            )
+        assert out == ref[0, len(ids) :].tolist()
 
 
 def test_move_slot_keeps_a_sequence_intact(model_path, tokenizer) -> None:  # type: ignore[no-untyped-def]
-    runner = LlamaRunner.from_pretrained(model_path, max_slots=3, max_len=256,
-                                         dtype=torch.float32, device=torch.device("cpu"))
+    runner = LlamaRunner.from_pretrained(
+        model_path, max_slots=3, max_len=256, dtype=torch.float32, device=torch.device("cpu")
+    )
     ids = chat_ids(tokenizer, PROMPTS[0])
     first = int(runner.prefill(2, ids).argmax())
     runner.move_slot(2, 0, len(ids))

@@ -34,8 +34,15 @@ def test_chat_answers_from_the_real_model(client, tokenizer) -> None:  # type: i
 
 
 def test_content_parts_equal_plain_string(client) -> None:  # type: ignore[no-untyped-def]
-    parts = [{"role": "user", "content": [{"type": "text", "text": "What is the capital "},
-                                          {"type": "text", "text": "of France?"}]}]
+    parts = [
+        {
+            "role": "user",
+            "content": [
+                {"type": "text", "text": "What is the capital "},
+                {"type": "text", "text": "of France?"},
+            ],
+        }
+    ]
     a = client.chat.completions.create(model=MODEL, messages=parts, temperature=0, max_tokens=12)
     b = client.chat.completions.create(model=MODEL, messages=FRANCE, temperature=0, max_tokens=12)
     assert a.choices[0].message.content == b.choices[0].message.content
@@ -44,8 +51,9 @@ def test_content_parts_equal_plain_string(client) -> None:  # type: ignore[no-un
 
 def test_stream_matches_non_stream(client) -> None:  # type: ignore[no-untyped-def]
     full = client.chat.completions.create(model=MODEL, messages=FRANCE, temperature=0)
-    chunks = list(client.chat.completions.create(model=MODEL, messages=FRANCE, temperature=0,
-                                                 stream=True))
+    chunks = list(
+        client.chat.completions.create(model=MODEL, messages=FRANCE, temperature=0, stream=True)
+    )
     assert chunks[0].choices[0].delta.role == "assistant"
     assert all(c.object == "chat.completion.chunk" for c in chunks)
     assert all(c.id == chunks[0].id for c in chunks)
@@ -58,10 +66,16 @@ def test_stream_matches_non_stream(client) -> None:  # type: ignore[no-untyped-d
 
 
 def test_stream_include_usage(client, tokenizer) -> None:  # type: ignore[no-untyped-def]
-    chunks = list(client.chat.completions.create(
-        model=MODEL, messages=FRANCE, temperature=0, max_tokens=6, stream=True,
-        stream_options={"include_usage": True},
-    ))
+    chunks = list(
+        client.chat.completions.create(
+            model=MODEL,
+            messages=FRANCE,
+            temperature=0,
+            max_tokens=6,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
     last = chunks[-1]
     assert last.choices == []
     assert last.usage.prompt_tokens == prompt_tokens(tokenizer, FRANCE)
@@ -74,29 +88,38 @@ def test_max_tokens_gives_length(client) -> None:  # type: ignore[no-untyped-def
     r = client.chat.completions.create(model=MODEL, messages=FRANCE, temperature=0, max_tokens=3)
     assert r.choices[0].finish_reason == "length"
     assert r.usage.completion_tokens == 3
-    r2 = client.chat.completions.create(model=MODEL, messages=FRANCE, temperature=0,
-                                        max_completion_tokens=2)
+    r2 = client.chat.completions.create(
+        model=MODEL, messages=FRANCE, temperature=0, max_completion_tokens=2
+    )
     assert r2.usage.completion_tokens == 2
 
 
 def test_stop_sequence_cuts_before_it(client) -> None:  # type: ignore[no-untyped-def]
-    r = client.chat.completions.create(model=MODEL, messages=FRANCE, temperature=0,
-                                       stop=[" Paris", "zzz"])
+    r = client.chat.completions.create(
+        model=MODEL, messages=FRANCE, temperature=0, stop=[" Paris", "zzz"]
+    )
     assert r.choices[0].finish_reason == "stop"
     assert r.choices[0].message.content == "The capital of France is"
-    chunks = list(client.chat.completions.create(model=MODEL, messages=FRANCE, temperature=0,
-                                                 stop=" Paris", stream=True))
+    chunks = list(
+        client.chat.completions.create(
+            model=MODEL, messages=FRANCE, temperature=0, stop=" Paris", stream=True
+        )
+    )
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == "The capital of France is"
 
 
 def test_n_two_choices(client) -> None:  # type: ignore[no-untyped-def]
-    r = client.chat.completions.create(model=MODEL, messages=FRANCE, n=2, temperature=1.0,
-                                       seed=7, max_tokens=16)
+    r = client.chat.completions.create(
+        model=MODEL, messages=FRANCE, n=2, temperature=1.0, seed=7, max_tokens=16
+    )
     assert [c.index for c in r.choices] == [0, 1]
     assert all(c.message.content for c in r.choices)
     assert 2 <= r.usage.completion_tokens <= 32
-    chunks = list(client.chat.completions.create(model=MODEL, messages=FRANCE, n=2, seed=7,
-                                                 max_tokens=16, stream=True))
+    chunks = list(
+        client.chat.completions.create(
+            model=MODEL, messages=FRANCE, n=2, seed=7, max_tokens=16, stream=True
+        )
+    )
     texts = ["", ""]
     for c in chunks:
         for choice in c.choices:
@@ -106,26 +129,37 @@ def test_n_two_choices(client) -> None:  # type: ignore[no-untyped-def]
 
 
 def test_seed_makes_sampling_repeatable(client) -> None:  # type: ignore[no-untyped-def]
-    kwargs = dict(model=MODEL, messages=[{"role": "user", "content": "Tell me a story."}],
-                  temperature=1.0, max_tokens=24)
+    kwargs = dict(
+        model=MODEL,
+        messages=[{"role": "user", "content": "Tell me a story."}],
+        temperature=1.0,
+        max_tokens=24,
+    )
     a = client.chat.completions.create(seed=1234, **kwargs).choices[0].message.content
     b = client.chat.completions.create(seed=1234, **kwargs).choices[0].message.content
     assert a == b
-    others = {client.chat.completions.create(seed=s, **kwargs).choices[0].message.content
-              for s in (1, 2, 3)}
+    others = {
+        client.chat.completions.create(seed=s, **kwargs).choices[0].message.content
+        for s in (1, 2, 3)
+    }
     assert others - {a}, "different seeds should sample different text"
 
 
 def test_temperature_zero_is_deterministic(client) -> None:  # type: ignore[no-untyped-def]
-    kwargs = dict(model=MODEL, messages=[{"role": "user", "content": "Name a fruit."}],
-                  temperature=0, max_tokens=20)
+    kwargs = dict(
+        model=MODEL,
+        messages=[{"role": "user", "content": "Name a fruit."}],
+        temperature=0,
+        max_tokens=20,
+    )
     outs = {client.chat.completions.create(**kwargs).choices[0].message.content for _ in range(3)}
     assert len(outs) == 1
 
 
 def test_logprobs(client) -> None:  # type: ignore[no-untyped-def]
-    r = client.chat.completions.create(model=MODEL, messages=FRANCE, temperature=0, max_tokens=5,
-                                       logprobs=True, top_logprobs=3)
+    r = client.chat.completions.create(
+        model=MODEL, messages=FRANCE, temperature=0, max_tokens=5, logprobs=True, top_logprobs=3
+    )
     content = r.choices[0].logprobs.content
     assert len(content) == 5
     assert "".join(t.token for t in content) == r.choices[0].message.content
@@ -138,32 +172,57 @@ def test_logprobs(client) -> None:  # type: ignore[no-untyped-def]
 
 
 def test_logit_bias_and_penalties_change_output(client, tokenizer) -> None:  # type: ignore[no-untyped-def]
-    base = client.chat.completions.create(model=MODEL, messages=FRANCE, temperature=0,
-                                          max_tokens=8).choices[0].message.content
+    base = (
+        client.chat.completions.create(model=MODEL, messages=FRANCE, temperature=0, max_tokens=8)
+        .choices[0]
+        .message.content
+    )
     paris = tokenizer.encode(" Paris", add_special_tokens=False)[0]
-    biased = client.chat.completions.create(
-        model=MODEL, messages=FRANCE, temperature=0, max_tokens=8,
-        logit_bias={str(paris): -100},
-    ).choices[0].message.content
+    biased = (
+        client.chat.completions.create(
+            model=MODEL,
+            messages=FRANCE,
+            temperature=0,
+            max_tokens=8,
+            logit_bias={str(paris): -100},
+        )
+        .choices[0]
+        .message.content
+    )
     assert " Paris" in base and " Paris" not in biased
     repeat = [{"role": "user", "content": "Repeat the word 'apple' twenty times."}]
-    plain = client.chat.completions.create(model=MODEL, messages=repeat, temperature=0,
-                                           max_tokens=30).choices[0].message.content
-    penalised = client.chat.completions.create(
-        model=MODEL, messages=repeat, temperature=0, max_tokens=30, frequency_penalty=2.0,
-        presence_penalty=2.0,
-    ).choices[0].message.content
+    plain = (
+        client.chat.completions.create(model=MODEL, messages=repeat, temperature=0, max_tokens=30)
+        .choices[0]
+        .message.content
+    )
+    penalised = (
+        client.chat.completions.create(
+            model=MODEL,
+            messages=repeat,
+            temperature=0,
+            max_tokens=30,
+            frequency_penalty=2.0,
+            presence_penalty=2.0,
+        )
+        .choices[0]
+        .message.content
+    )
     assert penalised.lower().count("apple") < plain.lower().count("apple")
 
 
 def test_non_ascii_stream_is_valid_utf8(client) -> None:  # type: ignore[no-untyped-def]
     messages = [{"role": "user", "content": "Write 'café', 'naïve', '東京' and an emoji 🎉."}]
-    full = client.chat.completions.create(model=MODEL, messages=messages, temperature=0,
-                                          max_tokens=40).choices[0].message.content
+    full = (
+        client.chat.completions.create(model=MODEL, messages=messages, temperature=0, max_tokens=40)
+        .choices[0]
+        .message.content
+    )
     pieces = [
         c.choices[0].delta.content
-        for c in client.chat.completions.create(model=MODEL, messages=messages, temperature=0,
-                                                max_tokens=40, stream=True)
+        for c in client.chat.completions.create(
+            model=MODEL, messages=messages, temperature=0, max_tokens=40, stream=True
+        )
         if c.choices[0].delta.content
     ]
     assert "".join(pieces) == full
@@ -175,24 +234,51 @@ def test_non_ascii_stream_is_valid_utf8(client) -> None:  # type: ignore[no-unty
 
 
 async def test_concurrent_requests_are_batched_and_independent(aclient, client) -> None:  # type: ignore[no-untyped-def]
-    questions = ["What is the capital of France?", "What is 2 + 2?", "Name a color.",
-                 "Who wrote Hamlet?", "What is water made of?", "Say hello."]
-    alone = [client.chat.completions.create(
-        model=MODEL, messages=[{"role": "user", "content": q}], temperature=0, max_tokens=24,
-    ).choices[0].message.content for q in questions]
-    together = await asyncio.gather(*(aclient.chat.completions.create(
-        model=MODEL, messages=[{"role": "user", "content": q}], temperature=0, max_tokens=24,
-    ) for q in questions))
+    questions = [
+        "What is the capital of France?",
+        "What is 2 + 2?",
+        "Name a color.",
+        "Who wrote Hamlet?",
+        "What is water made of?",
+        "Say hello.",
+    ]
+    alone = [
+        client.chat.completions.create(
+            model=MODEL,
+            messages=[{"role": "user", "content": q}],
+            temperature=0,
+            max_tokens=24,
+        )
+        .choices[0]
+        .message.content
+        for q in questions
+    ]
+    together = await asyncio.gather(
+        *(
+            aclient.chat.completions.create(
+                model=MODEL,
+                messages=[{"role": "user", "content": q}],
+                temperature=0,
+                max_tokens=24,
+            )
+            for q in questions
+        )
+    )
     assert [r.choices[0].message.content for r in together] == alone
 
 
 def test_developer_and_assistant_roles(client) -> None:  # type: ignore[no-untyped-def]
-    r = client.chat.completions.create(model=MODEL, temperature=0, max_tokens=10, messages=[
-        {"role": "developer", "content": "You answer in one word."},
-        {"role": "user", "content": "Capital of France?"},
-        {"role": "assistant", "content": "Paris."},
-        {"role": "user", "content": "And of Italy?"},
-    ])
+    r = client.chat.completions.create(
+        model=MODEL,
+        temperature=0,
+        max_tokens=10,
+        messages=[
+            {"role": "developer", "content": "You answer in one word."},
+            {"role": "user", "content": "Capital of France?"},
+            {"role": "assistant", "content": "Paris."},
+            {"role": "user", "content": "And of Italy?"},
+        ],
+    )
     assert r.choices[0].message.content
 
 

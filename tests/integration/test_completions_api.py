@@ -6,8 +6,9 @@ MODEL = "smollm2"
 
 
 def test_completion(client, tokenizer) -> None:  # type: ignore[no-untyped-def]
-    r = client.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=8,
-                                  temperature=0)
+    r = client.completions.create(
+        model=MODEL, prompt="The capital of France is", max_tokens=8, temperature=0
+    )
     assert r.object == "text_completion"
     assert r.choices[0].text
     assert r.usage.prompt_tokens == len(tokenizer.encode("The capital of France is"))
@@ -16,8 +17,9 @@ def test_completion(client, tokenizer) -> None:  # type: ignore[no-untyped-def]
 
 
 def test_completion_default_max_tokens_is_16(client) -> None:  # type: ignore[no-untyped-def]
-    r = client.completions.create(model=MODEL, prompt="Once upon a time", temperature=0,
-                                  extra_body={"ignore_eos": True})
+    r = client.completions.create(
+        model=MODEL, prompt="Once upon a time", temperature=0, extra_body={"ignore_eos": True}
+    )
     assert r.usage.completion_tokens == 16
     assert r.choices[0].finish_reason == "length"
 
@@ -25,9 +27,17 @@ def test_completion_default_max_tokens_is_16(client) -> None:  # type: ignore[no
 def test_completion_stream_echo_and_usage(client) -> None:  # type: ignore[no-untyped-def]
     prompt = "The capital of France is"
     full = client.completions.create(model=MODEL, prompt=prompt, max_tokens=6, temperature=0)
-    chunks = list(client.completions.create(model=MODEL, prompt=prompt, max_tokens=6,
-                                            temperature=0, stream=True, echo=True,
-                                            stream_options={"include_usage": True}))
+    chunks = list(
+        client.completions.create(
+            model=MODEL,
+            prompt=prompt,
+            max_tokens=6,
+            temperature=0,
+            stream=True,
+            echo=True,
+            stream_options={"include_usage": True},
+        )
+    )
     text = "".join(c.choices[0].text for c in chunks if c.choices)
     assert text == prompt + full.choices[0].text
     assert chunks[-1].usage.completion_tokens == full.usage.completion_tokens
@@ -45,8 +55,9 @@ def test_completion_batch_prompts_and_token_ids(client, tokenizer) -> None:  # t
 
 
 def test_completion_logprobs(client) -> None:  # type: ignore[no-untyped-def]
-    r = client.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=4,
-                                  temperature=0, logprobs=2)
+    r = client.completions.create(
+        model=MODEL, prompt="The capital of France is", max_tokens=4, temperature=0, logprobs=2
+    )
     lp = r.choices[0].logprobs
     assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == 4
     assert "".join(lp.tokens) == r.choices[0].text

@@ -11,8 +11,12 @@ import pytest
 from tests.conftest import start_gateway, stop_gateway, wait_until
 
 MODEL = "smollm2"
-LONG = {"model": MODEL, "messages": [{"role": "user", "content": "Count to one thousand."}],
-        "max_tokens": 1500, "ignore_eos": True}
+LONG = {
+    "model": MODEL,
+    "messages": [{"role": "user", "content": "Count to one thousand."}],
+    "max_tokens": 1500,
+    "ignore_eos": True,
+}
 
 
 def running(gateway) -> int:  # type: ignore[no-untyped-def]
@@ -27,8 +31,9 @@ def test_health_and_ready(gateway) -> None:  # type: ignore[no-untyped-def]
 
 
 def test_closing_a_stream_stops_its_generation(gateway) -> None:  # type: ignore[no-untyped-def]
-    with httpx.stream("POST", gateway.base_url + "/chat/completions",
-                      json={**LONG, "stream": True}, timeout=60) as r:
+    with httpx.stream(
+        "POST", gateway.base_url + "/chat/completions", json={**LONG, "stream": True}, timeout=60
+    ) as r:
         lines = r.iter_lines()
         for line in lines:
             if '"content":"' in line and '"content":""' not in line:
@@ -40,7 +45,9 @@ def test_closing_a_stream_stops_its_generation(gateway) -> None:  # type: ignore
 
 def test_disconnect_before_a_non_streaming_answer_cancels_it(gateway) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(httpx.ReadTimeout):
-        httpx.post(gateway.base_url + "/chat/completions", json=LONG, timeout=httpx.Timeout(60, read=1.0))
+        httpx.post(
+            gateway.base_url + "/chat/completions", json=LONG, timeout=httpx.Timeout(60, read=1.0)
+        )
     assert wait_until(lambda: running(gateway) == 0, timeout=30)
 
 
@@ -49,9 +56,15 @@ async def test_full_queue_answers_503_with_retry_after(model_path, tmp_path) -> 
     try:
         client = openai.AsyncOpenAI(base_url=gw.base_url, api_key="x", max_retries=0)
         results = await asyncio.gather(
-            *(client.chat.completions.create(model=MODEL, messages=LONG["messages"], max_tokens=40,
-                                             extra_body={"ignore_eos": True})
-              for _ in range(4)),
+            *(
+                client.chat.completions.create(
+                    model=MODEL,
+                    messages=LONG["messages"],
+                    max_tokens=40,
+                    extra_body={"ignore_eos": True},
+                )
+                for _ in range(4)
+            ),
             return_exceptions=True,
         )
         rejected = [r for r in results if isinstance(r, openai.APIStatusError)]
@@ -70,6 +83,7 @@ def test_a_missing_model_reports_not_ready(tmp_path) -> None:  # type: ignore[no
     from tests.conftest import free_port  # noqa: F401  (start_gateway waits for /ready)
 
     with pytest.raises(RuntimeError) as info:
-        start_gateway(tmp_path, models=[{"name": "ghost", "path": str(tmp_path / "none")}],
-                      timeout=15)
+        start_gateway(
+            tmp_path, models=[{"name": "ghost", "path": str(tmp_path / "none")}], timeout=15
+        )
     assert "ragline models pull" in str(info.value)

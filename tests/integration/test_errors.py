@@ -47,8 +47,9 @@ def test_bad_parameters_name_the_param(client, kwargs, param) -> None:  # type: 
 
 def test_unknown_field_is_refused_not_ignored(client) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(openai.BadRequestError) as info:
-        client.chat.completions.create(model=MODEL, messages=MSG,
-                                       tools=[{"type": "function", "function": {"name": "f"}}])
+        client.chat.completions.create(
+            model=MODEL, messages=MSG, tools=[{"type": "function", "function": {"name": "f"}}]
+        )
     assert info.value.body["param"] == "tools"
     assert "Unrecognized request argument" in info.value.body["message"]
 
@@ -72,8 +73,10 @@ def test_empty_messages(client) -> None:  # type: ignore[no-untyped-def]
         ([{"role": "wizard", "content": "hi"}], "messages[0].role"),
         ([{"role": "user"}], "messages[0]"),
         ([{"role": "user", "content": 42}], "messages[0].content"),
-        ([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}],
-         "messages[0].content[0].type"),
+        (
+            [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}],
+            "messages[0].content[0].type",
+        ),
         ([{"role": "user", "content": "hi", "name": "bob"}], "messages[0].name"),
         ("hello", "messages"),
     ],
@@ -95,8 +98,11 @@ def test_context_length_exceeded(client) -> None:  # type: ignore[no-untyped-def
 
 
 def test_malformed_json(gateway) -> None:  # type: ignore[no-untyped-def]
-    r = httpx.post(gateway.base_url + "/chat/completions", content=b'{"model": "smollm2", "mess',
-                   headers={"content-type": "application/json"})
+    r = httpx.post(
+        gateway.base_url + "/chat/completions",
+        content=b'{"model": "smollm2", "mess',
+        headers={"content-type": "application/json"},
+    )
     assert r.status_code == 400
     assert_error_shape(r.json(), "invalid_request_error")
     for body in (b"", b"[1, 2]", b"null", b'"text"'):
@@ -107,8 +113,11 @@ def test_malformed_json(gateway) -> None:  # type: ignore[no-untyped-def]
 
 def test_invalid_utf8(gateway) -> None:  # type: ignore[no-untyped-def]
     body = b'{"model": "smollm2", "messages": [{"role": "user", "content": "\xff\xfe"}]}'
-    r = httpx.post(gateway.base_url + "/chat/completions", content=body,
-                   headers={"content-type": "application/json"})
+    r = httpx.post(
+        gateway.base_url + "/chat/completions",
+        content=body,
+        headers={"content-type": "application/json"},
+    )
     assert r.status_code == 400
     assert "UTF-8" in assert_error_shape(r.json())["message"]
 
@@ -116,23 +125,34 @@ def test_invalid_utf8(gateway) -> None:  # type: ignore[no-untyped-def]
 def test_lone_surrogate_escape_is_a_clear_400(gateway) -> None:  # type: ignore[no-untyped-def]
     # JSON can escape an unpaired surrogate, which is no Unicode text: 400, never a 500.
     body = b'{"model": "smollm2", "max_tokens": 4, "messages": [{"role": "user", "content": "a\\ud800b"}]}'
-    r = httpx.post(gateway.base_url + "/chat/completions", content=body,
-                   headers={"content-type": "application/json"})
+    r = httpx.post(
+        gateway.base_url + "/chat/completions",
+        content=body,
+        headers={"content-type": "application/json"},
+    )
     assert r.status_code == 400, r.text
     assert_error_shape(r.json(), "invalid_request_error")
 
 
 def test_control_characters_are_fine(client) -> None:  # type: ignore[no-untyped-def]
-    r = client.chat.completions.create(model=MODEL, max_tokens=4, temperature=0,
-                                       messages=[{"role": "user", "content": "a\x00\x07\x1bb"}])
+    r = client.chat.completions.create(
+        model=MODEL,
+        max_tokens=4,
+        temperature=0,
+        messages=[{"role": "user", "content": "a\x00\x07\x1bb"}],
+    )
     assert r.choices[0].message.content is not None
 
 
 def test_ten_megabyte_body_is_413(gateway) -> None:  # type: ignore[no-untyped-def]
     big = b'{"model": "smollm2", "messages": [{"role": "user", "content": "' + b"a" * (10 << 20)
     big += b'"}]}'
-    r = httpx.post(gateway.base_url + "/chat/completions", content=big,
-                   headers={"content-type": "application/json"}, timeout=60)
+    r = httpx.post(
+        gateway.base_url + "/chat/completions",
+        content=big,
+        headers={"content-type": "application/json"},
+        timeout=60,
+    )
     assert r.status_code == 413
     assert_error_shape(r.json(), "invalid_request_error")
 
@@ -155,8 +175,9 @@ def test_unknown_route_and_method(gateway) -> None:  # type: ignore[no-untyped-d
 
 def test_stream_options_without_stream(client) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(openai.BadRequestError):
-        client.chat.completions.create(model=MODEL, messages=MSG,
-                                       stream_options={"include_usage": True})
+        client.chat.completions.create(
+            model=MODEL, messages=MSG, stream_options={"include_usage": True}
+        )
 
 
 def test_completions_bad_input(client) -> None:  # type: ignore[no-untyped-def]
