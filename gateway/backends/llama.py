@@ -12,9 +12,11 @@ every join; their per-step Python overhead also dominates a 135M model on two co
 each), the cache preallocated, and the op count per layer small. Its greedy output is checked
 against ``model.generate`` in the tests.
 
-The cache is ``[slots, max_len, kv_heads, head_dim]`` per layer and for keys and values. The
-engine keeps its running sequences in slots ``0..n-1`` (it compacts when one leaves), so a decode
-step reads a view of the cache, never a gathered copy.
+Per layer the cache holds keys as ``[slots, kv_heads, head_dim, max_len]`` (already transposed
+for ``q @ k^T``) and values as ``[slots, kv_heads, max_len, head_dim]``. The engine keeps its
+running sequences in slots ``0..n-1`` (it compacts when one leaves), so a decode step reads views
+of the cache, never gathered copies. Grouped-query attention is computed per kv head with its
+query heads as the rows of one matmul, so keys and values are never repeated.
 """
 
 from __future__ import annotations
@@ -136,9 +138,18 @@ class LlamaRunner:
         emb = torch.cat((freqs, freqs), dim=-1)
         self.cos = emb.cos().to(device=device, dtype=dtype)
         self.sin = emb.sin().to(device=device, dtype=dtype)
-        cache_shape = (max_slots, max_len, shape.num_kv_heads, shape.head_dim)
-        self.k_cache = [torch.zeros(cache_shape, dtype=dtype, device=device) for _ in self.layers]
-        self.v_cache = [torch.zeros(cache_shape, dtype=dtype, device=device) for _ in self.layers]
+        # The cache is float32 whatever the weights are: keys and values keep the model dtype's
+        # rounding, but attention accumulates in float32, as fused attention kernels do
+        # (rounding bf16 scores before the softmax visibly changes greedy output).
+        kv, dim = shape.num_kv_heads, shape.head_dim
+        self.k_cache = [
+            torch.zeros((max_slots, kv, dim, max_len), dtype=torch.float32, device=device)
+            for _ in self.layers
+        ]
+        self.v_cache = [
+            torch.zeros((max_slots, kv, max_len, dim), dtype=torch.float32, device=device)
+            for _ in self.layers
+        ]
 
     @classmethod
     def from_pretrained(
@@ -162,10 +173,15 @@ class LlamaRunner:
     def move_slot(self, src: int, dst: int, length: int) -> None:
         """Copy the first ``length`` cached positions of slot ``src`` into slot ``dst``."""
         for k, v in zip(self.k_cache, self.v_cache, strict=True):
-            k[dst, :length] = k[src, :length]
-            v[dst, :length] = v[src, :length]
+            k[dst, :, :, :length] = k[src, :, :, :length]
+            v[dst, :, :length] = v[src, :, :length]
 
     # -- forward -------------------------------------------------------------------------------
+
+    def _norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        # As transformers' LlamaRMSNorm: normalise in float32, round, then scale.
+        normed = F.rms_norm(x.float(), (x.shape[-1],), None, self.shape.rms_norm_eps)
+        return weight * normed.to(x.dtype)
 
     def _rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         half = x.shape[-1] // 2
@@ -174,7 +190,7 @@ class LlamaRunner:
 
     def _mlp_and_attn_out(self, x: torch.Tensor, attn: torch.Tensor, layer: _Layer) -> torch.Tensor:
         x = x + F.linear(attn, layer.o)
-        h = F.rms_norm(x, (x.shape[-1],), layer.post_norm, self.shape.rms_norm_eps)
+        h = self._norm(x, layer.post_norm)
         gate, up = F.linear(h, layer.gate_up).chunk(2, dim=-1)
         return x + F.linear(F.silu(gate) * up, layer.down)
 
@@ -188,33 +204,59 @@ class LlamaRunner:
         return self._rope(q, cos, sin), self._rope(k, cos, sin), v
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.rms_norm(x, (x.shape[-1],), self.final_norm, self.shape.rms_norm_eps)
+        x = self._norm(x, self.final_norm)
         return F.linear(x, self.lm_head).float()
 
+    def _attend(
+        self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor
+    ) -> torch.Tensor:
+        """Attention of ``q`` ``[b, t, heads, dim]`` over float32 ``keys`` ``[b, kv, dim, L]``
+        and ``values`` ``[b, kv, L, dim]`` with an additive ``mask`` broadcastable to
+        ``[b, 1, t, L]``; returns ``[b, t, heads * dim]`` in the dtype of ``q``.
+        """
+        s = self.shape
+        b, t = q.shape[0], q.shape[1]
+        groups = s.num_heads // s.num_kv_heads
+        # [b, kv, groups * t, dim]: the query heads sharing a kv head, stacked as matmul rows
+        qg = q.view(b, t, s.num_kv_heads, groups, s.head_dim).permute(0, 2, 3, 1, 4)
+        qg = qg.reshape(b, s.num_kv_heads, groups * t, s.head_dim).float()
+        scores = torch.matmul(qg, keys) * s.head_dim**-0.5
+        scores = scores.view(b, s.num_kv_heads, groups, t, -1) + mask.unsqueeze(2)
+        probs = torch.softmax(scores, dim=-1).view(b, s.num_kv_heads, groups * t, -1)
+        out = torch.matmul(probs, values).view(b, s.num_kv_heads, groups, t, s.head_dim)
+        return out.permute(0, 3, 1, 2, 4).reshape(b, t, s.num_heads * s.head_dim).to(q.dtype)
+
     @torch.inference_mode()
-    def prefill(self, slot: int, token_ids: list[int]) -> torch.Tensor:
-        """Run a fresh prompt into ``slot`` (positions ``0..len-1``); returns logits ``[vocab]``."""
-        t = len(token_ids)
+    def prefill(self, first_slot: int, prompts: list[list[int]]) -> torch.Tensor:
+        """Run fresh prompts into slots ``first_slot, first_slot + 1, ...`` in one forward pass.
+
+        Prompts are right-padded to the longest; padding writes cache positions that the owning
+        sequence overwrites before it ever attends to them. Returns logits ``[len(prompts), vocab]``
+        of each prompt's last token.
+        """
+        b = len(prompts)
+        lengths = [len(p) for p in prompts]
+        t = max(lengths)
         if t > self.max_len:
             raise ValueError(f"prompt of {t} tokens exceeds the cache length {self.max_len}")
-        ids = torch.tensor([token_ids], dtype=torch.long, device=self.device)
+        padded = [p + [0] * (t - len(p)) for p in prompts]
+        ids = torch.tensor(padded, dtype=torch.long, device=self.device)
         x = F.embedding(ids, self.embed)
         cos = self.cos[:t].view(1, t, 1, -1)
         sin = self.sin[:t].view(1, t, 1, -1)
-        groups = self.shape.num_heads // self.shape.num_kv_heads
+        causal = torch.ones(t, t, dtype=torch.bool, device=self.device).tril()
+        mask = torch.zeros(1, 1, t, t, dtype=torch.float32, device=self.device)
+        mask.masked_fill_(~causal, float("-inf"))
+        slots = slice(first_slot, first_slot + b)
         for layer, kc, vc in zip(self.layers, self.k_cache, self.v_cache, strict=True):
-            h = F.rms_norm(x, (x.shape[-1],), layer.input_norm, self.shape.rms_norm_eps)
+            h = self._norm(x, layer.input_norm)
             q, k, v = self._split_qkv(h, layer, cos, sin)
-            kc[slot, :t] = k[0]
-            vc[slot, :t] = v[0]
-            attn = F.scaled_dot_product_attention(
-                q.transpose(1, 2),
-                k.transpose(1, 2).repeat_interleave(groups, dim=1),
-                v.transpose(1, 2).repeat_interleave(groups, dim=1),
-                is_causal=True,
-            )
-            x = self._mlp_and_attn_out(x, attn.transpose(1, 2).reshape(1, t, -1), layer)
-        return self._logits(x[0, -1])
+            kc[slots, :, :, :t] = k.permute(0, 2, 3, 1).float()
+            vc[slots, :, :t] = v.transpose(1, 2).float()
+            attn = self._attend(q, kc[slots, :, :, :t], vc[slots, :, :t], mask)
+            x = self._mlp_and_attn_out(x, attn, layer)
+        last = torch.tensor([n - 1 for n in lengths], device=self.device)
+        return self._logits(x[torch.arange(b, device=self.device), last])
 
     @torch.inference_mode()
     def decode(self, token_ids: list[int], positions: list[int]) -> torch.Tensor:
@@ -231,23 +273,16 @@ class LlamaRunner:
         cos = self.cos[pos].view(n, 1, 1, -1)
         sin = self.sin[pos].view(n, 1, 1, -1)
         rows = torch.arange(n, device=self.device)
-        # [n, 1, 1, length]: True where a key position is visible to that row's query.
-        mask = (torch.arange(length, device=self.device).view(1, -1) <= pos.view(-1, 1)).view(
-            n, 1, 1, length
-        )
-        groups = self.shape.num_heads // self.shape.num_kv_heads
+        # Additive mask [n, 1, 1, length]: 0 where a key position is visible to the row's query.
+        visible = torch.arange(length, device=self.device).view(1, -1) <= pos.view(-1, 1)
+        mask = torch.zeros(n, length, dtype=torch.float32, device=self.device)
+        mask.masked_fill_(~visible, float("-inf"))
+        mask = mask.view(n, 1, 1, length)
         for layer, kc, vc in zip(self.layers, self.k_cache, self.v_cache, strict=True):
-            h = F.rms_norm(x, (x.shape[-1],), layer.input_norm, self.shape.rms_norm_eps)
+            h = self._norm(x, layer.input_norm)
             q, k, v = self._split_qkv(h, layer, cos, sin)
-            kc[rows, pos] = k[:, 0]
-            vc[rows, pos] = v[:, 0]
-            keys = kc[:n, :length].transpose(1, 2)
-            values = vc[:n, :length].transpose(1, 2)
-            attn = F.scaled_dot_product_attention(
-                q.transpose(1, 2),
-                keys.repeat_interleave(groups, dim=1),
-                values.repeat_interleave(groups, dim=1),
-                attn_mask=mask,
-            )
-            x = self._mlp_and_attn_out(x, attn.transpose(1, 2).reshape(n, 1, -1), layer)
+            kc[rows, :, :, pos] = k[:, 0].float()
+            vc[rows, :, pos] = v[:, 0].float()
+            attn = self._attend(q, kc[:n, :, :, :length], vc[:n, :, :length], mask)
+            x = self._mlp_and_attn_out(x, attn, layer)
         return self._logits(x[:, -1])

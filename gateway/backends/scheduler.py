@@ -2,9 +2,10 @@
 
 Requests wait in a bounded queue; between two decode steps the scheduler admits as many as fit in
 ``max_batch`` slots (a request with ``n`` choices takes ``n`` slots: its prompt is prefilled once
-and the cache copied), then decodes one token for every running sequence in a single forward
-pass. Finished and cancelled sequences leave at once and the last running sequence moves into the
-freed slot, so the batch always occupies slots ``0..n-1``.
+and the cache copied), prefills the new prompts together in one padded forward pass, then decodes
+one token for every running sequence in a single forward pass. Finished and cancelled sequences
+leave at once and the last running sequence moves into the freed slot, so the batch always occupies
+slots ``0..n-1``.
 
 Events (``Chunk``, ``Usage`` or an exception) are handed to the asyncio loop once per step with
 one ``call_soon_threadsafe``; each request's events land in its own ``asyncio.Queue``.
@@ -28,6 +29,10 @@ from gateway.errors import BackendError, Overloaded
 log = logging.getLogger("ragline.engine")
 
 Event = Chunk | Usage | Exception
+
+# Padded prompt tokens per prefill pass: one pass for several short prompts (far cheaper than one
+# pass each on a memory-bound CPU), several passes for long ones (bounded activation memory).
+PREFILL_TOKEN_BUDGET = 4096
 
 
 @dataclass(eq=False)
@@ -131,9 +136,9 @@ class Scheduler:
                 admitted = self._admit()
             events: list[tuple[Job, Event]] = []
             try:
-                for job in admitted:
-                    if not job.cancelled:
-                        self._prefill(job, events)
+                live = [job for job in admitted if not job.cancelled]
+                if live:
+                    self._prefill(live, events)
                 if self._running:
                     self._decode(events)
             except Exception as exc:  # the model failed: fail every running request, keep serving
@@ -157,30 +162,47 @@ class Scheduler:
                 admitted.append(job)
         return admitted
 
-    def _prefill(self, job: Job, events: list[tuple[Job, Event]]) -> None:
+    def _prefill(self, jobs: list[Job], events: list[tuple[Job, Event]]) -> None:
+        """Prefill newly admitted jobs, as few forward passes as the token budget allows."""
+        group: list[Job] = []
+        for job in jobs:
+            longest = max([len(j.prompt_ids) for j in group] + [len(job.prompt_ids)])
+            if group and longest * (len(group) + 1) > PREFILL_TOKEN_BUDGET:
+                self._prefill_group(group, events)
+                group = []
+            group.append(job)
+        if group:
+            self._prefill_group(group, events)
+
+    def _prefill_group(self, jobs: list[Job], events: list[tuple[Job, Event]]) -> None:
         first_slot = len(self._running)
-        logits = self._runner.prefill(first_slot, job.prompt_ids)
-        sequences = []
-        for i in range(job.n):
-            slot = len(self._running)
-            if i:
-                self._runner.move_slot(first_slot, slot, len(job.prompt_ids))
-            seq = _Sequence(
-                job=job,
-                index=i,
-                sampler=Sampler(job.params, index=i, eos_ids=self._eos_ids),
-                detokenizer=IncrementalDetokenizer(self._tokenizer),
-                stops=StopStrings(job.params.stop),
-                position=len(job.prompt_ids),
-            )
-            self._running.append(seq)
-            sequences.append(seq)
-        job.unfinished = job.n
-        choices = sample_batch(
-            logits.unsqueeze(0).expand(job.n, -1).clone(), [s.sampler for s in sequences]
+        logits = self._runner.prefill(first_slot, [job.prompt_ids for job in jobs])
+        # Slots first_slot + i hold job i's first choice; further choices get copies after them.
+        per_job: list[list[_Sequence]] = [[] for _ in jobs]
+        for i in range(len(jobs)):
+            per_job[i].append(self._new_sequence(jobs[i], 0))
+        for i, job in enumerate(jobs):
+            for index in range(1, job.n):
+                self._runner.move_slot(first_slot + i, len(self._running), len(job.prompt_ids))
+                per_job[i].append(self._new_sequence(job, index))
+        for i, job in enumerate(jobs):
+            job.unfinished = job.n
+            rows = logits[i].unsqueeze(0).expand(job.n, -1).clone()
+            choices = sample_batch(rows, [s.sampler for s in per_job[i]])
+            for seq, choice in zip(per_job[i], choices, strict=True):
+                self._advance(seq, choice, events)
+
+    def _new_sequence(self, job: Job, index: int) -> _Sequence:
+        seq = _Sequence(
+            job=job,
+            index=index,
+            sampler=Sampler(job.params, index=index, eos_ids=self._eos_ids),
+            detokenizer=IncrementalDetokenizer(self._tokenizer),
+            stops=StopStrings(job.params.stop),
+            position=len(job.prompt_ids),
         )
-        for seq, choice in zip(sequences, choices, strict=True):
-            self._advance(seq, choice, events)
+        self._running.append(seq)
+        return seq
 
     def _decode(self, events: list[tuple[Job, Event]]) -> None:
         live = [s for s in self._running if not s.finished]

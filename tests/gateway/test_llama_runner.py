@@ -26,10 +26,9 @@ def test_greedy_matches_transformers_generate(model_path, tokenizer, dtype) -> N
     reference = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
     steps = 32 if dtype == torch.float32 else 12
     prompts = [chat_ids(tokenizer, p) for p in PROMPTS]
-    # all prompts decode together in one batch, each at its own position
-    outs: list[list[int]] = []
-    for slot, ids in enumerate(prompts):
-        outs.append([int(runner.prefill(slot, ids).argmax())])
+    # prompts of different lengths prefill in one padded pass, then decode together in one
+    # batch, each at its own position
+    outs = [[int(row.argmax())] for row in runner.prefill(0, prompts)]
     positions = [len(ids) for ids in prompts]
     for _ in range(steps - 1):
         logits = runner.decode([o[-1] for o in outs], positions)
@@ -54,9 +53,9 @@ def test_move_slot_keeps_a_sequence_intact(model_path, tokenizer) -> None:  # ty
         model_path, max_slots=3, max_len=256, dtype=torch.float32, device=torch.device("cpu")
     )
     ids = chat_ids(tokenizer, PROMPTS[0])
-    first = int(runner.prefill(2, ids).argmax())
+    first = int(runner.prefill(2, [ids]).argmax())
     runner.move_slot(2, 0, len(ids))
     moved = runner.decode([first], [len(ids)])[0]
-    runner.prefill(0, ids)
+    runner.prefill(0, [ids])
     direct = runner.decode([first], [len(ids)])[0]
     assert torch.equal(moved, direct)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-
 import openai
 import pytest
 
@@ -231,40 +229,6 @@ def test_non_ascii_stream_is_valid_utf8(client) -> None:  # type: ignore[no-unty
     # max_tokens at the very end can remain incomplete (as OpenAI and vLLM render it).
     assert all("\ufffd" not in p for p in pieces[:-1])
     assert "\ufffd" not in pieces[-1].rstrip("\ufffd")
-
-
-async def test_concurrent_requests_are_batched_and_independent(aclient, client) -> None:  # type: ignore[no-untyped-def]
-    questions = [
-        "What is the capital of France?",
-        "What is 2 + 2?",
-        "Name a color.",
-        "Who wrote Hamlet?",
-        "What is water made of?",
-        "Say hello.",
-    ]
-    alone = [
-        client.chat.completions.create(
-            model=MODEL,
-            messages=[{"role": "user", "content": q}],
-            temperature=0,
-            max_tokens=24,
-        )
-        .choices[0]
-        .message.content
-        for q in questions
-    ]
-    together = await asyncio.gather(
-        *(
-            aclient.chat.completions.create(
-                model=MODEL,
-                messages=[{"role": "user", "content": q}],
-                temperature=0,
-                max_tokens=24,
-            )
-            for q in questions
-        )
-    )
-    assert [r.choices[0].message.content for r in together] == alone
 
 
 def test_developer_and_assistant_roles(client) -> None:  # type: ignore[no-untyped-def]
