@@ -20,6 +20,7 @@ import platform
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from rich.console import Console
@@ -83,7 +84,7 @@ def run_generate(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_path)
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).to(device)
+    model: Any = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).to(device)
     text = tokenizer.apply_chat_template(
         [{"role": "user", "content": PROMPTS[0]}], tokenize=False, add_generation_prompt=True
     )
