@@ -84,7 +84,8 @@ def run_generate(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_path)
-    model: Any = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).to(device)
+    model: Any = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
+    model = model.to(device)
     text = tokenizer.apply_chat_template(
         [{"role": "user", "content": PROMPTS[0]}], tokenize=False, add_generation_prompt=True
     )
