@@ -1,0 +1,28 @@
+# CPU image of the ragline gateway with the embedded engine and SmolLM2 baked in.
+#   docker build -t ragline . && docker run -p 8000:8000 ragline
+FROM python:3.11-slim
+
+ENV PIP_NO_CACHE_DIR=1 \
+    PYTHONUNBUFFERED=1 \
+    HF_HUB_OFFLINE=1 \
+    RAGLINE_HOST=0.0.0.0 \
+    RAGLINE_PORT=8000 \
+    RAGLINE_MODELS_DIR=/models
+
+WORKDIR /app
+COPY pyproject.toml README.md ./
+COPY gateway ./gateway
+COPY rag ./rag
+COPY safety ./safety
+COPY prompts ./prompts
+COPY finetune ./finetune
+COPY benchmarks ./benchmarks
+
+# The CPU build of torch first, so the pinned torch below is not resolved to a CUDA build.
+RUN pip install --index-url https://download.pytorch.org/whl/cpu torch==2.13.0 \
+ && pip install . \
+ && ragline models pull
+
+EXPOSE 8000
+HEALTHCHECK --interval=10s --timeout=3s CMD python -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/ready')"
+CMD ["ragline", "serve"]
