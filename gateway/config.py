@@ -9,10 +9,20 @@ Config is read once at start-up, never at import time.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_MODEL_NAME = "smollm2"
@@ -39,7 +49,74 @@ class EmbeddedModelConfig(BaseModel):
     owned_by: str = "ragline"
 
 
-ModelConfig = EmbeddedModelConfig
+class UpstreamTimeouts(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    connect: float = Field(default=5.0, gt=0, description="Seconds to open a connection.")
+    first_token: float = Field(default=60.0, gt=0, description="Seconds until the first event.")
+    total: float = Field(default=600.0, gt=0, description="Seconds for the whole response.")
+
+
+class HealthPolicy(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    interval: float = Field(default=5.0, gt=0, description="Seconds between active /health checks.")
+    timeout: float = Field(default=2.0, gt=0)
+    max_failures: int = Field(default=3, ge=1, description="Consecutive failures that eject.")
+    eject_seconds: float = Field(default=10.0, ge=0, description="Minimum time out of rotation.")
+
+
+class VllmModelConfig(BaseModel):
+    """A model served by one or more vLLM OpenAI servers (replicas)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(description="Public model id clients send as `model`.")
+    backend: Literal["vllm"]
+    upstreams: list[str] = Field(min_length=1, description="Base URLs of vLLM servers.")
+    served_model: str | None = Field(
+        default=None, description="The model name vLLM serves (--served-model-name); default: name."
+    )
+    api_key: str | None = Field(default=None, description="Bearer token vLLM expects, if any.")
+    max_connections: int = Field(default=256, ge=1, description="Pooled connections per replica.")
+    timeouts: UpstreamTimeouts = Field(default_factory=UpstreamTimeouts)
+    health: HealthPolicy = Field(default_factory=HealthPolicy)
+    max_model_len: int | None = None
+    owned_by: str = "vllm"
+
+    @field_validator("upstreams")
+    @classmethod
+    def _urls(cls, urls: list[str]) -> list[str]:
+        for url in urls:
+            if not url.startswith(("http://", "https://")):
+                raise ValueError(f"upstream {url!r} must be an http:// or https:// URL")
+        return [u.rstrip("/").removesuffix("/v1") for u in urls]
+
+    @property
+    def upstream_model(self) -> str:
+        return self.served_model or self.name
+
+
+def _backend_of(value: object) -> str:
+    if isinstance(value, dict):
+        return str(value.get("backend", "embedded"))
+    return str(getattr(value, "backend", "embedded"))
+
+
+ModelConfig = Annotated[
+    Annotated[EmbeddedModelConfig, Tag("embedded")] | Annotated[VllmModelConfig, Tag("vllm")],
+    Discriminator(_backend_of),
+]
+
+
+class AdapterConfig(BaseModel):
+    """A LoRA adapter served by name on top of a base model."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(description="Public id; clients send it (or `base:name`) as `model`.")
+    path: str = Field(description="Adapter directory as the serving replicas see it.")
+    base: str = Field(description="Name of the base model (a `models` entry).")
 
 
 class FileConfig(BaseModel):
@@ -48,6 +125,7 @@ class FileConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     models: list[ModelConfig] = Field(default_factory=list)
+    adapters: list[AdapterConfig] = Field(default_factory=list)
 
     @field_validator("models")
     @classmethod
@@ -57,6 +135,27 @@ class FileConfig(BaseModel):
         if dupes:
             raise ValueError(f"model names must be unique; repeated: {', '.join(dupes)}")
         return models
+
+    @model_validator(mode="after")
+    def _adapters_have_bases(self) -> FileConfig:
+        models = {m.name: m for m in self.models}
+        seen: set[str] = set()
+        for adapter in self.adapters:
+            base = models.get(adapter.base)
+            if base is None:
+                raise ValueError(
+                    f"adapter {adapter.name!r}: base model {adapter.base!r} is not "
+                    "declared under models"
+                )
+            if adapter.name in models or adapter.name in seen:
+                raise ValueError(f"adapter name {adapter.name!r} is already taken")
+            if not isinstance(base, VllmModelConfig):
+                raise ValueError(
+                    f"adapter {adapter.name!r}: LoRA adapters are served through a "
+                    "vllm backend; the embedded engine does not load adapters yet"
+                )
+            seen.add(adapter.name)
+        return self
 
 
 class Settings(BaseSettings):
@@ -74,6 +173,14 @@ class Settings(BaseSettings):
         default=4 * 1024 * 1024, ge=1024, description="Larger request bodies get 413."
     )
     max_n: int = Field(default=8, ge=1, description="Largest `n` (choices per request).")
+    redis_url: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices("RAGLINE_REDIS_URL", "REDIS_URL"),
+        description="Shared state (adapter placement, later limits and cache); unset: in-process.",
+    )
+    vllm: str | None = Field(
+        default=None, description="Comma-separated vLLM URLs: serve `smollm2` from them."
+    )
     log_level: str = "info"
 
     @field_validator("models_dir")
@@ -92,6 +199,13 @@ class ConfigError(Exception):
 def load_file_config(settings: Settings) -> FileConfig:
     """Read ``settings.config`` (or the built-in default) into a validated ``FileConfig``."""
     if settings.config is None:
+        if settings.vllm:
+            urls = [u.strip() for u in settings.vllm.split(",") if u.strip()]
+            try:
+                model = VllmModelConfig(name=DEFAULT_MODEL_NAME, backend="vllm", upstreams=urls)
+            except ValidationError as exc:
+                raise ConfigError(f"--vllm {settings.vllm!r} is invalid:\n{exc}") from exc
+            return FileConfig(models=[model])
         return FileConfig(models=[EmbeddedModelConfig(name=DEFAULT_MODEL_NAME)])
     path = settings.config.expanduser()
     try:

@@ -1,58 +1,47 @@
 """The request pipeline: OpenAI request in, backend call, OpenAI response (JSON or SSE) out.
 
 Stages that later issues add (auth, limits, safety, retrieval, templates) slot in here, in the
-order drawn in DESIGN.md. Wire types end here: backends see ``GenerationRequest``.
+order drawn in DESIGN.md. Two kinds of backend sit behind it:
+
+- ``GenerationRequest`` backends (the embedded engine): wire types end here, the backend sees
+  internal types, and ``responses.py`` renders its events as OpenAI JSON or SSE;
+- proxy backends (vLLM): the validated body is forwarded, and the upstream's OpenAI response is
+  passed through (``ProxyCall`` / ``ProxyResult``).
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
-import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
-from typing import cast
+
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
 
 from gateway.backends.base import (
-    Chunk,
     Generation,
     GenerationParams,
     GenerationRequest,
-    TokenInfo,
-    Usage,
+    ProxyBackend,
+    ProxyCall,
 )
-from gateway.backends.registry import BackendRegistry
+from gateway.backends.registry import BackendRegistry, Target
 from gateway.config import Settings
 from gateway.errors import InvalidRequest, UnsupportedParameter
-from gateway.protocol import (
-    AssistantMessage,
-    ChatChoice,
-    ChatChunkChoice,
-    ChatCompletion,
-    ChatCompletionChunk,
-    ChatCompletionRequest,
-    ChoiceLogprobs,
-    Completion,
-    CompletionChoice,
-    CompletionLogprobs,
-    CompletionRequest,
-    FinishReason,
-    TokenLogprob,
-    TopLogprob,
+from gateway.http import until_disconnect
+from gateway.protocol import ChatCompletionRequest, CompletionRequest
+from gateway.responses import (
+    Prepared,
+    chat_response,
+    chat_sse,
+    completion_response,
+    completion_sse,
+    new_id,
 )
-from gateway.protocol import Usage as WireUsage
-from gateway.sse import DONE, sse_event
+from gateway.sse import guarded
 
-
-def new_id(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex}"
-
-
-def _wire_usage(usage: Usage) -> WireUsage:
-    return WireUsage(
-        prompt_tokens=usage.prompt_tokens,
-        completion_tokens=usage.completion_tokens,
-        total_tokens=usage.total_tokens,
-    )
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+JSON = "application/json"
 
 
 def _params(
@@ -87,48 +76,102 @@ def _params(
     )
 
 
-@dataclass
-class Prepared:
-    """A validated request ready for its backend, plus what the response needs."""
-
-    id: str
-    model: str
-    created: int
-    generation: GenerationRequest
-    include_usage: bool
-
-
 class Pipeline:
     def __init__(self, settings: Settings, registry: BackendRegistry) -> None:
         self.settings = settings
         self.registry = registry
 
-    # -- validation ----------------------------------------------------------------------------
+    # -- entry points (one per route) ----------------------------------------------------------
 
-    def _check_n(self, n: int | None) -> int:
-        n = n or 1
-        if n > self.settings.max_n:
+    async def chat(self, request: Request, body: ChatCompletionRequest) -> Response:
+        target = self._admit(body.model, body.n)
+        if isinstance(target.backend, ProxyBackend):
+            return await self._proxy(request, target, "/v1/chat/completions", body)
+        self._check_supported_chat(body)
+        prepared = self.prepare_chat(body)
+        if body.stream:
+            events = target.backend.stream(prepared.generation)
+            first = await until_disconnect(request, anext(events))
+            return _sse(chat_sse(prepared, first, events))
+        generation = await until_disconnect(request, target.backend.generate(prepared.generation))
+        return Response(
+            chat_response(prepared, generation).model_dump_json(exclude={"ragline"}),
+            media_type=JSON,
+        )
+
+    async def completion(self, request: Request, body: CompletionRequest) -> Response:
+        target = self._admit(body.model, body.n)
+        if isinstance(target.backend, ProxyBackend):
+            return await self._proxy(request, target, "/v1/completions", body)
+        prepared = self.prepare_completion(body)
+        echo = bool(body.echo)
+        if body.stream:
+            events = target.backend.stream(prepared[0].generation)
+            first = await until_disconnect(request, anext(events))
+            return _sse(completion_sse(prepared[0], first, events, echo))
+        backend = target.backend
+        generations: list[Generation] = await until_disconnect(
+            request, asyncio.gather(*(backend.generate(p.generation) for p in prepared))
+        )
+        return Response(
+            completion_response(prepared, generations, echo).model_dump_json(exclude={"ragline"}),
+            media_type=JSON,
+        )
+
+    # -- stages --------------------------------------------------------------------------------
+
+    def _admit(self, model: str, n: int | None) -> Target:
+        target = self.registry.resolve(model)
+        if (n or 1) > self.settings.max_n:
             raise InvalidRequest(
                 f"n={n} is larger than this server allows ({self.settings.max_n}).", param="n"
             )
-        return n
+        return target
 
-    def prepare_chat(self, req: ChatCompletionRequest) -> Prepared:
-        self.registry.get(req.model)
-        n = self._check_n(req.n)
+    async def _proxy(
+        self,
+        request: Request,
+        target: Target,
+        endpoint: str,
+        body: ChatCompletionRequest | CompletionRequest,
+    ) -> Response:
+        assert isinstance(target.backend, ProxyBackend)
+        call = ProxyCall(
+            endpoint=endpoint,
+            body=body.model_dump(exclude_unset=True, exclude={"ragline"}),
+            stream=bool(body.stream),
+            include_usage=bool(body.stream_options and body.stream_options.include_usage),
+            public_model=body.model,
+            adapter=target.adapter,
+            request_id=getattr(request.state, "request_id", None),
+        )
+        result = await until_disconnect(request, target.backend.proxy(call))
+        if result.events is not None:
+            return _sse(result.events)
+        return Response(result.body, status_code=result.status, media_type=JSON)
+
+    @staticmethod
+    def _check_supported_chat(req: ChatCompletionRequest) -> None:
         if req.response_format is not None and req.response_format.type != "text":
             raise UnsupportedParameter(
                 f"response_format {req.response_format.type!r} is not supported by model "
-                f"{req.model!r}; use 'text'.",
+                f"{req.model!r} on the embedded engine; use 'text', or serve it through vLLM.",
                 param="response_format",
             )
-        messages = []
         for i, message in enumerate(req.messages):
             if message.name is not None:
                 raise UnsupportedParameter(
                     "message names are not supported by this model's chat template.",
                     param=f"messages[{i}].name",
                 )
+
+    # -- preparation for GenerationRequest backends --------------------------------------------
+
+    def prepare_chat(self, req: ChatCompletionRequest) -> Prepared:
+        """Validate a chat request for a ``GenerationRequest`` backend (the embedded engine)."""
+        n = req.n or 1
+        messages = []
+        for message in req.messages:
             role = "system" if message.role == "developer" else message.role
             messages.append({"role": role, "content": message.text()})
         prepared_id = new_id("chatcmpl")
@@ -147,8 +190,8 @@ class Pipeline:
         )
 
     def prepare_completion(self, req: CompletionRequest) -> list[Prepared]:
-        self.registry.get(req.model)
-        n = self._check_n(req.n)
+        """Validate a completion request for a ``GenerationRequest`` backend; one per prompt."""
+        n = req.n or 1
         if req.best_of not in (None, 1) and req.best_of != n:
             raise UnsupportedParameter("best_of is not supported; use n.", param="best_of")
         if req.suffix:
@@ -184,190 +227,6 @@ class Pipeline:
             )
         return out
 
-    # -- execution -----------------------------------------------------------------------------
 
-    async def generate(self, prepared: Prepared) -> Generation:
-        backend = self.registry.get(prepared.model)
-        return await backend.generate(prepared.generation)
-
-    def stream(self, prepared: Prepared) -> AsyncIterator[Chunk | Usage]:
-        return self.registry.get(prepared.model).stream(prepared.generation)
-
-
-# -- response building ------------------------------------------------------------------------
-
-
-def _chat_logprobs(tokens: list[TokenInfo] | None) -> ChoiceLogprobs | None:
-    if tokens is None:
-        return None
-    return ChoiceLogprobs(
-        content=[
-            TokenLogprob(
-                token=t.token,
-                logprob=t.logprob,
-                bytes=list(t.token.encode()),
-                top_logprobs=[
-                    TopLogprob(token=tok, logprob=lp, bytes=list(tok.encode())) for tok, lp in t.top
-                ],
-            )
-            for t in tokens
-        ]
-    )
-
-
-def chat_response(prepared: Prepared, generation: Generation) -> ChatCompletion:
-    return ChatCompletion(
-        id=prepared.id,
-        created=prepared.created,
-        model=prepared.model,
-        choices=[
-            ChatChoice(
-                index=c.index,
-                message=AssistantMessage(content=c.text),
-                logprobs=_chat_logprobs(c.tokens),
-                finish_reason=cast(FinishReason, c.finish_reason or "stop"),
-            )
-            for c in generation.choices
-        ],
-        usage=_wire_usage(generation.usage),
-    )
-
-
-async def chat_sse(
-    prepared: Prepared, first: Chunk | Usage, events: AsyncIterator[Chunk | Usage]
-) -> AsyncIterator[bytes]:
-    """OpenAI's chat stream: role deltas, content deltas, finish chunks, usage, ``[DONE]``."""
-    exclude = {"ragline"} if prepared.include_usage else {"ragline", "usage"}
-
-    def chunk(
-        index: int,
-        delta: dict[str, str],
-        finish: str | None = None,
-        tokens: list[TokenInfo] | None = None,
-    ) -> bytes:
-        body = ChatCompletionChunk(
-            id=prepared.id,
-            created=prepared.created,
-            model=prepared.model,
-            choices=[
-                ChatChunkChoice(
-                    index=index,
-                    delta=delta,
-                    logprobs=_chat_logprobs(tokens),
-                    finish_reason=cast(FinishReason | None, finish),
-                )
-            ],
-        )
-        return sse_event(body.model_dump_json(exclude=exclude))
-
-    for i in range(prepared.generation.n):
-        yield chunk(i, {"role": "assistant", "content": ""})
-    async for event in _prepend(first, events):
-        if isinstance(event, Usage):
-            if prepared.include_usage:
-                final = ChatCompletionChunk(
-                    id=prepared.id,
-                    created=prepared.created,
-                    model=prepared.model,
-                    choices=[],
-                    usage=_wire_usage(event),
-                )
-                yield sse_event(final.model_dump_json(exclude={"ragline"}))
-            continue
-        if event.text:
-            yield chunk(event.index, {"content": event.text}, None, event.tokens)
-        if event.finish_reason:
-            tokens = None if event.text else event.tokens
-            yield chunk(event.index, {}, event.finish_reason, tokens)
-    yield DONE
-
-
-def _completion_logprobs(tokens: list[TokenInfo] | None, offset: int) -> CompletionLogprobs | None:
-    if tokens is None:
-        return None
-    offsets = []
-    for t in tokens:
-        offsets.append(offset)
-        offset += len(t.token)
-    return CompletionLogprobs(
-        tokens=[t.token for t in tokens],
-        token_logprobs=[t.logprob for t in tokens],
-        top_logprobs=[dict(t.top) if t.top else None for t in tokens],
-        text_offset=offsets,
-    )
-
-
-def completion_response(
-    prepared: list[Prepared], generations: list[Generation], echo: bool
-) -> Completion:
-    choices: list[CompletionChoice] = []
-    prompt_tokens = completion_tokens = 0
-    for p, g in zip(prepared, generations, strict=True):
-        prefix = (p.generation.prompt or "") if echo else ""
-        for c in g.choices:
-            choices.append(
-                CompletionChoice(
-                    index=len(choices),
-                    text=prefix + c.text,
-                    logprobs=_completion_logprobs(c.tokens, len(prefix)),
-                    finish_reason=cast(FinishReason, c.finish_reason or "stop"),
-                )
-            )
-        prompt_tokens += g.usage.prompt_tokens
-        completion_tokens += g.usage.completion_tokens
-    first = prepared[0]
-    return Completion(
-        id=first.id,
-        created=first.created,
-        model=first.model,
-        choices=choices,
-        usage=_wire_usage(Usage(prompt_tokens, completion_tokens)),
-    )
-
-
-async def completion_sse(
-    prepared: Prepared, first: Chunk | Usage, events: AsyncIterator[Chunk | Usage], echo: bool
-) -> AsyncIterator[bytes]:
-    exclude = {"ragline"} if prepared.include_usage else {"ragline", "usage"}
-
-    def chunk(index: int, text: str, finish: str | None, tokens: list[TokenInfo] | None) -> bytes:
-        body = Completion(
-            id=prepared.id,
-            created=prepared.created,
-            model=prepared.model,
-            choices=[
-                CompletionChoice(
-                    index=index,
-                    text=text,
-                    finish_reason=finish,  # type: ignore[arg-type]
-                    logprobs=_completion_logprobs(tokens, 0),
-                )
-            ],
-        )
-        return sse_event(body.model_dump_json(exclude=exclude))
-
-    if echo:
-        for i in range(prepared.generation.n):
-            yield chunk(i, prepared.generation.prompt or "", None, None)
-    async for event in _prepend(first, events):
-        if isinstance(event, Usage):
-            if prepared.include_usage:
-                final = Completion(
-                    id=prepared.id,
-                    created=prepared.created,
-                    model=prepared.model,
-                    choices=[],
-                    usage=_wire_usage(event),
-                )
-                yield sse_event(final.model_dump_json(exclude={"ragline"}))
-            continue
-        yield chunk(event.index, event.text, event.finish_reason, event.tokens)
-    yield DONE
-
-
-async def _prepend(
-    first: Chunk | Usage, rest: AsyncIterator[Chunk | Usage]
-) -> AsyncIterator[Chunk | Usage]:
-    yield first
-    async for event in rest:
-        yield event
+def _sse(events: AsyncIterator[bytes]) -> StreamingResponse:
+    return StreamingResponse(guarded(events), media_type="text/event-stream", headers=SSE_HEADERS)

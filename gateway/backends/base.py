@@ -17,7 +17,10 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+if TYPE_CHECKING:
+    from gateway.config import AdapterConfig
 
 
 @dataclass(frozen=True)
@@ -119,6 +122,34 @@ class Backend(Protocol):
     def stream(self, request: GenerationRequest) -> AsyncIterator[Chunk | Usage]: ...
 
     async def generate(self, request: GenerationRequest) -> Generation: ...
+
+
+@dataclass
+class ProxyCall:
+    """One client request to forward: the body is the client's own, as validated."""
+
+    endpoint: str  # "/v1/chat/completions" or "/v1/completions"
+    body: dict[str, Any]
+    stream: bool
+    include_usage: bool  # whether the client asked for the usage event
+    public_model: str  # the name the client used
+    adapter: AdapterConfig | None = None
+    request_id: str | None = None
+
+
+@dataclass
+class ProxyResult:
+    status: int
+    body: bytes = b""  # a complete JSON response (non-streaming, or an upstream 4xx)
+    events: AsyncIterator[bytes] | None = None  # SSE events, for a stream
+    replica: str = ""
+
+
+@runtime_checkable
+class ProxyBackend(Protocol):
+    """A backend that forwards OpenAI requests as they are (vLLM)."""
+
+    async def proxy(self, call: ProxyCall) -> ProxyResult: ...
 
 
 async def collect(events: AsyncIterator[Chunk | Usage], n: int) -> Generation:

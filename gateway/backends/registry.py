@@ -4,27 +4,77 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from dataclasses import dataclass
+from typing import Any
 
 from gateway.backends.base import Backend, ModelInfo
 from gateway.backends.embedded import EmbeddedBackend
-from gateway.config import FileConfig, Settings
+from gateway.backends.lora import MemoryPlacements, Placements, RedisPlacements
+from gateway.backends.vllm import VllmBackend
+from gateway.config import AdapterConfig, EmbeddedModelConfig, FileConfig, Settings
 from gateway.errors import ModelNotFound, Overloaded
 
 log = logging.getLogger("ragline.backends")
 
 
+@dataclass(frozen=True)
+class Target:
+    """What a request's ``model`` resolves to."""
+
+    backend: Backend
+    base: str
+    adapter: AdapterConfig | None = None
+
+
 class BackendRegistry:
-    def __init__(self, backends: dict[str, Backend]) -> None:
+    def __init__(
+        self, backends: dict[str, Backend], adapters: dict[str, AdapterConfig] | None = None
+    ) -> None:
         self._backends = backends
+        self._adapters = adapters or {}
         self._tasks: list[asyncio.Task[None]] = []
 
     @classmethod
-    def from_config(cls, settings: Settings, config: FileConfig) -> BackendRegistry:
+    def from_config(
+        cls, settings: Settings, config: FileConfig, redis: Any | None = None
+    ) -> BackendRegistry:
         backends: dict[str, Backend] = {}
         for model in config.models:
-            path = model.path.expanduser() if model.path else settings.default_model_path()
-            backends[model.name] = EmbeddedBackend(model, path)
-        return cls(backends)
+            if isinstance(model, EmbeddedModelConfig):
+                path = model.path.expanduser() if model.path else settings.default_model_path()
+                backends[model.name] = EmbeddedBackend(model, path)
+            else:
+                placements: Placements = (
+                    RedisPlacements(redis, model.name) if redis is not None else MemoryPlacements()
+                )
+                adapters = [a for a in config.adapters if a.base == model.name]
+                backends[model.name] = VllmBackend(model, adapters, placements)
+        return cls(backends, {a.name: a for a in config.adapters})
+
+    def resolve(self, model: str) -> Target:
+        """``model`` is a base model, an adapter name, or ``base:adapter``.
+
+        Raises ``ModelNotFound`` for anything else and ``Overloaded`` while the backend is not
+        ready (loading, or no healthy replica).
+        """
+        base, _, adapter_name = model.partition(":")
+        adapter = self._adapters.get(adapter_name or base)
+        if adapter is not None and adapter_name and adapter.base != base:
+            adapter = None
+        if adapter is not None:
+            base = adapter.base
+        elif adapter_name:
+            raise ModelNotFound(
+                f"The model '{model}' does not exist or you do not have access to it.",
+                param="model",
+            )
+        return Target(self.get(base), base, adapter)
+
+    def adapter(self, name: str) -> tuple[Backend, AdapterConfig]:
+        adapter = self._adapters.get(name)
+        if adapter is None:
+            raise ModelNotFound(f"No adapter named '{name}' is registered.", param="adapter")
+        return self._backends[adapter.base], adapter
 
     def start_in_background(self) -> None:
         """Start every backend without blocking start-up: ``/health`` answers while they load."""

