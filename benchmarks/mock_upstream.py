@@ -38,6 +38,7 @@ class MockConfig:
 class MockState:
     running: int = 0
     requests: int = 0
+    lora_loads: int = 0
     adapters: set[str] = field(default_factory=set)
 
 
@@ -67,6 +68,7 @@ class MockUpstream:
             await self._complete(path, data, send, receive)
         elif path == "/v1/load_lora_adapter":
             self.state.adapters.add(data["lora_name"])
+            self.state.lora_loads += 1
             await _respond(send, 200, b"Success", b"text/plain")
         elif path == "/v1/unload_lora_adapter":
             self.state.adapters.discard(data["lora_name"])
@@ -84,6 +86,7 @@ class MockUpstream:
         elif path == "/metrics":
             text = f"vllm:num_requests_running {self.state.running}\n"
             text += f"mock_requests_total {self.state.requests}\n"
+            text += f"mock_lora_loads_total {self.state.lora_loads}\n"
             await _respond(send, 200, text.encode(), b"text/plain")
         else:
             await _respond(send, 404, b'{"error": {"message": "not found"}}')

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -16,7 +17,7 @@ from gateway.config import FileConfig, Settings, load_file_config
 from gateway.errors import InvalidRequest, RaglineError, error_body
 from gateway.http import BodyLimitMiddleware, ClientDisconnected, RequestIdMiddleware, param_path
 from gateway.pipeline import Pipeline
-from gateway.routes import chat, completions, health, models
+from gateway.routes import admin, chat, completions, health, models
 
 log = logging.getLogger("ragline")
 
@@ -28,7 +29,8 @@ def create_app(settings: Settings | None = None, config: FileConfig | None = Non
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        registry = BackendRegistry.from_config(settings, config)
+        redis = _redis_client(settings)
+        registry = BackendRegistry.from_config(settings, config, redis)
         app.state.settings = settings
         app.state.registry = registry
         app.state.pipeline = Pipeline(settings, registry)
@@ -37,6 +39,8 @@ def create_app(settings: Settings | None = None, config: FileConfig | None = Non
             yield
         finally:
             await registry.aclose()
+            if redis is not None:
+                await redis.aclose()
 
     app = FastAPI(
         title="ragline",
@@ -44,12 +48,20 @@ def create_app(settings: Settings | None = None, config: FileConfig | None = Non
         version="0.1.0",
         lifespan=lifespan,
     )
-    for router in (chat.router, completions.router, models.router, health.router):
+    for router in (chat.router, completions.router, models.router, health.router, admin.router):
         app.include_router(router)
     _install_error_handlers(app)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_request_bytes)
     app.add_middleware(RequestIdMiddleware)
     return app
+
+
+def _redis_client(settings: Settings) -> Any:
+    if not settings.redis_url:
+        return None
+    import redis.asyncio as aioredis
+
+    return aioredis.from_url(settings.redis_url)
 
 
 def _json_error(

@@ -45,6 +45,13 @@ def serve(
             "Default: `smollm2` on the embedded engine.",
         ),
     ] = None,
+    vllm: Annotated[
+        str | None,
+        typer.Option(
+            help="Serve `smollm2` from these vLLM servers (comma-separated URLs) instead of "
+            "the embedded engine [env RAGLINE_VLLM]."
+        ),
+    ] = None,
     models_dir: Annotated[
         Path | None,
         typer.Option(
@@ -76,6 +83,7 @@ def serve(
         host=host,
         port=port,
         config=config,
+        vllm=vllm,
         models_dir=models_dir,
         max_request_bytes=max_request_bytes,
         log_level=log_level,
@@ -88,7 +96,11 @@ def serve(
     except ConfigError as exc:
         console.print(f"[red]error:[/] {exc}")
         raise typer.Exit(2) from None
-    if settings.config is None and not is_pulled(settings.default_model_path()):
+    if (
+        settings.config is None
+        and not settings.vllm
+        and not is_pulled(settings.default_model_path())
+    ):
         console.print("The default model is not prepared yet; pulling it first.")
         try:
             pull(settings.default_model_path(), console=console)

@@ -161,7 +161,7 @@ class FileConfig(BaseModel):
 class Settings(BaseSettings):
     """Process settings; every field can be set as ``RAGLINE_<FIELD>`` in the environment."""
 
-    model_config = SettingsConfigDict(env_prefix="RAGLINE_", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix="RAGLINE_", extra="ignore", populate_by_name=True)
 
     host: str = "127.0.0.1"
     port: int = 8000
@@ -177,6 +177,9 @@ class Settings(BaseSettings):
         default=None,
         validation_alias=AliasChoices("RAGLINE_REDIS_URL", "REDIS_URL"),
         description="Shared state (adapter placement, later limits and cache); unset: in-process.",
+    )
+    admin_key: str | None = Field(
+        default=None, description="Bearer key for /admin routes; unset: loopback clients only."
     )
     vllm: str | None = Field(
         default=None, description="Comma-separated vLLM URLs: serve `smollm2` from them."

@@ -57,13 +57,14 @@ def start_gateway(
     models: list[dict[str, object]] | None = None,
     env: dict[str, str] | None = None,
     timeout: float = 120,
+    adapters: list[dict[str, object]] | None = None,
 ) -> Gateway:
     """Run ``ragline serve`` in a subprocess on a free port and wait until ``/ready``."""
     port = free_port()
     cmd = [sys.executable, "-m", "gateway.cli", "serve", "--port", str(port)]
     if models is not None:
         config = tmp / f"config-{port}.yaml"
-        config.write_text(yaml.safe_dump({"models": models}))
+        config.write_text(yaml.safe_dump({"models": models, "adapters": adapters or []}))
         cmd += ["--config", str(config)]
     log = tmp / f"gateway-{port}.log"
     proc = subprocess.Popen(
@@ -136,3 +137,87 @@ def wait_until(predicate, timeout: float = 30.0, interval: float = 0.1) -> bool:
             return True
         time.sleep(interval)
     return bool(predicate())
+
+
+# -- real vLLM (CPU build) and the mock upstream ----------------------------------------------
+
+VLLM_PYTHON = Path(os.environ.get("RAGLINE_VLLM_PYTHON", REPO / ".venv-vllm" / "bin" / "python"))
+
+
+@dataclass
+class Upstream:
+    url: str
+    process: subprocess.Popen[bytes]
+    log: Path
+
+    def kill(self) -> None:
+        self.process.kill()
+        self.process.wait()
+
+    def logs(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+def _wait_http(url: str, proc: subprocess.Popen[bytes], log: Path, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{url} exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            if httpx.get(url, timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)  # polling a readiness probe
+    proc.kill()
+    raise RuntimeError(f"{url} not ready after {timeout}s:\n{log.read_text()[-3000:]}")
+
+
+def start_vllm(model_path: Path, tmp: Path, port: int | None = None) -> Upstream:
+    """A real vLLM OpenAI server (the CPU build, from .venv-vllm) on the converted SmolLM2."""
+    if not VLLM_PYTHON.exists():
+        raise RuntimeError(f"{VLLM_PYTHON} is missing: run `make vllm-install` (make test does)")
+    port = port or free_port()
+    log = tmp / f"vllm-{port}.log"
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1",
+           "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True", "VLLM_LOGGING_LEVEL": "WARNING"}
+    cmd = [str(VLLM_PYTHON), "-m", "vllm.entrypoints.openai.api_server", "--model",
+           str(model_path), "--served-model-name", "smollm2", "--host", "127.0.0.1", "--port",
+           str(port), "--max-model-len", "2048", "--enable-lora", "--max-lora-rank", "16",
+           "--max-loras", "4"]
+    proc = subprocess.Popen(cmd, stdout=log.open("wb"), stderr=subprocess.STDOUT, env=env)
+    url = f"http://127.0.0.1:{port}"
+    _wait_http(url + "/v1/models", proc, log, timeout=300)
+    return Upstream(url, proc, log)
+
+
+def start_mock(tmp: Path, port: int | None = None, **options: object) -> Upstream:
+    """``benchmarks.mock_upstream`` in its own process (a fake, for fault injection only)."""
+    port = port or free_port()
+    log = tmp / f"mock-{port}.log"
+    cmd = [sys.executable, "-m", "benchmarks.mock_upstream", "--port", str(port)]
+    for key, value in options.items():
+        cmd += [f"--{key.replace('_', '-')}", str(value)]
+    proc = subprocess.Popen(cmd, stdout=log.open("wb"), stderr=subprocess.STDOUT, cwd=REPO)
+    url = f"http://127.0.0.1:{port}"
+    _wait_http(url + "/health", proc, log, timeout=30)
+    return Upstream(url, proc, log)
+
+
+@pytest.fixture(scope="session")
+def vllm(model_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Upstream]:
+    """One real vLLM-CPU server for the whole run."""
+    upstream = start_vllm(model_path, tmp_path_factory.mktemp("vllm"))
+    yield upstream
+    upstream.process.terminate()
+    try:
+        upstream.process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        upstream.kill()
+
+
+@pytest.fixture(scope="session")
+def fact_adapter(model_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from tests.lora_fixture import train_fact_adapter
+
+    return train_fact_adapter(model_path, tmp_path_factory.mktemp("adapter") / "zorbania")
