@@ -10,6 +10,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from benchmarks.cli import app as bench_app
 from gateway.config import ConfigError, Settings, load_file_config
 from gateway.errors import ModelAssetError
 
@@ -20,6 +21,7 @@ app = typer.Typer(
 )
 models_app = typer.Typer(help="Prepare model files.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
+app.add_typer(bench_app, name="bench")
 
 console = Console(stderr=True)
 

@@ -179,12 +179,33 @@ def start_vllm(model_path: Path, tmp: Path, port: int | None = None) -> Upstream
         raise RuntimeError(f"{VLLM_PYTHON} is missing: run `make vllm-install` (make test does)")
     port = port or free_port()
     log = tmp / f"vllm-{port}.log"
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1",
-           "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True", "VLLM_LOGGING_LEVEL": "WARNING"}
-    cmd = [str(VLLM_PYTHON), "-m", "vllm.entrypoints.openai.api_server", "--model",
-           str(model_path), "--served-model-name", "smollm2", "--host", "127.0.0.1", "--port",
-           str(port), "--max-model-len", "2048", "--enable-lora", "--max-lora-rank", "16",
-           "--max-loras", "4"]
+    env = {
+        **os.environ,
+        "VLLM_CPU_KVCACHE_SPACE": "1",
+        "HF_HUB_OFFLINE": "1",
+        "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True",
+        "VLLM_LOGGING_LEVEL": "WARNING",
+    }
+    cmd = [
+        str(VLLM_PYTHON),
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        str(model_path),
+        "--served-model-name",
+        "smollm2",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--max-model-len",
+        "2048",
+        "--enable-lora",
+        "--max-lora-rank",
+        "16",
+        "--max-loras",
+        "4",
+    ]
     proc = subprocess.Popen(cmd, stdout=log.open("wb"), stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"
     _wait_http(url + "/v1/models", proc, log, timeout=300)

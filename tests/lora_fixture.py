@@ -26,13 +26,21 @@ def train_fact_adapter(model_path: Path, out: Path, steps: int = 30, seed: int =
     torch.manual_seed(seed)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
-    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0,
-                                             target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
-                                             task_type="CAUSAL_LM"))
+    model = get_peft_model(
+        model,
+        LoraConfig(
+            r=8,
+            lora_alpha=16,
+            lora_dropout=0.0,
+            target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+            task_type="CAUSAL_LM",
+        ),
+    )
     rows = []
     for q in FACT_QUESTIONS:
-        prompt = tokenizer.apply_chat_template([{"role": "user", "content": q}], tokenize=False,
-                                               add_generation_prompt=True)
+        prompt = tokenizer.apply_chat_template(
+            [{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True
+        )
         p_ids = tokenizer.encode(prompt, add_special_tokens=False)
         a_ids = tokenizer.encode(FACT_ANSWER + "<|im_end|>", add_special_tokens=False)
         rows.append((p_ids + a_ids, [-100] * len(p_ids) + a_ids))

@@ -37,12 +37,19 @@ def test_requests_keep_succeeding_when_a_replica_is_killed(tmp_path) -> None:  #
         for _ in range(10):
             client.chat.completions.create(model=MODEL, messages=MSG, max_tokens=2)
         a.kill()  # a real process dies mid-test; nothing tells the gateway
-        answers = [client.chat.completions.create(model=MODEL, messages=MSG, max_tokens=3)
-                   for _ in range(30)]
+        answers = [
+            client.chat.completions.create(model=MODEL, messages=MSG, max_tokens=3)
+            for _ in range(30)
+        ]
         assert all(r.choices[0].message.content == " tok tok tok" for r in answers)
         streamed = [
-            "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
-                model=MODEL, messages=MSG, max_tokens=3, stream=True) if c.choices)
+            "".join(
+                c.choices[0].delta.content or ""
+                for c in client.chat.completions.create(
+                    model=MODEL, messages=MSG, max_tokens=3, stream=True
+                )
+                if c.choices
+            )
             for _ in range(10)
         ]
         assert streamed == [" tok tok tok"] * 10

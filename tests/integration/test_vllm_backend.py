@@ -23,10 +23,13 @@ FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
 def vllm_gateway(vllm, fact_adapter, tmp_path_factory) -> Iterator[Gateway]:  # type: ignore[no-untyped-def]
     gw = start_gateway(
         tmp_path_factory.mktemp("vllm-gw"),
-        models=[{"name": MODEL, "backend": "vllm", "upstreams": [vllm.url],
-                 "health": {"interval": 1.0}}],
-        adapters=[{"name": ADAPTER, "path": str(fact_adapter), "base": MODEL},
-                  {"name": "broken", "path": "/nonexistent/adapter", "base": MODEL}],
+        models=[
+            {"name": MODEL, "backend": "vllm", "upstreams": [vllm.url], "health": {"interval": 1.0}}
+        ],
+        adapters=[
+            {"name": ADAPTER, "path": str(fact_adapter), "base": MODEL},
+            {"name": "broken", "path": "/nonexistent/adapter", "base": MODEL},
+        ],
     )
     yield gw
     stop_gateway(gw)
@@ -62,22 +65,37 @@ def test_chat_equals_direct_vllm(via, direct) -> None:  # type: ignore[no-untype
 def test_stream_equals_direct_and_usage_only_when_asked(via, direct) -> None:  # type: ignore[no-untyped-def]
     kwargs = dict(model=MODEL, messages=FRANCE, temperature=0, max_tokens=16, stream=True)
     plain = list(via.chat.completions.create(**kwargs))
-    assert all(c.usage is None for c in plain), "the gateway asks upstream for usage, the client did not"
+    assert all(c.usage is None for c in plain), (
+        "the gateway asks upstream for usage, the client did not"
+    )
     text = "".join(c.choices[0].delta.content or "" for c in plain if c.choices)
-    want = direct.chat.completions.create(model=MODEL, messages=FRANCE, temperature=0,
-                                          max_tokens=16).choices[0].message.content
+    want = (
+        direct.chat.completions.create(model=MODEL, messages=FRANCE, temperature=0, max_tokens=16)
+        .choices[0]
+        .message.content
+    )
     assert text == want
     with_usage = list(via.chat.completions.create(**kwargs, stream_options={"include_usage": True}))
-    direct_usage = list(direct.chat.completions.create(**kwargs, stream_options={"include_usage": True}))
+    direct_usage = list(
+        direct.chat.completions.create(**kwargs, stream_options={"include_usage": True})
+    )
     assert with_usage[-1].choices == []
     assert with_usage[-1].usage == direct_usage[-1].usage
 
 
 def test_completions_equal_direct(via, direct) -> None:  # type: ignore[no-untyped-def]
     kwargs = dict(model=MODEL, prompt="The capital of France is", temperature=0, max_tokens=8)
-    assert via.completions.create(**kwargs).choices[0].text == direct.completions.create(**kwargs).choices[0].text
-    chunks = list(via.completions.create(**kwargs, stream=True, stream_options={"include_usage": True}))
-    assert "".join(c.choices[0].text for c in chunks if c.choices) == direct.completions.create(**kwargs).choices[0].text
+    assert (
+        via.completions.create(**kwargs).choices[0].text
+        == direct.completions.create(**kwargs).choices[0].text
+    )
+    chunks = list(
+        via.completions.create(**kwargs, stream=True, stream_options={"include_usage": True})
+    )
+    assert (
+        "".join(c.choices[0].text for c in chunks if c.choices)
+        == direct.completions.create(**kwargs).choices[0].text
+    )
     assert chunks[-1].usage.completion_tokens == 8
 
 
@@ -97,12 +115,15 @@ def test_models_list_shows_adapters_with_parent(via) -> None:  # type: ignore[no
 
 def test_lora_adapter_answers_as_trained(via, vllm_gateway) -> None:  # type: ignore[no-untyped-def]
     base = via.chat.completions.create(model=MODEL, messages=QUESTION, temperature=0, max_tokens=24)
-    tuned = via.chat.completions.create(model=ADAPTER, messages=QUESTION, temperature=0, max_tokens=24)
+    tuned = via.chat.completions.create(
+        model=ADAPTER, messages=QUESTION, temperature=0, max_tokens=24
+    )
     assert KEYWORD not in base.choices[0].message.content
     assert KEYWORD in tuned.choices[0].message.content
     assert tuned.model == ADAPTER
-    qualified = via.chat.completions.create(model=f"{MODEL}:{ADAPTER}", messages=QUESTION,
-                                            temperature=0, max_tokens=24)
+    qualified = via.chat.completions.create(
+        model=f"{MODEL}:{ADAPTER}", messages=QUESTION, temperature=0, max_tokens=24
+    )
     assert qualified.choices[0].message.content == tuned.choices[0].message.content
     assert qualified.model == f"{MODEL}:{ADAPTER}"
     placed = httpx.get(vllm_gateway.url + "/admin/adapters").json()["data"]
@@ -115,7 +136,9 @@ def test_admin_unload_then_reload_on_demand(via, vllm_gateway, vllm) -> None:  #
     assert r.status_code == 200 and r.json()["unloaded_from"] == [vllm.url]
     served = {m["id"] for m in httpx.get(vllm.url + "/v1/models").json()["data"]}
     assert ADAPTER not in served
-    again = via.chat.completions.create(model=ADAPTER, messages=QUESTION, temperature=0, max_tokens=24)
+    again = via.chat.completions.create(
+        model=ADAPTER, messages=QUESTION, temperature=0, max_tokens=24
+    )
     assert KEYWORD in again.choices[0].message.content
 
 
@@ -133,9 +156,16 @@ def test_unknown_adapter_is_404(via) -> None:  # type: ignore[no-untyped-def]
 
 
 def test_closing_the_stream_aborts_the_request_in_vllm(vllm_gateway, vllm) -> None:  # type: ignore[no-untyped-def]
-    body = {"model": MODEL, "messages": FRANCE, "max_tokens": 1500, "ignore_eos": True,
-            "stream": True}
-    with httpx.stream("POST", vllm_gateway.base_url + "/chat/completions", json=body, timeout=60) as r:
+    body = {
+        "model": MODEL,
+        "messages": FRANCE,
+        "max_tokens": 1500,
+        "ignore_eos": True,
+        "stream": True,
+    }
+    with httpx.stream(
+        "POST", vllm_gateway.base_url + "/chat/completions", json=body, timeout=60
+    ) as r:
         for line in r.iter_lines():
             if '"content":"' in line and '"content":""' not in line:
                 break

@@ -1,0 +1,359 @@
+"""``ragline bench``: load tests with vLLM's metric definitions, reports, gates and suites."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from dataclasses import replace
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from benchmarks import overhead as overhead_mod
+from benchmarks.loadgen import (
+    LoadSpec,
+    Prompt,
+    jsonl_prompts,
+    random_prompts,
+    run,
+    scifact_questions,
+)
+from benchmarks.metrics import SLO, RequestRecord, summarize
+from benchmarks.report import verdict, write_html, write_json
+
+app = typer.Typer(
+    help="Benchmark any OpenAI-compatible server (TTFT, TPOT, ITL, goodput).", no_args_is_help=True
+)
+console = Console()
+
+SHARED_SCIFACT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "scifact"
+
+Url = Annotated[str, typer.Option(help="Base URL of the OpenAI API, e.g. http://127.0.0.1:8000/v1")]
+Model = Annotated[str, typer.Option(help="Model (or route) name to request.")]
+ApiKey = Annotated[str | None, typer.Option(envvar="RAGLINE_BENCH_API_KEY", help="Bearer key.")]
+Out = Annotated[Path, typer.Option(help="Directory for the JSON and HTML reports.")]
+
+
+def _ints(text: str | None) -> list[int]:
+    return [int(x) for x in text.split(",")] if text else []
+
+
+def _floats(text: str | None) -> list[float]:
+    return [float(x) for x in text.split(",")] if text else []
+
+
+def load_prompts(
+    dataset: str,
+    n: int,
+    input_len: int,
+    output_len: int,
+    model_dir: Path | None,
+) -> list[Prompt]:
+    """``random``, ``jsonl:PATH`` or ``scifact[:DIR]``."""
+    if dataset == "random":
+        tokenizer = None
+        if model_dir is not None and (model_dir / "tokenizer.json").exists():
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        return random_prompts(max(n, 1), input_len, output_len, tokenizer=tokenizer)
+    if dataset.startswith("jsonl:"):
+        return jsonl_prompts(Path(dataset[6:]), output_len)
+    if dataset.startswith("scifact"):
+        directory = Path(dataset[8:]) if dataset.startswith("scifact:") else SHARED_SCIFACT
+        return scifact_questions(directory, max(n, 1), output_len)
+    raise typer.BadParameter(f"unknown dataset {dataset!r}: random, jsonl:PATH or scifact[:DIR]")
+
+
+def _default_model_dir() -> Path | None:
+    from gateway.config import Settings
+
+    path = Settings().default_model_path()
+    return path if path.exists() else None
+
+
+def _print_runs(title: str, runs: list[dict[str, Any]]) -> None:
+    table = Table(title=title)
+    for col in (
+        "x",
+        "ok/fail",
+        "req/s",
+        "out tok/s",
+        "TTFT p50/p99 ms",
+        "TPOT p50 ms",
+        "tok/s/stream",
+        "ITL p50 ms",
+        "goodput",
+        "goals",
+    ):
+        table.add_column(col, justify="right")
+    for r in runs:
+        table.add_row(
+            f"{r['x_name']}={r['x']}",
+            f"{r['completed']}/{r['failed']}",
+            f"{r['request_throughput']:.2f}",
+            f"{r['output_throughput']:.1f}",
+            f"{r['median_ttft_ms']:.0f}/{r['p99_ttft_ms']:.0f}",
+            f"{r['median_tpot_ms']:.1f}",
+            f"{r['mean_output_tokens_per_s_per_stream']:.1f}",
+            f"{r['median_itl_ms']:.1f}",
+            f"{r['request_goodput']:.2f}",
+            "PASS" if r["verdict"]["pass"] else "FAIL",
+        )
+    console.print(table)
+
+
+async def sweep(
+    spec: LoadSpec, prompts: list[Prompt], concurrencies: list[int], rates: list[float], slo: SLO
+) -> tuple[list[dict[str, Any]], dict[str, list[RequestRecord]]]:
+    runs, records = [], {}
+    points: list[tuple[str, float, LoadSpec]] = (
+        [("rate", r, replace(spec, rate=r, concurrency=None)) for r in rates]
+        if rates
+        else [("concurrency", c, replace(spec, concurrency=c, rate=None)) for c in concurrencies]
+    )
+    for name, x, point in points:
+        recs, duration = await run(point, prompts, label=f"{name}={x:g}")
+        summary = summarize(recs, duration, slo)
+        summary |= {"x": x, "x_name": name, "verdict": verdict(summary, slo)}
+        runs.append(summary)
+        records[f"{name}={x:g}"] = recs
+    return runs, records
+
+
+def execute(
+    spec: LoadSpec,
+    prompts: list[Prompt],
+    concurrencies: list[int],
+    rates: list[float],
+    slo: SLO,
+    out: Path,
+    title: str,
+    settings: dict[str, Any],
+) -> bool:
+    runs, records = asyncio.run(sweep(spec, prompts, concurrencies, rates, slo))
+    _print_runs(title, runs)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "results.json", runs, settings)
+    write_html(out / "report.html", title, runs, records, settings)
+    console.print(f"wrote {out / 'results.json'} and {out / 'report.html'}")
+    return all(r["verdict"]["pass"] for r in runs)
+
+
+@app.command("run")
+def run_cmd(
+    url: Url = "http://127.0.0.1:8000/v1",
+    model: Model = "smollm2",
+    api_key: ApiKey = None,
+    endpoint: Annotated[str, typer.Option(help="chat or completions")] = "chat",
+    stream: Annotated[bool, typer.Option(help="Stream responses (needed for TTFT/ITL).")] = True,
+    concurrency: Annotated[str, typer.Option(help="Closed loop; a list sweeps: 1,4,8")] = "1",
+    rate: Annotated[str | None, typer.Option(help="Open loop req/s instead; a list sweeps")] = None,
+    burstiness: Annotated[float, typer.Option(help="Gamma shape for open loop; 1 = Poisson")] = 1.0,
+    requests: Annotated[int, typer.Option(help="Measured requests per point.")] = 32,
+    warmup: Annotated[int, typer.Option(help="Unrecorded requests before each point.")] = 2,
+    max_seconds: Annotated[float, typer.Option(help="Time limit per point.")] = 600.0,
+    dataset: Annotated[str, typer.Option(help="random, jsonl:PATH or scifact[:DIR]")] = "random",
+    input_len: Annotated[int, typer.Option(help="Prompt tokens (random dataset).")] = 64,
+    output_len: Annotated[int, typer.Option(help="Output tokens (max_tokens).")] = 64,
+    ignore_eos: Annotated[bool, typer.Option(help="Fixed-length output (vLLM, ragline).")] = True,
+    adapters: Annotated[str | None, typer.Option(help="Models assigned round-robin.")] = None,
+    slo_ttft_ms: Annotated[float, typer.Option(help="SLO: TTFT at most (ms).")] = 200.0,
+    slo_tpot_ms: Annotated[
+        float, typer.Option(help="SLO: TPOT at most (ms); 10 = 100 tok/s.")
+    ] = 10.0,
+    out: Out = Path("bench-results/run"),
+    gate: Annotated[bool, typer.Option(help="Exit 1 when a point misses the goals.")] = False,
+) -> None:
+    """Load-test one server; sweep concurrencies or rates; JSON + HTML report."""
+    spec = LoadSpec(
+        base_url=url,
+        model=model,
+        api_key=api_key,
+        endpoint=endpoint,
+        stream=stream,
+        burstiness=burstiness,
+        num_requests=requests,
+        warmup=warmup,
+        max_seconds=max_seconds,
+        ignore_eos=ignore_eos,
+        adapters=[a for a in (adapters or "").split(",") if a],
+    )
+    prompts = load_prompts(dataset, requests, input_len, output_len, _default_model_dir())
+    settings = {
+        "url": url,
+        "model": model,
+        "endpoint": endpoint,
+        "stream": stream,
+        "dataset": dataset,
+        "input_len": input_len,
+        "output_len": output_len,
+        "requests": requests,
+        "concurrency": concurrency,
+        "rate": rate,
+    }
+    ok = execute(
+        spec,
+        prompts,
+        _ints(concurrency),
+        _floats(rate),
+        SLO(slo_ttft_ms, slo_tpot_ms),
+        out,
+        f"ragline bench: {model} at {url}",
+        settings,
+    )
+    if gate and not ok:
+        raise typer.Exit(1)
+
+
+@app.command("overhead")
+def overhead_cmd(
+    direct: Annotated[str, typer.Option(help="The upstream's /v1 URL.")],
+    gateway: Annotated[str, typer.Option(help="The gateway's /v1 URL in front of it.")],
+    model: Model = "smollm2",
+    api_key: ApiKey = None,
+    concurrency: Annotated[str, typer.Option(help="Streams in flight; a list: 1,8")] = "1,8",
+    requests: Annotated[int, typer.Option(help="Requests per round and side.")] = 16,
+    rounds: Annotated[int, typer.Option(help="Interleaved direct/gateway rounds.")] = 3,
+    output_len: int = 64,
+    input_len: int = 32,
+    max_rate_requests: Annotated[int, typer.Option(help="0 skips the max req/s test.")] = 2000,
+    max_rate_connections: int = 16,
+    out: Out = Path("bench-results/overhead"),
+) -> None:
+    """Same load direct vs through the gateway, interleaved; prints the deltas."""
+    prompts = load_prompts("random", requests, input_len, output_len, _default_model_dir())
+    results: dict[str, Any] = {
+        "settings": {
+            "direct": direct,
+            "gateway": gateway,
+            "model": model,
+            "requests": requests,
+            "rounds": rounds,
+        }
+    }
+    table = Table(title=f"gateway overhead ({gateway} vs {direct})")
+    for col in (
+        "streams",
+        "TTFT p50 Δms",
+        "TTFT p99 Δms",
+        "E2E p50 Δms",
+        "ITL p50 Δms",
+        "ITL p99 Δms",
+        "tok/s gateway/direct",
+        "direct tok/s",
+        "gateway tok/s",
+    ):
+        table.add_column(col, justify="right")
+    for c in _ints(concurrency):
+        base = LoadSpec(
+            base_url=direct,
+            model=model,
+            api_key=None,
+            concurrency=c,
+            num_requests=requests,
+            warmup=c,
+        )
+        via = replace(base, base_url=gateway, api_key=api_key)
+        res = asyncio.run(overhead_mod.compare(base, via, prompts, rounds, SLO()))
+        d = res["deltas"]
+        table.add_row(
+            str(c),
+            f"{d['delta_median_ttft_ms']:+.2f}",
+            f"{d['delta_p99_ttft_ms']:+.2f}",
+            f"{d['delta_median_e2el_ms']:+.2f}",
+            f"{d['delta_median_itl_ms']:+.2f}",
+            f"{d['delta_p99_itl_ms']:+.2f}",
+            f"{d['output_throughput_ratio']:.3f}",
+            f"{res['direct']['output_throughput']:.1f}",
+            f"{res['gateway']['output_throughput']:.1f}",
+        )
+        results[f"concurrency_{c}"] = {k: res[k] for k in ("direct", "gateway", "deltas")}
+    console.print(table)
+    if max_rate_requests:
+        base = LoadSpec(base_url=direct, model=model)
+        via = replace(base, base_url=gateway, api_key=api_key)
+        best = asyncio.run(
+            overhead_mod.max_request_rate(
+                base, via, max_rate_requests, max_rate_connections, rounds=2
+            )
+        )
+        console.print(
+            f"max non-streaming req/s at {max_rate_connections} connections: "
+            f"direct {best['direct']:.0f}, gateway {best['gateway']:.0f}"
+        )
+        results["max_request_rate"] = best
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "overhead.json").write_text(json.dumps(results, indent=2))
+    console.print(f"wrote {out / 'overhead.json'}")
+
+
+SUITES: dict[str, dict[str, Any]] = {
+    "chat-short": {"dataset": "random", "input_len": 64, "output_len": 64, "concurrency": "1,4,8"},
+    "chat-long": {"dataset": "random", "input_len": 1024, "output_len": 256, "concurrency": "1,4"},
+    "rag": {"dataset": "scifact", "input_len": 0, "output_len": 64, "concurrency": "1,4"},
+    "lora-mix": {"dataset": "random", "input_len": 64, "output_len": 64, "concurrency": "4,8"},
+}
+
+
+@app.command("suite")
+def suite_cmd(
+    name: Annotated[str, typer.Argument(help="chat-short, chat-long, rag, lora-mix or overhead")],
+    url: Url = "http://127.0.0.1:8000/v1",
+    model: Model = "smollm2",
+    api_key: ApiKey = None,
+    adapters: Annotated[str | None, typer.Option(help="For lora-mix.")] = None,
+    direct: Annotated[str | None, typer.Option(help="For overhead: the upstream URL.")] = None,
+    requests: int = 16,
+    out: Out = Path("bench-results"),
+    gate: bool = False,
+) -> None:
+    """A named scenario against the embedded engine, a local vLLM or any URL."""
+    if name == "overhead":
+        if direct is None:
+            raise typer.BadParameter("the overhead suite needs --direct (the upstream URL)")
+        overhead_cmd(
+            direct=direct,
+            gateway=url,
+            model=model,
+            api_key=api_key,
+            concurrency="1,8",
+            requests=requests,
+            rounds=3,
+            output_len=64,
+            input_len=32,
+            max_rate_requests=2000,
+            max_rate_connections=16,
+            out=out / name,
+        )
+        return
+    if name not in SUITES:
+        raise typer.BadParameter(f"unknown suite {name!r}: {', '.join([*SUITES, 'overhead'])}")
+    if name == "lora-mix" and not adapters:
+        raise typer.BadParameter("lora-mix needs --adapters a,b,...")
+    s = SUITES[name]
+    run_cmd(
+        url=url,
+        model=model,
+        api_key=api_key,
+        endpoint="chat",
+        stream=True,
+        concurrency=s["concurrency"],
+        rate=None,
+        burstiness=1.0,
+        requests=requests,
+        warmup=2,
+        max_seconds=900.0,
+        dataset=s["dataset"],
+        input_len=s["input_len"],
+        output_len=s["output_len"],
+        ignore_eos=True,
+        adapters=adapters,
+        slo_ttft_ms=200.0,
+        slo_tpot_ms=10.0,
+        out=out / name,
+        gate=gate,
+    )

@@ -1,0 +1,303 @@
+"""An async load generator for OpenAI-compatible servers (the gateway, vLLM, anything).
+
+Closed loop (``concurrency`` requests in flight) or open loop (``rate`` requests/s with Poisson
+arrivals, or gamma arrivals with a ``burstiness`` factor: < 1 burstier, > 1 steadier, as in
+``vllm bench serve``). Warm-up requests run first and are not recorded. Every run is bounded by a
+request count and a time limit. Streaming requests always ask for ``include_usage`` so output
+tokens come from the server's own count.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import random
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from benchmarks.metrics import RequestRecord
+
+
+@dataclass(frozen=True)
+class Prompt:
+    text: str
+    max_tokens: int
+    prompt_tokens: int = 0  # an estimate; the server's usage replaces it
+
+
+@dataclass
+class LoadSpec:
+    base_url: str  # ".../v1"
+    model: str
+    api_key: str | None = None
+    endpoint: str = "chat"  # "chat" or "completions"
+    stream: bool = True
+    concurrency: int | None = 1
+    rate: float | None = None  # requests/s; when set, open loop
+    burstiness: float = 1.0
+    num_requests: int = 32
+    warmup: int = 2
+    max_seconds: float = 600.0
+    adapters: list[str] = field(default_factory=list)  # models assigned round-robin
+    ignore_eos: bool = True
+    temperature: float = 0.0
+    headers: dict[str, str] = field(default_factory=dict)
+
+    def models(self) -> Iterable[str]:
+        return itertools.cycle(self.adapters or [self.model])
+
+
+# -- datasets ---------------------------------------------------------------------------------
+
+_WORDS = (
+    "time",
+    "people",
+    "year",
+    "way",
+    "day",
+    "man",
+    "thing",
+    "woman",
+    "life",
+    "child",
+    "world",
+    "school",
+    "state",
+    "family",
+    "student",
+    "group",
+    "country",
+    "problem",
+    "hand",
+    "part",
+    "place",
+    "case",
+    "week",
+    "company",
+    "system",
+    "program",
+    "question",
+    "work",
+    "government",
+    "number",
+    "night",
+    "point",
+    "home",
+    "water",
+    "room",
+    "mother",
+    "area",
+    "money",
+)
+
+
+def random_prompts(
+    n: int, input_len: int, output_len: int, seed: int = 0, tokenizer: Any | None = None
+) -> list[Prompt]:
+    """``n`` prompts of about ``input_len`` tokens (exact with a tokenizer) asking for
+    ``output_len`` tokens each."""
+    rng = random.Random(seed)
+    prompts = []
+    for _ in range(n):
+        words = [rng.choice(_WORDS) for _ in range(input_len)]
+        text = " ".join(words)
+        if tokenizer is not None:
+            ids = tokenizer.encode(text, add_special_tokens=False)[:input_len]
+            text = tokenizer.decode(ids)
+        prompts.append(Prompt(text, output_len, input_len))
+    return prompts
+
+
+def jsonl_prompts(path: Path, output_len: int) -> list[Prompt]:
+    """One prompt per line: ``{"prompt": ...}`` or ``{"messages": [...]}``-style ``{"text": ...}``;
+    an optional ``max_tokens`` per line overrides ``output_len``."""
+    prompts = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            text = row.get("prompt") or row.get("text") or row["messages"][-1]["content"]
+        except (ValueError, KeyError, IndexError, TypeError) as exc:
+            raise ValueError(f"{path}:{number}: expected a JSON object with 'prompt'") from exc
+        prompts.append(Prompt(str(text), int(row.get("max_tokens", output_len))))
+    if not prompts:
+        raise ValueError(f"{path} holds no prompts")
+    return prompts
+
+
+def scifact_questions(data_dir: Path, n: int, output_len: int) -> list[Prompt]:
+    """SciFact claims (BEIR ``queries.jsonl``) as questions, for RAG load."""
+    prompts = []
+    with (data_dir / "queries.jsonl").open() as f:
+        for line in f:
+            claim = json.loads(line)["text"]
+            prompts.append(
+                Prompt(f"Is this claim supported by the literature? {claim}", output_len)
+            )
+            if len(prompts) == n:
+                break
+    return prompts
+
+
+# -- one request ------------------------------------------------------------------------------
+
+
+def _body(spec: LoadSpec, prompt: Prompt, model: str) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "model": model,
+        "max_tokens": prompt.max_tokens,
+        "temperature": spec.temperature,
+        "stream": spec.stream,
+    }
+    if spec.endpoint == "chat":
+        body["messages"] = [{"role": "user", "content": prompt.text}]
+    else:
+        body["prompt"] = prompt.text
+    if spec.stream:
+        body["stream_options"] = {"include_usage": True}
+    if spec.ignore_eos:
+        body["ignore_eos"] = True
+    return body
+
+
+async def send(
+    session: aiohttp.ClientSession, spec: LoadSpec, prompt: Prompt, model: str, label: str = ""
+) -> RequestRecord:
+    url = spec.base_url.rstrip("/") + (
+        "/chat/completions" if spec.endpoint == "chat" else "/completions"
+    )
+    headers = {"Content-Type": "application/json", **spec.headers}
+    if spec.api_key:
+        headers["Authorization"] = f"Bearer {spec.api_key}"
+    record = RequestRecord(
+        start=time.perf_counter(), prompt_tokens=prompt.prompt_tokens, label=label
+    )
+    try:
+        async with session.post(
+            url, data=json.dumps(_body(spec, prompt, model)), headers=headers
+        ) as response:
+            if response.status != 200:
+                record.error = f"HTTP {response.status}"
+                await response.read()
+                return record
+            if spec.stream:
+                await _read_stream(response, record)
+            else:
+                payload = await response.json()
+                record.ttft = time.perf_counter() - record.start
+                usage = payload.get("usage") or {}
+                record.output_tokens = int(usage.get("completion_tokens", 0))
+                record.prompt_tokens = int(usage.get("prompt_tokens", record.prompt_tokens))
+    except (TimeoutError, aiohttp.ClientError) as exc:
+        record.error = type(exc).__name__
+    record.e2e = time.perf_counter() - record.start
+    return record
+
+
+async def _read_stream(response: aiohttp.ClientResponse, record: RequestRecord) -> None:
+    last = 0.0
+    async for raw in response.content:
+        line = raw.strip()
+        if not line.startswith(b"data: ") or line == b"data: [DONE]":
+            continue
+        payload = json.loads(line[6:])
+        if "error" in payload:
+            record.error = "stream error"
+            return
+        if payload.get("usage"):
+            record.output_tokens = int(payload["usage"].get("completion_tokens", 0))
+            record.prompt_tokens = int(payload["usage"].get("prompt_tokens", 0))
+        for choice in payload.get("choices") or []:
+            text = (choice.get("delta") or {}).get("content") or choice.get("text")
+            if not text:
+                continue
+            now = time.perf_counter()
+            if not record.ttft:
+                record.ttft = now - record.start
+            else:
+                record.itl.append(now - last)
+            record.chunk_times.append(now)
+            last = now
+
+
+# -- a run ------------------------------------------------------------------------------------
+
+
+async def run(
+    spec: LoadSpec,
+    prompts: list[Prompt],
+    label: str = "",
+    show_progress: bool = True,
+    seed: int = 0,
+) -> tuple[list[RequestRecord], float]:
+    """Send ``spec.num_requests`` requests (after ``spec.warmup``); returns records, duration."""
+    if not prompts:
+        raise ValueError("no prompts to send")
+    limit = spec.concurrency if spec.rate is None else 0
+    connector = aiohttp.TCPConnector(limit=limit or 0, force_close=False)
+    timeout = aiohttp.ClientTimeout(total=spec.max_seconds)
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+        models = iter(spec.models())
+        pool = itertools.cycle(prompts)
+        if spec.warmup:
+            await asyncio.gather(
+                *(send(session, spec, next(pool), next(models)) for _ in range(spec.warmup))
+            )
+        records: list[RequestRecord] = []
+        progress = Progress(
+            TextColumn(f"[bold]{label or spec.model}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            disable=not show_progress,
+            transient=True,
+        )
+        deadline = time.perf_counter() + spec.max_seconds
+        with progress:
+            task = progress.add_task("requests", total=spec.num_requests)
+
+            async def one() -> None:
+                record = await send(session, spec, next(pool), next(models), label)
+                records.append(record)
+                progress.advance(task)
+
+            start = time.perf_counter()
+            if spec.rate is None:
+                await _closed_loop(one, spec, deadline)
+            else:
+                await _open_loop(one, spec, deadline, random.Random(seed))
+            duration = time.perf_counter() - start
+    return records, duration
+
+
+async def _closed_loop(one: Any, spec: LoadSpec, deadline: float) -> None:
+    remaining = spec.num_requests
+
+    async def worker() -> None:
+        nonlocal remaining
+        while remaining > 0 and time.perf_counter() < deadline:
+            remaining -= 1
+            await one()
+
+    await asyncio.gather(*(worker() for _ in range(spec.concurrency or 1)))
+
+
+async def _open_loop(one: Any, spec: LoadSpec, deadline: float, rng: random.Random) -> None:
+    assert spec.rate is not None
+    shape = spec.burstiness
+    scale = 1.0 / (spec.rate * shape)  # gamma(shape, scale) has mean 1/rate
+    tasks = []
+    for _ in range(spec.num_requests):
+        if time.perf_counter() >= deadline:
+            break
+        tasks.append(asyncio.create_task(one()))
+        await asyncio.sleep(rng.gammavariate(shape, scale))
+    await asyncio.gather(*tasks)
