@@ -97,7 +97,8 @@ def sample_batch(logits: torch.Tensor, samplers: list[Sampler]) -> list[TokenCho
         ids = logits.argmax(dim=-1).tolist()
     else:
         ids = [
-            int(logits[i].argmax()) if s.greedy_plain else s.choose(logits[i].clone())
+            # sampling runs on the CPU: per-request generators live there, and one row is small
+            int(logits[i].argmax()) if s.greedy_plain else s.choose(logits[i].to('cpu', copy=True))
             for i, s in enumerate(samplers)
         ]
     choices = []
