@@ -12,7 +12,7 @@ VLLM_STAMP := $(VLLM_VENV)/.ragline-installed
 VLLM_PORT  ?= 8100
 MODEL_DIR   = $(shell $(BIN)/ragline models path)
 
-.PHONY: setup install models serve test lint format bench clean vllm vllm-install
+.PHONY: setup install models serve test lint format bench bench-crosscheck clean vllm vllm-install
 
 setup: install models
 
@@ -60,6 +60,16 @@ format: install
 
 bench: setup
 	$(BIN)/python -m benchmarks.engine
+
+# ragline bench and vLLM's own benchmark against the same running vLLM (make vllm), same load.
+bench-crosscheck: setup vllm-install
+	$(BIN)/ragline bench run --url http://127.0.0.1:$(VLLM_PORT)/v1 --concurrency 4 \
+	  --requests 16 --input-len 64 --output-len 64 --out bench-results/crosscheck-ragline
+	HF_HUB_OFFLINE=1 $(VLLM_VENV)/bin/python -m benchmarks.vllm_bench --backend openai-chat \
+	  --base-url http://127.0.0.1:$(VLLM_PORT) --endpoint /v1/chat/completions --model smollm2 \
+	  --tokenizer $(MODEL_DIR) --dataset-name random --random-input-len 64 \
+	  --random-output-len 64 --num-prompts 16 --max-concurrency 4 --ignore-eos --save-result \
+	  --result-dir bench-results --result-filename crosscheck-vllm.json
 
 clean:
 	rm -rf $(VENV) $(VLLM_VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info

@@ -27,7 +27,7 @@ from benchmarks.report import verdict, write_html, write_json
 app = typer.Typer(
     help="Benchmark any OpenAI-compatible server (TTFT, TPOT, ITL, goodput).", no_args_is_help=True
 )
-console = Console()
+console = Console(width=140)  # tables stay readable when piped to a file or CI log
 
 SHARED_SCIFACT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "scifact"
 
