@@ -12,12 +12,25 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from gateway.admission import Admission
+from gateway.auth import AuthMiddleware, KeyStore
 from gateway.backends.registry import BackendRegistry
+from gateway.cache import MemoryResponseCache, RedisResponseCache, ResponseCache
 from gateway.config import FileConfig, Settings, load_file_config
 from gateway.errors import InvalidRequest, RaglineError, error_body
-from gateway.http import BodyLimitMiddleware, ClientDisconnected, RequestIdMiddleware, param_path
+from gateway.http import (
+    BodyLimitMiddleware,
+    ClientDisconnected,
+    InFlightMiddleware,
+    RequestIdMiddleware,
+    param_path,
+)
+from gateway.logs import AccessLogMiddleware
+from gateway.metrics import Metrics
 from gateway.pipeline import Pipeline
+from gateway.ratelimit import MemoryRateLimiter, RateLimiter, RedisRateLimiter
 from gateway.routes import admin, chat, completions, health, models
+from gateway.routes import metrics as metrics_route
 
 log = logging.getLogger("ragline")
 
@@ -31,9 +44,35 @@ def create_app(settings: Settings | None = None, config: FileConfig | None = Non
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         redis = _redis_client(settings)
         registry = BackendRegistry.from_config(settings, config, redis)
+        metrics = Metrics()
         app.state.settings = settings
         app.state.registry = registry
-        app.state.pipeline = Pipeline(settings, registry)
+        app.state.metrics = metrics
+        app.state.in_flight = 0
+        app.state.keys = KeyStore(config.keys, settings.admin_key, redis)
+        limiter: RateLimiter
+        cache: ResponseCache
+        if redis is None:
+            limiter = MemoryRateLimiter()
+            cache = MemoryResponseCache(
+                settings.cache_ttl, settings.cache_max_entry_bytes, settings.cache_max_entries
+            )
+        else:
+            limiter = RedisRateLimiter(redis, fail_open=settings.redis_failure == "open")
+            cache = RedisResponseCache(redis, settings.cache_ttl, settings.cache_max_entry_bytes)
+        admission = Admission(settings, limiter, cache, metrics)
+        app.state.pipeline = Pipeline(settings, registry, admission)
+        if app.state.keys.open:
+            log.warning(
+                "no API keys are configured: requests need no key; this is allowed on "
+                "a loopback address only (set keys or RAGLINE_ADMIN_KEY to require them)"
+            )
+        log.info(
+            "state: %s",
+            "Redis (shared by all gateway processes)"
+            if redis is not None
+            else "in-process (single process only: limits, cache and run-time keys)",
+        )
         registry.start_in_background()
         try:
             yield
@@ -48,10 +87,22 @@ def create_app(settings: Settings | None = None, config: FileConfig | None = Non
         version="0.1.0",
         lifespan=lifespan,
     )
-    for router in (chat.router, completions.router, models.router, health.router, admin.router):
+    routers = (
+        chat.router,
+        completions.router,
+        models.router,
+        health.router,
+        admin.router,
+        metrics_route.router,
+    )
+    for router in routers:
         app.include_router(router)
     _install_error_handlers(app)
+    # Outermost last: request id → access log → in-flight count → auth → body limit → routes.
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_request_bytes)
+    app.add_middleware(AuthMiddleware)
+    app.add_middleware(InFlightMiddleware)
+    app.add_middleware(AccessLogMiddleware)
     app.add_middleware(RequestIdMiddleware)
     return app
 
@@ -61,7 +112,8 @@ def _redis_client(settings: Settings) -> Any:
         return None
     import redis.asyncio as aioredis
 
-    return aioredis.from_url(settings.redis_url)
+    # Short timeouts: when Redis goes away, requests fail (or pass) fast instead of hanging.
+    return aioredis.from_url(settings.redis_url, socket_timeout=1.0, socket_connect_timeout=1.0)
 
 
 def _json_error(

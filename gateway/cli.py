@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import os
 from pathlib import Path
 from typing import Annotated
@@ -13,6 +12,7 @@ from rich.console import Console
 from benchmarks.cli import app as bench_app
 from gateway.config import ConfigError, Settings, load_file_config
 from gateway.errors import ModelAssetError
+from gateway.logs import configure as configure_logging
 
 app = typer.Typer(
     help="ragline: an OpenAI-compatible LLM serving and RAG gateway.",
@@ -22,6 +22,8 @@ app = typer.Typer(
 models_app = typer.Typer(help="Prepare model files.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
 app.add_typer(bench_app, name="bench")
+keys_app = typer.Typer(help="API key helpers.", no_args_is_help=True)
+app.add_typer(keys_app, name="keys")
 
 console = Console(stderr=True)
 
@@ -90,9 +92,7 @@ def serve(
         max_request_bytes=max_request_bytes,
         log_level=log_level,
     )
-    logging.basicConfig(
-        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    configure_logging(settings.log_level, settings.log_format)
     try:
         file_config = load_file_config(settings)
     except ConfigError as exc:
@@ -114,13 +114,44 @@ def serve(
         f"ragline serving on http://{settings.host}:{settings.port}/v1 "
         f"(models: {', '.join(m.name for m in file_config.models)})"
     )
+    open_gateway = not file_config.keys and not settings.admin_key
+    if open_gateway and settings.host not in ("127.0.0.1", "::1", "localhost"):
+        console.print(
+            f"[red]error:[/] no API keys are configured, so the gateway would accept anyone on "
+            f"{settings.host}. Declare keys in the config file or set RAGLINE_ADMIN_KEY, or "
+            "listen on 127.0.0.1."
+        )
+        raise typer.Exit(2)
+    if open_gateway:
+        console.print("[yellow]No API keys configured: requests need no key (loopback only).[/]")
+    # SIGTERM: uvicorn stops accepting, lets in-flight requests (streams too) finish within the
+    # grace period, then the lifespan closes backends and upstream connections.
     uvicorn.run(
         create_app(settings, file_config),
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level.lower(),
         access_log=False,
+        log_config=None,
+        timeout_graceful_shutdown=int(settings.shutdown_grace) or None,
     )
+
+
+@keys_app.command("hash")
+def keys_hash(key: Annotated[str, typer.Argument(help="The API key to hash.")]) -> None:
+    """Print the SHA-256 of a key, for the `sha256` field of a config key."""
+    from gateway.auth import hash_key
+
+    typer.echo(hash_key(key))
+
+
+@keys_app.command("new")
+def keys_new() -> None:
+    """Make a random key and print it with its SHA-256 (put only the hash in the config)."""
+    from gateway.auth import hash_key, new_key
+
+    key = new_key()
+    typer.echo(f"key:    {key}\nsha256: {hash_key(key)}")
 
 
 @models_app.command("pull")

@@ -119,6 +119,34 @@ class AdapterConfig(BaseModel):
     base: str = Field(description="Name of the base model (a `models` entry).")
 
 
+class KeyPolicy(BaseModel):
+    """What one API key may do."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    models: list[str] = Field(
+        default_factory=lambda: ["*"],
+        description="Models, routes and adapters this key may call (glob patterns).",
+    )
+    rpm: int | None = Field(default=None, ge=1, description="Requests per minute.")
+    tpm: int | None = Field(default=None, ge=1, description="Prompt + completion tokens/minute.")
+    max_tokens: int | None = Field(default=None, ge=1, description="Largest max_tokens allowed.")
+    safety_policy: str = "default"
+    cache: bool = True
+
+
+class KeyConfig(BaseModel):
+    """An API key declared in the config file, by the SHA-256 of the key (never the key)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$", description="Shown in logs and metrics.")
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$", description="`ragline keys hash KEY` prints it.")
+    name: str = ""
+    admin: bool = False
+    policy: KeyPolicy = Field(default_factory=KeyPolicy)
+
+
 class FileConfig(BaseModel):
     """The YAML file's schema."""
 
@@ -126,6 +154,16 @@ class FileConfig(BaseModel):
 
     models: list[ModelConfig] = Field(default_factory=list)
     adapters: list[AdapterConfig] = Field(default_factory=list)
+    keys: list[KeyConfig] = Field(default_factory=list)
+
+    @field_validator("keys")
+    @classmethod
+    def _unique_keys(cls, keys: list[KeyConfig]) -> list[KeyConfig]:
+        for attr in ("id", "sha256"):
+            values = [getattr(k, attr) for k in keys]
+            if len(set(values)) != len(values):
+                raise ValueError(f"API keys must have unique {attr} values")
+        return keys
 
     @field_validator("models")
     @classmethod
@@ -184,6 +222,20 @@ class Settings(BaseSettings):
     vllm: str | None = Field(
         default=None, description="Comma-separated vLLM URLs: serve `smollm2` from them."
     )
+    redis_failure: Literal["closed", "open"] = Field(
+        default="closed",
+        description="When Redis is unreachable: `closed` refuses requests (503), `open` serves "
+        "them without limits, cache or run-time keys.",
+    )
+    cache_ttl: int = Field(default=3600, ge=1, description="Response cache entry lifetime (s).")
+    cache_max_entry_bytes: int = Field(default=1 << 20, ge=1, description="Larger: not cached.")
+    cache_max_entries: int = Field(default=10_000, ge=1, description="In-process cache size.")
+    default_reserve_tokens: int = Field(
+        default=256, ge=1, description="Completion tokens reserved when max_tokens is absent."
+    )
+    log_format: Literal["json", "text"] = "json"
+    log_prompts: bool = Field(default=False, description="Debug: log prompts and completions.")
+    shutdown_grace: float = Field(default=30.0, ge=0, description="Seconds for in-flight work.")
     log_level: str = "info"
 
     @field_validator("models_dir")

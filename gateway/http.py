@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import uuid
 from collections.abc import Awaitable
@@ -12,7 +13,7 @@ from pydantic import BaseModel, ValidationError
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from gateway.errors import InvalidRequest, PayloadTooLarge
+from gateway.errors import InvalidRequest, PayloadTooLarge, RaglineError
 
 M = TypeVar("M", bound=BaseModel)
 T = TypeVar("T")
@@ -59,22 +60,36 @@ def _too_large_message(limit: int) -> str:
 
 
 async def _send_too_large(send: Send, limit: int) -> None:
-    body = PayloadTooLarge(_too_large_message(limit)).body()
-    import json
+    await send_error(send, PayloadTooLarge(_too_large_message(limit)), close=True)
 
-    data = json.dumps(body).encode()
-    await send(
-        {
-            "type": "http.response.start",
-            "status": 413,
-            "headers": [
-                (b"content-type", b"application/json"),
-                (b"content-length", str(len(data)).encode()),
-                (b"connection", b"close"),
-            ],
-        }
-    )
+
+async def send_error(send: Send, exc: RaglineError, close: bool = False) -> None:
+    """Render an error from ASGI middleware (before any route runs), in OpenAI's shape."""
+    data = json.dumps(exc.body()).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]
+    headers += [(k.lower().encode(), v.encode()) for k, v in exc.headers.items()]
+    if close:
+        headers.append((b"connection", b"close"))
+    await send({"type": "http.response.start", "status": exc.status_code, "headers": headers})
     await send({"type": "http.response.body", "body": data})
+
+
+class InFlightMiddleware:
+    """Count requests being served (``app.state.in_flight``), for the in-flight gauge."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        state = scope["app"].state
+        state.in_flight += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            state.in_flight -= 1
 
 
 class RequestIdMiddleware:

@@ -14,10 +14,13 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 
+from pydantic import BaseModel
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
+from gateway.admission import Admission, Ticket, usage_from
 from gateway.backends.base import (
     Generation,
     GenerationParams,
@@ -26,6 +29,7 @@ from gateway.backends.base import (
     ProxyCall,
 )
 from gateway.backends.registry import BackendRegistry, Target
+from gateway.cache import CachedResponse
 from gateway.config import Settings
 from gateway.errors import InvalidRequest, UnsupportedParameter
 from gateway.http import until_disconnect
@@ -77,50 +81,47 @@ def _params(
 
 
 class Pipeline:
-    def __init__(self, settings: Settings, registry: BackendRegistry) -> None:
+    def __init__(self, settings: Settings, registry: BackendRegistry, admission: Admission) -> None:
         self.settings = settings
         self.registry = registry
+        self.admission = admission
 
     # -- entry points (one per route) ----------------------------------------------------------
 
     async def chat(self, request: Request, body: ChatCompletionRequest) -> Response:
-        target = self._admit(body.model, body.n)
-        if isinstance(target.backend, ProxyBackend):
-            return await self._proxy(request, target, "/v1/chat/completions", body)
-        self._check_supported_chat(body)
-        prepared = self.prepare_chat(body)
-        if body.stream:
-            events = target.backend.stream(prepared.generation)
-            first = await until_disconnect(request, anext(events))
-            return _sse(chat_sse(prepared, first, events))
-        generation = await until_disconnect(request, target.backend.generate(prepared.generation))
-        return Response(
-            chat_response(prepared, generation).model_dump_json(exclude={"ragline"}),
-            media_type=JSON,
-        )
+        return await self._handle(request, "/v1/chat/completions", body)
 
     async def completion(self, request: Request, body: CompletionRequest) -> Response:
-        target = self._admit(body.model, body.n)
-        if isinstance(target.backend, ProxyBackend):
-            return await self._proxy(request, target, "/v1/completions", body)
-        prepared = self.prepare_completion(body)
-        echo = bool(body.echo)
-        if body.stream:
-            events = target.backend.stream(prepared[0].generation)
-            first = await until_disconnect(request, anext(events))
-            return _sse(completion_sse(prepared[0], first, events, echo))
-        backend = target.backend
-        generations: list[Generation] = await until_disconnect(
-            request, asyncio.gather(*(backend.generate(p.generation) for p in prepared))
-        )
-        return Response(
-            completion_response(prepared, generations, echo).model_dump_json(exclude={"ragline"}),
-            media_type=JSON,
-        )
+        return await self._handle(request, "/v1/completions", body)
+
+    async def _handle(
+        self, request: Request, route: str, body: ChatCompletionRequest | CompletionRequest
+    ) -> Response:
+        target = self._resolve(body.model, body.n)
+        if isinstance(body, ChatCompletionRequest) and not isinstance(target.backend, ProxyBackend):
+            self._check_supported_chat(body)
+        wire = body.model_dump(exclude_unset=True, exclude={"ragline"})
+        adapter = target.adapter.name if target.adapter else None
+        ticket, hit = await self.admission.open(request, route, wire, target.base, adapter)
+        if wire.get("max_tokens") is not None and body.max_tokens is None:
+            body.max_tokens = wire["max_tokens"]  # the key's max_tokens became the default
+        request.state.log_fields = ticket.log_fields()
+        if hit is not None:
+            await ticket.finish((hit.prompt_tokens, hit.completion_tokens))
+            if hit.kind == "sse":
+                return _sse(_once(hit.body), ticket.headers)
+            return Response(hit.body, media_type=JSON, headers=ticket.headers)
+        try:
+            if isinstance(target.backend, ProxyBackend):
+                return await self._proxy(request, target, route, wire, body, ticket)
+            return await self._generate(request, target, body, ticket)
+        except BaseException as exc:
+            await ticket.fail(exc)
+            raise
 
     # -- stages --------------------------------------------------------------------------------
 
-    def _admit(self, model: str, n: int | None) -> Target:
+    def _resolve(self, model: str, n: int | None) -> Target:
         target = self.registry.resolve(model)
         if (n or 1) > self.settings.max_n:
             raise InvalidRequest(
@@ -128,17 +129,60 @@ class Pipeline:
             )
         return target
 
+    async def _generate(
+        self,
+        request: Request,
+        target: Target,
+        body: ChatCompletionRequest | CompletionRequest,
+        ticket: Ticket,
+    ) -> Response:
+        """The embedded engine (any ``GenerationRequest`` backend)."""
+        backend = target.backend
+        chat = isinstance(body, ChatCompletionRequest)
+        prepared = (
+            [self.prepare_chat(body)]
+            if isinstance(body, ChatCompletionRequest)
+            else (self.prepare_completion(body))
+        )
+        if body.stream:
+            events = ticket.observe(backend.stream(prepared[0].generation))
+            first = await until_disconnect(request, anext(events))
+            sse = (
+                chat_sse(prepared[0], first, events)
+                if chat
+                else completion_sse(prepared[0], first, events, bool(getattr(body, "echo", False)))
+            )
+            return _sse(ticket.tap_stream(sse, request), ticket.headers)
+        generations: list[Generation] = await until_disconnect(
+            request, asyncio.gather(*(backend.generate(p.generation) for p in prepared))
+        )
+        wire_response: BaseModel = (
+            chat_response(prepared[0], generations[0])
+            if isinstance(body, ChatCompletionRequest)
+            else completion_response(prepared, generations, bool(body.echo))
+        )
+        payload = wire_response.model_dump_json(exclude={"ragline"}).encode()
+        usage = (
+            sum(g.usage.prompt_tokens for g in generations),
+            sum(g.usage.completion_tokens for g in generations),
+        )
+        await ticket.finish(usage, store=CachedResponse("json", payload, *usage))
+        request.state.log_fields = ticket.log_fields()
+        return Response(payload, media_type=JSON, headers=ticket.headers)
+
     async def _proxy(
         self,
         request: Request,
         target: Target,
         endpoint: str,
+        wire: dict[str, Any],
         body: ChatCompletionRequest | CompletionRequest,
+        ticket: Ticket,
     ) -> Response:
         assert isinstance(target.backend, ProxyBackend)
         call = ProxyCall(
             endpoint=endpoint,
-            body=body.model_dump(exclude_unset=True, exclude={"ragline"}),
+            body=wire,
             stream=bool(body.stream),
             include_usage=bool(body.stream_options and body.stream_options.include_usage),
             public_model=body.model,
@@ -147,8 +191,17 @@ class Pipeline:
         )
         result = await until_disconnect(request, target.backend.proxy(call))
         if result.events is not None:
-            return _sse(result.events)
-        return Response(result.body, status_code=result.status, media_type=JSON)
+            return _sse(
+                ticket.tap_stream(result.events, request, lambda: call.usage), ticket.headers
+            )
+        usage = usage_from(result.body) if result.status == 200 else (0, 0)
+        store = (
+            CachedResponse("json", result.body, *usage) if usage and result.status == 200 else None
+        )
+        await ticket.finish(usage, store=store, status=result.status)
+        request.state.log_fields = ticket.log_fields()
+        headers = ticket.headers if result.status == 200 else None
+        return Response(result.body, status_code=result.status, media_type=JSON, headers=headers)
 
     @staticmethod
     def _check_supported_chat(req: ChatCompletionRequest) -> None:
@@ -228,5 +281,11 @@ class Pipeline:
         return out
 
 
-def _sse(events: AsyncIterator[bytes]) -> StreamingResponse:
-    return StreamingResponse(guarded(events), media_type="text/event-stream", headers=SSE_HEADERS)
+def _sse(events: AsyncIterator[bytes], headers: dict[str, str] | None = None) -> StreamingResponse:
+    return StreamingResponse(
+        guarded(events), media_type="text/event-stream", headers={**SSE_HEADERS, **(headers or {})}
+    )
+
+
+async def _once(payload: bytes) -> AsyncIterator[bytes]:
+    yield payload

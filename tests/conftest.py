@@ -58,13 +58,16 @@ def start_gateway(
     env: dict[str, str] | None = None,
     timeout: float = 120,
     adapters: list[dict[str, object]] | None = None,
+    keys: list[dict[str, object]] | None = None,
 ) -> Gateway:
     """Run ``ragline serve`` in a subprocess on a free port and wait until ``/ready``."""
     port = free_port()
     cmd = [sys.executable, "-m", "gateway.cli", "serve", "--port", str(port)]
     if models is not None:
         config = tmp / f"config-{port}.yaml"
-        config.write_text(yaml.safe_dump({"models": models, "adapters": adapters or []}))
+        config.write_text(
+            yaml.safe_dump({"models": models, "adapters": adapters or [], "keys": keys or []})
+        )
         cmd += ["--config", str(config)]
     log = tmp / f"gateway-{port}.log"
     proc = subprocess.Popen(

@@ -135,6 +135,7 @@ class ProxyCall:
     public_model: str  # the name the client used
     adapter: AdapterConfig | None = None
     request_id: str | None = None
+    usage: tuple[int, int] | None = None  # filled by the backend when the stream reports it
 
 
 @dataclass

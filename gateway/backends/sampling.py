@@ -98,7 +98,7 @@ def sample_batch(logits: torch.Tensor, samplers: list[Sampler]) -> list[TokenCho
     else:
         ids = [
             # sampling runs on the CPU: per-request generators live there, and one row is small
-            int(logits[i].argmax()) if s.greedy_plain else s.choose(logits[i].to('cpu', copy=True))
+            int(logits[i].argmax()) if s.greedy_plain else s.choose(logits[i].to("cpu", copy=True))
             for i, s in enumerate(samplers)
         ]
     choices = []

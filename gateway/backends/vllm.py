@@ -292,6 +292,7 @@ class VllmBackend:
                     yield event
                     return
                 if b'"choices":[]' in event and b'"usage":{' in event:
+                    call.usage = _usage_of(event)
                     if call.include_usage:
                         yield _rename(event, rename) if rename[0] != rename[1] else event
                 elif rename[0] != rename[1]:
@@ -397,6 +398,14 @@ async def _next_event(response: aiohttp.ClientResponse) -> bytes | None:
         if event.startswith(b"data:"):
             return event
         # blank keep-alives, comments and other SSE fields are not part of OpenAI's stream
+
+
+def _usage_of(event: bytes) -> tuple[int, int] | None:
+    try:
+        usage = json.loads(event[len(b"data: ") :])["usage"]
+        return int(usage["prompt_tokens"]), int(usage["completion_tokens"])
+    except (ValueError, KeyError, TypeError):
+        return None
 
 
 def _rename(payload: bytes, rename: tuple[bytes, bytes]) -> bytes:

@@ -1,36 +1,60 @@
-"""``/admin/*``: operator actions. Guarded by ``RAGLINE_ADMIN_KEY`` (Bearer); without one, only
-loopback clients may call them."""
+"""``/admin/*``: operator actions. The auth middleware lets only admin keys in (or loopback
+clients when the gateway runs without keys). Every action is written to the audit log."""
 
 from __future__ import annotations
 
 import asyncio
-import hmac
-from typing import Annotated
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Request
+from pydantic import BaseModel, ConfigDict, Field
 
+from gateway.auth import KeyStore, principal_of
 from gateway.backends.vllm import VllmBackend
-from gateway.config import Settings
-from gateway.errors import AuthenticationFailed, InvalidRequest, PermissionDenied
+from gateway.config import KeyPolicy
+from gateway.errors import InvalidRequest, NotFound
+from gateway.http import parse_body
+from gateway.logs import audit_event
 from gateway.routes.deps import RegistryDep
 
-_LOOPBACK = {"127.0.0.1", "::1", "localhost"}
+router = APIRouter(prefix="/admin")
 
 
-def require_admin(request: Request) -> None:
-    settings: Settings = request.app.state.settings
-    if settings.admin_key is None:
-        host = request.client.host if request.client else ""
-        if host not in _LOOPBACK:
-            raise PermissionDenied("Admin routes need RAGLINE_ADMIN_KEY when called remotely.")
-        return
-    given = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
-    if not hmac.compare_digest(given.encode(), settings.admin_key.encode()):
-        raise AuthenticationFailed("A valid admin key is required for /admin routes.")
+class NewKey(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(default="", max_length=200)
+    admin: bool = False
+    policy: KeyPolicy = Field(default_factory=KeyPolicy)
 
 
-router = APIRouter(prefix="/admin", dependencies=[Depends(require_admin)])
-AdapterName = Annotated[str, "adapter name"]
+def _keys(request: Request) -> KeyStore:
+    store: KeyStore = request.app.state.keys
+    return store
+
+
+@router.post("/keys", status_code=201)
+async def create_key(request: Request) -> dict[str, object]:
+    """Create a run-time key; the plain key is in this response and nowhere else."""
+    spec = await parse_body(request, NewKey)
+    key, record = await _keys(request).create(spec.name, spec.policy, spec.admin)
+    audit_event(
+        "key.created", by=principal_of(request.state).key_id, key_id=record["id"], admin=spec.admin
+    )
+    record = {k: v for k, v in record.items() if k != "sha256"}
+    return {**record, "key": key}
+
+
+@router.get("/keys")
+async def list_keys(request: Request) -> dict[str, object]:
+    return {"object": "list", "data": await _keys(request).list()}
+
+
+@router.delete("/keys/{key_id}")
+async def revoke_key(key_id: str, request: Request) -> dict[str, object]:
+    if not await _keys(request).revoke(key_id):
+        raise NotFound(f"No run-time key with id '{key_id}'.", param="key_id")
+    audit_event("key.revoked", by=principal_of(request.state).key_id, key_id=key_id)
+    return {"id": key_id, "deleted": True}
 
 
 @router.get("/adapters")
@@ -47,22 +71,24 @@ async def list_adapters(registry: RegistryDep) -> dict[str, object]:
 
 
 @router.post("/adapters/{name}/load")
-async def load_adapter(name: AdapterName, registry: RegistryDep) -> dict[str, object]:
+async def load_adapter(name: str, request: Request, registry: RegistryDep) -> dict[str, object]:
     """Load the adapter on every healthy replica of its base model."""
     backend, adapter = registry.adapter(name)
     if not isinstance(backend, VllmBackend):
         raise InvalidRequest(f"Adapter '{name}' is not served by a vLLM pool.", param="adapter")
     replicas = backend.pool.available()
     await asyncio.gather(*(backend.load_adapter(adapter, r) for r in replicas))
+    audit_event("adapter.loaded", by=principal_of(request.state).key_id, adapter=name)
     return {"name": name, "loaded_on": sorted(r.url for r in replicas)}
 
 
 @router.post("/adapters/{name}/unload")
-async def unload_adapter(name: AdapterName, registry: RegistryDep) -> dict[str, object]:
+async def unload_adapter(name: str, request: Request, registry: RegistryDep) -> dict[str, object]:
     """Unload the adapter from every replica that answers."""
     backend, adapter = registry.adapter(name)
     if not isinstance(backend, VllmBackend):
         raise InvalidRequest(f"Adapter '{name}' is not served by a vLLM pool.", param="adapter")
     replicas = backend.pool.available()
     await asyncio.gather(*(backend.unload_adapter(adapter, r) for r in replicas))
+    audit_event("adapter.unloaded", by=principal_of(request.state).key_id, adapter=name)
     return {"name": name, "unloaded_from": sorted(r.url for r in replicas)}

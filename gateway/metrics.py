@@ -1,0 +1,93 @@
+"""Prometheus metrics (``/metrics``), all prefixed ``ragline_``; labels carry key ids, never keys.
+
+One registry per app (no module-level state), so tests and several apps in one process do not
+collide.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+_LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 30, 60, 120)
+_FAST = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = r = CollectorRegistry()
+        self.requests = Counter(
+            "ragline_requests_total",
+            "Requests by route, model, key, status.",
+            ["route", "model", "key", "status"],
+            registry=r,
+        )
+        self.latency = Histogram(
+            "ragline_request_duration_seconds",
+            "End-to-end latency.",
+            ["route", "model"],
+            buckets=_LATENCY,
+            registry=r,
+        )
+        self.ttft = Histogram(
+            "ragline_time_to_first_token_seconds",
+            "Time to first token.",
+            ["model"],
+            buckets=_LATENCY,
+            registry=r,
+        )
+        self.tpot = Histogram(
+            "ragline_time_per_output_token_seconds",
+            "Time per output token.",
+            ["model"],
+            buckets=_FAST,
+            registry=r,
+        )
+        self.backend = Histogram(
+            "ragline_backend_duration_seconds",
+            "Time in the backend.",
+            ["model"],
+            buckets=_LATENCY,
+            registry=r,
+        )
+        self.retrieval = Histogram(
+            "ragline_retrieval_duration_seconds",
+            "Retrieval latency.",
+            ["store"],
+            buckets=_FAST,
+            registry=r,
+        )
+        self.safety = Histogram(
+            "ragline_safety_duration_seconds",
+            "Safety scanning latency.",
+            ["scanner"],
+            buckets=_FAST,
+            registry=r,
+        )
+        self.prompt_tokens = Counter(
+            "ragline_prompt_tokens_total", "Prompt tokens.", ["model", "key"], registry=r
+        )
+        self.completion_tokens = Counter(
+            "ragline_completion_tokens_total", "Completion tokens.", ["model", "key"], registry=r
+        )
+        self.cache = Counter(
+            "ragline_cache_requests_total", "Response cache lookups.", ["result"], registry=r
+        )
+        self.rate_limited = Counter(
+            "ragline_rate_limit_rejections_total",
+            "Requests rejected by rate limits.",
+            ["key"],
+            registry=r,
+        )
+        self.safety_findings = Counter(
+            "ragline_safety_findings_total",
+            "Safety findings.",
+            ["scanner", "type", "action"],
+            registry=r,
+        )
+        self.in_flight = Gauge("ragline_in_flight_requests", "Requests being served.", registry=r)
+        self.backend_healthy = Gauge(
+            "ragline_backend_healthy_replicas",
+            "Healthy replicas (1 for a loaded embedded model).",
+            ["model"],
+            registry=r,
+        )

@@ -1,0 +1,22 @@
+"""``GET /metrics``: Prometheus text format (needs a key, like every route but health)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+from fastapi.responses import Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from gateway.metrics import Metrics
+from gateway.routes.deps import RegistryDep
+
+router = APIRouter()
+
+
+@router.get("/metrics")
+async def metrics(request: Request, registry: RegistryDep) -> Response:
+    m: Metrics = request.app.state.metrics
+    m.in_flight.set(request.app.state.in_flight)
+    for model, status in registry.status().items():
+        healthy = status.get("healthy", 1 if status["status"] == "ready" else 0)
+        m.backend_healthy.labels(model).set(float(healthy))  # type: ignore[arg-type]
+    return Response(generate_latest(m.registry), media_type=CONTENT_TYPE_LATEST)
