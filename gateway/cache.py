@@ -1,12 +1,12 @@
 """Exact-match response cache for deterministic requests.
 
-A request is cacheable when it is deterministic: ``temperature == 0`` or a fixed ``seed``. The
-key is a SHA-256 over the canonical request (sorted JSON, ``user`` and ``stream_options``
-left out), the endpoint, the backend it resolved to, the adapter, and the versions of anything else
-that shapes the answer (template and vector-store versions, as those features arrive). A
-streamed request is stored as its SSE events and replayed as a stream; a non-streamed one as its
-JSON body. ``Cache-Control: no-cache`` skips the lookup (the fresh answer is still stored). Hits
-are marked with ``X-Ragline-Cache: hit``.
+A request is cacheable when it is deterministic: ``temperature == 0`` or a fixed ``seed``. The key
+is a SHA-256 over the canonical request (sorted JSON, ``user`` left out; ``stream`` and
+``stream_options`` kept, since they change the bytes sent), the endpoint, the backend it resolved
+to, the adapter, and the versions of anything else that shapes the answer (template and vector-
+store versions, as those features arrive). A streamed request is stored as its SSE events and
+replayed as a stream; a non-streamed one as its JSON body. ``Cache-Control: no-cache`` skips the
+lookup (the fresh answer is still stored). Hits are marked with ``X-Ragline-Cache: hit``.
 
 Redis stores entries with a TTL; without Redis an in-process LRU (single process only) does.
 Entries larger than ``cache_max_entry_bytes`` are not stored. A cache that cannot be reached is a
@@ -25,7 +25,7 @@ from typing import Any, Protocol
 
 log = logging.getLogger("ragline.cache")
 
-_IGNORED_FIELDS = ("user", "stream_options", "ragline")
+_IGNORED_FIELDS = ("user", "ragline")
 
 
 @dataclass

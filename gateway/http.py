@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import re
 import uuid
@@ -92,6 +93,10 @@ class InFlightMiddleware:
             state.in_flight -= 1
 
 
+_ID_PREFIX = uuid.uuid4().hex[:12]  # unique per process; the counter makes ids unique within it
+_ID_COUNTER = itertools.count()
+
+
 class RequestIdMiddleware:
     """Accept ``X-Request-Id`` from the client or make one; return it on every response."""
 
@@ -106,7 +111,7 @@ class RequestIdMiddleware:
         for name, value in scope["headers"]:
             if name == b"x-request-id":
                 request_id = value.decode("latin-1")[:128]
-        request_id = request_id or uuid.uuid4().hex
+        request_id = request_id or f"{_ID_PREFIX}{next(_ID_COUNTER):012x}"
         scope.setdefault("state", {})["request_id"] = request_id
 
         async def send_with_id(message: Message) -> None:
@@ -197,21 +202,31 @@ async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
     """Await ``work`` but cancel it when the client disconnects first.
 
     Used for responses that do not stream yet (non-streaming calls, and a stream before its
-    first token): Starlette only notices a disconnect once the response is being sent.
+    first token): Starlette only notices a disconnect once the response is being sent. One
+    watcher task per request; the work itself runs in the caller's task.
     """
-    task = asyncio.ensure_future(work)
-    watcher = asyncio.ensure_future(_wait_disconnect(request))
+    current = asyncio.current_task()
+    assert current is not None
+    gone = False
+
+    def cancel_work(_: asyncio.Task[None]) -> None:
+        nonlocal gone
+        if not _.cancelled() and _.exception() is None:
+            gone = True
+            current.cancel()
+
+    watcher = asyncio.create_task(_wait_disconnect(request))
+    watcher.add_done_callback(cancel_work)
     try:
-        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        return await work
     except asyncio.CancelledError:
-        task.cancel()
+        if gone:
+            current.uncancel()
+            raise ClientDisconnected() from None
         raise
     finally:
+        watcher.remove_done_callback(cancel_work)
         watcher.cancel()
-    if not task.done():
-        task.cancel()
-        raise ClientDisconnected()
-    return task.result()
 
 
 async def _wait_disconnect(request: Request) -> None:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, cast
 
 from pydantic import BaseModel
 from starlette.requests import Request
@@ -98,7 +98,7 @@ class Pipeline:
         self, request: Request, route: str, body: ChatCompletionRequest | CompletionRequest
     ) -> Response:
         target = self._resolve(body.model, body.n)
-        if isinstance(body, ChatCompletionRequest) and not isinstance(target.backend, ProxyBackend):
+        if isinstance(body, ChatCompletionRequest) and not target.proxied:
             self._check_supported_chat(body)
         wire = body.model_dump(exclude_unset=True, exclude={"ragline"})
         adapter = target.adapter.name if target.adapter else None
@@ -112,7 +112,7 @@ class Pipeline:
                 return _sse(_once(hit.body), ticket.headers)
             return Response(hit.body, media_type=JSON, headers=ticket.headers)
         try:
-            if isinstance(target.backend, ProxyBackend):
+            if target.proxied:
                 return await self._proxy(request, target, route, wire, body, ticket)
             return await self._generate(request, target, body, ticket)
         except BaseException as exc:
@@ -179,7 +179,7 @@ class Pipeline:
         body: ChatCompletionRequest | CompletionRequest,
         ticket: Ticket,
     ) -> Response:
-        assert isinstance(target.backend, ProxyBackend)
+        backend = cast(ProxyBackend, target.backend)
         call = ProxyCall(
             endpoint=endpoint,
             body=wire,
@@ -189,7 +189,7 @@ class Pipeline:
             adapter=target.adapter,
             request_id=getattr(request.state, "request_id", None),
         )
-        result = await until_disconnect(request, target.backend.proxy(call))
+        result = await until_disconnect(request, backend.proxy(call))
         if result.events is not None:
             return _sse(
                 ticket.tap_stream(result.events, request, lambda: call.usage), ticket.headers

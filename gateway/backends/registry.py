@@ -25,6 +25,11 @@ class Target:
     base: str
     adapter: AdapterConfig | None = None
 
+    @property
+    def proxied(self) -> bool:
+        """The backend forwards OpenAI requests as they are (``ProxyBackend``, i.e. vLLM)."""
+        return hasattr(self.backend, "proxy")
+
 
 class BackendRegistry:
     def __init__(

@@ -223,10 +223,10 @@ class VllmBackend:
                 if call.adapter is not None:
                     await self._ensure_loaded(call.adapter, replica)
                 deadline = asyncio.get_running_loop().time() + t.total
-                response = await asyncio.wait_for(
-                    self._session.post(replica.url + call.endpoint, data=data, headers=headers),
-                    t.first_token,
-                )
+                async with asyncio.timeout(t.first_token):
+                    response = await self._session.post(
+                        replica.url + call.endpoint, data=data, headers=headers
+                    )
                 if response.status >= 500:
                     last_error = f"{replica.url} answered {response.status}"
                     response.close()
@@ -240,12 +240,14 @@ class VllmBackend:
                     reloaded = True
                     continue
                 if response.status >= 400 or not call.stream:
-                    payload = await asyncio.wait_for(response.read(), _left(deadline))
+                    async with asyncio.timeout(_left(deadline)):
+                        payload = await response.read()
                     self.pool.succeeded(replica)
                     if response.status < 400 and rename[0] != rename[1]:
                         payload = _rename(payload, rename)
                     return ProxyResult(response.status, payload, replica=replica.url)
-                first = await asyncio.wait_for(_next_event(response), t.first_token)
+                async with asyncio.timeout(t.first_token):
+                    first = await _next_event(response)
                 if first is None:
                     raise aiohttp.ClientPayloadError("upstream closed the stream before any event")
                 self.pool.succeeded(replica)
@@ -299,7 +301,8 @@ class VllmBackend:
                     yield _rename(event, rename)
                 else:
                     yield event
-                event = await asyncio.wait_for(_next_event(response), _left(deadline))
+                async with asyncio.timeout(_left(deadline)):
+                    event = await _next_event(response)
             raise BackendError("The upstream closed the stream before it finished.")
         except _CONNECTION_ERRORS as exc:
             self.pool.failed(replica, connection=True, reason=f"stream broke: {exc}")

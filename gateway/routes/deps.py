@@ -10,12 +10,13 @@ from gateway.backends.registry import BackendRegistry
 from gateway.pipeline import Pipeline
 
 
-def get_pipeline(request: Request) -> Pipeline:
+async def get_pipeline(request: Request) -> Pipeline:
+    # async: FastAPI runs sync dependencies in a thread pool, a costly hop per request
     pipeline: Pipeline = request.app.state.pipeline
     return pipeline
 
 
-def get_registry(request: Request) -> BackendRegistry:
+async def get_registry(request: Request) -> BackendRegistry:
     registry: BackendRegistry = request.app.state.registry
     return registry
 

@@ -20,7 +20,12 @@ MODEL = "smollm2"
 MSG = [{"role": "user", "content": "Say yes."}]
 REDIS = "redis://127.0.0.1:6379/0"
 USER_KEY, LIMITED_KEY, TPM_KEY, NARROW_KEY, ADMIN_KEY = (
-    "sk-user-123456", "sk-limited-123456", "sk-tpm-123456", "sk-narrow-123456", "sk-admin-123456")
+    "sk-user-123456",
+    "sk-limited-123456",
+    "sk-tpm-123456",
+    "sk-narrow-123456",
+    "sk-admin-123456",
+)
 
 
 def keys_config() -> list[dict[str, object]]:
@@ -45,8 +50,10 @@ def pair(model_path, tmp_path_factory):  # type: ignore[no-untyped-def]
     """Two gateway processes sharing the real Redis, with keys."""
     clear_redis()
     tmp = tmp_path_factory.mktemp("platform")
-    gws = [start_gateway(tmp, models=[{"name": MODEL}], env={"REDIS_URL": REDIS},
-                         keys=keys_config()) for _ in range(2)]
+    gws = [
+        start_gateway(tmp, models=[{"name": MODEL}], env={"REDIS_URL": REDIS}, keys=keys_config())
+        for _ in range(2)
+    ]
     yield gws
     for gw in gws:
         stop_gateway(gw)
@@ -91,8 +98,9 @@ def test_keys_from_config(pair) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(openai.AuthenticationError) as info:
         client(pair[0], "sk-wrong").models.list()
     assert info.value.body["code"] == "invalid_api_key"
-    r = client(pair[0], USER_KEY).chat.completions.create(model=MODEL, messages=MSG, max_tokens=4,
-                                                         temperature=0)
+    r = client(pair[0], USER_KEY).chat.completions.create(
+        model=MODEL, messages=MSG, max_tokens=4, temperature=0
+    )
     assert r.choices[0].message.content
 
 
@@ -107,10 +115,17 @@ def test_model_restrictions_and_max_tokens(pair) -> None:  # type: ignore[no-unt
 
 def test_runtime_keys_and_immediate_revocation(pair) -> None:  # type: ignore[no-untyped-def]
     admin = {"Authorization": f"Bearer {ADMIN_KEY}"}
-    assert httpx.post(pair[0].url + "/admin/keys", json={"name": "x"},
-                      headers={"Authorization": f"Bearer {USER_KEY}"}).status_code == 403
-    created = httpx.post(pair[0].url + "/admin/keys", json={"name": "ci", "policy": {"rpm": 100}},
-                         headers=admin).json()
+    assert (
+        httpx.post(
+            pair[0].url + "/admin/keys",
+            json={"name": "x"},
+            headers={"Authorization": f"Bearer {USER_KEY}"},
+        ).status_code
+        == 403
+    )
+    created = httpx.post(
+        pair[0].url + "/admin/keys", json={"name": "ci", "policy": {"rpm": 100}}, headers=admin
+    ).json()
     key, key_id = created["key"], created["id"]
     assert "sha256" not in created
     # made on one process, usable on the other at once (Redis)
@@ -147,10 +162,15 @@ def test_key_lookup_is_timing_safe(monkeypatch) -> None:  # type: ignore[no-unty
 async def hammer(gws, key: str, n: int, **kwargs):  # type: ignore[no-untyped-def]
     clients = [aclient(gw, key) for gw in gws]
     start = time.monotonic()
-    results = await asyncio.gather(*(
-        clients[i % len(clients)].chat.completions.with_raw_response.create(
-            model=MODEL, messages=MSG, temperature=1.0, **kwargs)
-        for i in range(n)), return_exceptions=True)
+    results = await asyncio.gather(
+        *(
+            clients[i % len(clients)].chat.completions.with_raw_response.create(
+                model=MODEL, messages=MSG, temperature=1.0, **kwargs
+            )
+            for i in range(n)
+        ),
+        return_exceptions=True,
+    )
     return results, time.monotonic() - start
 
 
@@ -176,7 +196,9 @@ async def test_tpm_reserves_then_settles_across_two_processes(pair) -> None:  # 
     # each request reserves its prompt estimate + max_tokens=100 (about 109 tokens): 9 fit
     results, elapsed = await hammer(pair, TPM_KEY, 20, max_tokens=100)
     ok = [r for r in results if not isinstance(r, BaseException)]
-    assert all(isinstance(r, openai.RateLimitError) for r in results if isinstance(r, BaseException))
+    assert all(
+        isinstance(r, openai.RateLimitError) for r in results if isinstance(r, BaseException)
+    )
     assert 9 <= len(ok) <= 9 + int(elapsed * 1000 / 60 / 100) + 1, (len(ok), elapsed)
     h = ok[0].headers
     assert h["x-ratelimit-limit-tokens"] == "1000"
@@ -198,16 +220,23 @@ def test_cache_hits_replay_json_and_streams_across_processes(pair) -> None:  # t
     assert second.headers["x-ragline-cache"] == "hit"
     assert second.parse().choices[0].message.content == first.parse().choices[0].message.content
     fresh = client(pair[1], USER_KEY).chat.completions.with_raw_response.create(
-        **kwargs, extra_headers={"Cache-Control": "no-cache"})
+        **kwargs, extra_headers={"Cache-Control": "no-cache"}
+    )
     assert fresh.headers["x-ragline-cache"] == "miss"
     sampled = client(pair[1], USER_KEY).chat.completions.with_raw_response.create(
-        model=MODEL, messages=question, temperature=1.0, max_tokens=4)
+        model=MODEL, messages=question, temperature=1.0, max_tokens=4
+    )
     assert sampled.headers["x-ragline-cache"] == "bypass"
 
     def stream(gw):  # type: ignore[no-untyped-def]
         body = {**kwargs, "stream": True, "stream_options": {"include_usage": True}}
-        with httpx.stream("POST", gw.base_url + "/chat/completions", json=body,
-                          headers={"Authorization": f"Bearer {USER_KEY}"}, timeout=60) as r:
+        with httpx.stream(
+            "POST",
+            gw.base_url + "/chat/completions",
+            json=body,
+            headers={"Authorization": f"Bearer {USER_KEY}"},
+            timeout=60,
+        ) as r:
             return r.headers["x-ragline-cache"], [line for line in r.iter_lines() if line]
 
     miss, events = stream(pair[0])
@@ -221,20 +250,28 @@ def test_cache_hits_replay_json_and_streams_across_processes(pair) -> None:  # t
 
 def test_metrics_parse_and_move(pair) -> None:  # type: ignore[no-untyped-def]
     def scrape() -> dict[str, float]:
-        text = httpx.get(pair[0].url + "/metrics", headers={"Authorization": f"Bearer {USER_KEY}"}).text
+        text = httpx.get(
+            pair[0].url + "/metrics", headers={"Authorization": f"Bearer {USER_KEY}"}
+        ).text
         assert USER_KEY not in text
         values = {}
         for family in text_string_to_metric_families(text):
             for sample in family.samples:
                 if sample.name == "ragline_requests_total" and sample.labels["key"] == "user":
-                    values[sample.labels["status"]] = values.get(sample.labels["status"], 0) + sample.value
-                if sample.name == "ragline_completion_tokens_total" and sample.labels["key"] == "user":
+                    values[sample.labels["status"]] = (
+                        values.get(sample.labels["status"], 0) + sample.value
+                    )
+                if (
+                    sample.name == "ragline_completion_tokens_total"
+                    and sample.labels["key"] == "user"
+                ):
                     values["tokens"] = sample.value
         return values
 
     before = scrape()
-    client(pair[0], USER_KEY).chat.completions.create(model=MODEL, messages=MSG, temperature=1.0,
-                                                     max_tokens=3)
+    client(pair[0], USER_KEY).chat.completions.create(
+        model=MODEL, messages=MSG, temperature=1.0, max_tokens=3
+    )
     after = scrape()
     assert after["200"] == before.get("200", 0) + 1
     assert after["tokens"] > before.get("tokens", 0)
@@ -243,8 +280,11 @@ def test_metrics_parse_and_move(pair) -> None:  # type: ignore[no-untyped-def]
 def test_logs_are_json_with_key_ids_and_no_secrets(pair) -> None:  # type: ignore[no-untyped-def]
     secret_prompt = f"my secret prompt {time.time()}"
     client(pair[0], USER_KEY).chat.completions.create(
-        model=MODEL, messages=[{"role": "user", "content": secret_prompt}], max_tokens=2,
-        extra_headers={"X-Request-Id": "trace-42"})
+        model=MODEL,
+        messages=[{"role": "user", "content": secret_prompt}],
+        max_tokens=2,
+        extra_headers={"X-Request-Id": "trace-42"},
+    )
     assert wait_until(lambda: "trace-42" in pair[0].logs(), timeout=10)
     logs = pair[0].logs()
     assert USER_KEY not in logs and ADMIN_KEY not in logs
@@ -252,7 +292,11 @@ def test_logs_are_json_with_key_ids_and_no_secrets(pair) -> None:  # type: ignor
     lines = [json.loads(line) for line in logs.splitlines() if line.startswith("{")]
     entry = next(e for e in lines if e.get("request_id") == "trace-42")
     assert entry["key_id"] == "user" and entry["status"] == 200 and entry["model"] == MODEL
-    audit = [json.loads(line) for gw in pair for line in gw.logs().splitlines()
-             if line.startswith("{") and '"ragline.audit"' in line]
+    audit = [
+        json.loads(line)
+        for gw in pair
+        for line in gw.logs().splitlines()
+        if line.startswith("{") and '"ragline.audit"' in line
+    ]
     assert any(e["event"] == "key.created" and e["by"] == "ops" for e in audit)
     assert all(not k.startswith("sk-") for e in audit for k in map(str, e.values()))

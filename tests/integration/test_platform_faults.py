@@ -22,8 +22,10 @@ KEYS = [{"id": "faults", "sha256": hash_key(KEY), "policy": {"rpm": 1000}}]
 def start_redis(port: int) -> subprocess.Popen[bytes]:
     server = shutil.which("redis-server")
     assert server, "redis-server must be installed (the CI machine has it)"
-    proc = subprocess.Popen([server, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                             "--appendonly", "no"], stdout=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [server, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+        stdout=subprocess.DEVNULL,
+    )
 
     def up() -> bool:
         try:
@@ -41,9 +43,12 @@ def start_redis(port: int) -> subprocess.Popen[bytes]:
 def test_redis_outage_fails_as_configured_and_recovers(model_path, tmp_path, mode) -> None:  # type: ignore[no-untyped-def]
     port = free_port()
     redis_proc = start_redis(port)
-    gw = start_gateway(tmp_path, models=[{"name": MODEL}], keys=KEYS,
-                       env={"REDIS_URL": f"redis://127.0.0.1:{port}/0",
-                            "RAGLINE_REDIS_FAILURE": mode})
+    gw = start_gateway(
+        tmp_path,
+        models=[{"name": MODEL}],
+        keys=KEYS,
+        env={"REDIS_URL": f"redis://127.0.0.1:{port}/0", "RAGLINE_REDIS_FAILURE": mode},
+    )
     c = openai.OpenAI(base_url=gw.base_url, api_key=KEY, max_retries=0, timeout=60)
     try:
         assert c.chat.completions.create(model=MODEL, messages=MSG, max_tokens=2).choices
@@ -69,8 +74,7 @@ def test_redis_outage_fails_as_configured_and_recovers(model_path, tmp_path, mod
 
 def test_sigterm_lets_in_flight_streams_finish(model_path, tmp_path) -> None:  # type: ignore[no-untyped-def]
     gw = start_gateway(tmp_path, models=[{"name": MODEL}])
-    body = {"model": MODEL, "messages": MSG, "max_tokens": 60, "ignore_eos": True,
-            "stream": True}
+    body = {"model": MODEL, "messages": MSG, "max_tokens": 60, "ignore_eos": True, "stream": True}
     lines: list[str] = []
     try:
         with httpx.stream("POST", gw.base_url + "/chat/completions", json=body, timeout=60) as r:
