@@ -1,5 +1,6 @@
 # CPU image of the ragline gateway with the embedded engine and SmolLM2 baked in.
-#   docker build -t ragline . && docker run -p 8000:8000 ragline
+#   docker build -t ragline . && docker run -p 8000:8000 -e RAGLINE_ADMIN_KEY=... ragline
+# It listens on 0.0.0.0, so it refuses to start without keys (RAGLINE_ADMIN_KEY or a config).
 FROM python:3.11-slim
 
 ENV PIP_NO_CACHE_DIR=1 \
