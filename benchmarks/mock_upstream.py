@@ -177,6 +177,8 @@ class MockUpstream:
         async def emit(chunk: bytes) -> None:
             await send({"type": "http.response.body", "body": chunk, "more_body": True})
 
+        # like vLLM, the role event goes out with the first token, after the TTFT
+        await self._wait(self.config.ttft_ms / 1000)
         if chat:
             await emit(
                 event(
@@ -190,7 +192,6 @@ class MockUpstream:
                     ]
                 )
             )
-        await self._wait(self.config.ttft_ms / 1000)
         gap = _gap(self.config.tokens_per_s)
         for i in range(n_tokens):
             if i:

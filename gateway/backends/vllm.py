@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -44,6 +45,7 @@ from gateway.errors import BackendError, Overloaded, RaglineError
 log = logging.getLogger("ragline.vllm")
 
 _MAX_EVENT_BYTES = 16 << 20
+_USAGE_EVENT = re.compile(rb'"choices": ?\[\]')  # the usage event has no choices
 _CONNECTION_ERRORS = (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, ConnectionError)
 
 
@@ -293,7 +295,7 @@ class VllmBackend:
                     finished = True
                     yield event
                     return
-                if b'"choices":[]' in event and b'"usage":{' in event:
+                if _USAGE_EVENT.search(event):
                     call.usage = _usage_of(event)
                     if call.include_usage:
                         yield _rename(event, rename) if rename[0] != rename[1] else event

@@ -93,3 +93,27 @@ def test_round_robin_models() -> None:
     spec = LoadSpec(base_url="x", model="base", adapters=["a", "b"])
     models = iter(spec.models())
     assert [next(models) for _ in range(5)] == ["a", "b", "a", "b", "a"]
+
+
+async def test_open_loop_against_the_mock(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from benchmarks.loadgen import Prompt, run
+    from tests.conftest import start_mock
+
+    mock = start_mock(tmp_path, tokens_per_s=500)
+    try:
+        spec = LoadSpec(
+            base_url=mock.url + "/v1",
+            model="smollm2",
+            rate=40.0,
+            burstiness=0.5,
+            num_requests=20,
+            warmup=1,
+            concurrency=None,
+        )
+        records, duration = await run(spec, [Prompt("hi", 5)], show_progress=False)
+        s = summarize(records, duration)
+        assert s["completed"] == 20 and s["failed"] == 0
+        assert s["total_output_tokens"] == 100
+        assert all(len(r.itl) == 4 for r in records)  # 5 content chunks each
+    finally:
+        mock.kill()

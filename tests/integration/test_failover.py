@@ -145,3 +145,36 @@ def test_adapter_placement_is_shared_through_redis(tmp_path) -> None:  # type: i
         stop_gateway(one)
         stop_gateway(two)
         upstream.kill()
+
+
+def test_first_token_timeout_moves_on_then_503(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    slow = start_mock(tmp_path, ttft_ms=5000)
+    fast = start_mock(tmp_path)
+    models = [
+        {
+            "name": MODEL,
+            "backend": "vllm",
+            "upstreams": [slow.url, fast.url],
+            "health": FAST_HEALTH,
+            "timeouts": {"first_token": 0.5},
+        }
+    ]
+    gw = start_gateway(tmp_path, models=models)
+    try:
+        client = openai.OpenAI(base_url=gw.base_url, api_key="x", max_retries=0)
+        # every request succeeds: one stuck on the slow replica times out and moves on
+        streams = [
+            list(
+                client.chat.completions.create(model=MODEL, messages=MSG, max_tokens=2, stream=True)
+            )
+            for _ in range(4)
+        ]
+        assert all(s[-1].choices[0].finish_reason == "length" for s in streams)
+        fast.kill()
+        with pytest.raises(openai.APIStatusError) as info:
+            client.chat.completions.create(model=MODEL, messages=MSG, max_tokens=2, stream=True)
+        assert info.value.status_code == 503
+        assert "timed out" in info.value.body["message"] or "answer" in info.value.body["message"]
+    finally:
+        stop_gateway(gw)
+        slow.kill()
