@@ -120,14 +120,7 @@ async def chat_sse(
     async for event in _prepend(first, events):
         if isinstance(event, Usage):
             if prepared.include_usage:
-                final = ChatCompletionChunk(
-                    id=prepared.id,
-                    created=prepared.created,
-                    model=prepared.model,
-                    choices=[],
-                    usage=_wire_usage(event),
-                )
-                yield sse_event(final.model_dump_json(exclude={"ragline"}))
+                yield _usage_event(ChatCompletionChunk, prepared, event)
             continue
         if event.text:
             yield chunk(event.index, {"content": event.text}, None, event.tokens)
@@ -207,17 +200,24 @@ async def completion_sse(
     async for event in _prepend(first, events):
         if isinstance(event, Usage):
             if prepared.include_usage:
-                final = Completion(
-                    id=prepared.id,
-                    created=prepared.created,
-                    model=prepared.model,
-                    choices=[],
-                    usage=_wire_usage(event),
-                )
-                yield sse_event(final.model_dump_json(exclude={"ragline"}))
+                yield _usage_event(Completion, prepared, event)
             continue
         yield chunk(event.index, event.text, event.finish_reason, event.tokens)
     yield DONE
+
+
+def _usage_event(
+    kind: type[ChatCompletionChunk] | type[Completion], prepared: Prepared, usage: Usage
+) -> bytes:
+    """The final usage event of a stream: ``choices: []`` and the counts."""
+    final = kind(
+        id=prepared.id,
+        created=prepared.created,
+        model=prepared.model,
+        choices=[],
+        usage=_wire_usage(usage),
+    )
+    return sse_event(final.model_dump_json(exclude={"ragline"}))
 
 
 async def _prepend(

@@ -9,8 +9,9 @@ from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field
 
 from gateway.auth import KeyStore, principal_of
+from gateway.backends.registry import BackendRegistry
 from gateway.backends.vllm import VllmBackend
-from gateway.config import KeyPolicy
+from gateway.config import AdapterConfig, KeyPolicy
 from gateway.errors import InvalidRequest, NotFound
 from gateway.http import parse_body
 from gateway.logs import audit_event
@@ -70,12 +71,17 @@ async def list_adapters(registry: RegistryDep) -> dict[str, object]:
     return {"object": "list", "data": out}
 
 
-@router.post("/adapters/{name}/load")
-async def load_adapter(name: str, request: Request, registry: RegistryDep) -> dict[str, object]:
-    """Load the adapter on every healthy replica of its base model."""
+def _pool_adapter(registry: BackendRegistry, name: str) -> tuple[VllmBackend, AdapterConfig]:
     backend, adapter = registry.adapter(name)
     if not isinstance(backend, VllmBackend):
         raise InvalidRequest(f"Adapter '{name}' is not served by a vLLM pool.", param="adapter")
+    return backend, adapter
+
+
+@router.post("/adapters/{name}/load")
+async def load_adapter(name: str, request: Request, registry: RegistryDep) -> dict[str, object]:
+    """Load the adapter on every healthy replica of its base model."""
+    backend, adapter = _pool_adapter(registry, name)
     replicas = backend.pool.available()
     await asyncio.gather(*(backend.load_adapter(adapter, r) for r in replicas))
     audit_event("adapter.loaded", by=principal_of(request.state).key_id, adapter=name)
@@ -85,9 +91,7 @@ async def load_adapter(name: str, request: Request, registry: RegistryDep) -> di
 @router.post("/adapters/{name}/unload")
 async def unload_adapter(name: str, request: Request, registry: RegistryDep) -> dict[str, object]:
     """Unload the adapter from every replica that answers."""
-    backend, adapter = registry.adapter(name)
-    if not isinstance(backend, VllmBackend):
-        raise InvalidRequest(f"Adapter '{name}' is not served by a vLLM pool.", param="adapter")
+    backend, adapter = _pool_adapter(registry, name)
     replicas = backend.pool.available()
     await asyncio.gather(*(backend.unload_adapter(adapter, r) for r in replicas))
     audit_event("adapter.unloaded", by=principal_of(request.state).key_id, adapter=name)
