@@ -169,5 +169,6 @@ def test_closing_the_stream_aborts_the_request_in_vllm(vllm_gateway, vllm) -> No
         for line in r.iter_lines():
             if '"content":"' in line and '"content":""' not in line:
                 break
-        assert running_in_vllm(vllm) == 1
+        # vLLM publishes its scheduler stats asynchronously: poll until the request shows
+        assert wait_until(lambda: running_in_vllm(vllm) == 1, timeout=15)
     assert wait_until(lambda: running_in_vllm(vllm) == 0, timeout=30)
