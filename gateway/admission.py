@@ -7,6 +7,7 @@ answer, count it). Streams finish when their last event has been sent, or when t
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import time
@@ -21,6 +22,7 @@ from gateway.backends.base import Chunk, Usage
 from gateway.cache import CachedResponse, ResponseCache, cache_key, is_deterministic
 from gateway.config import Settings
 from gateway.errors import InvalidRequest, PermissionDenied, RaglineError
+from gateway.http import ClientDisconnected
 from gateway.metrics import Metrics
 from gateway.ratelimit import RateLimiter, Reservation
 
@@ -98,7 +100,12 @@ class Ticket:
                 m.tpot.labels(self.model).observe((elapsed - ttft) / (self.completion_tokens - 1))
 
     async def fail(self, exc: BaseException) -> None:
-        status = exc.status_code if isinstance(exc, RaglineError) else 500
+        if isinstance(exc, RaglineError):
+            status = exc.status_code
+        elif isinstance(exc, ClientDisconnected | asyncio.CancelledError):
+            status = 499  # the client went away first
+        else:
+            status = 500
         await self.finish((0, 0), status=status)
 
     def log_fields(self) -> dict[str, Any]:
