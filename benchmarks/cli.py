@@ -160,6 +160,9 @@ def run_cmd(
     input_len: Annotated[int, typer.Option(help="Prompt tokens (random dataset).")] = 64,
     output_len: Annotated[int, typer.Option(help="Output tokens (max_tokens).")] = 64,
     ignore_eos: Annotated[bool, typer.Option(help="Fixed-length output (vLLM, ragline).")] = True,
+    cache: Annotated[
+        bool, typer.Option(help="Let ragline's response cache answer (default: bypass it).")
+    ] = False,
     adapters: Annotated[str | None, typer.Option(help="Models assigned round-robin.")] = None,
     slo_ttft_ms: Annotated[float, typer.Option(help="SLO: TTFT at most (ms).")] = 200.0,
     slo_tpot_ms: Annotated[
@@ -181,6 +184,7 @@ def run_cmd(
         max_seconds=max_seconds,
         ignore_eos=ignore_eos,
         adapters=[a for a in (adapters or "").split(",") if a],
+        headers={} if cache else {"Cache-Control": "no-cache"},
     )
     prompts = load_prompts(dataset, requests, input_len, output_len, _default_model_dir())
     settings = {
@@ -351,6 +355,7 @@ def suite_cmd(
         input_len=s["input_len"],
         output_len=s["output_len"],
         ignore_eos=True,
+        cache=False,
         adapters=adapters,
         slo_ttft_ms=200.0,
         slo_tpot_ms=10.0,

@@ -48,7 +48,8 @@ class LoadSpec:
     adapters: list[str] = field(default_factory=list)  # models assigned round-robin
     ignore_eos: bool = True
     temperature: float = 0.0
-    headers: dict[str, str] = field(default_factory=dict)
+    # Measure generation, not ragline's response cache (deterministic requests would hit it).
+    headers: dict[str, str] = field(default_factory=lambda: {"Cache-Control": "no-cache"})
 
     def models(self) -> Iterable[str]:
         return itertools.cycle(self.adapters or [self.model])
