@@ -75,7 +75,14 @@ def test_redis_outage_fails_as_configured_and_recovers(model_path, tmp_path, mod
 
 def test_sigterm_lets_in_flight_streams_finish(model_path, tmp_path) -> None:  # type: ignore[no-untyped-def]
     gw = start_gateway(tmp_path, models=[{"name": MODEL}])
-    body = {"model": MODEL, "messages": MSG, "max_tokens": 60, "ignore_eos": True, "stream": True}
+    body = {
+        "model": MODEL,
+        "messages": MSG,
+        "max_tokens": 60,
+        "ignore_eos": True,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
     lines: list[str] = []
     try:
         with httpx.stream("POST", gw.base_url + "/chat/completions", json=body, timeout=60) as r:
