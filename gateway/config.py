@@ -46,6 +46,9 @@ class EmbeddedModelConfig(BaseModel):
         default=64, ge=0, description="Requests queued beyond the batch before 503 Retry-After."
     )
     max_model_len: int = Field(default=2048, ge=16, description="Prompt + completion tokens.")
+    cuda_graphs: bool = Field(
+        default=True, description="On CUDA, replay the decode step as graphs."
+    )
     owned_by: str = "ragline"
 
 

@@ -112,6 +112,13 @@ class EmbeddedBackend:
             dtype=dtype,
             device=device,
         )
+        if device.type == "cuda" and self.config.cuda_graphs:
+            try:
+                sizes = runner.capture_cuda_graphs()
+                log.info("captured CUDA graphs of the decode step for batch sizes %s", sizes)
+            except Exception as exc:  # a driver or torch that cannot capture: run eagerly
+                log.warning("CUDA graph capture failed (%s); decoding eagerly", exc)
+                runner._graphs = {}
         self._max_len = runner.max_len
         self._vocab_size = runner.shape.vocab_size
         eos = GenerationConfig.from_pretrained(self.model_path).eos_token_id

@@ -150,6 +150,9 @@ class LlamaRunner:
             torch.zeros((max_slots, kv, max_len, dim), dtype=torch.float32, device=device)
             for _ in self.layers
         ]
+        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self._graph_ids = torch.zeros(0, dtype=torch.long)
+        self._graph_pos = torch.zeros(0, dtype=torch.long)
 
     @classmethod
     def from_pretrained(
@@ -263,12 +266,27 @@ class LlamaRunner:
         """One step for the sequences in slots ``0..n-1``; returns logits ``[n, vocab]``.
 
         ``token_ids[i]`` is written at ``positions[i]`` of slot ``i``; attention covers positions
-        ``0..positions[i]`` of that slot.
+        ``0..positions[i]`` of that slot. With CUDA graphs captured, the step is a graph replay
+        padded to the next captured batch size, and the logits are a view of the graph's output
+        buffer, valid until the next ``decode``.
         """
         n = len(token_ids)
+        if self._graphs:
+            size = next(b for b in sorted(self._graphs) if b >= n)
+            pad = [0] * (size - n)  # free slots: position 0 is rewritten by their next prefill
+            self._graph_ids[:size].copy_(torch.tensor(token_ids + pad).view(size, 1))
+            self._graph_pos[:size].copy_(torch.tensor(positions + pad))
+            graph, out = self._graphs[size]
+            graph.replay()
+            return out[:n]
         ids = torch.tensor(token_ids, dtype=torch.long, device=self.device).view(n, 1)
         pos = torch.tensor(positions, dtype=torch.long, device=self.device)
-        length = max(positions) + 1
+        return self._decode(ids, pos, max(positions) + 1)
+
+    def _decode(self, ids: torch.Tensor, pos: torch.Tensor, length: int) -> torch.Tensor:
+        """The decode step on tensors: ``ids`` ``[n, 1]``, ``pos`` ``[n]``, attention over the
+        first ``length`` cache positions (the longest sequence, or the whole cache in a graph)."""
+        n = ids.shape[0]
         x = F.embedding(ids, self.embed)
         cos = self.cos[pos].view(n, 1, 1, -1)
         sin = self.sin[pos].view(n, 1, 1, -1)
@@ -286,3 +304,41 @@ class LlamaRunner:
             attn = self._attend(q, kc[:n, :, :, :length], vc[:n, :, :length], mask)
             x = self._mlp_and_attn_out(x, attn, layer)
         return self._logits(x[:, -1])
+
+    # -- CUDA graphs ---------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def capture_cuda_graphs(self) -> list[int]:
+        """Capture the decode step for batch sizes 1, 2, 4, ... up to ``max_slots`` (CUDA only).
+
+        A decode step of a small model launches hundreds of tiny kernels; replaying a captured
+        graph removes the per-kernel launch and Python cost. Graphs attend over the whole cache
+        (static shapes) with the same mask, so they compute what ``_decode`` computes. Call once,
+        before serving, while no sequence is running (the warm-up writes into free slots).
+        """
+        if self.device.type != "cuda":
+            return []
+        sizes = sorted(
+            {b for b in (1, 2, 4, 8, 16, 32, 64, 128, 256) if b <= self.max_slots}
+            | {self.max_slots}
+        )
+        self._graph_ids = torch.zeros(self.max_slots, 1, dtype=torch.long, device=self.device)
+        self._graph_pos = torch.zeros(self.max_slots, dtype=torch.long, device=self.device)
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            for b in sizes:
+                for _ in range(2):
+                    self._decode(self._graph_ids[:b], self._graph_pos[:b], self.max_len)
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        pool = None
+        for b in reversed(sizes):  # the largest first: later graphs share its memory pool
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                out = self._decode(self._graph_ids[:b], self._graph_pos[:b], self.max_len)
+            pool = graph.pool()
+            graphs[b] = (graph, out)
+        torch.cuda.synchronize(self.device)
+        self._graphs = graphs
+        return sizes

@@ -59,3 +59,22 @@ def test_move_slot_keeps_a_sequence_intact(model_path, tokenizer) -> None:  # ty
     runner.prefill(0, [ids])
     direct = runner.decode([first], [len(ids)])[0]
     assert torch.equal(moved, direct)
+
+
+def test_static_whole_cache_step_equals_the_dynamic_step(model_path, tokenizer) -> None:  # type: ignore[no-untyped-def]
+    """What a CUDA graph replays (whole-cache attention, batch padded with free slots at
+    position 0) computes the same logits as the dynamic step, checked here on the CPU."""
+    runner = LlamaRunner.from_pretrained(
+        model_path, max_slots=4, max_len=256, dtype=torch.float32, device=torch.device("cpu")
+    )
+    prompts = [chat_ids(tokenizer, p) for p in PROMPTS[:2]]
+    first = [int(row.argmax()) for row in runner.prefill(0, prompts)]
+    positions = [len(p) for p in prompts]
+    dynamic = runner.decode(first, positions).clone()
+    runner.prefill(0, prompts)  # restore the cache the dynamic step wrote into
+    ids = torch.tensor(first + [0, 0]).view(4, 1)
+    pos = torch.tensor(positions + [0, 0])
+    with torch.inference_mode():
+        static = runner._decode(ids, pos, runner.max_len)[:2]
+    torch.testing.assert_close(static, dynamic, rtol=1e-4, atol=1e-4)
+    assert runner.capture_cuda_graphs() == []  # no graphs on the CPU
