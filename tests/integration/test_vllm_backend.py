@@ -166,7 +166,8 @@ def test_closing_the_stream_aborts_the_request_in_vllm(vllm_gateway, vllm) -> No
     with httpx.stream(
         "POST", vllm_gateway.base_url + "/chat/completions", json=body, timeout=60
     ) as r:
-        for line in r.iter_lines():
+        lines = r.iter_lines()  # keep the iterator: dropping it would close the connection now
+        for line in lines:
             if '"content":"' in line and '"content":""' not in line:
                 break
         # vLLM publishes its scheduler stats asynchronously: poll until the request shows
