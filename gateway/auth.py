@@ -32,7 +32,7 @@ log = logging.getLogger("ragline.auth")
 audit = logging.getLogger("ragline.audit")
 
 PUBLIC_PATHS = frozenset({"/health", "/ready"})
-_LOOPBACK = frozenset({"127.0.0.1", "::1", "localhost"})
+LOOPBACK_HOSTS = frozenset({"127.0.0.1", "::1", "localhost"})
 
 
 def hash_key(key: str) -> str:
@@ -198,7 +198,7 @@ class AuthMiddleware:
         admin_path = scope["path"].startswith("/admin")
         if store.open:
             client = scope.get("client") or ("", 0)
-            if admin_path and client[0] not in _LOOPBACK:
+            if admin_path and client[0] not in LOOPBACK_HOSTS:
                 raise PermissionDenied("Admin routes need an admin key when called remotely.")
             return ANONYMOUS
         presented = ""

@@ -115,7 +115,9 @@ def serve(
         f"(models: {', '.join(m.name for m in file_config.models)})"
     )
     open_gateway = not file_config.keys and not settings.admin_key
-    if open_gateway and settings.host not in ("127.0.0.1", "::1", "localhost"):
+    from gateway.auth import LOOPBACK_HOSTS
+
+    if open_gateway and settings.host not in LOOPBACK_HOSTS:
         console.print(
             f"[red]error:[/] no API keys are configured, so the gateway would accept anyone on "
             f"{settings.host}. Declare keys in the config file or set RAGLINE_ADMIN_KEY, or "

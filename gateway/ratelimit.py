@@ -106,6 +106,12 @@ class RateLimiter(Protocol):
     async def settle(self, reservation: Reservation, used_tokens: int) -> None: ...
 
 
+def _start(key_id: str, policy: KeyPolicy, tokens: int) -> Reservation:
+    """A reservation of ``tokens`` (if the key has a TPM); refuses one that can never fit."""
+    _check_cost(policy, tokens)
+    return Reservation(key_id, tokens if policy.tpm else 0, policy)
+
+
 def _check_cost(policy: KeyPolicy, tokens: int) -> None:
     if policy.tpm and tokens > policy.tpm:
         raise InvalidRequest(
@@ -137,11 +143,10 @@ class RedisRateLimiter:
         self._fail_open = fail_open
 
     async def reserve(self, key_id: str, policy: KeyPolicy, tokens: int) -> Reservation:
-        cost = tokens if policy.tpm else 0
-        reservation = Reservation(key_id, cost, policy)
+        reservation = _start(key_id, policy, tokens)
         if not policy.rpm and not policy.tpm:
             return reservation
-        _check_cost(policy, tokens)
+        cost = reservation.tokens
         keys = [f"ragline:rl:{key_id}:req", f"ragline:rl:{key_id}:tok"]
         try:
             ok, req_left, tok_left, wait_ms = await self._reserve(
@@ -193,11 +198,10 @@ class MemoryRateLimiter:
         return min(float(cap), level + (now - at) * cap / 60)
 
     async def reserve(self, key_id: str, policy: KeyPolicy, tokens: int) -> Reservation:
-        cost = tokens if policy.tpm else 0
-        reservation = Reservation(key_id, cost, policy)
+        reservation = _start(key_id, policy, tokens)
         if not policy.rpm and not policy.tpm:
             return reservation
-        _check_cost(policy, tokens)
+        cost = reservation.tokens
         now = time.monotonic()
         rk, tk = f"{key_id}:req", f"{key_id}:tok"
         rl = self._level(rk, policy.rpm, now) if policy.rpm else 0.0
