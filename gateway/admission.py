@@ -11,7 +11,7 @@ import asyncio
 import json
 import re
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -64,6 +64,9 @@ class Ticket:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cache_result: str = "bypass"
+    response_id: str | None = None
+    # run once the request is settled: (status, (prompt_tokens, completion_tokens))
+    hooks: list[Callable[[int, tuple[int, int]], Awaitable[None]]] = field(default_factory=list)
 
     @property
     def headers(self) -> dict[str, str]:
@@ -98,6 +101,8 @@ class Ticket:
             m.ttft.labels(self.model).observe(ttft)
             if self.completion_tokens > 1:
                 m.tpot.labels(self.model).observe((elapsed - ttft) / (self.completion_tokens - 1))
+        for hook in self.hooks:
+            await hook(status, (self.prompt_tokens, self.completion_tokens))
 
     async def fail(self, exc: BaseException) -> None:
         if isinstance(exc, RaglineError):
@@ -170,6 +175,18 @@ class Admission:
         self.cache = cache
         self.metrics = metrics
 
+    @staticmethod
+    def authorize(request: Request, model: str) -> Principal:
+        """The caller, if its key may use ``model``; else ``PermissionDenied``."""
+        principal = principal_of(request.state)
+        if not principal.may_use(model):
+            raise PermissionDenied(
+                f"This key may not use the model '{model}'.",
+                param="model",
+                code="model_not_allowed",
+            )
+        return principal
+
     async def open(
         self, request: Request, route: str, body: dict[str, Any], backend: str, adapter: str | None
     ) -> tuple[Ticket, CachedResponse | None]:
@@ -179,15 +196,9 @@ class Admission:
         ``max_tokens`` becomes the default). Raises ``PermissionDenied``, ``InvalidRequest`` or
         ``RateLimited``.
         """
-        principal = principal_of(request.state)
+        principal = self.authorize(request, str(body.get("model")))
         policy = principal.policy
         model = str(body.get("model"))
-        if not principal.may_use(model):
-            raise PermissionDenied(
-                f"This key may not use the model '{model}'.",
-                param="model",
-                code="model_not_allowed",
-            )
         requested = body.get("max_completion_tokens") or body.get("max_tokens")
         if policy.max_tokens is not None:
             if requested is not None and requested > policy.max_tokens:

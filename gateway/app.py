@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -28,8 +29,9 @@ from gateway.http import (
 from gateway.logs import AccessLogMiddleware
 from gateway.metrics import Metrics
 from gateway.pipeline import Pipeline
+from gateway.prompting import PromptStage
 from gateway.ratelimit import MemoryRateLimiter, RateLimiter, RedisRateLimiter
-from gateway.routes import admin, chat, completions, health, models
+from gateway.routes import admin, chat, completions, feedback, health, models
 from gateway.routes import metrics as metrics_route
 
 log = logging.getLogger("ragline")
@@ -61,7 +63,9 @@ def create_app(settings: Settings | None = None, config: FileConfig | None = Non
             limiter = RedisRateLimiter(redis, fail_open=settings.redis_failure == "open")
             cache = RedisResponseCache(redis, settings.cache_ttl, settings.cache_max_entry_bytes)
         admission = Admission(settings, limiter, cache, metrics)
-        app.state.pipeline = Pipeline(settings, registry, admission)
+        prompts = PromptStage(config, metrics, redis)
+        app.state.pipeline = Pipeline(settings, registry, admission, prompts)
+        watcher = asyncio.create_task(prompts.catalog.watch()) if prompts.watch else None
         if app.state.keys.open:
             log.warning(
                 "no API keys are configured: requests need no key; this is allowed on "
@@ -77,6 +81,8 @@ def create_app(settings: Settings | None = None, config: FileConfig | None = Non
         try:
             yield
         finally:
+            if watcher is not None:
+                watcher.cancel()
             await registry.aclose()
             if redis is not None:
                 await redis.aclose()
@@ -90,6 +96,7 @@ def create_app(settings: Settings | None = None, config: FileConfig | None = Non
     routers = (
         chat.router,
         completions.router,
+        feedback.router,
         models.router,
         health.router,
         admin.router,

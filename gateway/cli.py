@@ -8,10 +8,12 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from benchmarks.cli import app as bench_app
-from gateway.config import ConfigError, Settings, load_file_config
+from gateway.config import ConfigError, FileConfig, Settings, load_file_config
 from gateway.errors import ModelAssetError
+from gateway.eval_cli import app as eval_app
 from gateway.logs import configure as configure_logging
 
 app = typer.Typer(
@@ -24,6 +26,7 @@ app.add_typer(models_app, name="models")
 app.add_typer(bench_app, name="bench")
 keys_app = typer.Typer(help="API key helpers.", no_args_is_help=True)
 app.add_typer(keys_app, name="keys")
+app.add_typer(eval_app, name="eval")
 
 console = Console(stderr=True)
 
@@ -95,8 +98,9 @@ def serve(
     configure_logging(settings.log_level, settings.log_format)
     try:
         file_config = load_file_config(settings)
+        _check_prompts(file_config)
     except ConfigError as exc:
-        console.print(f"[red]error:[/] {exc}")
+        console.print(f"[red]error:[/] {escape(str(exc))}", soft_wrap=True)
         raise typer.Exit(2) from None
     if (
         settings.config is None
@@ -107,7 +111,7 @@ def serve(
         try:
             pull(settings.default_model_path(), console=console)
         except ModelAssetError as exc:
-            console.print(f"[red]error:[/] {exc}")
+            console.print(f"[red]error:[/] {escape(str(exc))}", soft_wrap=True)
             raise typer.Exit(1) from None
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     console.print(
@@ -137,6 +141,17 @@ def serve(
         log_config=None,
         timeout_graceful_shutdown=int(settings.shutdown_grace) or None,
     )
+
+
+def _check_prompts(file_config: FileConfig) -> None:
+    """Load and validate the prompt templates before serving (errors name file and line)."""
+    from prompts.registry import PromptCatalog
+    from prompts.template import PromptError
+
+    try:
+        PromptCatalog(file_config.prompts.dir, file_config.template_refs())
+    except PromptError as exc:
+        raise ConfigError(exc.message) from None
 
 
 @keys_app.command("hash")
@@ -173,7 +188,7 @@ def models_pull(
     try:
         pull(settings.default_model_path(), force=force, verify=verify, console=console)
     except ModelAssetError as exc:
-        console.print(f"[red]error:[/] {exc}")
+        console.print(f"[red]error:[/] {escape(str(exc))}", soft_wrap=True)
         raise typer.Exit(1) from None
 
 

@@ -9,7 +9,7 @@ Config is read once at start-up, never at import time.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
@@ -24,6 +24,8 @@ from pydantic import (
     model_validator,
 )
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from prompts.experiments import Experiment
 
 DEFAULT_MODEL_NAME = "smollm2"
 DEFAULT_MODEL_DIRNAME = "smollm2-135m-instruct"
@@ -85,6 +87,11 @@ class VllmModelConfig(BaseModel):
     timeouts: UpstreamTimeouts = Field(default_factory=UpstreamTimeouts)
     health: HealthPolicy = Field(default_factory=HealthPolicy)
     max_model_len: int | None = None
+    tokenizer: Path | None = Field(
+        default=None,
+        description="Local tokenizer directory of the served model; routes with prompt templates "
+        "need it to count tokens (the pulled SmolLM2 directory for `smollm2`).",
+    )
     owned_by: str = "vllm"
 
     @field_validator("upstreams")
@@ -122,6 +129,32 @@ class AdapterConfig(BaseModel):
     base: str = Field(description="Name of the base model (a `models` entry).")
 
 
+class PromptsConfig(BaseModel):
+    """Where prompt templates live."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    dir: Path | None = Field(
+        default=None, description="Directory of template YAML files (relative: to this file)."
+    )
+    watch: bool = Field(default=False, description="Reload when a file there changes.")
+
+
+class RouteConfig(BaseModel):
+    """A public model name that serves a base model or adapter through a template/experiment."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(description="Public model id clients send as `model`.")
+    model: str = Field(description="A base model (a `models` entry) or an adapter name.")
+    template: str | None = Field(default=None, description="`name`, `name@version`, `name:label`.")
+    experiment: str | None = Field(default=None, description="An `experiments` entry.")
+    variables: dict[str, Any] = Field(
+        default_factory=dict, description="Template variables the route fixes (requests may not)."
+    )
+    description: str = ""
+
+
 class KeyPolicy(BaseModel):
     """What one API key may do."""
 
@@ -136,6 +169,9 @@ class KeyPolicy(BaseModel):
     max_tokens: int | None = Field(default=None, ge=1, description="Largest max_tokens allowed.")
     safety_policy: str = "default"
     cache: bool = True
+    prompt_overrides: bool = Field(
+        default=True, description="May choose a template per request (`ragline.template`)."
+    )
 
 
 class KeyConfig(BaseModel):
@@ -158,6 +194,9 @@ class FileConfig(BaseModel):
     models: list[ModelConfig] = Field(default_factory=list)
     adapters: list[AdapterConfig] = Field(default_factory=list)
     keys: list[KeyConfig] = Field(default_factory=list)
+    prompts: PromptsConfig = Field(default_factory=PromptsConfig)
+    routes: list[RouteConfig] = Field(default_factory=list)
+    experiments: list[Experiment] = Field(default_factory=list)
 
     @field_validator("keys")
     @classmethod
@@ -198,6 +237,56 @@ class FileConfig(BaseModel):
             seen.add(adapter.name)
         return self
 
+    @model_validator(mode="after")
+    def _routes_resolve(self) -> FileConfig:
+        models = {m.name: m for m in self.models}
+        adapters = {a.name: a for a in self.adapters}
+        experiments = {e.name: e for e in self.experiments}
+        if len(experiments) != len(self.experiments):
+            raise ValueError("experiment names must be unique")
+        seen: set[str] = set()
+        for route in self.routes:
+            if route.name in models or route.name in adapters or route.name in seen:
+                raise ValueError(f"route name {route.name!r} is already taken")
+            seen.add(route.name)
+            adapter = adapters.get(route.model)
+            base = models.get(adapter.base if adapter else route.model)
+            if base is None:
+                raise ValueError(
+                    f"route {route.name!r}: {route.model!r} is neither a model nor an adapter"
+                )
+            if route.experiment is not None and route.experiment not in experiments:
+                raise ValueError(
+                    f"route {route.name!r}: experiment {route.experiment!r} is not declared"
+                )
+            templated = route.template is not None or route.experiment is not None
+            if templated and self.prompts.dir is None:
+                raise ValueError(f"route {route.name!r} uses templates but prompts.dir is not set")
+            if templated and isinstance(base, VllmModelConfig) and base.tokenizer is None:
+                raise ValueError(
+                    f"route {route.name!r}: templates count tokens with the served model's "
+                    f"tokenizer; set `tokenizer` on model {base.name!r}"
+                )
+            if route.experiment is not None and route.template is None:
+                missing = [v.name for v in experiments[route.experiment].variants if not v.template]
+                if missing:
+                    raise ValueError(
+                        f"route {route.name!r}: variants {missing} name no template and the "
+                        "route has none"
+                    )
+        return self
+
+    def template_refs(self) -> list[tuple[str, str]]:
+        """Every template reference in this file, with where it is (checked at start-up)."""
+        refs = [(f"routes[{r.name}].template", r.template) for r in self.routes if r.template]
+        for e in self.experiments:
+            refs += [
+                (f"experiments[{e.name}].variants[{v.name}]", v.template)
+                for v in e.variants
+                if v.template
+            ]
+        return refs
+
 
 class Settings(BaseSettings):
     """Process settings; every field can be set as ``RAGLINE_<FIELD>`` in the environment."""
@@ -236,6 +325,9 @@ class Settings(BaseSettings):
     default_reserve_tokens: int = Field(
         default=256, ge=1, description="Completion tokens reserved when max_tokens is absent."
     )
+    prompts_dir: Path | None = Field(
+        default=None, description="Prompt template directory (overrides the file's prompts.dir)."
+    )
     log_format: Literal["json", "text"] = "json"
     log_prompts: bool = Field(default=False, description="Debug: log prompts and completions.")
     shutdown_grace: float = Field(default=30.0, ge=0, description="Seconds for in-flight work.")
@@ -256,6 +348,13 @@ class ConfigError(Exception):
 
 def load_file_config(settings: Settings) -> FileConfig:
     """Read ``settings.config`` (or the built-in default) into a validated ``FileConfig``."""
+    config = _load_file_config(settings)
+    if settings.prompts_dir is not None:
+        config.prompts.dir = settings.prompts_dir.expanduser()
+    return config
+
+
+def _load_file_config(settings: Settings) -> FileConfig:
     if settings.config is None:
         if settings.vllm:
             urls = [u.strip() for u in settings.vllm.split(",") if u.strip()]
@@ -278,4 +377,10 @@ def load_file_config(settings: Settings) -> FileConfig:
         raise ConfigError(f"config file {path} is invalid:\n{exc}") from exc
     if not config.models:
         raise ConfigError(f"config file {path} declares no models")
+    if config.prompts.dir is not None and not config.prompts.dir.expanduser().is_absolute():
+        config.prompts.dir = path.parent / config.prompts.dir
+    for declared in config.models:
+        tok = declared.tokenizer if isinstance(declared, VllmModelConfig) else None
+        if tok is not None and not tok.expanduser().is_absolute():
+            declared.tokenizer = path.parent / tok  # type: ignore[union-attr]
     return config

@@ -6,7 +6,7 @@ collide.
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Summary
 
 _LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 30, 60, 120)
 _FAST = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1)
@@ -82,6 +82,38 @@ class Metrics:
             "ragline_safety_findings_total",
             "Safety findings.",
             ["scanner", "type", "action"],
+            registry=r,
+        )
+        variant = ["experiment", "variant", "template"]
+        self.variant_requests = Counter(
+            "ragline_prompt_requests_total",
+            "Templated requests by experiment, variant, template version and status.",
+            [*variant, "status"],
+            registry=r,
+        )
+        self.variant_prompt_tokens = Counter(
+            "ragline_prompt_variant_prompt_tokens_total",
+            "Prompt tokens of templated requests.",
+            variant,
+            registry=r,
+        )
+        self.variant_completion_tokens = Counter(
+            "ragline_prompt_variant_completion_tokens_total",
+            "Completion tokens of templated requests.",
+            variant,
+            registry=r,
+        )
+        self.variant_latency = Histogram(
+            "ragline_prompt_variant_duration_seconds",
+            "End-to-end latency of templated requests.",
+            variant,
+            buckets=_LATENCY,
+            registry=r,
+        )
+        self.variant_feedback = Summary(
+            "ragline_prompt_feedback_score",
+            "Feedback scores (POST /v1/feedback) per variant: _sum / _count is the mean.",
+            variant,
             registry=r,
         )
         self.in_flight = Gauge("ragline_in_flight_requests", "Requests being served.", registry=r)

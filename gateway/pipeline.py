@@ -12,6 +12,8 @@ order drawn in DESIGN.md. Two kinds of backend sit behind it:
 from __future__ import annotations
 
 import asyncio
+import json
+import re
 import time
 from collections.abc import AsyncIterator
 from typing import Any, cast
@@ -33,7 +35,8 @@ from gateway.cache import CachedResponse
 from gateway.config import Settings
 from gateway.errors import InvalidRequest, UnsupportedParameter
 from gateway.http import until_disconnect
-from gateway.protocol import ChatCompletionRequest, CompletionRequest
+from gateway.prompting import PromptStage, Shaped
+from gateway.protocol import ChatCompletionRequest, ChatMessage, CompletionRequest
 from gateway.responses import (
     Prepared,
     chat_response,
@@ -46,6 +49,8 @@ from gateway.sse import guarded
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 JSON = "application/json"
+_FINISH = re.compile(rb'"finish_reason": ?"')
+_ID = re.compile(rb'"id": ?"([^"]{1,200})"')
 
 
 def _params(
@@ -81,10 +86,17 @@ def _params(
 
 
 class Pipeline:
-    def __init__(self, settings: Settings, registry: BackendRegistry, admission: Admission) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        registry: BackendRegistry,
+        admission: Admission,
+        prompts: PromptStage,
+    ) -> None:
         self.settings = settings
         self.registry = registry
         self.admission = admission
+        self.prompts = prompts
 
     # -- entry points (one per route) ----------------------------------------------------------
 
@@ -98,11 +110,14 @@ class Pipeline:
         self, request: Request, route: str, body: ChatCompletionRequest | CompletionRequest
     ) -> Response:
         target = self._resolve(body.model, body.n)
+        shaped = await self._render(request, body, target)
         if isinstance(body, ChatCompletionRequest) and not target.proxied:
             self._check_supported_chat(body)
         wire = body.model_dump(exclude_unset=True, exclude={"ragline"})
         adapter = target.adapter.name if target.adapter else None
         ticket, hit = await self.admission.open(request, route, wire, target.base, adapter)
+        if shaped is not None:
+            self._follow(request, ticket, shaped)
         if wire.get("max_tokens") is not None and body.max_tokens is None:
             body.max_tokens = wire["max_tokens"]  # the key's max_tokens became the default
         request.state.log_fields = ticket.log_fields()
@@ -112,14 +127,51 @@ class Pipeline:
                 return _sse(_once(hit.body), ticket.headers)
             return Response(hit.body, media_type=JSON, headers=ticket.headers)
         try:
+            info = {"prompt": shaped.info} if shaped is not None else None
             if target.proxied:
-                return await self._proxy(request, target, route, wire, body, ticket)
-            return await self._generate(request, target, body, ticket)
+                return await self._proxy(request, target, route, wire, body, ticket, info)
+            return await self._generate(request, target, body, ticket, info)
         except BaseException as exc:
             await ticket.fail(exc)
             raise
 
     # -- stages --------------------------------------------------------------------------------
+
+    async def _render(
+        self, request: Request, body: ChatCompletionRequest | CompletionRequest, target: Target
+    ) -> Shaped | None:
+        """Stage 6: a templated chat request's messages and sampling settings are replaced."""
+        if not isinstance(body, ChatCompletionRequest):
+            templated = target.route is not None and (
+                target.route.template or target.route.experiment
+            )
+            if templated or (body.ragline is not None and body.ragline.template):
+                raise InvalidRequest(
+                    "prompt templates apply to chat completions; use /v1/chat/completions.",
+                    param="model" if templated else "ragline.template",
+                )
+            return None
+        self.admission.authorize(request, body.model)
+        shaped = await self.prompts.shape(request, body, target)
+        if shaped is None:
+            return None
+        body.messages = [ChatMessage.model_validate(m) for m in shaped.messages]
+        for name, value in shaped.overrides.items():
+            if name == "max_tokens" and body.max_completion_tokens is not None:
+                body.max_completion_tokens = value
+            else:
+                setattr(body, name, value)
+        return shaped
+
+    def _follow(self, request: Request, ticket: Ticket, shaped: Shaped) -> None:
+        """Count the templated request per variant and remember it for feedback."""
+        request_id = getattr(request.state, "request_id", "")
+
+        async def settled(status: int, usage: tuple[int, int]) -> None:
+            ids = [request_id, ticket.response_id or ""]
+            await self.prompts.finished(shaped, ticket.principal, ids, status, usage)
+
+        ticket.hooks.append(settled)
 
     def _resolve(self, model: str, n: int | None) -> Target:
         target = self.registry.resolve(model)
@@ -135,6 +187,7 @@ class Pipeline:
         target: Target,
         body: ChatCompletionRequest | CompletionRequest,
         ticket: Ticket,
+        info: dict[str, Any] | None = None,
     ) -> Response:
         """The embedded engine (any ``GenerationRequest`` backend)."""
         backend = target.backend
@@ -144,6 +197,8 @@ class Pipeline:
             if isinstance(body, ChatCompletionRequest)
             else (self.prepare_completion(body))
         )
+        prepared[0].ragline = info
+        ticket.response_id = prepared[0].id
         if body.stream:
             events = ticket.observe(backend.stream(prepared[0].generation))
             first = await until_disconnect(request, anext(events))
@@ -161,7 +216,7 @@ class Pipeline:
             if isinstance(body, ChatCompletionRequest)
             else completion_response(prepared, generations, bool(body.echo))
         )
-        payload = wire_response.model_dump_json(exclude={"ragline"}).encode()
+        payload = wire_response.model_dump_json(exclude=set() if info else {"ragline"}).encode()
         usage = (
             sum(g.usage.prompt_tokens for g in generations),
             sum(g.usage.completion_tokens for g in generations),
@@ -178,6 +233,7 @@ class Pipeline:
         wire: dict[str, Any],
         body: ChatCompletionRequest | CompletionRequest,
         ticket: Ticket,
+        info: dict[str, Any] | None = None,
     ) -> Response:
         backend = cast(ProxyBackend, target.backend)
         call = ProxyCall(
@@ -191,9 +247,15 @@ class Pipeline:
         )
         result = await until_disconnect(request, backend.proxy(call))
         if result.events is not None:
-            return _sse(
-                ticket.tap_stream(result.events, request, lambda: call.usage), ticket.headers
-            )
+            events = result.events
+            if info is not None:
+                events = _annotate_sse(events, info, body.n or 1, ticket)
+            return _sse(ticket.tap_stream(events, request, lambda: call.usage), ticket.headers)
+        if info is not None and result.status == 200:
+            data = json.loads(result.body)
+            data["ragline"] = info
+            ticket.response_id = data.get("id")
+            result.body = json.dumps(data, separators=(",", ":")).encode()
         usage = usage_from(result.body) if result.status == 200 else (0, 0)
         store = (
             CachedResponse("json", result.body, *usage) if usage and result.status == 200 else None
@@ -289,3 +351,20 @@ def _sse(events: AsyncIterator[bytes], headers: dict[str, str] | None = None) ->
 
 async def _once(payload: bytes) -> AsyncIterator[bytes]:
     yield payload
+
+
+async def _annotate_sse(
+    events: AsyncIterator[bytes], info: dict[str, Any], n: int, ticket: Ticket
+) -> AsyncIterator[bytes]:
+    """Add ``ragline`` to the upstream's chunk that finishes the last choice."""
+    finished = 0
+    async for event in events:
+        if ticket.response_id is None and (match := _ID.search(event)):
+            ticket.response_id = match.group(1).decode()
+        if finished < n and _FINISH.search(event) and event.startswith(b"data: {"):
+            data = json.loads(event[6:])
+            finished += sum(1 for c in data.get("choices", ()) if c.get("finish_reason"))
+            if finished >= n:
+                data["ragline"] = info
+                event = b"data: " + json.dumps(data, separators=(",", ":")).encode() + b"\n\n"
+        yield event

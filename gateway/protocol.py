@@ -52,8 +52,24 @@ class ResponseFormat(_Request):
     type: Literal["text", "json_object"]
 
 
+class ContextDocument(_Request):
+    """A document the client supplies as context for a template's ``context`` variable."""
+
+    text: str
+    id: str | None = None
+    source: str | None = None
+
+
 class RaglineOptions(_Request):
     """Per-request ragline extensions (``extra_body={"ragline": {...}}`` in the SDK)."""
+
+    template: str | None = Field(
+        default=None, description="Prompt template: `name`, `name@version` or `name:label`."
+    )
+    variables: dict[str, Any] | None = Field(default=None, description="Template variables.")
+    context: Annotated[list[ContextDocument], Field(max_length=256)] | None = Field(
+        default=None, description="Documents for the template's `context`, most relevant first."
+    )
 
 
 Stop = str | Annotated[list[str], Field(max_length=4)] | None

@@ -5,7 +5,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import cast
+from typing import Any, cast
 
 from gateway.backends.base import Chunk, Generation, GenerationRequest, TokenInfo, Usage
 from gateway.protocol import (
@@ -47,6 +47,7 @@ class Prepared:
     created: int
     generation: GenerationRequest
     include_usage: bool
+    ragline: dict[str, Any] | None = None  # the response's ``ragline`` object, if any
 
 
 # -- response building ------------------------------------------------------------------------
@@ -85,6 +86,7 @@ def chat_response(prepared: Prepared, generation: Generation) -> ChatCompletion:
             for c in generation.choices
         ],
         usage=_wire_usage(generation.usage),
+        ragline=prepared.ragline,
     )
 
 
@@ -93,6 +95,7 @@ async def chat_sse(
 ) -> AsyncIterator[bytes]:
     """OpenAI's chat stream: role deltas, content deltas, finish chunks, usage, ``[DONE]``."""
     exclude = {"ragline"} if prepared.include_usage else {"ragline", "usage"}
+    finished = 0
 
     def chunk(
         index: int,
@@ -100,6 +103,10 @@ async def chat_sse(
         finish: str | None = None,
         tokens: list[TokenInfo] | None = None,
     ) -> bytes:
+        nonlocal finished
+        finished += 1 if finish else 0
+        last = finish is not None and finished == prepared.generation.n
+        extra = prepared.ragline if last else None
         body = ChatCompletionChunk(
             id=prepared.id,
             created=prepared.created,
@@ -112,8 +119,9 @@ async def chat_sse(
                     finish_reason=cast(FinishReason | None, finish),
                 )
             ],
+            ragline=extra,
         )
-        return sse_event(body.model_dump_json(exclude=exclude))
+        return sse_event(body.model_dump_json(exclude=exclude - {"ragline"} if extra else exclude))
 
     for i in range(prepared.generation.n):
         yield chunk(i, {"role": "assistant", "content": ""})

@@ -59,15 +59,18 @@ def start_gateway(
     timeout: float = 120,
     adapters: list[dict[str, object]] | None = None,
     keys: list[dict[str, object]] | None = None,
+    extra: dict[str, object] | None = None,
 ) -> Gateway:
-    """Run ``ragline serve`` in a subprocess on a free port and wait until ``/ready``."""
+    """Run ``ragline serve`` in a subprocess on a free port and wait until ``/ready``.
+
+    ``extra`` adds top-level sections to the config file (prompts, routes, experiments).
+    """
     port = free_port()
     cmd = [sys.executable, "-m", "gateway.cli", "serve", "--port", str(port)]
     if models is not None:
         config = tmp / f"config-{port}.yaml"
-        config.write_text(
-            yaml.safe_dump({"models": models, "adapters": adapters or [], "keys": keys or []})
-        )
+        document = {"models": models, "adapters": adapters or [], "keys": keys or []}
+        config.write_text(yaml.safe_dump({**document, **(extra or {})}))
         cmd += ["--config", str(config)]
     log = tmp / f"gateway-{port}.log"
     proc = subprocess.Popen(

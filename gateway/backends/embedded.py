@@ -77,6 +77,10 @@ class EmbeddedBackend:
             )
         ]
 
+    def chat_tokenizer(self) -> tuple[Any, int]:
+        """The request-side tokenizer and the context length (prompt templates count with it)."""
+        return self._tokenizer, self._max_len
+
     def stats(self) -> dict[str, int]:
         if self._scheduler is None:
             return {"running": 0, "waiting": 0}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -11,7 +12,13 @@ from gateway.backends.base import Backend, ModelInfo
 from gateway.backends.embedded import EmbeddedBackend
 from gateway.backends.lora import MemoryPlacements, Placements, RedisPlacements
 from gateway.backends.vllm import VllmBackend
-from gateway.config import AdapterConfig, EmbeddedModelConfig, FileConfig, Settings
+from gateway.config import (
+    AdapterConfig,
+    EmbeddedModelConfig,
+    FileConfig,
+    RouteConfig,
+    Settings,
+)
 from gateway.errors import ModelNotFound, Overloaded
 
 log = logging.getLogger("ragline.backends")
@@ -24,6 +31,7 @@ class Target:
     backend: Backend
     base: str
     adapter: AdapterConfig | None = None
+    route: RouteConfig | None = None
 
     @property
     def proxied(self) -> bool:
@@ -33,10 +41,15 @@ class Target:
 
 class BackendRegistry:
     def __init__(
-        self, backends: dict[str, Backend], adapters: dict[str, AdapterConfig] | None = None
+        self,
+        backends: dict[str, Backend],
+        adapters: dict[str, AdapterConfig] | None = None,
+        routes: dict[str, RouteConfig] | None = None,
     ) -> None:
         self._backends = backends
         self._adapters = adapters or {}
+        self._routes = routes or {}
+        self._created = int(time.time())
         self._tasks: list[asyncio.Task[None]] = []
 
     @classmethod
@@ -54,14 +67,20 @@ class BackendRegistry:
                 )
                 adapters = [a for a in config.adapters if a.base == model.name]
                 backends[model.name] = VllmBackend(model, adapters, placements)
-        return cls(backends, {a.name: a for a in config.adapters})
+        return cls(
+            backends, {a.name: a for a in config.adapters}, {r.name: r for r in config.routes}
+        )
 
     def resolve(self, model: str) -> Target:
-        """``model`` is a base model, an adapter name, or ``base:adapter``.
+        """``model`` is a route, a base model, an adapter name, or ``base:adapter``.
 
         Raises ``ModelNotFound`` for anything else and ``Overloaded`` while the backend is not
         ready (loading, or no healthy replica).
         """
+        route = self._routes.get(model)
+        if route is not None:
+            inner = self.resolve(route.model)
+            return Target(inner.backend, inner.base, inner.adapter, route)
         base, _, adapter_name = model.partition(":")
         adapter = self._adapters.get(adapter_name or base)
         if adapter is not None and adapter_name and adapter.base != base:
@@ -123,7 +142,11 @@ class BackendRegistry:
         return backend
 
     def models(self) -> list[ModelInfo]:
-        return [info for b in self._backends.values() for info in b.models()]
+        routes = [
+            ModelInfo(id=r.name, owned_by="ragline", created=self._created, parent=r.model)
+            for r in self._routes.values()
+        ]
+        return [info for b in self._backends.values() for info in b.models()] + routes
 
 
 def _log_start_failure(task: asyncio.Task[None]) -> None:

@@ -15,7 +15,8 @@ from gateway.config import AdapterConfig, KeyPolicy
 from gateway.errors import InvalidRequest, NotFound
 from gateway.http import parse_body
 from gateway.logs import audit_event
-from gateway.routes.deps import RegistryDep
+from gateway.routes.deps import PipelineDep, RegistryDep
+from prompts.template import PromptError
 
 router = APIRouter(prefix="/admin")
 
@@ -96,3 +97,26 @@ async def unload_adapter(name: str, request: Request, registry: RegistryDep) -> 
     await asyncio.gather(*(backend.unload_adapter(adapter, r) for r in replicas))
     audit_event("adapter.unloaded", by=principal_of(request.state).key_id, adapter=name)
     return {"name": name, "unloaded_from": sorted(r.url for r in replicas)}
+
+
+@router.get("/prompts")
+async def list_prompts(pipeline: PipelineDep) -> dict[str, object]:
+    catalog = pipeline.prompts.catalog
+    return {
+        "object": "list",
+        "directory": str(catalog.directory) if catalog.directory else None,
+        "generation": catalog.generation,
+        "data": catalog.current.describe(),
+    }
+
+
+@router.post("/prompts/reload")
+async def reload_prompts(request: Request, pipeline: PipelineDep) -> dict[str, object]:
+    """Load the template directory again; on any error the current templates keep serving."""
+    catalog = pipeline.prompts.catalog
+    try:
+        registry = await asyncio.to_thread(catalog.reload)
+    except PromptError as exc:
+        raise InvalidRequest(exc.message, code="invalid_prompt_templates") from None
+    audit_event("prompts.reloaded", by=principal_of(request.state).key_id, versions=len(registry))
+    return {"object": "list", "generation": catalog.generation, "data": registry.describe()}
