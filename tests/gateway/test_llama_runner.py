@@ -18,13 +18,13 @@ def chat_ids(tokenizer, text: str) -> list[int]:  # type: ignore[no-untyped-def]
     return list(tokenizer.encode(rendered, add_special_tokens=False))
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_greedy_matches_transformers_generate(model_path, tokenizer, dtype) -> None:  # type: ignore[no-untyped-def]
+def test_greedy_matches_transformers_generate(model_path, tokenizer) -> None:  # type: ignore[no-untyped-def]
+    """float32: token for token equal to ``generate``, with every prompt in one batch."""
     runner = LlamaRunner.from_pretrained(
-        model_path, max_slots=4, max_len=512, dtype=dtype, device=torch.device("cpu")
+        model_path, max_slots=4, max_len=512, dtype=torch.float32, device=torch.device("cpu")
     )
-    reference = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
-    steps = 32 if dtype == torch.float32 else 12
+    reference = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    steps = 32
     prompts = [chat_ids(tokenizer, p) for p in PROMPTS]
     # prompts of different lengths prefill in one padded pass, then decode together in one
     # batch, each at its own position
@@ -36,16 +36,45 @@ def test_greedy_matches_transformers_generate(model_path, tokenizer, dtype) -> N
             o.append(int(row.argmax()))
         positions = [p + 1 for p in positions]
     for ids, out in zip(prompts, outs, strict=True):
-        with torch.inference_mode():
-            ref = reference.generate(
-                torch.tensor([ids]),
-                attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                max_new_tokens=steps,
-                do_sample=False,
-                eos_token_id=None,
-                pad_token_id=0,
-            )
-        assert out == ref[0, len(ids) :].tolist()
+        assert out == _generate(reference, ids, steps)
+
+
+def test_bf16_follows_generate_up_to_rounding_ties(model_path, tokenizer) -> None:  # type: ignore[no-untyped-def]
+    """bfloat16: batched and unbatched matmuls round differently (on CPUs without native bf16
+    more so), so a near-tie can flip. Teacher-forced on ``generate``'s tokens, the runner must
+    rank each of them first or within bf16 rounding of first, at every step of every prompt."""
+    runner = LlamaRunner.from_pretrained(
+        model_path, max_slots=4, max_len=512, dtype=torch.bfloat16, device=torch.device("cpu")
+    )
+    reference = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.bfloat16)
+    steps = 24
+    prompts = [chat_ids(tokenizer, p) for p in PROMPTS]
+    refs = [_generate(reference, ids, steps) for ids in prompts]
+    rows = runner.prefill(0, prompts)
+    positions = [len(ids) for ids in prompts]
+    exact = 0
+    for step in range(steps):
+        for row, ref in zip(rows, refs, strict=True):
+            top = float(row.max())
+            assert float(row[ref[step]]) >= top - 0.25 * max(1.0, abs(top) / 16), (step, ref)
+            exact += int(row.argmax()) == ref[step]
+        if step + 1 < steps:
+            rows = runner.decode([r[step] for r in refs], positions)
+            positions = [p + 1 for p in positions]
+    assert exact >= 0.9 * steps * len(prompts)  # ties are rare, not the rule
+
+
+def _generate(model, ids: list[int], steps: int) -> list[int]:  # type: ignore[no-untyped-def]
+    with torch.inference_mode():
+        out = model.generate(
+            torch.tensor([ids]),
+            attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+            max_new_tokens=steps,
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=0,
+        )
+    return list(out[0, len(ids) :].tolist())
 
 
 def test_move_slot_keeps_a_sequence_intact(model_path, tokenizer) -> None:  # type: ignore[no-untyped-def]
