@@ -14,6 +14,7 @@ from benchmarks.cli import app as bench_app
 from gateway.config import ConfigError, FileConfig, Settings, load_file_config
 from gateway.errors import ModelAssetError
 from gateway.eval_cli import app as eval_app
+from gateway.finetune_cli import adapters_app, finetune_app
 from gateway.logs import configure as configure_logging
 
 app = typer.Typer(
@@ -27,6 +28,8 @@ app.add_typer(bench_app, name="bench")
 keys_app = typer.Typer(help="API key helpers.", no_args_is_help=True)
 app.add_typer(keys_app, name="keys")
 app.add_typer(eval_app, name="eval")
+app.add_typer(finetune_app, name="finetune")
+app.add_typer(adapters_app, name="adapters")
 
 console = Console(stderr=True)
 

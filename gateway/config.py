@@ -8,6 +8,7 @@ Config is read once at start-up, never at import time.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -26,6 +27,8 @@ from pydantic import (
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from prompts.experiments import Experiment
+
+log = logging.getLogger("ragline.config")
 
 DEFAULT_MODEL_NAME = "smollm2"
 DEFAULT_MODEL_DIRNAME = "smollm2-135m-instruct"
@@ -229,11 +232,6 @@ class FileConfig(BaseModel):
                 )
             if adapter.name in models or adapter.name in seen:
                 raise ValueError(f"adapter name {adapter.name!r} is already taken")
-            if not isinstance(base, VllmModelConfig):
-                raise ValueError(
-                    f"adapter {adapter.name!r}: LoRA adapters are served through a "
-                    "vllm backend; the embedded engine does not load adapters yet"
-                )
             seen.add(adapter.name)
         return self
 
@@ -325,6 +323,10 @@ class Settings(BaseSettings):
     default_reserve_tokens: int = Field(
         default=256, ge=1, description="Completion tokens reserved when max_tokens is absent."
     )
+    adapters_file: Path = Field(
+        default=Path("~/.cache/ragline/adapters.json"),
+        description="Registry of adapters (`ragline adapters register`), served at start-up.",
+    )
     prompts_dir: Path | None = Field(
         default=None, description="Prompt template directory (overrides the file's prompts.dir)."
     )
@@ -333,7 +335,7 @@ class Settings(BaseSettings):
     shutdown_grace: float = Field(default=30.0, ge=0, description="Seconds for in-flight work.")
     log_level: str = "info"
 
-    @field_validator("models_dir")
+    @field_validator("models_dir", "adapters_file")
     @classmethod
     def _expand(cls, v: Path) -> Path:
         return v.expanduser()
@@ -351,7 +353,31 @@ def load_file_config(settings: Settings) -> FileConfig:
     config = _load_file_config(settings)
     if settings.prompts_dir is not None:
         config.prompts.dir = settings.prompts_dir.expanduser()
+    _add_registered_adapters(config, settings.adapters_file)
     return config
+
+
+def _add_registered_adapters(config: FileConfig, registry: Path) -> None:
+    """Serve the adapters ``ragline adapters register`` recorded (the file's own win on names)."""
+    from finetune.adapters import AdapterError, AdapterRegistry
+
+    try:
+        entries = AdapterRegistry(registry).entries()
+    except AdapterError as exc:
+        raise ConfigError(str(exc)) from None
+    models = {m.name for m in config.models}
+    taken = models | {a.name for a in config.adapters}
+    for name, entry in sorted(entries.items()):
+        if name in taken:
+            log.warning("registered adapter %r is shadowed by the config file; not served", name)
+        elif entry.get("base") not in models:
+            log.warning(
+                "registered adapter %r is for model %r, which this gateway does not serve",
+                name,
+                entry.get("base"),
+            )
+        else:
+            config.adapters.append(AdapterConfig(name=name, path=entry["path"], base=entry["base"]))
 
 
 def _load_file_config(settings: Settings) -> FileConfig:

@@ -16,6 +16,7 @@ import json
 import re
 import time
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from typing import Any, cast
 
 from pydantic import BaseModel
@@ -199,6 +200,9 @@ class Pipeline:
         )
         prepared[0].ragline = info
         ticket.response_id = prepared[0].id
+        if target.adapter is not None:
+            for p in prepared:
+                p.generation = replace(p.generation, adapter=target.adapter.name)
         if body.stream:
             events = ticket.observe(backend.stream(prepared[0].generation))
             first = await until_disconnect(request, anext(events))

@@ -50,6 +50,7 @@ class GenerationRequest:
     messages: tuple[dict[str, str], ...] | None = None
     prompt: str | None = None
     prompt_ids: tuple[int, ...] | None = None
+    adapter: str | None = None  # a LoRA adapter the backend has loaded; None: the base model
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,7 @@ from gateway.backends.base import (
 )
 from gateway.backends.llama import LlamaRunner
 from gateway.backends.scheduler import Job, Scheduler, on_cpu_with_bf16
-from gateway.config import EmbeddedModelConfig
+from gateway.config import AdapterConfig, EmbeddedModelConfig
 from gateway.errors import ContextLengthExceeded, InvalidRequest, Overloaded
 
 log = logging.getLogger("ragline.embedded")
@@ -50,9 +50,15 @@ def choose_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 class EmbeddedBackend:
-    def __init__(self, config: EmbeddedModelConfig, model_path: Path) -> None:
+    def __init__(
+        self,
+        config: EmbeddedModelConfig,
+        model_path: Path,
+        adapters: list[AdapterConfig] | None = None,
+    ) -> None:
         self.config = config
         self.model_path = model_path
+        self.adapters = {a.name: a for a in adapters or []}
         self._created = int(time.time())
         self._tokenizer: Any = None
         self._scheduler: Scheduler | None = None
@@ -67,14 +73,23 @@ class EmbeddedBackend:
         return self._scheduler is not None
 
     def models(self) -> list[ModelInfo]:
-        return [
+        base = ModelInfo(
+            id=self.config.name,
+            owned_by=self.config.owned_by,
+            created=self._created,
+            max_model_len=self._max_len,
+            root=str(self.model_path),
+        )
+        return [base] + [
             ModelInfo(
-                id=self.config.name,
+                id=a.name,
                 owned_by=self.config.owned_by,
                 created=self._created,
                 max_model_len=self._max_len,
-                root=str(self.model_path),
+                root=a.path,
+                parent=a.base,
             )
+            for a in self.adapters.values()
         ]
 
     def chat_tokenizer(self) -> tuple[Any, int]:
@@ -123,6 +138,14 @@ class EmbeddedBackend:
             except Exception as exc:  # a driver or torch that cannot capture: run eagerly
                 log.warning("CUDA graph capture failed (%s); decoding eagerly", exc)
                 runner._graphs = {}
+        if self.adapters:
+            from finetune.adapters import inspect
+
+            for adapter in self.adapters.values():  # a clear error for a mismatched adapter
+                inspect(Path(adapter.path).expanduser(), self.model_path, check_checksum=False)
+            runner.load_adapters(
+                {a.name: Path(a.path).expanduser() for a in self.adapters.values()}
+            )
         self._max_len = runner.max_len
         self._vocab_size = runner.shape.vocab_size
         eos = GenerationConfig.from_pretrained(self.model_path).eos_token_id
@@ -186,6 +209,7 @@ class EmbeddedBackend:
             n=request.n,
             max_tokens=self._max_tokens(request, len(prompt_ids)),
             queue=asyncio.Queue(),
+            adapter=self._adapter_index(request.adapter),
         )
         self._check_logit_bias(request)
         scheduler.submit(job)
@@ -205,6 +229,15 @@ class EmbeddedBackend:
 
     async def generate(self, request: GenerationRequest) -> Generation:
         return await collect(self.stream(request), request.n)
+
+    def _adapter_index(self, name: str | None) -> int:
+        if name is None:
+            return 0
+        assert self._scheduler is not None
+        index = self._scheduler.adapter_index(name)
+        if index is None:
+            raise InvalidRequest(f"adapter {name!r} is not loaded on this model", param="model")
+        return index
 
     def _max_tokens(self, request: GenerationRequest, prompt_len: int) -> int:
         room = self._max_len - prompt_len

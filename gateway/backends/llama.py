@@ -28,6 +28,9 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
+from gateway.backends.multilora import LoraPair, build_bank
+from gateway.backends.multilora import apply as lora_delta
+
 
 @dataclass(frozen=True)
 class LlamaShape:
@@ -77,6 +80,7 @@ class _Layer:
     post_norm: torch.Tensor
     gate_up: torch.Tensor  # [2 * intermediate, hidden]
     down: torch.Tensor
+    lora: dict[str, LoraPair] | None = None  # stacked adapters per fused projection
 
 
 class LlamaRunner:
@@ -150,6 +154,11 @@ class LlamaRunner:
             torch.zeros((max_slots, kv, max_len, dim), dtype=torch.float32, device=device)
             for _ in self.layers
         ]
+        # LoRA adapters: index per slot (0: the base model) and, during a forward pass that
+        # involves any adapter, the index of each row
+        self.adapters: dict[str, int] = {}
+        self.slot_adapter = [0] * max_slots
+        self._rows: torch.Tensor | None = None
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._graph_ids = torch.zeros(0, dtype=torch.long)
         self._graph_pos = torch.zeros(0, dtype=torch.long)
@@ -171,6 +180,27 @@ class LlamaRunner:
         max_len = min(max_len, shape.max_position_embeddings)
         return cls(shape, weights, max_slots=max_slots, max_len=max_len, dtype=dtype, device=device)
 
+    def load_adapters(self, adapters: dict[str, Path]) -> None:
+        """Load PEFT LoRA adapters (once, before serving); request them by name afterwards."""
+        if not adapters:
+            return
+        s = self.shape
+        q, kv = s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim
+        outs = {
+            "q_proj": q,
+            "k_proj": kv,
+            "v_proj": kv,
+            "o_proj": s.hidden_size,
+            "gate_proj": s.intermediate_size,
+            "up_proj": s.intermediate_size,
+            "down_proj": s.hidden_size,
+        }
+        ins = {"qkv": s.hidden_size, "o": q, "gate_up": s.hidden_size, "down": s.intermediate_size}
+        bank = build_bank(list(adapters.values()), s.num_layers, outs, ins, self.dtype, self.device)
+        for layer, pairs in zip(self.layers, bank, strict=True):
+            layer.lora = pairs
+        self.adapters = {name: i for i, name in enumerate(adapters, start=1)}
+
     # -- cache bookkeeping ---------------------------------------------------------------------
 
     def move_slot(self, src: int, dst: int, length: int) -> None:
@@ -178,6 +208,20 @@ class LlamaRunner:
         for k, v in zip(self.k_cache, self.v_cache, strict=True):
             k[dst, :, :, :length] = k[src, :, :, :length]
             v[dst, :, :length] = v[src, :, :length]
+        self.slot_adapter[dst] = self.slot_adapter[src]
+
+    def _use_rows(self, indices: list[int]) -> None:
+        self._rows = (
+            torch.tensor(indices, dtype=torch.long, device=self.device) if any(indices) else None
+        )
+
+    def _project(
+        self, x: torch.Tensor, weight: torch.Tensor, layer: _Layer, name: str
+    ) -> torch.Tensor:
+        out = F.linear(x, weight)
+        if self._rows is not None and layer.lora is not None:
+            out = out + lora_delta(x, layer.lora[name], self._rows)
+        return out
 
     # -- forward -------------------------------------------------------------------------------
 
@@ -192,17 +236,18 @@ class LlamaRunner:
         return x * cos + rotated * sin
 
     def _mlp_and_attn_out(self, x: torch.Tensor, attn: torch.Tensor, layer: _Layer) -> torch.Tensor:
-        x = x + F.linear(attn, layer.o)
+        x = x + self._project(attn, layer.o, layer, "o")
         h = self._norm(x, layer.post_norm)
-        gate, up = F.linear(h, layer.gate_up).chunk(2, dim=-1)
-        return x + F.linear(F.silu(gate) * up, layer.down)
+        gate, up = self._project(h, layer.gate_up, layer, "gate_up").chunk(2, dim=-1)
+        return x + self._project(F.silu(gate) * up, layer.down, layer, "down")
 
     def _split_qkv(
         self, h: torch.Tensor, layer: _Layer, cos: torch.Tensor, sin: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         s = self.shape
         b, t, _ = h.shape
-        qkv = F.linear(h, layer.qkv).view(b, t, s.num_heads + 2 * s.num_kv_heads, s.head_dim)
+        qkv = self._project(h, layer.qkv, layer, "qkv")
+        qkv = qkv.view(b, t, s.num_heads + 2 * s.num_kv_heads, s.head_dim)
         q, k, v = qkv.split([s.num_heads, s.num_kv_heads, s.num_kv_heads], dim=2)
         return self._rope(q, cos, sin), self._rope(k, cos, sin), v
 
@@ -230,13 +275,26 @@ class LlamaRunner:
         return out.permute(0, 3, 1, 2, 4).reshape(b, t, s.num_heads * s.head_dim).to(q.dtype)
 
     @torch.inference_mode()
-    def prefill(self, first_slot: int, prompts: list[list[int]]) -> torch.Tensor:
+    def prefill(
+        self, first_slot: int, prompts: list[list[int]], adapters: list[int] | None = None
+    ) -> torch.Tensor:
         """Run fresh prompts into slots ``first_slot, first_slot + 1, ...`` in one forward pass.
 
         Prompts are right-padded to the longest; padding writes cache positions that the owning
-        sequence overwrites before it ever attends to them. Returns logits ``[len(prompts), vocab]``
-        of each prompt's last token.
+        sequence overwrites before it ever attends to them. ``adapters`` gives each prompt's
+        adapter index (``self.adapters``; 0 or None: the base model), kept for its slot. Returns
+        logits ``[len(prompts), vocab]`` of each prompt's last token.
         """
+        b = len(prompts)
+        indices = adapters or [0] * b
+        self.slot_adapter[first_slot : first_slot + b] = indices
+        self._use_rows(indices)
+        try:
+            return self._prefill(first_slot, prompts)
+        finally:
+            self._rows = None
+
+    def _prefill(self, first_slot: int, prompts: list[list[int]]) -> torch.Tensor:
         b = len(prompts)
         lengths = [len(p) for p in prompts]
         t = max(lengths)
@@ -271,6 +329,15 @@ class LlamaRunner:
         buffer, valid until the next ``decode``.
         """
         n = len(token_ids)
+        indices = self.slot_adapter[:n]
+        if any(indices):  # adapters run eagerly (graphs were captured without them)
+            ids = torch.tensor(token_ids, dtype=torch.long, device=self.device).view(n, 1)
+            pos = torch.tensor(positions, dtype=torch.long, device=self.device)
+            self._use_rows(indices)
+            try:
+                return self._decode(ids, pos, max(positions) + 1)
+            finally:
+                self._rows = None
         if self._graphs:
             size = next(b for b in sorted(self._graphs) if b >= n)
             pad = [0] * (size - n)  # free slots: position 0 is rewritten by their next prefill

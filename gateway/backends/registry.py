@@ -60,7 +60,8 @@ class BackendRegistry:
         for model in config.models:
             if isinstance(model, EmbeddedModelConfig):
                 path = model.path.expanduser() if model.path else settings.default_model_path()
-                backends[model.name] = EmbeddedBackend(model, path)
+                adapters = [a for a in config.adapters if a.base == model.name]
+                backends[model.name] = EmbeddedBackend(model, path, adapters)
             else:
                 placements: Placements = (
                     RedisPlacements(redis, model.name) if redis is not None else MemoryPlacements()

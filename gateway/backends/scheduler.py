@@ -44,6 +44,7 @@ class Job:
     n: int
     max_tokens: int
     queue: asyncio.Queue[Event]
+    adapter: int = 0  # the runner's adapter index; 0: the base model
     cancelled: bool = False
     completion_tokens: int = 0
     unfinished: int = 0
@@ -116,6 +117,9 @@ class Scheduler:
         with self._cv:
             self._cv.notify()
 
+    def adapter_index(self, name: str) -> int | None:
+        return self._runner.adapters.get(name)
+
     @property
     def load(self) -> tuple[int, int]:
         """(running sequences, waiting requests)."""
@@ -176,7 +180,9 @@ class Scheduler:
 
     def _prefill_group(self, jobs: list[Job], events: list[tuple[Job, Event]]) -> None:
         first_slot = len(self._running)
-        logits = self._runner.prefill(first_slot, [job.prompt_ids for job in jobs])
+        logits = self._runner.prefill(
+            first_slot, [job.prompt_ids for job in jobs], [job.adapter for job in jobs]
+        )
         # Slots first_slot + i hold job i's first choice; further choices get copies after them.
         per_job: list[list[_Sequence]] = [[] for _ in jobs]
         for i in range(len(jobs)):

@@ -67,7 +67,8 @@ async def list_adapters(registry: RegistryDep) -> dict[str, object]:
             continue
         backend, _ = registry.adapter(info.id)
         placements = getattr(backend, "placements", None)
-        loaded = sorted(await placements.replicas_with(info.id)) if placements else []
+        # an embedded model loads its adapters with the weights, in this process
+        loaded = sorted(await placements.replicas_with(info.id)) if placements else ["in-process"]
         out.append({"name": info.id, "base": info.parent, "path": info.root, "loaded_on": loaded})
     return {"object": "list", "data": out}
 

@@ -1,0 +1,431 @@
+"""``ragline finetune``: supervised LoRA (or QLoRA) fine-tuning with a plain PyTorch loop.
+
+Why a plain loop and not TRL's ``SFTTrainer``: the loss must cover assistant tokens only, which
+``data.tokenize`` computes from the model's own chat template (and tests); the loop around it is
+short, runs the same on CPU and CUDA, and keeps checkpoints we can resume exactly (adapter
+weights, optimizer, scheduler, step, RNG). Everything that can be wrong with the inputs (data,
+rank, target modules, output directory, QLoRA without CUDA) is checked before the first step.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import random
+import resource
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from finetune.data import IGNORE, DataError, Summary, Tokenized, load_examples, pack, prepare, split
+
+# LoRA ranks vLLM's punica kernels accept (vllm/config/lora.py, 0.32)
+VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+META_FILE = "ragline.json"
+
+
+class FinetuneError(ValueError):
+    """Bad settings or inputs, found before training starts."""
+
+
+@dataclass
+class TrainConfig:
+    base: Path
+    data: Path
+    output: Path
+    rank: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    target_modules: tuple[str, ...] = ALL_LINEAR
+    epochs: float = 3.0
+    max_steps: int | None = None
+    batch_size: int = 8
+    grad_accum: int = 1
+    lr: float = 2e-4
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_ratio: float = 0.05
+    weight_decay: float = 0.0
+    max_length: int = 1024
+    truncate: bool = False
+    packing: bool = False
+    eval_fraction: float = 0.1
+    seed: int = 0
+    save_every: int = 0
+    resume: bool = False
+    overwrite: bool = False
+    qlora: bool = False
+    device: str = "auto"
+
+    def hyperparameters(self) -> dict[str, Any]:
+        out = asdict(self)
+        for key in ("base", "data", "output", "resume", "overwrite", "device"):
+            out.pop(key)
+        out["target_modules"] = list(self.target_modules)
+        return out
+
+
+@dataclass
+class Result:
+    output: Path
+    steps: int
+    seconds: float
+    train_loss: list[float] = field(default_factory=list)
+    eval_loss_before: float | None = None
+    eval_loss_after: float | None = None
+    peak_memory_mb: float = 0.0
+    summary: Summary | None = None
+
+    @property
+    def steps_per_second(self) -> float:
+        return self.steps / self.seconds if self.seconds else 0.0
+
+
+def file_checksum(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def base_checksum(base: Path) -> str:
+    """SHA-256 over the base checkpoint's weight files (sorted by name)."""
+    files = sorted(base.glob("*.safetensors"))
+    if not files:
+        raise FinetuneError(f"{base}: no *.safetensors weights (is this a model directory?)")
+    digest = hashlib.sha256()
+    for f in files:
+        digest.update(f.name.encode())
+        digest.update(file_checksum(f).encode())
+    return digest.hexdigest()
+
+
+def check(config: TrainConfig) -> None:
+    """Settings that can be checked without loading anything."""
+    if config.rank not in VLLM_RANKS:
+        raise FinetuneError(
+            f"rank {config.rank} is not one vLLM serves; use one of "
+            f"{', '.join(map(str, VLLM_RANKS))}"
+        )
+    if not (config.base / "config.json").exists():
+        raise FinetuneError(f"{config.base}: no config.json; pass a model directory as --base")
+    unknown = set(config.target_modules) - set(ALL_LINEAR)
+    if unknown:
+        raise FinetuneError(
+            f"unknown target module(s) {sorted(unknown)}; Llama's are {', '.join(ALL_LINEAR)}"
+        )
+    if config.batch_size < 1 or config.grad_accum < 1 or config.lr <= 0:
+        raise FinetuneError("batch size, gradient accumulation and learning rate must be > 0")
+    if config.qlora and not torch.cuda.is_available():
+        raise FinetuneError("--qlora needs a CUDA GPU (4-bit base weights through bitsandbytes)")
+    if config.qlora:
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError:
+            raise FinetuneError("--qlora needs bitsandbytes: pip install bitsandbytes") from None
+    has_adapter = (config.output / "adapter_config.json").exists()
+    if has_adapter and not (config.resume or config.overwrite):
+        raise FinetuneError(
+            f"{config.output} already holds an adapter; pass --overwrite or --resume"
+        )
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def load_data(
+    config: TrainConfig, tokenizer: Any, context_limit: int
+) -> tuple[list[Tokenized], list[Tokenized], Summary]:
+    examples, checksum = load_examples(config.data)
+    train_ex, eval_ex = split(examples, config.eval_fraction)
+    train, summary = prepare(
+        train_ex,
+        tokenizer,
+        config.max_length,
+        truncate=config.truncate,
+        context_limit=context_limit,
+        path=config.data,
+    )
+    held, eval_summary = prepare(
+        eval_ex,
+        tokenizer,
+        config.max_length,
+        truncate=config.truncate,
+        context_limit=context_limit,
+        path=config.data,
+    )
+    summary.train, summary.eval = len(train), len(held)
+    summary.examples += eval_summary.examples
+    summary.tokens += eval_summary.tokens
+    summary.trained_tokens += eval_summary.trained_tokens
+    summary.truncated += eval_summary.truncated
+    summary.max_length = max(summary.max_length, eval_summary.max_length)
+    summary.checksum = checksum
+    if config.packing:
+        eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+        train = pack(train, config.max_length, eos)
+        summary.packed_sequences = len(train)
+    return train, held, summary
+
+
+def _batches(rows: list[Tokenized], size: int, pad: int) -> list[dict[str, torch.Tensor]]:
+    out = []
+    for i in range(0, len(rows), size):
+        chunk = rows[i : i + size]
+        width = max(len(r.input_ids) for r in chunk)
+        out.append(
+            {
+                "input_ids": torch.tensor(
+                    [r.input_ids + [pad] * (width - len(r.input_ids)) for r in chunk]
+                ),
+                "labels": torch.tensor(
+                    [r.labels + [IGNORE] * (width - len(r.labels)) for r in chunk]
+                ),
+                "attention_mask": torch.tensor(
+                    [[1] * len(r.input_ids) + [0] * (width - len(r.input_ids)) for r in chunk]
+                ),
+            }
+        )
+    return out
+
+
+@torch.no_grad()
+def eval_loss(model: Any, rows: list[Tokenized], batch_size: int, pad: int, device: Any) -> float:
+    """Mean loss per assistant token over ``rows``."""
+    if not rows:
+        return float("nan")
+    model.eval()
+    total, count = 0.0, 0
+    for batch in _batches(rows, batch_size, pad):
+        batch = {k: v.to(device) for k, v in batch.items()}
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        labels = batch["labels"][:, 1:]
+        loss = torch.nn.functional.cross_entropy(
+            logits[:, :-1].float().reshape(-1, logits.shape[-1]),
+            labels.reshape(-1),
+            ignore_index=IGNORE,
+            reduction="sum",
+        )
+        total += float(loss)
+        count += int((labels != IGNORE).sum())
+    return total / max(count, 1)
+
+
+def train(
+    config: TrainConfig,
+    progress: Callable[[int, int, float, float], None] | None = None,
+    on_summary: Callable[[Summary], None] | None = None,
+) -> Result:
+    """Fine-tune; writes the adapter and ``ragline.json`` to ``config.output``."""
+    from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, get_scheduler
+
+    check(config)
+    device = _device(config.device)
+    tokenizer = AutoTokenizer.from_pretrained(config.base)
+    model_config = AutoConfig.from_pretrained(config.base)
+    context = int(getattr(model_config, "max_position_embeddings", 2048))
+    train_rows, eval_rows, summary = load_data(config, tokenizer, context)
+    if on_summary is not None:
+        on_summary(summary)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+    random.seed(config.seed)
+    torch.manual_seed(config.seed)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    kwargs: dict[str, Any] = {"dtype": dtype}
+    if config.qlora:
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_compute_dtype=torch.bfloat16,
+            bnb_4bit_use_double_quant=True,
+        )
+    model: Any = AutoModelForCausalLM.from_pretrained(config.base, **kwargs)
+    if config.qlora:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model)
+    else:
+        model.to(device)
+    model = get_peft_model(
+        model,
+        LoraConfig(
+            r=config.rank,
+            lora_alpha=int(config.alpha),
+            lora_dropout=config.dropout,
+            target_modules=list(config.target_modules),
+            task_type="CAUSAL_LM",
+        ),
+    )
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    per_epoch = math.ceil(len(train_rows) / (config.batch_size * config.grad_accum))
+    total = config.max_steps or max(1, math.ceil(per_epoch * config.epochs))
+    scheduler = get_scheduler(
+        config.schedule,
+        optimizer,
+        num_warmup_steps=int(total * config.warmup_ratio),
+        num_training_steps=total,
+    )
+    step = 0
+    losses: list[float] = []
+    checkpoints = config.output / "checkpoints"
+    if config.resume:
+        latest = _latest_checkpoint(checkpoints)
+        if latest is None:
+            raise FinetuneError(f"--resume: no checkpoint under {checkpoints}")
+        set_peft_model_state_dict(model, load_file(str(latest / "adapter_model.safetensors")))
+        state = torch.load(latest / "trainer.pt", weights_only=False, map_location="cpu")
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        step, losses = int(state["step"]), list(state["losses"])
+        random.setstate(state["python_rng"])
+        torch.set_rng_state(state["torch_rng"])
+    elif config.overwrite and config.output.exists():
+        shutil.rmtree(config.output)
+    config.output.mkdir(parents=True, exist_ok=True)
+
+    before = eval_loss(model, eval_rows, config.batch_size, pad, device)
+    started = time.perf_counter()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    model.train()
+    while step < total:
+        epoch, offset = divmod(step, per_epoch)
+        order = list(range(len(train_rows)))
+        random.Random(config.seed * 1_000_003 + epoch).shuffle(order)  # same order on resume
+        rows = [train_rows[i] for i in order]
+        micro = _batches(rows, config.batch_size, pad)
+        for chunk_start in range(offset * config.grad_accum, len(micro), config.grad_accum):
+            group = micro[chunk_start : chunk_start + config.grad_accum]
+            tokens = sum(int((b["labels"] != IGNORE).sum()) for b in group)
+            step_loss = 0.0
+            for batch in group:
+                batch = {k: v.to(device) for k, v in batch.items()}
+                out = model(**batch)
+                share = int((batch["labels"] != IGNORE).sum()) / max(tokens, 1)
+                (out.loss * share).backward()
+                step_loss += float(out.loss.detach()) * share
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            losses.append(step_loss)
+            if progress is not None:
+                progress(step, total, step_loss, scheduler.get_last_lr()[0])
+            if config.save_every and step % config.save_every == 0 and step < total:
+                where = checkpoints / f"step-{step}"
+                _save_checkpoint(model, optimizer, scheduler, step, losses, where)
+            if step >= total:
+                break
+    seconds = time.perf_counter() - started
+    after = eval_loss(model, eval_rows, config.batch_size, pad, device)
+    peak = (
+        torch.cuda.max_memory_allocated(device) / 2**20
+        if device.type == "cuda"
+        else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    )
+    model.save_pretrained(config.output)
+    result = Result(config.output, step, seconds, losses, before, after, peak, summary)
+    _write_meta(config, result, summary)
+    return result
+
+
+def _save_checkpoint(
+    model: Any, optimizer: Any, scheduler: Any, step: int, losses: list[float], path: Path
+) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    torch.save(
+        {
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "step": step,
+            "losses": losses,
+            "python_rng": random.getstate(),
+            "torch_rng": torch.get_rng_state(),
+        },
+        tmp / "trainer.pt",
+    )
+    shutil.rmtree(path, ignore_errors=True)
+    tmp.rename(path)  # a checkpoint is complete or absent
+
+
+def _latest_checkpoint(directory: Path) -> Path | None:
+    found = [
+        (int(p.name.split("-")[1]), p)
+        for p in directory.glob("step-*")
+        if p.name.split("-")[1].isdigit() and (p / "trainer.pt").exists()
+    ]
+    return max(found)[1] if found else None
+
+
+def _write_meta(config: TrainConfig, result: Result, summary: Summary) -> None:
+    from transformers import AutoConfig
+
+    base_config = AutoConfig.from_pretrained(config.base)
+    meta = {
+        "format": 1,
+        "base_model": {
+            "path": str(config.base),
+            "name": str(getattr(base_config, "_name_or_path", "") or config.base.name),
+            "architecture": (base_config.architectures or ["?"])[0],
+            "checksum": base_checksum(config.base),
+        },
+        "dataset": {"path": str(config.data), "checksum": summary.checksum, **summary.as_dict()},
+        "hyperparameters": config.hyperparameters(),
+        "metrics": {
+            "steps": result.steps,
+            "seconds": round(result.seconds, 2),
+            "steps_per_second": round(result.steps_per_second, 3),
+            "first_train_loss": round(result.train_loss[0], 4) if result.train_loss else None,
+            "last_train_loss": round(result.train_loss[-1], 4) if result.train_loss else None,
+            "eval_loss_before": _round(result.eval_loss_before),
+            "eval_loss_after": _round(result.eval_loss_after),
+            "peak_memory_mb": round(result.peak_memory_mb, 1),
+        },
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    (config.output / META_FILE).write_text(json.dumps(meta, indent=2))
+
+
+def _round(value: float | None) -> float | None:
+    return None if value is None or math.isnan(value) else round(value, 4)
+
+
+def merge(adapter: Path, output: Path, base: Path | None = None) -> Path:
+    """Write base + adapter as one full checkpoint (safetensors, tokenizer included)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    meta_path = adapter / META_FILE
+    if base is None:
+        if not meta_path.exists():
+            raise FinetuneError(f"{adapter}: no {META_FILE}; pass --base")
+        base = Path(json.loads(meta_path.read_text())["base_model"]["path"])
+    if output.exists() and any(output.iterdir()):
+        raise FinetuneError(f"{output} is not empty")
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16)
+    merged = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+    merged.save_pretrained(output)
+    AutoTokenizer.from_pretrained(base).save_pretrained(output)
+    return output
+
+
+__all__ = ["DataError", "FinetuneError", "TrainConfig", "train", "merge", "check"]

@@ -1,0 +1,52 @@
+"""``ragline finetune`` and ``ragline adapters`` refuse bad input before any training time."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.conftest import REPO
+
+
+def run(*args: str, tmp: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "gateway.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO,
+        env={**os.environ, "RAGLINE_ADAPTERS_FILE": str(tmp / "adapters.json")},
+    )
+
+
+def test_bad_training_inputs_fail_fast_and_write_nothing(tmp_path: Path) -> None:
+    good = json.dumps({"instruction": "Say hi.", "output": "Hi."})
+    cases = [
+        ("malformed.jsonl", good + "\n{oops\n", [], "malformed.jsonl:2: not valid JSON"),
+        ("empty.jsonl", "\n", [], "the dataset is empty"),
+        (
+            "long.jsonl",
+            json.dumps({"instruction": "word " * 400, "output": "ok"}) + "\n",
+            ["--max-length", "128"],
+            "longer than --max-length 128: line 1",
+        ),
+        ("rank.jsonl", good + "\n", ["--rank", "4"], "rank 4 is not one vLLM serves"),
+    ]
+    for name, text, extra, needle in cases:
+        data = tmp_path / name
+        data.write_text(text)
+        out = tmp_path / f"out-{name}"
+        result = run("finetune", "--data", str(data), "--output", str(out), *extra, tmp=tmp_path)
+        assert result.returncode == 2, (name, result.stdout, result.stderr)
+        assert needle in " ".join(result.stderr.split()), (name, result.stderr)
+        assert not out.exists(), name  # refused before the model loaded or trained
+
+
+def test_register_refuses_a_non_adapter_and_lists_nothing(tmp_path: Path) -> None:
+    result = run("adapters", "register", str(tmp_path), "--name", "x", tmp=tmp_path)
+    assert result.returncode == 2 and "no adapter_config.json" in result.stderr
+    listed = run("adapters", "list", "--json", tmp=tmp_path)
+    assert listed.returncode == 0 and json.loads(listed.stdout) == {}
