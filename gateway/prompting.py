@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,7 +22,13 @@ from starlette.requests import Request
 from gateway.auth import Principal, principal_of
 from gateway.backends.registry import Target
 from gateway.config import FileConfig, VllmModelConfig
-from gateway.errors import ContextLengthExceeded, InvalidRequest, NotFound, PermissionDenied
+from gateway.errors import (
+    ContextLengthExceeded,
+    InvalidRequest,
+    NotFound,
+    Overloaded,
+    PermissionDenied,
+)
 from gateway.metrics import Metrics
 from gateway.protocol import ChatCompletionRequest, ChatMessage
 from prompts.budget import ChatFormat, Parts, fit
@@ -31,6 +38,7 @@ from prompts.registry import PromptCatalog
 from prompts.template import PromptError, Template
 from rag.embeddings import SentenceTransformerEmbedder
 
+log = logging.getLogger("ragline.prompts")
 _LONG_PROMPT_CHARS = 20_000
 
 
@@ -212,10 +220,17 @@ class PromptStage:
             m.variant_completion_tokens.labels(*labels).inc(usage[1])
         if status == 200:
             record = {"k": principal.key_id, "e": labels[0], "v": labels[1], "t": labels[2]}
-            await self.outcomes.remember(ids, json.dumps(record))
+            try:
+                await self.outcomes.remember(ids, json.dumps(record))
+            except Exception as exc:  # Redis away: the answer was served; only feedback is lost
+                log.warning("could not record the request for feedback: %s", exc)
 
     async def feedback(self, principal: Principal, request_id: str, score: float) -> dict[str, Any]:
-        raw = await self.outcomes.lookup(request_id)
+        try:
+            raw = await self.outcomes.lookup(request_id)
+        except Exception as exc:  # Redis away
+            log.warning("feedback lookup failed: %s", exc)
+            raise Overloaded("The feedback store is unavailable; retry shortly.") from None
         record = json.loads(raw) if raw else None
         if record is None or (record["k"] != principal.key_id and not principal.admin):
             raise NotFound(
