@@ -43,15 +43,15 @@ def _settings(**overrides: object) -> Settings:
 def serve(
     host: Annotated[
         str | None,
-        typer.Option(help="Interface to listen on [env RAGLINE_HOST; default 127.0.0.1]."),
+        typer.Option(help="Interface to listen on (env RAGLINE_HOST; default 127.0.0.1)."),
     ] = None,
-    port: Annotated[int | None, typer.Option(help="Port [env RAGLINE_PORT; default 8000].")] = None,
+    port: Annotated[int | None, typer.Option(help="Port (env RAGLINE_PORT; default 8000).")] = None,
     config: Annotated[
         Path | None,
         typer.Option(
             "--config",
             "-c",
-            help="YAML file declaring models [env RAGLINE_CONFIG]. "
+            help="YAML file declaring models (env RAGLINE_CONFIG). "
             "Default: `smollm2` on the embedded engine.",
         ),
     ] = None,
@@ -59,24 +59,24 @@ def serve(
         str | None,
         typer.Option(
             help="Serve `smollm2` from these vLLM servers (comma-separated URLs) instead of "
-            "the embedded engine [env RAGLINE_VLLM]."
+            "the embedded engine (env RAGLINE_VLLM)."
         ),
     ] = None,
     models_dir: Annotated[
         Path | None,
         typer.Option(
             help="Where pulled models live "
-            "[env RAGLINE_MODELS_DIR; default ~/.cache/ragline/models]."
+            "(env RAGLINE_MODELS_DIR; default ~/.cache/ragline/models)."
         ),
     ] = None,
     max_request_bytes: Annotated[
         int | None,
         typer.Option(
-            help="Bodies larger than this get 413 [env RAGLINE_MAX_REQUEST_BYTES; default 4 MiB]."
+            help="Bodies larger than this get 413 (env RAGLINE_MAX_REQUEST_BYTES; default 4 MiB)."
         ),
     ] = None,
     log_level: Annotated[
-        str | None, typer.Option(help="debug, info, warning or error [env RAGLINE_LOG_LEVEL].")
+        str | None, typer.Option(help="debug, info, warning or error (env RAGLINE_LOG_LEVEL).")
     ] = None,
 ) -> None:
     """Start the OpenAI-compatible gateway (uvicorn) on HOST:PORT.
@@ -177,7 +177,7 @@ def keys_new() -> None:
 @models_app.command("pull")
 def models_pull(
     models_dir: Annotated[
-        Path | None, typer.Option(help="Directory for models [env RAGLINE_MODELS_DIR].")
+        Path | None, typer.Option(help="Directory for models (env RAGLINE_MODELS_DIR).")
     ] = None,
     force: Annotated[bool, typer.Option(help="Convert again even if present.")] = False,
     verify: Annotated[

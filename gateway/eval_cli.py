@@ -27,13 +27,13 @@ def eval_prompts(
         str, typer.Option(help="Templates to compare: `a,b` or `short=qa@2,long=qa@1`.")
     ],
     templates: Annotated[
-        Path | None, typer.Option(help="Template directory [default: the config's prompts.dir].")
+        Path | None, typer.Option(help="Template directory (default: the config's prompts.dir).")
     ] = None,
     config: Annotated[
         Path | None, typer.Option("--config", "-c", help="Gateway YAML (models, prompts).")
     ] = None,
     model: Annotated[
-        str | None, typer.Option(help="Model to ask [default: the first configured model].")
+        str | None, typer.Option(help="Model to ask (default: the first configured model).")
     ] = None,
     base_url: Annotated[
         str | None,
@@ -42,7 +42,7 @@ def eval_prompts(
     api_key: Annotated[str | None, typer.Option(envvar="RAGLINE_API_KEY")] = None,
     tokenizer: Annotated[
         Path | None,
-        typer.Option(help="With --base-url: the served model's tokenizer [default: SmolLM2]."),
+        typer.Option(help="With --base-url: the served model's tokenizer (default: SmolLM2)."),
     ] = None,
     max_model_len: Annotated[int, typer.Option(help="With --base-url: context length.")] = 2048,
     max_tokens: Annotated[int, typer.Option(help="Completion tokens per answer.")] = 32,

@@ -33,7 +33,7 @@ def finetune(
     data: Annotated[Path | None, typer.Option(help="Chat or Alpaca JSONL.")] = None,
     output: Annotated[Path | None, typer.Option(help="Adapter directory to write.")] = None,
     base: Annotated[
-        Path | None, typer.Option(help="Base model directory [default: the pulled SmolLM2].")
+        Path | None, typer.Option(help="Base model directory (default: the pulled SmolLM2).")
     ] = None,
     rank: Annotated[int, typer.Option("--rank", "-r", help="LoRA rank (vLLM's set).")] = 16,
     alpha: Annotated[int, typer.Option(help="LoRA alpha.")] = 32,
@@ -140,7 +140,7 @@ def merge_cmd(
     adapter: Annotated[Path, typer.Argument(help="Adapter directory.")],
     output: Annotated[Path, typer.Option(help="Directory for the merged checkpoint.")],
     base: Annotated[
-        Path | None, typer.Option(help="Base model [default: from ragline.json].")
+        Path | None, typer.Option(help="Base model (default: from ragline.json).")
     ] = None,
 ) -> None:
     """Write base + adapter as one full checkpoint (serve it like any model)."""
@@ -178,7 +178,7 @@ def register(
     name: Annotated[str, typer.Option(help="Public name clients send as `model`.")],
     base: Annotated[str, typer.Option(help="The gateway model it adapts.")] = "smollm2",
     base_path: Annotated[
-        Path | None, typer.Option(help="Base weights to check against [default: from config].")
+        Path | None, typer.Option(help="Base weights to check against (default: from config).")
     ] = None,
     config: Annotated[Path | None, typer.Option("--config", "-c", help="Gateway YAML.")] = None,
     replace: Annotated[bool, typer.Option(help="Replace an adapter of the same name.")] = False,
