@@ -4,6 +4,7 @@ logits and greedy tokens PEFT gives for each, in float32."""
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM
 
 from gateway.backends.llama import LlamaRunner
+from tests.engine_helpers import chat_ids, reference_greedy, runner_greedy
 
 PROMPTS = ["What is the capital of France?", "Name three colours.", "Say hello."]
 
@@ -53,54 +55,22 @@ def test_mixed_batch_matches_peft(model_path: Path, tokenizer, adapters: dict[st
     )
     runner.load_adapters(adapters)
     assert runner.adapters == {"attn8": 1, "all16": 2}
-    prompts = [
-        tokenizer.encode(
-            tokenizer.apply_chat_template(
-                [{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True
-            ),
-            add_special_tokens=False,
-        )
-        for p in PROMPTS
-    ]
+    prompts = [chat_ids(tokenizer, p) for p in PROMPTS]
     which = [0, 1, 2]  # base, attn8, all16 in one batch
     steps = 12
-    logits = runner.prefill(0, prompts, which)
-    first_logits = logits.clone()
-    outs = [[int(row.argmax())] for row in logits]
-    positions = [len(p) for p in prompts]
-    for _ in range(steps - 1):
-        logits = runner.decode([o[-1] for o in outs], positions)
-        for o, row in zip(outs, logits, strict=True):
-            o.append(int(row.argmax()))
-        positions = [p + 1 for p in positions]
+    outs, first_logits = runner_greedy(runner, prompts, steps, which)
 
     base = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
     peft = PeftModel.from_pretrained(base, adapters["attn8"], adapter_name="attn8")
     peft.load_adapter(adapters["all16"], adapter_name="all16")
     for row, (ids, adapter) in enumerate(zip(prompts, [None, "attn8", "all16"], strict=True)):
-        with torch.inference_mode():
-            if adapter is None:
-                with peft.disable_adapter():
-                    ref_logits = peft(torch.tensor([ids])).logits[0, -1]
-                    ref = peft.generate(
-                        torch.tensor([ids]),
-                        max_new_tokens=steps,
-                        do_sample=False,
-                        eos_token_id=None,
-                        pad_token_id=0,
-                    )
-            else:
-                peft.set_adapter(adapter)
-                ref_logits = peft(torch.tensor([ids])).logits[0, -1]
-                ref = peft.generate(
-                    torch.tensor([ids]),
-                    max_new_tokens=steps,
-                    do_sample=False,
-                    eos_token_id=None,
-                    pad_token_id=0,
-                )
+        if adapter is not None:
+            peft.set_adapter(adapter)
+        with peft.disable_adapter() if adapter is None else nullcontext(), torch.inference_mode():
+            ref_logits = peft(torch.tensor([ids])).logits[0, -1]
+            ref = reference_greedy(peft, ids, steps)
         assert torch.allclose(first_logits[row], ref_logits.float(), atol=2e-3, rtol=1e-4), adapter
-        assert outs[row] == ref[0, len(ids) :].tolist(), adapter
+        assert outs[row] == ref, adapter
     # the adapters really change the output
     assert outs[0] != outs[1] and outs[0] != outs[2]
 

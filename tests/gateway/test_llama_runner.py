@@ -6,15 +6,9 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from gateway.backends.llama import LlamaRunner
+from tests.engine_helpers import chat_ids, reference_greedy, runner_greedy
 
 PROMPTS = ["What is the capital of France?", "Write a haiku about rain.", "Explain gravity."]
-
-
-def chat_ids(tokenizer, text: str) -> list[int]:  # type: ignore[no-untyped-def]
-    rendered = tokenizer.apply_chat_template(
-        [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
-    )
-    return list(tokenizer.encode(rendered, add_special_tokens=False))
 
 
 def test_greedy_matches_transformers_generate(model_path, tokenizer) -> None:  # type: ignore[no-untyped-def]
@@ -27,15 +21,9 @@ def test_greedy_matches_transformers_generate(model_path, tokenizer) -> None:  #
     prompts = [chat_ids(tokenizer, p) for p in PROMPTS]
     # prompts of different lengths prefill in one padded pass, then decode together in one
     # batch, each at its own position
-    outs = [[int(row.argmax())] for row in runner.prefill(0, prompts)]
-    positions = [len(ids) for ids in prompts]
-    for _ in range(steps - 1):
-        logits = runner.decode([o[-1] for o in outs], positions)
-        for o, row in zip(outs, logits, strict=True):
-            o.append(int(row.argmax()))
-        positions = [p + 1 for p in positions]
+    outs, _ = runner_greedy(runner, prompts, steps)
     for ids, out in zip(prompts, outs, strict=True):
-        assert out == _generate(reference, ids, steps)
+        assert out == reference_greedy(reference, ids, steps)
 
 
 def test_bf16_follows_generate_up_to_rounding_ties(model_path, tokenizer) -> None:  # type: ignore[no-untyped-def]
@@ -48,7 +36,7 @@ def test_bf16_follows_generate_up_to_rounding_ties(model_path, tokenizer) -> Non
     reference = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.bfloat16)
     steps = 24
     prompts = [chat_ids(tokenizer, p) for p in PROMPTS]
-    refs = [_generate(reference, ids, steps) for ids in prompts]
+    refs = [reference_greedy(reference, ids, steps) for ids in prompts]
     rows = runner.prefill(0, prompts)
     positions = [len(ids) for ids in prompts]
     exact = 0
@@ -61,19 +49,6 @@ def test_bf16_follows_generate_up_to_rounding_ties(model_path, tokenizer) -> Non
             rows = runner.decode([r[step] for r in refs], positions)
             positions = [p + 1 for p in positions]
     assert exact >= 0.9 * steps * len(prompts)  # ties are rare, not the rule
-
-
-def _generate(model, ids: list[int], steps: int) -> list[int]:  # type: ignore[no-untyped-def]
-    with torch.inference_mode():
-        out = model.generate(
-            torch.tensor([ids]),
-            attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-            max_new_tokens=steps,
-            do_sample=False,
-            eos_token_id=None,
-            pad_token_id=0,
-        )
-    return list(out[0, len(ids) :].tolist())
 
 
 def test_move_slot_keeps_a_sequence_intact(model_path, tokenizer) -> None:  # type: ignore[no-untyped-def]
