@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -56,10 +56,9 @@ class Summary:
     truncated: int = 0
     packed_sequences: int | None = None
     checksum: str = ""
-    lines: dict[str, list[int]] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
-        out = {k: v for k, v in self.__dict__.items() if k != "lines"}
+        out = dict(self.__dict__)
         out["mean_length"] = round(self.tokens / self.examples, 1) if self.examples else 0
         return out
 

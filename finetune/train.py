@@ -147,29 +147,19 @@ def load_data(
     config: TrainConfig, tokenizer: Any, context_limit: int
 ) -> tuple[list[Tokenized], list[Tokenized], Summary]:
     examples, checksum = load_examples(config.data)
-    train_ex, eval_ex = split(examples, config.eval_fraction)
-    train, summary = prepare(
-        train_ex,
+    _, eval_ex = split(examples, config.eval_fraction)
+    rows, summary = prepare(
+        examples,
         tokenizer,
         config.max_length,
         truncate=config.truncate,
         context_limit=context_limit,
         path=config.data,
     )
-    held, eval_summary = prepare(
-        eval_ex,
-        tokenizer,
-        config.max_length,
-        truncate=config.truncate,
-        context_limit=context_limit,
-        path=config.data,
-    )
+    held_lines = {ex.line for ex in eval_ex}
+    train = [r for r in rows if r.line not in held_lines]
+    held = [r for r in rows if r.line in held_lines]
     summary.train, summary.eval = len(train), len(held)
-    summary.examples += eval_summary.examples
-    summary.tokens += eval_summary.tokens
-    summary.trained_tokens += eval_summary.trained_tokens
-    summary.truncated += eval_summary.truncated
-    summary.max_length = max(summary.max_length, eval_summary.max_length)
     summary.checksum = checksum
     if config.packing:
         eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
