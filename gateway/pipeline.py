@@ -152,7 +152,6 @@ class Pipeline:
                     param="model" if templated else "ragline.template",
                 )
             return None
-        self.admission.authorize(request, body.model)
         shaped = await self.prompts.shape(request, body, target)
         if shaped is None:
             return None

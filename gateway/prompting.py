@@ -19,7 +19,8 @@ from typing import Any
 
 from starlette.requests import Request
 
-from gateway.auth import Principal, principal_of
+from gateway.admission import Admission
+from gateway.auth import Principal
 from gateway.backends.registry import Target
 from gateway.config import FileConfig, VllmModelConfig
 from gateway.errors import (
@@ -80,15 +81,17 @@ class PromptStage:
         route, opts = target.route, body.ragline
         requested = opts.template if opts is not None else None
         route_ref = route is not None and (route.template or route.experiment)
+        extras = opts is not None and bool(opts.variables or opts.context)
+        if not route_ref and requested is None and not extras:
+            return None  # not templated: nothing to do (admission checks the key)
+        # may this key use the model at all? (before template errors could tell it anything)
+        principal = Admission.authorize(request, body.model)
         if not route_ref and requested is None:
-            if opts is not None and (opts.variables or opts.context):
-                raise InvalidRequest(
-                    "ragline.variables and ragline.context need a prompt template: route the "
-                    "model through one or set ragline.template.",
-                    param="ragline.template",
-                )
-            return None
-        principal = principal_of(request.state)
+            raise InvalidRequest(
+                "ragline.variables and ragline.context need a prompt template: route the "
+                "model through one or set ragline.template.",
+                param="ragline.template",
+            )
         if requested is not None and not principal.policy.prompt_overrides:
             raise PermissionDenied(
                 "This key may not choose prompt templates per request.",
