@@ -332,7 +332,7 @@ def train(
     )
     model.save_pretrained(config.output)
     result = Result(config.output, step, seconds, losses, before, after, peak, summary)
-    _write_meta(config, result, summary)
+    _write_meta(config, result, summary, model_config)
     return result
 
 
@@ -366,10 +366,7 @@ def _latest_checkpoint(directory: Path) -> Path | None:
     return max(found)[1] if found else None
 
 
-def _write_meta(config: TrainConfig, result: Result, summary: Summary) -> None:
-    from transformers import AutoConfig
-
-    base_config = AutoConfig.from_pretrained(config.base)
+def _write_meta(config: TrainConfig, result: Result, summary: Summary, base_config: Any) -> None:
     meta = {
         "format": 1,
         "base_model": {
