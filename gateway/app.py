@@ -31,8 +31,10 @@ from gateway.metrics import Metrics
 from gateway.pipeline import Pipeline
 from gateway.prompting import PromptStage
 from gateway.ratelimit import MemoryRateLimiter, RateLimiter, RedisRateLimiter
-from gateway.routes import admin, chat, completions, feedback, health, models
+from gateway.retrieval import RagService
+from gateway.routes import admin, chat, completions, feedback, health, models, vector_stores
 from gateway.routes import metrics as metrics_route
+from rag.embeddings import SentenceTransformerEmbedder
 
 log = logging.getLogger("ragline")
 
@@ -63,8 +65,10 @@ def create_app(settings: Settings | None = None, config: FileConfig | None = Non
             limiter = RedisRateLimiter(redis, fail_open=settings.redis_failure == "open")
             cache = RedisResponseCache(redis, settings.cache_ttl, settings.cache_max_entry_bytes)
         admission = Admission(settings, limiter, cache, metrics)
-        prompts = PromptStage(config, metrics, redis)
-        app.state.pipeline = Pipeline(settings, registry, admission, prompts)
+        embedder = SentenceTransformerEmbedder()  # one model for few-shot, retrieval, safety
+        prompts = PromptStage(config, metrics, redis, embedder)
+        app.state.rag = RagService(settings, embedder, metrics)
+        app.state.pipeline = Pipeline(settings, registry, admission, prompts, app.state.rag)
         watcher = asyncio.create_task(prompts.catalog.watch()) if prompts.watch else None
         if app.state.keys.open:
             log.warning(
@@ -97,6 +101,7 @@ def create_app(settings: Settings | None = None, config: FileConfig | None = Non
         chat.router,
         completions.router,
         feedback.router,
+        vector_stores.router,
         models.router,
         health.router,
         admin.router,
@@ -106,7 +111,11 @@ def create_app(settings: Settings | None = None, config: FileConfig | None = Non
         app.include_router(router)
     _install_error_handlers(app)
     # Outermost last: request id → access log → in-flight count → auth → body limit → routes.
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_request_bytes)
+    app.add_middleware(
+        BodyLimitMiddleware,
+        max_bytes=settings.max_request_bytes,
+        upload_bytes=settings.max_upload_bytes,
+    )
     app.add_middleware(AuthMiddleware)
     app.add_middleware(InFlightMiddleware)
     app.add_middleware(AccessLogMiddleware)

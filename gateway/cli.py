@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from benchmarks.cli import app as bench_app
+from gateway import rag_cli
 from gateway.config import ConfigError, FileConfig, Settings, load_file_config
 from gateway.errors import ModelAssetError
 from gateway.eval_cli import app as eval_app
@@ -30,6 +31,9 @@ app.add_typer(keys_app, name="keys")
 app.add_typer(eval_app, name="eval")
 app.add_typer(finetune_app, name="finetune")
 app.add_typer(adapters_app, name="adapters")
+app.command("ingest")(rag_cli.ingest)
+app.command("search")(rag_cli.search_command)
+eval_app.command("retrieval")(rag_cli.eval_retrieval)
 
 console = Console(stderr=True)
 

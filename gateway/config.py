@@ -26,11 +26,13 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+import prompts
 from prompts.experiments import Experiment
 
 log = logging.getLogger("ragline.config")
 
 DEFAULT_MODEL_NAME = "smollm2"
+BUILTIN_TEMPLATES = Path(prompts.__file__).resolve().parent / "templates"
 DEFAULT_MODEL_DIRNAME = "smollm2-135m-instruct"
 
 
@@ -143,6 +145,21 @@ class PromptsConfig(BaseModel):
     watch: bool = Field(default=False, description="Reload when a file there changes.")
 
 
+class RagConfig(BaseModel):
+    """Retrieval for a route: the last user message is searched in ``store``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    store: str = Field(description="Vector store id or name.")
+    top_k: int = Field(default=4, ge=1, le=50, description="Chunks put into the prompt.")
+    mode: Literal["hybrid", "dense", "bm25"] = "hybrid"
+    fusion: Literal["zscore", "rrf"] = "zscore"
+    weights: tuple[float, float] = Field(default=(0.5, 0.5), description="(bm25, dense).")
+    filters: dict[str, Any] | None = Field(default=None, description="OpenAI-style filter.")
+    score_threshold: float | None = None
+    mmr: float | None = Field(default=None, ge=0, le=1, description="MMR lambda; unset: off.")
+
+
 class RouteConfig(BaseModel):
     """A public model name that serves a base model or adapter through a template/experiment."""
 
@@ -154,6 +171,9 @@ class RouteConfig(BaseModel):
     experiment: str | None = Field(default=None, description="An `experiments` entry.")
     variables: dict[str, Any] = Field(
         default_factory=dict, description="Template variables the route fixes (requests may not)."
+    )
+    rag: RagConfig | None = Field(
+        default=None, description="Ground answers in a vector store (template: grounded-qa)."
     )
     description: str = ""
 
@@ -174,6 +194,10 @@ class KeyPolicy(BaseModel):
     cache: bool = True
     prompt_overrides: bool = Field(
         default=True, description="May choose a template per request (`ragline.template`)."
+    )
+    vector_stores: list[str] = Field(
+        default_factory=lambda: ["*"],
+        description="Vector stores (ids or names, glob patterns) this key may use and change.",
     )
 
 
@@ -244,6 +268,10 @@ class FileConfig(BaseModel):
             raise ValueError("experiment names must be unique")
         seen: set[str] = set()
         for route in self.routes:
+            if route.rag is not None and route.template is None and route.experiment is None:
+                route.template = "grounded-qa"  # the built-in grounded template
+                if self.prompts.dir is None:
+                    self.prompts.dir = BUILTIN_TEMPLATES
             if route.name in models or route.name in adapters or route.name in seen:
                 raise ValueError(f"route name {route.name!r} is already taken")
             seen.add(route.name)
@@ -330,12 +358,19 @@ class Settings(BaseSettings):
     prompts_dir: Path | None = Field(
         default=None, description="Prompt template directory (overrides the file's prompts.dir)."
     )
+    rag_dir: Path = Field(
+        default=Path("~/.cache/ragline/rag"),
+        description="Vector stores and uploaded files (`ragline ingest` writes here too).",
+    )
+    max_upload_bytes: int = Field(
+        default=32 * 1024 * 1024, ge=1024, description="Larger file uploads get 413."
+    )
     log_format: Literal["json", "text"] = "json"
     log_prompts: bool = Field(default=False, description="Debug: log prompts and completions.")
     shutdown_grace: float = Field(default=30.0, ge=0, description="Seconds for in-flight work.")
     log_level: str = "info"
 
-    @field_validator("models_dir", "adapters_file")
+    @field_validator("models_dir", "adapters_file", "rag_dir")
     @classmethod
     def _expand(cls, v: Path) -> Path:
         return v.expanduser()

@@ -25,19 +25,24 @@ _TYPE_TAG = re.compile(r"[\[\(\-]|^(str|int|float|bool|list|dict|none|null)$")
 class BodyLimitMiddleware:
     """Refuse bodies over ``max_bytes`` with 413 before any route reads them.
 
-    A declared ``Content-Length`` is checked up front; a chunked body is counted as it arrives
+    Multipart file uploads have their own, larger limit. A declared ``Content-Length`` is
+    checked up front; a chunked body is counted as it arrives
     and the read fails with ``PayloadTooLarge`` once it crosses the limit.
     """
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int, upload_bytes: int | None = None) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.upload_bytes = upload_bytes or max_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         limit = self.max_bytes
+        for name, value in scope["headers"]:
+            if name == b"content-type" and value.startswith(b"multipart/form-data"):
+                limit = self.upload_bytes  # file uploads (/v1/files, vector store files)
         for name, value in scope["headers"]:
             if name == b"content-length" and value.isdigit() and int(value) > limit:
                 await _send_too_large(send, limit)

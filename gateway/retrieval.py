@@ -1,0 +1,325 @@
+"""Pipeline stage 5, retrieve: vector stores, uploaded files and grounded-chat context.
+
+``RagService`` owns the stores under ``settings.rag_dir`` (``stores/<id>/``, see ``rag.store``)
+and the uploaded files (``files/<id>/``). Store writes run in a worker thread, one at a time per
+store; searches run against the snapshot being served and never wait for a write. For a chat
+request on a route with ``rag`` (or with ``ragline.rag``), the last user message is searched and
+the hits become the template's numbered ``context`` and the response's ``ragline.citations``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fnmatch
+import hashlib
+import json
+import logging
+import os
+import re
+import secrets
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from gateway.auth import Principal
+from gateway.config import RagConfig, Settings
+from gateway.errors import InvalidRequest, NotFound, PermissionDenied, RaglineError
+from gateway.metrics import Metrics
+from rag.chunking import Chunker, ChunkingConfig
+from rag.embeddings import Embedder
+from rag.loaders import Document, LoaderError, check_suffix, load_bytes
+from rag.retriever import Hit, SearchOptions, search
+from rag.store import StoreError, VectorStore, WriteResult
+
+log = logging.getLogger("ragline.rag")
+_FILE_ID = re.compile(r"^file-[A-Za-z0-9_-]{1,64}$")
+SNIPPET_CHARS = 240
+
+
+class StoreFailure(RaglineError):
+    """A ``StoreError`` rendered with its own status."""
+
+    def __init__(self, exc: StoreError) -> None:
+        super().__init__(exc.message, param=exc.param, code=exc.code)
+        self.status_code = exc.status
+        self.error_type = {
+            400: "invalid_request_error",
+            404: "not_found_error",
+            409: "invalid_request_error",
+        }.get(exc.status, "server_error")
+
+
+def as_http(exc: StoreError | LoaderError) -> RaglineError:
+    if isinstance(exc, LoaderError):
+        return InvalidRequest(exc.message, param="file", code=exc.code)
+    return StoreFailure(exc)
+
+
+@dataclass
+class Retrieved:
+    context: list[dict[str, Any]]
+    citations: list[dict[str, Any]]
+    info: dict[str, Any]
+
+
+class FileStore:
+    """Uploaded files (``POST /v1/files``): the bytes and an OpenAI file object per id."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def create(self, filename: str, data: bytes, purpose: str) -> dict[str, Any]:
+        file_id = f"file-{secrets.token_hex(12)}"
+        obj = {
+            "id": file_id,
+            "object": "file",
+            "bytes": len(data),
+            "created_at": int(time.time()),
+            "filename": filename,
+            "purpose": purpose,
+            "status": "processed",
+            "sha256": hashlib.sha256(data).hexdigest(),
+        }
+        tmp = self.root / f".tmp-{file_id}"
+        tmp.mkdir(parents=True)
+        (tmp / "content").write_bytes(data)
+        (tmp / "file.json").write_text(json.dumps(obj))
+        os.rename(tmp, self.root / file_id)
+        return obj
+
+    def get(self, file_id: str) -> dict[str, Any]:
+        path = self._path(file_id) / "file.json"
+        try:
+            return dict(json.loads(path.read_text()))
+        except FileNotFoundError:
+            raise NotFound(
+                f"No file with id {file_id!r}.", param="file_id", code="file_not_found"
+            ) from None
+
+    def content(self, file_id: str) -> bytes:
+        self.get(file_id)
+        return (self._path(file_id) / "content").read_bytes()
+
+    def delete(self, file_id: str) -> None:
+        self.get(file_id)
+        shutil.rmtree(self._path(file_id), ignore_errors=True)
+
+    def _path(self, file_id: str) -> Path:
+        if not _FILE_ID.match(file_id):
+            raise NotFound(f"No file with id {file_id!r}.", param="file_id", code="file_not_found")
+        return self.root / file_id
+
+
+class RagService:
+    def __init__(self, settings: Settings, embedder: Embedder, metrics: Metrics) -> None:
+        self.root = settings.rag_dir / "stores"
+        self.files = FileStore(settings.rag_dir / "files")
+        self.embedder = embedder
+        self.metrics = metrics
+        self._stores: dict[str, VectorStore] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    # -- stores ---------------------------------------------------------------------------------
+
+    def list_stores(self, principal: Principal) -> list[VectorStore]:
+        if not self.root.exists():
+            return []
+        out = []
+        for path in sorted(self.root.iterdir()):
+            if path.name.startswith("vs_") and (path / "store.json").exists():
+                store = self._open(path.name)
+                if store is not None and _allowed(principal, store):
+                    out.append(store)
+        return out
+
+    def get(self, ref: str, principal: Principal | None = None) -> VectorStore:
+        store = self._open(ref) if ref.startswith("vs_") else None
+        if store is None and self.root.exists():
+            for path in self.root.iterdir():
+                candidate = self._open(path.name) if path.name.startswith("vs_") else None
+                if candidate is not None and candidate.name == ref:
+                    store = candidate
+                    break
+        if store is None:
+            raise NotFound(
+                f"No vector store {ref!r}.", param="vector_store_id", code="vector_store_not_found"
+            )
+        if principal is not None and not _allowed(principal, store):
+            raise PermissionDenied(
+                f"This key may not use vector store {ref!r}.", param="vector_store_id"
+            )
+        return store
+
+    def _open(self, store_id: str) -> VectorStore | None:
+        store = self._stores.get(store_id)
+        if store is not None and store.path.exists():
+            return store
+        path = self.root / store_id
+        if "/" in store_id or not (path / "store.json").exists():
+            self._stores.pop(store_id, None)
+            return None
+        store = VectorStore(path)
+        self._stores[store_id] = store
+        return store
+
+    async def create(
+        self,
+        name: str | None,
+        metadata: dict[str, Any],
+        chunking: ChunkingConfig,
+        index: str,
+        principal: Principal,
+    ) -> VectorStore:
+        dim = await asyncio.to_thread(self._dim)
+        label = name or f"store-{secrets.token_hex(4)}"
+        if not any(fnmatch.fnmatchcase(label, p) for p in principal.policy.vector_stores):
+            raise PermissionDenied(f"This key may not create vector store {label!r}.", param="name")
+        if name is not None and any(s.name == name for s in self.list_stores(principal)):
+            raise InvalidRequest(
+                f"A vector store named {name!r} exists already.", param="name", code="store_exists"
+            )
+        try:
+            store = VectorStore.create(
+                self.root, label, dim=dim, embedder_name=self._embedder_name(),
+                index=index, chunking=chunking, metadata=metadata,  # type: ignore[arg-type]
+            )  # fmt: skip
+        except StoreError as exc:
+            raise as_http(exc) from None
+        self._stores[store.id] = store
+        return store
+
+    def delete(self, store: VectorStore) -> None:
+        trash = self.root / f".deleted-{store.id}-{secrets.token_hex(4)}"
+        os.rename(store.path, trash)  # atomic: readers that hold a snapshot keep it
+        self._stores.pop(store.id, None)
+        shutil.rmtree(trash, ignore_errors=True)
+
+    def _dim(self) -> int:
+        dim = int(getattr(self.embedder, "dim", 0) or 0)
+        if not dim:
+            dim = int(self.embedder.embed(["dimension probe"]).shape[1])
+        return dim
+
+    def _embedder_name(self) -> str:
+        return str(getattr(self.embedder, "name", type(self.embedder).__name__))
+
+    # -- writing --------------------------------------------------------------------------------
+
+    async def add_documents(
+        self,
+        store: VectorStore,
+        documents: list[Document],
+        *,
+        file_id: str,
+        filename: str,
+        chunking: ChunkingConfig | None = None,
+    ) -> WriteResult:
+        extras = {d.id: {"file_id": file_id, "filename": filename} for d in documents}
+        before = store.snapshot.documents
+        stale = [i for i, d in before.items() if d.get("file_id") == file_id]
+        lock = self._locks.setdefault(store.id, asyncio.Lock())
+        chunker = None
+        if chunking is not None:
+            chunker = Chunker(Path(getattr(self.embedder, "path", "")), chunking)
+        async with lock:
+            try:
+                result = await asyncio.to_thread(
+                    store.upsert, documents, self.embedder, chunker=chunker, files=extras,
+                    replace_ids=stale,
+                )  # fmt: skip
+            except StoreError as exc:
+                raise as_http(exc) from None
+        log.info(
+            "vector store %s: file %s -> version %d (%d added, %d updated, %d unchanged, "
+            "%d chunks, %.2fs)",
+            store.id, file_id, result.version, len(result.added), len(result.updated),
+            len(result.unchanged), result.chunks, result.seconds,
+        )  # fmt: skip
+        return result
+
+    async def remove_file(self, store: VectorStore, file_id: str) -> WriteResult:
+        docs = [i for i, d in store.snapshot.documents.items() if d.get("file_id") == file_id]
+        if not docs:
+            raise NotFound(
+                f"No file {file_id!r} in vector store {store.id!r}.",
+                param="file_id",
+                code="file_not_found",
+            )
+        async with self._locks.setdefault(store.id, asyncio.Lock()):
+            try:
+                return await asyncio.to_thread(store.delete, docs)
+            except StoreError as exc:
+                raise as_http(exc) from None
+
+    def parse(
+        self, filename: str, data: bytes, *, doc_id: str, attributes: dict[str, Any]
+    ) -> list[Document]:
+        try:
+            check_suffix(filename)
+            docs = load_bytes(filename, data, doc_id=doc_id, metadata=attributes)
+        except LoaderError as exc:
+            raise as_http(exc) from None
+        for doc in docs:
+            doc.metadata.setdefault("filename", filename)
+        return docs
+
+    # -- reading --------------------------------------------------------------------------------
+
+    async def search(self, store: VectorStore, query: str, options: SearchOptions) -> list[Hit]:
+        started = time.perf_counter()
+        try:
+            hits = await asyncio.to_thread(search, store.snapshot, query, self.embedder, options)
+        except StoreError as exc:
+            raise as_http(exc) from None
+        self.metrics.retrieval.labels(store.id).observe(time.perf_counter() - started)
+        return hits
+
+    async def retrieve(self, principal: Principal, config: RagConfig, query: str) -> Retrieved:
+        store = self.get(config.store, principal)
+        options = SearchOptions(
+            top_k=config.top_k,
+            mode=config.mode,
+            fusion=config.fusion,
+            weights=config.weights,
+            filters=config.filters,
+            score_threshold=config.score_threshold,
+            mmr=config.mmr,
+        )
+        started = time.perf_counter()
+        hits = await self.search(store, query, options)
+        context: list[dict[str, Any]] = []
+        citations: list[dict[str, Any]] = []
+        for number, hit in enumerate(hits, 1):
+            chunk = hit.chunk
+            doc = store.snapshot.documents.get(chunk.doc_id, {})
+            context.append({"text": chunk.text, "id": chunk.doc_id, "source": chunk.title})
+            citations.append(
+                {
+                    "index": number,
+                    "store": store.id,
+                    "document_id": chunk.doc_id,
+                    "chunk_id": chunk.id,
+                    "file_id": doc.get("file_id"),
+                    "filename": doc.get("filename"),
+                    "title": chunk.title or None,
+                    "score": round(hit.score, 6),
+                    "snippet": chunk.text[:SNIPPET_CHARS],
+                }
+            )
+        info = {
+            "store": store.id,
+            "version": store.snapshot.version,
+            "mode": config.mode,
+            "top_k": config.top_k,
+            "ms": round((time.perf_counter() - started) * 1000, 2),
+        }
+        return Retrieved(context, citations, info)
+
+
+def _allowed(principal: Principal, store: VectorStore) -> bool:
+    patterns = principal.policy.vector_stores
+    return any(
+        fnmatch.fnmatchcase(store.id, p) or fnmatch.fnmatchcase(store.name, p) for p in patterns
+    )

@@ -1,0 +1,388 @@
+"""OpenAI's files and vector stores API, backed by ``gateway.retrieval.RagService``.
+
+``POST /v1/files`` (multipart) stores an upload; ``POST /v1/vector_stores/{id}/files`` attaches
+it (``file_id``), or takes a multipart ``file`` directly, or plain ``text`` with a
+``document_id`` (ragline's extension: posting the same id again updates that document, an
+unchanged one is a no-op). Ingestion is synchronous: the file object comes back ``completed``,
+or the request fails with a 4xx and the store is unchanged.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Request
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
+from starlette.datastructures import UploadFile
+
+from gateway.auth import principal_of
+from gateway.errors import InvalidRequest, NotFound
+from gateway.http import parse_body, validation_error
+from gateway.retrieval import RagService
+from rag.chunking import ChunkingConfig
+from rag.retriever import SearchOptions
+from rag.store import VectorStore
+
+router = APIRouter()
+Attributes = dict[Annotated[str, StringConstraints(max_length=64)], str | int | float | bool]
+
+
+class StaticChunking(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["static"]
+    static: ChunkingConfig
+
+
+class AutoChunking(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["auto"]
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+class CreateStore(_Body):
+    name: str | None = Field(default=None, max_length=64)
+    metadata: dict[str, str] | None = Field(default=None, max_length=16)
+    file_ids: list[str] | None = Field(default=None, max_length=500)
+    chunking_strategy: StaticChunking | AutoChunking | None = None
+    expires_after: dict[str, Any] | None = None
+    description: str | None = None
+    index: Literal["flat", "hnsw", "ivf"] = Field(default="flat", description="ragline extension")
+
+
+class AttachFile(_Body):
+    file_id: str | None = None
+    attributes: Attributes | None = Field(default=None, max_length=16)
+    chunking_strategy: StaticChunking | AutoChunking | None = None
+    # ragline extension: ingest text directly, keyed by a document id of your choosing
+    text: str | None = None
+    document_id: str | None = Field(default=None, min_length=1, max_length=200)
+    title: str | None = Field(default=None, max_length=500)
+
+
+class RankingOptions(_Body):
+    ranker: str | None = None
+    score_threshold: float | None = None
+
+
+class SearchBody(_Body):
+    query: str | list[str]
+    filters: dict[str, Any] | None = None
+    max_num_results: int = Field(default=10, ge=1, le=50)
+    ranking_options: RankingOptions | None = None
+    rewrite_query: bool = False
+    # ragline extensions
+    mode: Literal["hybrid", "dense", "bm25"] = "hybrid"
+    fusion: Literal["zscore", "rrf"] = "zscore"
+    weights: tuple[float, float] = (0.5, 0.5)
+    mmr: float | None = Field(default=None, ge=0, le=1)
+
+
+def _service(request: Request) -> RagService:
+    rag: RagService = request.app.state.rag
+    return rag
+
+
+def _chunking(spec: StaticChunking | AutoChunking | None) -> ChunkingConfig | None:
+    return spec.static if isinstance(spec, StaticChunking) else None
+
+
+def store_object(store: VectorStore) -> dict[str, Any]:
+    info = store.describe()
+    snap = store.snapshot
+    files = {d.get("file_id") for d in snap.documents.values()}
+    return {
+        "id": store.id,
+        "object": "vector_store",
+        "created_at": info["created_at"],
+        "name": store.name,
+        "usage_bytes": info["bytes"],
+        "file_counts": {
+            "in_progress": 0,
+            "completed": len(files),
+            "failed": 0,
+            "cancelled": 0,
+            "total": len(files),
+        },
+        "status": "completed",
+        "expires_after": None,
+        "expires_at": None,
+        "last_active_at": int(time.time()),
+        "metadata": info["metadata"],
+        "ragline": {
+            "version": info["version"],
+            "documents": info["documents"],
+            "chunks": info["chunks"],
+            "index": info["index"],
+        },
+    }
+
+
+def file_object(store: VectorStore, file_id: str, extra: dict[str, Any] | None = None) -> dict:
+    docs = [d for d in store.snapshot.documents.values() if d.get("file_id") == file_id]
+    if not docs:
+        raise NotFound(
+            f"No file {file_id!r} in vector store {store.id!r}.",
+            param="file_id",
+            code="file_not_found",
+        )
+    return {
+        "id": file_id,
+        "object": "vector_store.file",
+        "created_at": min(int(d.get("created_at", 0)) for d in docs),
+        "vector_store_id": store.id,
+        "status": "completed",
+        "usage_bytes": sum(int(d.get("bytes", 0)) for d in docs),
+        "last_error": None,
+        "attributes": docs[0].get("metadata") or {},
+        "chunking_strategy": {"type": "static", "static": store.chunking.model_dump()},
+        "ragline": {
+            "filename": docs[0].get("filename"),
+            "documents": len(docs),
+            "chunks": sum(len(d["chunks"]) for d in docs),
+            **(extra or {}),
+        },
+    }
+
+
+# -- files ----------------------------------------------------------------------------------------
+
+
+async def _form_file(request: Request) -> tuple[str, bytes, dict[str, str]]:
+    if not request.headers.get("content-type", "").startswith("multipart/form-data"):
+        raise InvalidRequest("Upload files as multipart/form-data.", param="file")
+    form = await request.form(max_files=1, max_fields=16)
+    upload = form.get("file")
+    if not isinstance(upload, UploadFile):
+        raise InvalidRequest("The form needs a `file` part.", param="file")
+    data = await upload.read()
+    fields = {k: v for k, v in form.items() if isinstance(v, str)}
+    return upload.filename or "upload.txt", data, fields
+
+
+@router.post("/v1/files")
+async def create_file(request: Request) -> dict[str, Any]:
+    filename, data, fields = await _form_file(request)
+    rag = _service(request)
+    rag.parse(filename, data, doc_id="probe", attributes={})  # bad files fail here, with a 400
+    return rag.files.create(filename, data, fields.get("purpose", "assistants"))
+
+
+@router.get("/v1/files/{file_id}")
+async def get_file(request: Request, file_id: str) -> dict[str, Any]:
+    return _service(request).files.get(file_id)
+
+
+@router.delete("/v1/files/{file_id}")
+async def delete_file(request: Request, file_id: str) -> dict[str, Any]:
+    _service(request).files.delete(file_id)
+    return {"id": file_id, "object": "file", "deleted": True}
+
+
+# -- vector stores --------------------------------------------------------------------------------
+
+
+@router.post("/v1/vector_stores")
+async def create_store(request: Request) -> dict[str, Any]:
+    body = await parse_body(request, CreateStore)
+    rag = _service(request)
+    principal = principal_of(request.state)
+    chunking = _chunking(body.chunking_strategy) or ChunkingConfig()
+    for file_id in body.file_ids or []:
+        rag.files.get(file_id)  # unknown ids fail before anything is created
+    store = await rag.create(body.name, body.metadata or {}, chunking, body.index, principal)
+    for file_id in body.file_ids or []:
+        await _attach(rag, store, file_id, {}, None)
+    return store_object(store)
+
+
+@router.get("/v1/vector_stores")
+async def list_stores(request: Request) -> dict[str, Any]:
+    stores = [store_object(s) for s in _service(request).list_stores(principal_of(request.state))]
+    stores.sort(key=lambda s: -s["created_at"])
+    return {
+        "object": "list",
+        "data": stores,
+        "first_id": stores[0]["id"] if stores else None,
+        "last_id": stores[-1]["id"] if stores else None,
+        "has_more": False,
+    }
+
+
+@router.get("/v1/vector_stores/{store_id}")
+async def get_store(request: Request, store_id: str) -> dict[str, Any]:
+    return store_object(_service(request).get(store_id, principal_of(request.state)))
+
+
+@router.delete("/v1/vector_stores/{store_id}")
+async def delete_store(request: Request, store_id: str) -> dict[str, Any]:
+    rag = _service(request)
+    store = rag.get(store_id, principal_of(request.state))
+    rag.delete(store)
+    return {"id": store.id, "object": "vector_store.deleted", "deleted": True}
+
+
+@router.post("/v1/vector_stores/{store_id}/files")
+async def add_file(request: Request, store_id: str) -> dict[str, Any]:
+    rag = _service(request)
+    store = rag.get(store_id, principal_of(request.state))
+    if request.headers.get("content-type", "").startswith("multipart/form-data"):
+        filename, data, fields = await _form_file(request)
+        docs = rag.parse(filename, data, doc_id="probe", attributes={})
+        obj = rag.files.create(filename, data, "assistants")
+        del docs
+        return await _attach(rag, store, obj["id"], {}, None, document_id=fields.get("document_id"))
+    body = await parse_body(request, AttachFile)
+    attributes = dict(body.attributes or {})
+    chunking = _chunking(body.chunking_strategy)
+    if body.text is not None:
+        if body.file_id is not None or body.document_id is None:
+            raise InvalidRequest(
+                "Send either `file_id`, or `text` with a `document_id`.", param="document_id"
+            )
+        docs = rag.parse(
+            f"{body.document_id}.txt", body.text.encode(), doc_id=body.document_id,
+            attributes=attributes,
+        )  # fmt: skip
+        if body.title:
+            docs[0].title = body.title
+        result = await rag.add_documents(
+            store, docs, file_id=body.document_id, filename=body.title or body.document_id,
+            chunking=chunking,
+        )  # fmt: skip
+        return file_object(store, body.document_id, _outcome(result))
+    if body.file_id is None:
+        raise InvalidRequest("`file_id` is required.", param="file_id")
+    return await _attach(rag, store, body.file_id, attributes, chunking)
+
+
+async def _attach(
+    rag: RagService,
+    store: VectorStore,
+    file_id: str,
+    attributes: dict[str, Any],
+    chunking: ChunkingConfig | None,
+    document_id: str | None = None,
+) -> dict[str, Any]:
+    meta = rag.files.get(file_id)
+    data = rag.files.content(file_id)
+    docs = rag.parse(meta["filename"], data, doc_id=document_id or file_id, attributes=attributes)
+    result = await rag.add_documents(
+        store, docs, file_id=file_id, filename=meta["filename"], chunking=chunking
+    )
+    return file_object(store, file_id, _outcome(result))
+
+
+def _outcome(result: Any) -> dict[str, Any]:
+    return {
+        "version": result.version,
+        "added": len(result.added),
+        "updated": len(result.updated),
+        "unchanged": len(result.unchanged),
+    }
+
+
+@router.get("/v1/vector_stores/{store_id}/files")
+async def list_files(request: Request, store_id: str) -> dict[str, Any]:
+    store = _service(request).get(store_id, principal_of(request.state))
+    ids = sorted({str(d.get("file_id")) for d in store.snapshot.documents.values()})
+    data = [file_object(store, i) for i in ids]
+    return {
+        "object": "list",
+        "data": data,
+        "first_id": ids[0] if ids else None,
+        "last_id": ids[-1] if ids else None,
+        "has_more": False,
+    }
+
+
+@router.get("/v1/vector_stores/{store_id}/files/{file_id}")
+async def get_store_file(request: Request, store_id: str, file_id: str) -> dict[str, Any]:
+    store = _service(request).get(store_id, principal_of(request.state))
+    return file_object(store, file_id)
+
+
+class UpdateFile(_Body):
+    attributes: Attributes | None = Field(max_length=16)
+
+
+@router.post("/v1/vector_stores/{store_id}/files/{file_id}")
+async def update_store_file(request: Request, store_id: str, file_id: str) -> dict[str, Any]:
+    """Replace a file's attributes (its documents are re-indexed with them)."""
+    body = await parse_body(request, UpdateFile)
+    rag = _service(request)
+    store = rag.get(store_id, principal_of(request.state))
+    current = file_object(store, file_id)
+    if not file_id.startswith("file-"):
+        raise InvalidRequest(
+            "Attributes of a text document change by posting its text again with them.",
+            param="file_id",
+        )
+    document_id = current["ragline"]["documents"] == 1 and next(
+        i for i, d in store.snapshot.documents.items() if d.get("file_id") == file_id
+    )
+    return await _attach(
+        rag, store, file_id, dict(body.attributes or {}), None,
+        document_id=document_id or None,
+    )  # fmt: skip
+
+
+@router.delete("/v1/vector_stores/{store_id}/files/{file_id}")
+async def delete_store_file(request: Request, store_id: str, file_id: str) -> dict[str, Any]:
+    rag = _service(request)
+    store = rag.get(store_id, principal_of(request.state))
+    await rag.remove_file(store, file_id)
+    return {"id": file_id, "object": "vector_store.file.deleted", "deleted": True}
+
+
+@router.post("/v1/vector_stores/{store_id}/search")
+async def search_store(request: Request, store_id: str) -> dict[str, Any]:
+    body = await parse_body(request, SearchBody)
+    rag = _service(request)
+    store = rag.get(store_id, principal_of(request.state))
+    query = body.query if isinstance(body.query, str) else " ".join(body.query)
+    ranking = body.ranking_options
+    try:
+        options = SearchOptions(
+            top_k=body.max_num_results,
+            mode=body.mode,
+            fusion=body.fusion,
+            weights=body.weights,
+            filters=body.filters,
+            mmr=body.mmr,
+            score_threshold=ranking.score_threshold if ranking else None,
+        )
+    except ValidationError as exc:  # pragma: no cover - the body model validated these
+        raise validation_error(exc) from None
+    hits = await rag.search(store, query, options)
+    documents = store.snapshot.documents
+    data = []
+    for hit in hits:
+        doc = documents.get(hit.chunk.doc_id, {})
+        data.append(
+            {
+                "file_id": doc.get("file_id", hit.chunk.doc_id),
+                "filename": doc.get("filename") or hit.chunk.source,
+                "score": hit.score,
+                "attributes": doc.get("metadata") or {},
+                "content": [{"type": "text", "text": hit.chunk.text}],
+                "ragline": {
+                    "document_id": hit.chunk.doc_id,
+                    "chunk_id": hit.chunk.id,
+                    "position": hit.chunk.position,
+                    "title": hit.chunk.title,
+                    "dense": hit.dense,
+                    "bm25": hit.bm25,
+                },
+            }
+        )
+    return {
+        "object": "vector_store.search_results.page",
+        "search_query": query,
+        "data": data,
+        "has_more": False,
+        "next_page": None,
+    }

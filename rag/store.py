@@ -1,0 +1,548 @@
+"""Vector stores: versioned directories holding a FAISS index, a BM25 index and a chunk table.
+
+Layout of one store (no pickle anywhere: JSON, ``.npy`` without objects, FAISS's own format)::
+
+    <root>/<store id>/
+        store.json                 name, created_at, index kind, chunking, embedder (immutable)
+        CURRENT                    the serving version's directory name, e.g. ``v000003``
+        versions/v000003/
+            manifest.json          written last: version, counts, metadata fields, file sizes
+            documents.json         document id -> content hash, chunk ids, filename, attributes
+            chunks.jsonl           one chunk per line, in row order
+            ids.npy vectors.npy    int64 chunk ids and float32 unit vectors, in row order
+            index.faiss            IndexIDMap2 over Flat (default), HNSW or IVF
+            bm25/                  bm25s's arrays and vocabulary
+
+A write (upsert or delete) builds the next version in ``versions/.tmp-*``, renames it into place
+and then replaces ``CURRENT`` atomically, under an exclusive file lock. A process killed at any
+point leaves ``CURRENT`` naming a complete version; the next write sweeps the debris. Readers keep
+the snapshot they loaded and pick up a new version when ``CURRENT`` changes (also one written by
+another process, e.g. ``ragline ingest`` next to a running gateway).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import re
+import secrets
+import shutil
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from rag.chunking import Chunker, ChunkingConfig
+from rag.embeddings import Embedder
+from rag.loaders import Document
+
+log = logging.getLogger("ragline.rag")
+
+IndexKind = Literal["flat", "hnsw", "ivf"]
+FORMAT = 1
+KEEP_VERSIONS = 2
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+class StoreError(Exception):
+    """A store operation that cannot be done; ``status`` is the HTTP status it maps to."""
+
+    def __init__(self, message: str, code: str, status: int = 400, param: str | None = None):
+        super().__init__(message)
+        self.message, self.code, self.status, self.param = message, code, status, param
+
+
+@dataclass(frozen=True)
+class Chunk:
+    id: int
+    doc_id: str
+    position: int
+    start: int
+    text: str
+    title: str = ""
+    source: str = ""
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def embed_text(self) -> str:
+        return f"{self.title}\n{self.text}" if self.title else self.text
+
+    def bm25_text(self) -> str:
+        # the title twice: a mild field weight that helps short titles rank (SciFact: +0.003)
+        return f"{self.title}\n{self.title}\n{self.text}" if self.title else self.text
+
+
+@dataclass
+class WriteResult:
+    version: int
+    added: list[str] = field(default_factory=list)
+    updated: list[str] = field(default_factory=list)
+    unchanged: list[str] = field(default_factory=list)
+    deleted: list[str] = field(default_factory=list)
+    chunks: int = 0
+    seconds: float = 0.0
+
+
+def content_hash(doc: Document) -> str:
+    payload = json.dumps([doc.title, doc.text, doc.metadata], sort_keys=True, default=str)
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+# -- one loaded version ---------------------------------------------------------------------------
+
+
+class Snapshot:
+    """An immutable loaded version: what searches run against."""
+
+    def __init__(
+        self,
+        version: int,
+        chunks: list[Chunk],
+        vectors: np.ndarray,
+        documents: dict[str, dict[str, Any]],
+        index: Any,
+        bm25: Any,
+        next_id: int,
+    ) -> None:
+        self.version = version
+        self.chunks = chunks
+        self.vectors = vectors
+        self.documents = documents
+        self.index = index
+        self.bm25 = bm25
+        self.next_id = next_id
+        self.ids = np.fromiter((c.id for c in chunks), dtype=np.int64, count=len(chunks))
+        self.row_of = {c.id: row for row, c in enumerate(chunks)}
+        self.fields: set[str] = {"document_id", "title", "source"}
+        for chunk in chunks:
+            self.fields.update(chunk.metadata)
+
+    def __len__(self) -> int:
+        return len(self.chunks)
+
+
+def _empty_snapshot(dim: int, kind: IndexKind) -> Snapshot:
+    vectors = np.zeros((0, dim), dtype=np.float32)
+    return Snapshot(0, [], vectors, {}, build_index(vectors, np.zeros(0, np.int64), kind), None, 1)
+
+
+def build_index(vectors: np.ndarray, ids: np.ndarray, kind: IndexKind) -> Any:
+    """An inner-product FAISS index over stable ids (vectors are unit length: cosine)."""
+    import faiss
+
+    dim = vectors.shape[1]
+    if kind == "hnsw":
+        inner: Any = faiss.IndexHNSWFlat(dim, 32, faiss.METRIC_INNER_PRODUCT)
+        inner.hnsw.efConstruction = 80
+        inner.hnsw.efSearch = 64
+    elif kind == "ivf" and len(vectors) >= 1024:
+        nlist = int(min(4 * np.sqrt(len(vectors)), len(vectors) // 39))
+        quantizer = faiss.IndexFlatIP(dim)
+        inner = faiss.IndexIVFFlat(quantizer, dim, nlist, faiss.METRIC_INNER_PRODUCT)
+        inner.train(vectors)
+        inner.nprobe = max(1, nlist // 16)
+    else:  # flat, or an IVF store too small to train yet
+        inner = faiss.IndexFlatIP(dim)
+    index = faiss.IndexIDMap2(inner)
+    if len(vectors):
+        index.add_with_ids(np.ascontiguousarray(vectors), ids)
+    return index
+
+
+def build_bm25(chunks: Sequence[Chunk]) -> Any:
+    import bm25s
+
+    if not chunks:
+        return None
+    tokens = bm25s.tokenize(
+        [c.bm25_text() for c in chunks],
+        stopwords="en",
+        stemmer=stemmer(),
+        show_progress=False,
+    )
+    model = bm25s.BM25(k1=0.9, b=0.4)
+    model.index(tokens, show_progress=False)
+    return model
+
+
+_STEMMER: Any = None
+
+
+def stemmer() -> Any:
+    global _STEMMER
+    if _STEMMER is None:
+        import Stemmer
+
+        _STEMMER = Stemmer.Stemmer("english")
+    return _STEMMER
+
+
+# -- the store ------------------------------------------------------------------------------------
+
+
+class VectorStore:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        try:
+            self.info: dict[str, Any] = json.loads((path / "store.json").read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise StoreError(f"{path} is not a vector store: {exc}", "store_corrupt", 500) from exc
+        self.id: str = self.info["id"]
+        self.name: str = self.info["name"]
+        self.kind: IndexKind = self.info.get("index", "flat")
+        self.chunking = ChunkingConfig(**self.info.get("chunking", {}))
+        self._lock = threading.Lock()  # one writer per process; the file lock covers processes
+        self._load_lock = threading.Lock()
+        self._snapshot: Snapshot | None = None
+        self._current_stamp: tuple[int, int] | None = None
+
+    # -- creating and opening -------------------------------------------------------------------
+
+    @classmethod
+    def create(
+        cls,
+        root: Path,
+        name: str,
+        *,
+        dim: int,
+        embedder_name: str,
+        index: IndexKind = "flat",
+        chunking: ChunkingConfig | None = None,
+        metadata: dict[str, Any] | None = None,
+        store_id: str | None = None,
+    ) -> VectorStore:
+        if store_id is None:
+            store_id = f"vs_{name}" if _NAME.match(name) else f"vs_{secrets.token_hex(12)}"
+        if not _NAME.match(store_id.removeprefix("vs_")):
+            raise StoreError(f"invalid vector store id {store_id!r}", "invalid_store_id")
+        path = root / store_id
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = root / f".tmp-{store_id}-{secrets.token_hex(4)}"
+        tmp.mkdir()
+        info = {
+            "format": FORMAT,
+            "id": store_id,
+            "name": name,
+            "created_at": int(time.time()),
+            "index": index,
+            "dim": dim,
+            "embedder": embedder_name,
+            "chunking": (chunking or ChunkingConfig()).model_dump(),
+            "metadata": metadata or {},
+        }
+        _write_json(tmp / "store.json", info)
+        (tmp / "versions").mkdir()
+        try:
+            os.rename(tmp, path)
+        except OSError:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise StoreError(
+                f"a vector store with id {store_id!r} already exists", "store_exists", 409
+            ) from None
+        return cls(path)
+
+    @property
+    def snapshot(self) -> Snapshot:
+        """The serving version, reloaded when ``CURRENT`` changed (a cheap ``stat``)."""
+        current = self.path / "CURRENT"
+        try:
+            st = current.stat()
+            stamp: tuple[int, int] | None = (st.st_mtime_ns, st.st_ino)
+        except FileNotFoundError:
+            stamp = None
+        snap = self._snapshot
+        if snap is None or stamp != self._current_stamp:
+            with self._load_lock:
+                if self._snapshot is None or stamp != self._current_stamp:
+                    self._snapshot = self._load(stamp)
+                    self._current_stamp = stamp
+                snap = self._snapshot
+        assert snap is not None
+        return snap
+
+    def _load(self, stamp: tuple[int, int] | None) -> Snapshot:
+        if stamp is None:
+            return _empty_snapshot(int(self.info["dim"]), self.kind)
+        name = (self.path / "CURRENT").read_text().strip()
+        return load_version(self.path / "versions" / name)
+
+    def describe(self) -> dict[str, Any]:
+        snap = self.snapshot
+        return {
+            "id": self.id,
+            "name": self.name,
+            "created_at": self.info["created_at"],
+            "metadata": self.info.get("metadata", {}),
+            "index": self.kind,
+            "version": snap.version,
+            "documents": len(snap.documents),
+            "chunks": len(snap),
+            "bytes": sum(int(d.get("bytes", 0)) for d in snap.documents.values()),
+        }
+
+    # -- writing --------------------------------------------------------------------------------
+
+    def upsert(
+        self,
+        documents: Iterable[Document],
+        embedder: Embedder,
+        *,
+        chunker: Chunker | None = None,
+        files: dict[str, dict[str, Any]] | None = None,
+        progress: Callable[[int, int], None] | None = None,
+        replace_ids: Sequence[str] = (),
+    ) -> WriteResult:
+        """Add or replace documents by id; unchanged documents (same content hash) are no-ops.
+
+        ``replace_ids`` are document ids that this write removes first (a re-uploaded file whose
+        documents changed ids). ``files`` carries per-document extras kept in the table.
+        """
+        started = time.perf_counter()
+        docs = list(documents)
+        ids = [d.id for d in docs]
+        if len(set(ids)) != len(ids):
+            dupes = sorted({i for i in ids if ids.count(i) > 1})
+            raise StoreError(f"duplicate document ids in one write: {dupes[:5]}", "duplicate_id")
+        with self._writing() as base:
+            result = WriteResult(version=base.version)
+            todo: list[tuple[Document, str]] = []
+            for doc in docs:
+                digest = content_hash(doc)
+                old = base.documents.get(doc.id)
+                if old is not None and old["hash"] == digest and doc.id not in replace_ids:
+                    result.unchanged.append(doc.id)
+                    continue
+                (result.updated if old is not None else result.added).append(doc.id)
+                todo.append((doc, digest))
+            gone = [i for i in replace_ids if i in base.documents and i not in set(ids)]
+            result.deleted = gone
+            if not todo and not gone:
+                result.seconds = time.perf_counter() - started
+                return result
+            chunker = chunker or Chunker(_tokenizer_path(embedder), self.chunking)
+            next_id = base.next_id
+            new_chunks: list[Chunk] = []
+            table: dict[str, dict[str, Any]] = {}
+            for doc, digest in todo:
+                ids_of_doc = []
+                for piece in chunker.split(doc.text):
+                    meta = {**doc.metadata, "document_id": doc.id, "title": doc.title}
+                    meta.setdefault("source", doc.source)
+                    chunk = Chunk(
+                        next_id, doc.id, piece.position, piece.start, piece.text,
+                        doc.title, doc.source, meta,
+                    )  # fmt: skip
+                    new_chunks.append(chunk)
+                    ids_of_doc.append(next_id)
+                    next_id += 1
+                extra = (files or {}).get(doc.id, {})
+                table[doc.id] = {
+                    "hash": digest,
+                    "chunks": ids_of_doc,
+                    "title": doc.title,
+                    "source": doc.source,
+                    "bytes": len(doc.text.encode()),
+                    "created_at": int(time.time()),
+                    "metadata": doc.metadata,
+                    **extra,
+                }
+            vectors = _embed(embedder, new_chunks, progress)
+            dropped = {
+                c
+                for i in (*table, *gone)
+                if i in base.documents
+                for c in base.documents[i]["chunks"]
+            }
+            result.chunks = len(new_chunks)
+            documents_out = {
+                k: v for k, v in base.documents.items() if k not in table and k not in gone
+            }
+            documents_out.update(table)
+            self._commit(base, dropped, new_chunks, vectors, documents_out, next_id)
+            result.version = base.version + 1
+        result.seconds = time.perf_counter() - started
+        return result
+
+    def delete(self, doc_ids: Sequence[str]) -> WriteResult:
+        with self._writing() as base:
+            missing = [i for i in doc_ids if i not in base.documents]
+            if missing:
+                raise StoreError(
+                    f"no document {missing[0]!r} in vector store {self.id!r}",
+                    "document_not_found",
+                    404,
+                )
+            dropped = {c for i in doc_ids for c in base.documents[i]["chunks"]}
+            documents = {k: v for k, v in base.documents.items() if k not in set(doc_ids)}
+            empty = np.zeros((0, base.vectors.shape[1]), np.float32)
+            self._commit(base, dropped, [], empty, documents, base.next_id)
+            return WriteResult(version=base.version + 1, deleted=list(doc_ids))
+
+    @contextlib.contextmanager
+    def _writing(self) -> Iterator[Snapshot]:
+        with self._lock, open(self.path / ".lock", "a+") as lock_file:
+            fcntl.flock(lock_file, fcntl.LOCK_EX)
+            try:
+                self._sweep()
+                self._current_stamp = None  # re-read: another process may have written
+                self._snapshot = None
+                yield self.snapshot
+            finally:
+                fcntl.flock(lock_file, fcntl.LOCK_UN)
+
+    def _sweep(self) -> None:
+        """Remove what killed writers left behind."""
+        for debris in (self.path / "versions").glob(".tmp-*"):
+            shutil.rmtree(debris, ignore_errors=True)
+
+    def _commit(
+        self,
+        base: Snapshot,
+        dropped: set[int],
+        new_chunks: list[Chunk],
+        new_vectors: np.ndarray,
+        documents: dict[str, dict[str, Any]],
+        next_id: int,
+    ) -> None:
+        keep = [row for row, c in enumerate(base.chunks) if c.id not in dropped]
+        chunks = [base.chunks[row] for row in keep] + new_chunks
+        vectors = np.concatenate([base.vectors[keep], new_vectors]).astype(np.float32)
+        version = base.version + 1
+        name = f"v{version:06d}"
+        tmp = self.path / "versions" / f".tmp-{name}-{secrets.token_hex(4)}"
+        tmp.mkdir(parents=True)
+        ids = np.fromiter((c.id for c in chunks), dtype=np.int64, count=len(chunks))
+        with open(tmp / "chunks.jsonl", "w") as f:
+            for chunk in chunks:
+                f.write(json.dumps(asdict(chunk), ensure_ascii=False) + "\n")
+        _write_json(tmp / "documents.json", documents)
+        np.save(tmp / "ids.npy", ids, allow_pickle=False)
+        np.save(tmp / "vectors.npy", vectors, allow_pickle=False)
+        import faiss
+
+        faiss.write_index(build_index(vectors, ids, self.kind), str(tmp / "index.faiss"))
+        _hold_for_tests("index-written")
+        bm25 = build_bm25(chunks)
+        if bm25 is not None:
+            bm25.save(str(tmp / "bm25"), show_progress=False)
+        files = {
+            str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()
+        }
+        manifest = {
+            "format": FORMAT,
+            "store": self.id,
+            "version": version,
+            "created_at": time.time(),
+            "documents": len(documents),
+            "chunks": len(chunks),
+            "next_id": next_id,
+            "dim": int(vectors.shape[1]),
+            "index": self.kind,
+            "files": files,
+        }
+        _write_json(tmp / "manifest.json", manifest)
+        _fsync_tree(tmp)
+        final = self.path / "versions" / name
+        if final.exists():  # left by a writer killed between the rename and CURRENT
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+        pointer = self.path / f".CURRENT-{secrets.token_hex(4)}"
+        pointer.write_text(name + "\n")
+        _fsync(pointer)
+        os.replace(pointer, self.path / "CURRENT")
+        _fsync(self.path)
+        self._prune(version)
+
+    def _prune(self, version: int) -> None:
+        for old in (self.path / "versions").glob("v*"):
+            with contextlib.suppress(ValueError):
+                if int(old.name[1:]) <= version - KEEP_VERSIONS:
+                    shutil.rmtree(old, ignore_errors=True)
+
+
+def load_version(path: Path) -> Snapshot:
+    """Load one version directory, checking it against its manifest."""
+    import bm25s
+    import faiss
+
+    try:
+        manifest = json.loads((path / "manifest.json").read_text())
+        for rel, size in manifest["files"].items():
+            if (path / rel).stat().st_size != size:
+                raise OSError(f"{rel} has the wrong size")
+        with open(path / "chunks.jsonl") as f:
+            chunks = [Chunk(**json.loads(line)) for line in f]
+        documents = json.loads((path / "documents.json").read_text())
+        vectors = np.load(path / "vectors.npy", allow_pickle=False)
+        index = faiss.read_index(str(path / "index.faiss"))
+        bm25 = (
+            bm25s.BM25.load(str(path / "bm25"), show_progress=False)
+            if (path / "bm25").exists()
+            else None
+        )
+    except (OSError, KeyError, ValueError, RuntimeError) as exc:
+        raise StoreError(
+            f"vector store version {path} is unreadable: {exc}", "store_corrupt", 500
+        ) from None
+    if len(chunks) != len(vectors) or index.ntotal != len(chunks):
+        raise StoreError(f"vector store version {path} is inconsistent", "store_corrupt", 500)
+    return Snapshot(
+        int(manifest["version"]), chunks, vectors, documents, index, bm25, int(manifest["next_id"])
+    )
+
+
+def _embed(
+    embedder: Embedder, chunks: list[Chunk], progress: Callable[[int, int], None] | None
+) -> np.ndarray:
+    dim = int(getattr(embedder, "dim", 0) or 0)
+    if not chunks:
+        return np.zeros((0, dim or 384), dtype=np.float32)
+    out = []
+    step = 256
+    for start in range(0, len(chunks), step):
+        batch = chunks[start : start + step]
+        out.append(embedder.embed([c.embed_text() for c in batch]))
+        if progress is not None:
+            progress(min(start + step, len(chunks)), len(chunks))
+    return np.concatenate(out).astype(np.float32)
+
+
+def _tokenizer_path(embedder: Embedder) -> Path:
+    path = getattr(embedder, "path", None)
+    if path is None:
+        raise StoreError("the embedder names no tokenizer for chunking", "no_tokenizer", 500)
+    return Path(path)
+
+
+def _hold_for_tests(point: str) -> None:
+    """Test hook: park a writer mid-write so a test can kill it there (never set in service)."""
+    if os.environ.get("RAGLINE_TEST_HOLD") == point:
+        print(f"ragline-test: holding at {point}", file=sys.stderr, flush=True)
+        sys.stdin.readline()
+
+
+def _write_json(path: Path, data: Any) -> None:
+    path.write_text(json.dumps(data, ensure_ascii=False, indent=1, default=str))
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(path: Path) -> None:
+    for p in path.rglob("*"):
+        if p.is_file():
+            _fsync(p)
+    _fsync(path)
