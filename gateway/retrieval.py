@@ -261,8 +261,6 @@ class RagService:
             docs = load_bytes(filename, data, doc_id=doc_id, metadata=attributes)
         except LoaderError as exc:
             raise as_http(exc) from None
-        for doc in docs:
-            doc.metadata.setdefault("filename", filename)
         return docs
 
     # -- reading --------------------------------------------------------------------------------

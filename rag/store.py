@@ -121,7 +121,7 @@ class Snapshot:
         self.next_id = next_id
         self.ids = np.fromiter((c.id for c in chunks), dtype=np.int64, count=len(chunks))
         self.row_of = {c.id: row for row, c in enumerate(chunks)}
-        self.fields: set[str] = {"document_id", "title", "source"}
+        self.fields: set[str] = {"document_id", "title", "source"}  # and "filename" when known
         for chunk in chunks:
             self.fields.update(chunk.metadata)
 
@@ -317,7 +317,7 @@ class VectorStore:
             for doc in docs:
                 digest = content_hash(doc)
                 old = base.documents.get(doc.id)
-                if old is not None and old["hash"] == digest and doc.id not in replace_ids:
+                if old is not None and old["hash"] == digest:
                     result.unchanged.append(doc.id)
                     continue
                 (result.updated if old is not None else result.added).append(doc.id)
@@ -333,9 +333,12 @@ class VectorStore:
             table: dict[str, dict[str, Any]] = {}
             for doc, digest in todo:
                 ids_of_doc = []
+                extra = (files or {}).get(doc.id, {})
                 for piece in chunker.split(doc.text):
                     meta = {**doc.metadata, "document_id": doc.id, "title": doc.title}
                     meta.setdefault("source", doc.source)
+                    if "filename" in extra:
+                        meta.setdefault("filename", extra["filename"])
                     chunk = Chunk(
                         next_id, doc.id, piece.position, piece.start, piece.text,
                         doc.title, doc.source, meta,
@@ -343,7 +346,6 @@ class VectorStore:
                     new_chunks.append(chunk)
                     ids_of_doc.append(next_id)
                     next_id += 1
-                extra = (files or {}).get(doc.id, {})
                 table[doc.id] = {
                     "hash": digest,
                     "chunks": ids_of_doc,

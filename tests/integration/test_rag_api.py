@@ -1,0 +1,301 @@
+"""Vector stores and grounded chat through a real gateway (embedded SmolLM2, real MiniLM, FAISS,
+bm25s), with the ``openai`` SDK's ``files`` and ``vector_stores`` methods; raw HTTP for ragline's
+extensions (text documents by id)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+from gateway.auth import hash_key
+from tests.conftest import REPO, Gateway, start_gateway, stop_gateway
+from tests.rag.helpers import claims_for, corpus, minimal_pdf, slice_jsonl
+
+TEAM, READER = "sk-rag-team", "sk-rag-reader"
+SLICE = 300
+
+
+@pytest.fixture(scope="module")
+def rag_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("rag-data")
+
+
+@pytest.fixture(scope="module")
+def gw(
+    model_path: Path, rag_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Gateway]:
+    tmp = tmp_path_factory.mktemp("rag")
+    keys = [
+        {"id": "team", "sha256": hash_key(TEAM)},
+        {"id": "reader", "sha256": hash_key(READER),
+         "policy": {"vector_stores": ["handbook"], "prompt_overrides": False}},
+    ]  # fmt: skip
+    routes = [
+        {"name": "scifact-qa", "model": "smollm2", "rag": {"store": "scifact", "top_k": 3}},
+        {"name": "handbook-qa", "model": "smollm2", "rag": {"store": "handbook", "top_k": 2}},
+    ]
+    gateway = start_gateway(
+        tmp,
+        models=[{"name": "smollm2", "backend": "embedded"}],
+        keys=keys,
+        extra={"routes": routes},
+        env={"RAGLINE_RAG_DIR": str(rag_dir)},
+    )
+    yield gateway
+    stop_gateway(gateway)
+
+
+def sdk(gw: Gateway, key: str = TEAM) -> openai.OpenAI:
+    return openai.OpenAI(base_url=gw.base_url, api_key=key, max_retries=0, timeout=300)
+
+
+def http(gw: Gateway, key: str = TEAM) -> httpx.Client:
+    return httpx.Client(
+        base_url=gw.base_url, headers={"Authorization": f"Bearer {key}"}, timeout=300
+    )
+
+
+@pytest.fixture(scope="module")
+def scifact(gw: Gateway) -> Any:
+    client = sdk(gw)
+    store = client.vector_stores.create(name="scifact", metadata={"source": "beir"})
+    uploaded = client.vector_stores.files.upload_and_poll(
+        vector_store_id=store.id, file=("scifact.jsonl", slice_jsonl(SLICE))
+    )
+    assert uploaded.status == "completed", uploaded
+    return store
+
+
+def test_ingested_corpus_is_searchable_with_the_sdk(gw: Gateway, scifact: Any) -> None:
+    client = sdk(gw)
+    store = client.vector_stores.retrieve(scifact.id)
+    assert store.status == "completed" and store.file_counts.completed == 1
+    assert store.model_extra["ragline"]["documents"] == SLICE
+    assert store.id in {s.id for s in client.vector_stores.list().data}
+    claims = claims_for(frozenset(d["_id"] for d in corpus()[:SLICE]))
+    assert len(claims) >= 8
+    found = 0
+    for claim, relevant in claims:
+        page = client.vector_stores.search(scifact.id, query=claim, max_num_results=5)
+        assert page.data and all(r.content[0].type == "text" for r in page.data)
+        found += bool(relevant & {r.model_extra["ragline"]["document_id"] for r in page.data})
+    assert found / len(claims) >= 0.9
+    # each retrieval mode answers, and reports which scores it used
+    for mode in ("dense", "bm25"):
+        page = client.vector_stores.search(
+            scifact.id, query=claims[0][0], max_num_results=3, extra_body={"mode": mode}
+        )
+        other = "bm25" if mode == "dense" else "dense"
+        assert len(page.data) == 3 and all(
+            r.model_extra["ragline"][other] is None for r in page.data
+        )
+
+
+def test_text_documents_update_noop_and_delete(gw: Gateway) -> None:
+    client, raw = sdk(gw), http(gw)
+    store = client.vector_stores.create(name="notes")
+    doc = {"document_id": "pump-1", "title": "Pump", "attributes": {"team": "ops"}}
+    first = raw.post(
+        f"/vector_stores/{store.id}/files", json={**doc, "text": "The pump's reset button is red."}
+    )
+    assert first.status_code == 200, first.text
+    assert first.json()["ragline"]["added"] == 1
+    again = raw.post(
+        f"/vector_stores/{store.id}/files", json={**doc, "text": "The pump's reset button is red."}
+    )
+    assert again.json()["ragline"]["unchanged"] == 1
+    assert again.json()["ragline"]["version"] == first.json()["ragline"]["version"]
+    updated = raw.post(
+        f"/vector_stores/{store.id}/files", json={**doc, "text": "The pump's reset button is blue."}
+    )
+    assert updated.json()["ragline"]["updated"] == 1
+    hits = client.vector_stores.search(store.id, query="reset button colour").data
+    assert [h.content[0].text for h in hits] == ["The pump's reset button is blue."]
+    assert hits[0].attributes == {"team": "ops"}
+    # filters: on a known attribute, and a clear 400 on an unknown one
+    matched = client.vector_stores.search(
+        store.id, query="pump", filters={"type": "eq", "key": "team", "value": "ops"}
+    )
+    assert len(matched.data) == 1
+    with pytest.raises(openai.BadRequestError) as err:
+        client.vector_stores.search(
+            store.id, query="pump", filters={"type": "eq", "key": "colour", "value": "red"}
+        )
+    assert err.value.code == "unknown_filter_field"
+    deleted = client.vector_stores.files.delete("pump-1", vector_store_id=store.id)
+    assert deleted.deleted
+    assert client.vector_stores.search(store.id, query="reset button").data == []
+    with pytest.raises(openai.NotFoundError):
+        client.vector_stores.files.retrieve("pump-1", vector_store_id=store.id)
+
+
+def test_uploaded_files_attach_update_and_detach(gw: Gateway) -> None:
+    client = sdk(gw)
+    store = client.vector_stores.create(name="manuals")
+    pdf = client.files.create(
+        file=("spec.pdf", minimal_pdf("Torque limit is 42 newton metres")), purpose="assistants"
+    )
+    md = client.files.create(
+        file=("guide.md", b"# Guide\n\nDrain the tank before winter."), purpose="assistants"
+    )
+    for f in (pdf, md):
+        attached = client.vector_stores.files.create_and_poll(
+            file_id=f.id, vector_store_id=store.id, attributes={"kind": "manual"}
+        )
+        assert attached.status == "completed"
+    listed = client.vector_stores.files.list(vector_store_id=store.id)
+    assert {f.id for f in listed.data} == {pdf.id, md.id}
+    top = client.vector_stores.search(
+        store.id, query="what is the torque limit", max_num_results=1
+    ).data[0]
+    assert top.file_id == pdf.id and top.filename == "spec.pdf"
+    client.vector_stores.files.update(
+        file_id=md.id, vector_store_id=store.id, attributes={"kind": "guide"}
+    )
+    guides = client.vector_stores.search(
+        store.id, query="tank", filters={"type": "eq", "key": "kind", "value": "guide"}
+    )
+    assert [r.file_id for r in guides.data] == [md.id]
+    client.vector_stores.files.delete(pdf.id, vector_store_id=store.id)
+    assert {r.file_id for r in client.vector_stores.search(store.id, query="torque").data} == {
+        md.id
+    }
+    client.vector_stores.delete(store.id)
+    with pytest.raises(openai.NotFoundError) as err:
+        client.vector_stores.retrieve(store.id)
+    assert err.value.code == "vector_store_not_found"
+
+
+def test_bad_input_gets_a_clear_4xx_and_writes_nothing(gw: Gateway, scifact: Any) -> None:
+    client, raw = sdk(gw), http(gw)
+    version = client.vector_stores.retrieve(scifact.id).model_extra["ragline"]["version"]
+    cases = [
+        (("empty.txt", b""), "empty_file"),
+        (("tool.exe", b"MZ\x90\x00"), "unsupported_file_type"),
+        (("broken.pdf", b"%PDF-1.4\nnot really a pdf"), "file_parse_error"),
+        (("bad.jsonl", b'{"_id": "x", "text": "fine"}\n{oops\n'), "file_parse_error"),
+    ]
+    for file, code in cases:
+        with pytest.raises(openai.BadRequestError) as err:
+            client.vector_stores.files.upload_and_poll(vector_store_id=scifact.id, file=file)
+        assert err.value.code == code, (file[0], err.value)
+        assert file[0].split(".")[0] in err.value.message
+    big = raw.post(
+        f"/vector_stores/{scifact.id}/files",
+        files={"file": ("huge.txt", b"a" * (100 * 1024 * 1024))},
+    )
+    assert big.status_code == 413 and big.json()["error"]["type"] == "invalid_request_error"
+    for call in (
+        lambda: client.vector_stores.search("vs_nope", query="x"),
+        lambda: client.vector_stores.files.create(vector_store_id=scifact.id, file_id="file-nope"),
+        lambda: client.vector_stores.files.retrieve("file-nope", vector_store_id=scifact.id),
+    ):
+        with pytest.raises(openai.NotFoundError):
+            call()
+    with pytest.raises(openai.BadRequestError) as err:
+        client.vector_stores.search(
+            scifact.id, query="x", filters={"type": "eq", "key": "nope", "value": 1}
+        )
+    assert err.value.code == "unknown_filter_field"
+    with pytest.raises(openai.BadRequestError):
+        client.vector_stores.search(scifact.id, query="x", max_num_results=500)
+    with pytest.raises(openai.BadRequestError):
+        client.vector_stores.create(name="scifact")  # the name is taken
+    after = client.vector_stores.retrieve(scifact.id).model_extra["ragline"]
+    assert after["version"] == version and after["documents"] == SLICE
+
+
+def test_grounded_chat_cites_the_ingested_documents(gw: Gateway, scifact: Any) -> None:
+    client = sdk(gw)
+    claim, relevant = claims_for(frozenset(d["_id"] for d in corpus()[:SLICE]))[0]
+    r = client.chat.completions.create(
+        model="scifact-qa", messages=[{"role": "user", "content": claim}], max_tokens=24
+    )
+    info = r.model_extra["ragline"]
+    cites = info["citations"]
+    assert 1 <= len(cites) <= 3 and info["prompt"]["template"].startswith("grounded-qa@")
+    ids = {d["_id"]: d for d in corpus()[:SLICE]}
+    for number, cite in enumerate(cites, 1):
+        assert cite["index"] == number and cite["store"] == scifact.id
+        assert cite["document_id"] in ids and cite["snippet"] in ids[cite["document_id"]]["text"]
+        assert isinstance(cite["chunk_id"], int) and isinstance(cite["score"], float)
+    assert relevant & {c["document_id"] for c in cites}
+    # the same citations on the final chunk of a stream
+    chunks = list(client.chat.completions.create(
+        model="scifact-qa", messages=[{"role": "user", "content": claim}], max_tokens=8,
+        stream=True, stream_options={"include_usage": True},
+    ))  # fmt: skip
+    finals = [c for c in chunks if (c.model_extra or {}).get("ragline")]
+    assert len(finals) == 1 and finals[0].choices and finals[0].choices[0].finish_reason
+    assert [c["document_id"] for c in finals[0].model_extra["ragline"]["citations"]] == [
+        c["document_id"] for c in cites
+    ]
+    # per-request override: fewer chunks, or none
+    one = client.chat.completions.create(
+        model="scifact-qa", messages=[{"role": "user", "content": claim}], max_tokens=4,
+        extra_body={"ragline": {"rag": {"top_k": 1}}},
+    )  # fmt: skip
+    assert len(one.model_extra["ragline"]["citations"]) == 1
+    off = client.chat.completions.create(
+        model="scifact-qa", messages=[{"role": "user", "content": claim}], max_tokens=4,
+        extra_body={"ragline": {"rag": {"enabled": False}}},
+    )  # fmt: skip
+    assert "citations" not in off.model_extra["ragline"]
+
+
+def test_store_permissions_follow_the_key(gw: Gateway, scifact: Any) -> None:
+    team, reader = sdk(gw), sdk(gw, READER)
+    handbook = team.vector_stores.create(name="handbook")
+    http(gw).post(
+        f"/vector_stores/{handbook.id}/files",
+        json={"document_id": "leave", "text": "Staff get 30 days of paid leave a year."},
+    ).raise_for_status()
+    assert {s.id for s in reader.vector_stores.list().data} == {handbook.id}
+    with pytest.raises(openai.PermissionDeniedError):
+        reader.vector_stores.search(scifact.id, query="x")
+    r = reader.chat.completions.create(
+        model="handbook-qa",
+        messages=[{"role": "user", "content": "How many days of leave?"}],
+        max_tokens=16,
+    )
+    assert r.model_extra["ragline"]["citations"][0]["document_id"] == "leave"
+    with pytest.raises(openai.PermissionDeniedError):  # no per-request retrieval changes
+        reader.chat.completions.create(
+            model="handbook-qa", messages=[{"role": "user", "content": "leave?"}], max_tokens=4,
+            extra_body={"ragline": {"rag": {"store": "scifact"}}},
+        )  # fmt: skip
+    with pytest.raises(openai.PermissionDeniedError):  # the route's store is not this key's
+        reader.chat.completions.create(
+            model="scifact-qa", messages=[{"role": "user", "content": "x"}], max_tokens=4
+        )
+
+
+def test_cli_ingest_next_to_the_gateway_is_served(
+    gw: Gateway, rag_dir: Path, tmp_path: Path
+) -> None:
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "faq.md").write_text(
+        "# FAQ\n\nThe office wifi password rotates every Monday."
+    )
+    env = {**os.environ, "RAGLINE_RAG_DIR": str(rag_dir)}
+    done = subprocess.run(
+        [sys.executable, "-m", "gateway.cli", "ingest", str(tmp_path / "docs"), "--store", "faq"],
+        env=env, cwd=REPO, capture_output=True, text=True,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    hits = sdk(gw).vector_stores.search("vs_faq", query="when does the wifi password change").data
+    assert hits and "Monday" in hits[0].content[0].text
+    found = subprocess.run(
+        [sys.executable, "-m", "gateway.cli", "search", "faq", "wifi password", "--json"],
+        env=env, cwd=REPO, capture_output=True, text=True,
+    )  # fmt: skip
+    assert json.loads(found.stdout)[0]["document_id"] == "faq.md"
