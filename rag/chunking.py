@@ -3,8 +3,8 @@
 Chunks are at most ``size`` tokens of the embedding model (so nothing is silently truncated when
 it is embedded) and overlap by up to ``overlap`` tokens; the splitter prefers paragraph, then line,
 then sentence, then word boundaries, and the overlap is made of whole pieces at the level it
-split on (a sentence longer than the overlap is not repeated). Each chunk keeps its position in the document and the character
-offset where it starts.
+split on (a sentence longer than the overlap is not repeated). Each chunk keeps its position in
+the document and the character offset where it starts.
 """
 
 from __future__ import annotations
