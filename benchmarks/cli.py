@@ -362,3 +362,42 @@ def suite_cmd(
         out=out / name,
         gate=gate,
     )
+
+
+@app.command("retrieval")
+def retrieval_cmd(
+    data: Annotated[
+        Path, typer.Option(help="BEIR directory (default: ../shared/data/scifact).")
+    ] = (SHARED_SCIFACT),
+    hnsw_vectors: Annotated[
+        int, typer.Option(help="Synthetic 384-d vectors for the HNSW test (0: skip).")
+    ] = 1_000_000,
+    limit_docs: Annotated[int | None, typer.Option(min=1, help="Only the first N docs.")] = None,
+    limit_queries: Annotated[int | None, typer.Option(min=1, help="Only N queries.")] = None,
+    out: Out = Path("bench-results"),
+) -> None:
+    """Retrieval: ingestion rate vs sentence-transformers, query latency, nDCG, HNSW at scale."""
+    from benchmarks import rag_bench
+
+    report = rag_bench.run(data, out / "retrieval.json", hnsw_vectors, limit_docs, limit_queries)
+    table = Table("mode", "nDCG@10", "R@10", "R@100", "MRR@10", "p50 ms", "p99 ms")
+    for r in report["retrieval"]:
+        lat = r["latency_ms"]
+        table.add_row(r["mode"], f"{r['ndcg10']:.4f}", f"{r['recall10']:.4f}",
+                      f"{r['recall100']:.4f}", f"{r['mrr10']:.4f}", f"{lat['p50']:.2f}",
+                      f"{lat['p99']:.2f}")  # fmt: skip
+    console.print(table)
+    console.print(
+        f"ingestion: {report['ingest_docs_per_s']:.1f} docs/s ({report['chunks']} chunks) vs "
+        f"sentence-transformers default {report['baseline_docs_per_s']:.1f} docs/s: "
+        f"{report['ingest_ratio']:.2f}x"
+    )
+    if "hnsw" in report:
+        h = report["hnsw"]
+        console.print(
+            f"HNSW, {h['vectors']:,} vectors: build {h['build_s']:.0f}s, search p50 "
+            f"{h['p50_ms']:.2f} ms, p99 {h['p99_ms']:.2f} ms, recall@1 {h['recall_at_1']:.3f}"
+        )
+    for name, goal in report["goals"].items():
+        mark = "met" if goal["met"] else "NOT met"
+        console.print(f"  {name}: {goal['value']:.3f} (goal {goal['goal']}) {mark}")

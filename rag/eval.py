@@ -122,7 +122,9 @@ def standard_modes(options: SearchOptions | None = None) -> list[tuple[str, Sear
         ("hybrid-rrf", "hybrid", "rrf"),
         ("hybrid", "hybrid", "zscore"),
     ]
-    return [
-        (label, replace(base, mode=mode, fusion=fusion))  # type: ignore[arg-type]
-        for label, mode, fusion in modes
-    ]
+    out = []
+    for label, mode, fusion in modes:
+        # RRF as it is usually run (equal weights), for comparison with the default fusion
+        weights = (1.0, 1.0) if fusion == "rrf" else base.weights
+        out.append((label, replace(base, mode=mode, fusion=fusion, weights=weights)))  # type: ignore[arg-type]
+    return out

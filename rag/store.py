@@ -121,6 +121,16 @@ class Snapshot:
         self.next_id = next_id
         self.ids = np.fromiter((c.id for c in chunks), dtype=np.int64, count=len(chunks))
         self.row_of = {c.id: row for row, c in enumerate(chunks)}
+        # documents as integers: row -> document number, document number -> its rows
+        numbers: dict[str, int] = {}
+        self.row_doc = np.fromiter(
+            (numbers.setdefault(c.doc_id, len(numbers)) for c in chunks),
+            dtype=np.int64,
+            count=len(chunks),
+        )
+        order = np.argsort(self.row_doc, kind="stable")
+        bounds = np.searchsorted(self.row_doc[order], np.arange(len(numbers) + 1))
+        self.doc_rows = [order[bounds[i] : bounds[i + 1]] for i in range(len(numbers))]
         self.fields: set[str] = {"document_id", "title", "source"}  # and "filename" when known
         for chunk in chunks:
             self.fields.update(chunk.metadata)
@@ -138,6 +148,7 @@ def build_index(vectors: np.ndarray, ids: np.ndarray, kind: IndexKind) -> Any:
     """An inner-product FAISS index over stable ids (vectors are unit length: cosine)."""
     import faiss
 
+    faiss.omp_set_num_threads(os.cpu_count() or 1)  # building uses every core; searches one
     dim = vectors.shape[1]
     if kind == "hnsw":
         inner: Any = faiss.IndexHNSWFlat(dim, 32, faiss.METRIC_INNER_PRODUCT)
@@ -154,6 +165,7 @@ def build_index(vectors: np.ndarray, ids: np.ndarray, kind: IndexKind) -> Any:
     index = faiss.IndexIDMap2(inner)
     if len(vectors):
         index.add_with_ids(np.ascontiguousarray(vectors), ids)
+    faiss.omp_set_num_threads(1)
     return index
 
 

@@ -1,0 +1,137 @@
+"""``ragline bench rag``: retrieval speed and quality on SciFact, ingestion rate, HNSW at scale.
+
+Everything is measured in one run on this machine, so the ratios hold on noisy shared hosts:
+
+- ingestion: ``ragline``'s ingest (chunk, int8 MiniLM, FAISS + BM25, versioned write) in
+  documents per second, against sentence-transformers' default ``encode`` of the same documents
+  (float32, batch 32; the rate FACTS.md quotes) measured just before it;
+- query latency: embed the query (cache cleared) + hybrid search of the SciFact store, p50/p99;
+- quality: nDCG@10, Recall@10/100 and MRR@10 for BM25, dense, RRF and the default hybrid;
+- scale: p50/p99 of FAISS HNSW searches over N synthetic 384-d unit vectors (default 1 M).
+
+Goals (issue 4): hybrid nDCG@10 >= 0.90, query p50 <= 10 ms and p99 <= 25 ms, ingestion >= 2x
+the sentence-transformers default, HNSW p99 <= 20 ms at 1 M vectors.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+GOALS = {"ndcg10": 0.90, "query_p50_ms": 10.0, "query_p99_ms": 25.0, "ingest_ratio": 2.0,
+         "hnsw_p99_ms": 20.0}  # fmt: skip
+
+
+def baseline_rate(texts: list[str]) -> float:
+    """sentence-transformers defaults (float32 model, batch 32), documents per second."""
+    import os
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from sentence_transformers import SentenceTransformer
+
+    from rag.embeddings import minilm_path
+
+    model = SentenceTransformer(str(minilm_path()), device="cpu")
+    model.encode(texts[:32])  # warm up
+    started = time.perf_counter()
+    model.encode(texts, normalize_embeddings=True)
+    return len(texts) / (time.perf_counter() - started)
+
+
+def ingest_rate(corpus: Path, work: Path, limit: int | None) -> tuple[Any, float, int]:
+    from rag.embeddings import SentenceTransformerEmbedder
+    from rag.loaders import load_path
+    from rag.store import VectorStore
+
+    docs = list(load_path(corpus))[:limit]
+    embedder = SentenceTransformerEmbedder()
+    embedder.embed(["warm up"] * 32)
+    store = VectorStore.create(work, "bench", dim=embedder.dim, embedder_name=embedder.name)
+    started = time.perf_counter()
+    result = store.upsert(docs, embedder)
+    rate = len(docs) / (time.perf_counter() - started)
+    return store, rate, result.chunks
+
+
+def hnsw_latency(n: int, queries: int = 1000, seed: int = 0) -> dict[str, float]:
+    import faiss
+
+    from rag.store import build_index
+
+    rng = np.random.default_rng(seed)
+    vectors = rng.standard_normal((n, 384), dtype=np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    started = time.perf_counter()
+    index = build_index(vectors, np.arange(n, dtype=np.int64), "hnsw")
+    build_s = time.perf_counter() - started
+    # queries near stored vectors, like real ones (a random direction has no neighbours)
+    picks = rng.integers(0, n, queries)
+    q = vectors[picks] + 0.05 * rng.standard_normal((queries, 384), dtype=np.float32)
+    q /= np.linalg.norm(q, axis=1, keepdims=True)
+    faiss.omp_set_num_threads(1)  # one query at a time, as a request does
+    times, hits = [], 0
+    for i in range(queries):
+        t = time.perf_counter()
+        _, ids = index.search(q[i : i + 1], 10)
+        times.append((time.perf_counter() - t) * 1000)
+        hits += int(ids[0][0] == picks[i])
+    p50, p99 = np.percentile(times, [50, 99])
+    return {"vectors": n, "build_s": build_s, "p50_ms": float(p50), "p99_ms": float(p99),
+            "recall_at_1": hits / queries}  # fmt: skip
+
+
+def run(
+    data: Path,
+    out: Path | None,
+    hnsw_vectors: int,
+    limit_docs: int | None,
+    limit_queries: int | None,
+) -> dict[str, Any]:
+    from rag.embeddings import SentenceTransformerEmbedder
+    from rag.eval import Beir, evaluate, standard_modes
+
+    corpus = data / "corpus.jsonl"
+    with open(corpus) as f:
+        rows = [json.loads(line) for line in f][:limit_docs]
+    texts = [f"{r.get('title', '')}\n{r['text']}" for r in rows]
+    report: dict[str, Any] = {"data": str(data), "documents": len(rows)}
+    report["baseline_docs_per_s"] = baseline_rate(texts)
+    with tempfile.TemporaryDirectory(prefix="ragline-bench-") as tmp:
+        store, rate, chunks = ingest_rate(corpus, Path(tmp), limit_docs)
+        report.update(ingest_docs_per_s=rate, chunks=chunks,
+                      ingest_ratio=rate / report["baseline_docs_per_s"])  # fmt: skip
+        beir = Beir.load(data)
+        if limit_queries:
+            beir.queries = dict(list(beir.queries.items())[:limit_queries])
+        embedder = SentenceTransformerEmbedder()
+        results = evaluate(
+            store.snapshot, beir, embedder, standard_modes(), clear=embedder.clear_cache
+        )
+    report["retrieval"] = [r.__dict__ for r in results]
+    hybrid = next(r for r in results if r.mode == "hybrid")
+    report["ndcg10"] = hybrid.ndcg10
+    report["query_p50_ms"] = hybrid.latency_ms["p50"]
+    report["query_p99_ms"] = hybrid.latency_ms["p99"]
+    if hnsw_vectors:
+        report["hnsw"] = hnsw_latency(hnsw_vectors)
+        report["hnsw_p99_ms"] = report["hnsw"]["p99_ms"]
+    report["goals"] = {
+        name: {"goal": goal, "value": report.get(name), "met": _met(name, report.get(name), goal)}
+        for name, goal in GOALS.items()
+        if name in report
+    }
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(report, indent=1))
+    return report
+
+
+def _met(name: str, value: float | None, goal: float) -> bool | None:
+    if value is None:
+        return None
+    return value >= goal if name in ("ndcg10", "ingest_ratio") else value <= goal
