@@ -69,9 +69,11 @@ def hnsw_latency(n: int, queries: int = 1000, seed: int = 0) -> dict[str, float]
     started = time.perf_counter()
     index = build_index(vectors, np.arange(n, dtype=np.int64), "hnsw")
     build_s = time.perf_counter() - started
-    # queries near stored vectors, like real ones (a random direction has no neighbours)
+    # queries near stored vectors (cosine ~0.98 to their source), like real ones: a random
+    # direction has no near neighbour in 384-d. recall@1 = the source vector came back first.
     picks = rng.integers(0, n, queries)
-    q = vectors[picks] + 0.05 * rng.standard_normal((queries, 384), dtype=np.float32)
+    noise = rng.standard_normal((queries, 384), dtype=np.float32)
+    q = vectors[picks] + 0.2 * noise / np.linalg.norm(noise, axis=1, keepdims=True)
     q /= np.linalg.norm(q, axis=1, keepdims=True)
     faiss.omp_set_num_threads(1)  # one query at a time, as a request does
     times, hits = [], 0

@@ -34,7 +34,6 @@ from gateway.ratelimit import MemoryRateLimiter, RateLimiter, RedisRateLimiter
 from gateway.retrieval import RagService
 from gateway.routes import admin, chat, completions, feedback, health, models, vector_stores
 from gateway.routes import metrics as metrics_route
-from rag.embeddings import SentenceTransformerEmbedder
 
 log = logging.getLogger("ragline")
 
@@ -65,7 +64,7 @@ def create_app(settings: Settings | None = None, config: FileConfig | None = Non
             limiter = RedisRateLimiter(redis, fail_open=settings.redis_failure == "open")
             cache = RedisResponseCache(redis, settings.cache_ttl, settings.cache_max_entry_bytes)
         admission = Admission(settings, limiter, cache, metrics)
-        embedder = SentenceTransformerEmbedder()  # one model for few-shot, retrieval, safety
+        embedder = settings.embedder()  # one model for few-shot selection and retrieval
         prompts = PromptStage(config, metrics, redis, embedder)
         app.state.rag = RagService(settings, embedder, metrics)
         app.state.pipeline = Pipeline(settings, registry, admission, prompts, app.state.rag)

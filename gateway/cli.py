@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from benchmarks.cli import app as bench_app
-from gateway import rag_cli
+from gateway import rag_cli, safety_cli
 from gateway.config import ConfigError, FileConfig, Settings, load_file_config
 from gateway.errors import ModelAssetError
 from gateway.eval_cli import app as eval_app
@@ -34,6 +34,8 @@ app.add_typer(adapters_app, name="adapters")
 app.command("ingest")(rag_cli.ingest)
 app.command("search")(rag_cli.search_command)
 eval_app.command("retrieval")(rag_cli.eval_retrieval)
+eval_app.command("safety")(safety_cli.eval_safety)
+app.add_typer(safety_cli.safety_app, name="safety")
 
 console = Console(stderr=True)
 

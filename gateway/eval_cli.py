@@ -15,7 +15,7 @@ from rich.table import Table
 from gateway.config import ConfigError, EmbeddedModelConfig, Settings, load_file_config
 from prompts.template import PromptError
 
-app = typer.Typer(help="Evaluate prompts and retrieval.", no_args_is_help=True)
+app = typer.Typer(help="Evaluate prompts, retrieval and safety.", no_args_is_help=True)
 console = Console()
 errors = Console(stderr=True)
 

@@ -19,7 +19,6 @@ from rich.table import Table
 
 from gateway.config import Settings
 from rag.chunking import ChunkingConfig
-from rag.embeddings import SentenceTransformerEmbedder
 from rag.loaders import LoaderError, load_path
 from rag.retriever import SearchOptions, search
 from rag.store import StoreError, VectorStore
@@ -76,7 +75,7 @@ def ingest(
     if not isinstance(attrs, dict):
         raise _fail("--metadata must be a JSON object")
     root = _root(rag_dir)
-    embedder = SentenceTransformerEmbedder()
+    embedder = Settings().embedder()
     try:
         docs = list(load_path(path, metadata=attrs))
         target = find_store(root, store)
@@ -131,7 +130,7 @@ def search_command(
     try:
         spec = json.loads(filters) if filters else None
         options = SearchOptions(top_k=top_k, mode=mode, filters=spec)  # type: ignore[arg-type]
-        hits = search(target.snapshot, query, SentenceTransformerEmbedder(), options)
+        hits = search(target.snapshot, query, Settings().embedder(), options)
     except json.JSONDecodeError as exc:
         raise _fail(f"--filters is not JSON: {exc}") from None
     except StoreError as exc:
@@ -175,7 +174,7 @@ def eval_retrieval(
 
     from rag.eval import Beir, evaluate, standard_modes
 
-    embedder = SentenceTransformerEmbedder()
+    embedder = Settings().embedder()
     try:
         beir = Beir.load(data)
     except (OSError, ValueError, KeyError) as exc:

@@ -268,6 +268,7 @@ class RagService:
     async def search(self, store: VectorStore, query: str, options: SearchOptions) -> list[Hit]:
         started = time.perf_counter()
         try:
+            store.check_embedder(self.embedder)
             hits = await asyncio.to_thread(search, store.snapshot, query, self.embedder, options)
         except StoreError as exc:
             raise as_http(exc) from None

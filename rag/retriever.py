@@ -64,6 +64,7 @@ def search(
     if options.mode in ("dense", "hybrid"):
         if embedder is None:
             raise StoreError("dense retrieval needs an embedder", "no_embedder", 500)
+        _check_dimension(snapshot, embedder)
         qvec = embedder.embed_one(query)
         dense = _dense(snapshot, qvec, want, mask)
     full: np.ndarray | None = None
@@ -95,6 +96,17 @@ def search(
 
 
 # -- the two retrievers ---------------------------------------------------------------------------
+
+
+def _check_dimension(snapshot: Snapshot, embedder: Embedder) -> None:
+    dim = int(getattr(embedder, "dim", 0) or 0)
+    if dim and len(snapshot) and snapshot.vectors.shape[1] != dim:
+        raise StoreError(
+            f"this store holds {snapshot.vectors.shape[1]}-d vectors but the embedding model "
+            f"makes {dim}-d ones; search it with the model that built it",
+            "embedding_model_mismatch",
+            409,
+        )
 
 
 def _single_threaded_faiss() -> None:

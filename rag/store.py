@@ -286,6 +286,18 @@ class VectorStore:
         name = (self.path / "CURRENT").read_text().strip()
         return load_version(self.path / "versions" / name)
 
+    def check_embedder(self, embedder: Embedder) -> None:
+        """Vectors from another model would search garbage: refuse, naming both."""
+        name = getattr(embedder, "name", None)
+        if name is not None and name != self.info.get("embedder"):
+            raise StoreError(
+                f"vector store {self.id!r} was built with the embedding model "
+                f"{self.info.get('embedder')!r}, but this process embeds with {name!r}; "
+                "re-ingest it or configure that model (RAGLINE_EMBEDDING_MODEL)",
+                "embedding_model_mismatch",
+                409,
+            )
+
     def describe(self) -> dict[str, Any]:
         snap = self.snapshot
         return {
@@ -318,6 +330,7 @@ class VectorStore:
         documents changed ids). ``files`` carries per-document extras kept in the table.
         """
         started = time.perf_counter()
+        self.check_embedder(embedder)
         docs = list(documents)
         ids = [d.id for d in docs]
         if len(set(ids)) != len(ids):

@@ -299,3 +299,22 @@ def test_cli_ingest_next_to_the_gateway_is_served(
         env=env, cwd=REPO, capture_output=True, text=True,
     )  # fmt: skip
     assert json.loads(found.stdout)[0]["document_id"] == "faq.md"
+    # an ingest killed mid-write (SIGKILL, parked by the test hook) changes nothing being served
+    (tmp_path / "docs" / "more.md").write_text("# More\n\nThe canteen opens at noon.")
+    version = sdk(gw).vector_stores.retrieve("vs_faq").model_extra["ragline"]["version"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gateway.cli", "ingest", str(tmp_path / "docs"), "--store", "faq"],
+        env={**env, "RAGLINE_TEST_HOLD": "index-written"}, cwd=REPO,
+        stdin=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    assert proc.stderr is not None
+    for line in proc.stderr:
+        if b"holding at index-written" in line:
+            break
+    proc.kill()
+    proc.wait()
+    store = sdk(gw).vector_stores.retrieve("vs_faq").model_extra["ragline"]
+    assert store["version"] == version and store["documents"] == 1
+    hits = sdk(gw).vector_stores.search("vs_faq", query="canteen opening time").data
+    assert all("canteen" not in h.content[0].text for h in hits)
+    assert "Monday" in sdk(gw).vector_stores.search("vs_faq", query="wifi").data[0].content[0].text

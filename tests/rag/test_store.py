@@ -294,3 +294,28 @@ def test_hnsw_and_ivf_stores_answer_like_flat(
         hits = search(store.snapshot, docs[7].title, embedder, SearchOptions(top_k=3, mode="dense"))
         results[kind] = hits[0].chunk.doc_id
     assert results["flat"] == results["hnsw"] == results["ivf"] == docs[7].id
+
+
+def test_onnx_backend_computes_sentence_transformers_vectors(
+    embedder: SentenceTransformerEmbedder,
+) -> None:
+    texts = [f"{d['title']}\n{d['text']}" for d in corpus()[:40]] + ["short", "a b"]
+    onnx = embedder.embed(texts)
+    assert embedder.backend == "onnx"
+    reference = SentenceTransformerEmbedder(backend="torch").embed(texts)
+    assert onnx.shape == reference.shape == (len(texts), 384)
+    assert float((onnx * reference).sum(axis=1).min()) > 0.9999
+    assert np.allclose(np.linalg.norm(onnx, axis=1), 1.0, atol=1e-5)
+
+
+def test_a_store_refuses_another_embedding_model(
+    tmp_path: Path, embedder: SentenceTransformerEmbedder
+) -> None:
+    store = new_store(tmp_path, embedder)
+    store.upsert([Document("a", "text")], embedder)
+    other = SentenceTransformerEmbedder()
+    other.name = "another-model"
+    with pytest.raises(StoreError) as err:
+        store.upsert([Document("b", "more text")], other)
+    assert err.value.code == "embedding_model_mismatch" and "another-model" in err.value.message
+    assert sorted(store.snapshot.documents) == ["a"]
