@@ -29,7 +29,7 @@ class ScannerSpec(BaseModel):
     type: Literal["unicode", "secrets", "pii", "injection", "topics", "length"]
     where: list[Where] = Field(default_factory=lambda: list(ALL))
     options: dict[str, Any] = Field(default_factory=dict)
-    budget_ms: float = Field(default=50.0, gt=0, description="Longer counts as a failure.")
+    budget_ms: float = Field(default=250.0, gt=0, description="Longer counts as a failure.")
 
 
 class PolicySpec(BaseModel):
@@ -117,10 +117,15 @@ class Policy:
         return outcome
 
 
-def build_policy(spec: PolicySpec, shared: dict[str, Any] | None = None) -> Policy:
-    """Instantiate the scanners (``shared`` carries the embedder for the embedding scanners)."""
+def build_policy(
+    spec: PolicySpec, shared: dict[str, Any] | None = None, warm: bool = True
+) -> Policy:
+    """Instantiate the scanners (``shared`` carries the embedder for the embedding scanners);
+    ``warm`` loads models now, so that no request's time budget pays for loading them."""
     from safety.scanners import build_scanner
 
-    return Policy(
-        spec, [(s, build_scanner(s.type, s.options, shared or {})) for s in spec.scanners]
-    )
+    scanners = [(s, build_scanner(s.type, s.options, shared or {})) for s in spec.scanners]
+    if warm:
+        for _, scanner in scanners:
+            getattr(scanner, "warm", lambda: None)()
+    return Policy(spec, scanners)

@@ -42,10 +42,13 @@ def char_features(texts: list[str], idf: np.ndarray) -> Any:
     """Sublinear TF x IDF, L2-normalised rows (what TfidfVectorizer(sublinear_tf=True) does)."""
     from sklearn.preprocessing import normalize
 
-    counts = char_vectorizer().transform(texts).astype(np.float64)
-    counts.data = 1.0 + np.log(counts.data)
-    weighted = counts.multiply(idf.reshape(1, -1)).tocsr()
-    return normalize(weighted)
+    counts = _VECTORIZER.transform(texts).astype(np.float64).tocsr()
+    counts.data = (1.0 + np.log(counts.data)) * idf[counts.indices]  # O(non-zeros)
+    counts.eliminate_zeros()
+    return normalize(counts)
+
+
+_VECTORIZER = char_vectorizer()
 
 
 class InjectionModel:
@@ -91,9 +94,15 @@ class InjectionScanner:
     def model(self) -> InjectionModel:
         return InjectionModel.load(self.model_path)
 
+    def warm(self) -> None:
+        """Load the weights and the embedder now, not inside the first request's budget."""
+        self.scan("warm up", ScanContext())
+
     def scan(self, text: str, context: ScanContext) -> Verdict:
-        text = normalise(text)
-        spans = heuristic_hits(text)
+        hidden = context.extras.get("hidden_text")
+        if hidden:
+            text = f"{text}\n{hidden}"
+        spans = heuristic_hits(normalise(text))
         if spans:
             return Verdict("block", [Finding("prompt_injection", *spans[0])], 1.0)
         if not self.use_classifier or not text.strip():

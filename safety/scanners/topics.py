@@ -35,6 +35,9 @@ class TopicsScanner:
         texts = [t for ts in self.topics.values() for t in ts]
         return names, np.asarray(self.embedder.embed(texts))
 
+    def warm(self) -> None:
+        self._matrix  # noqa: B018 - embeds the topic descriptions now
+
     def scan(self, text: str, context: ScanContext) -> Verdict:
         if not text.strip():
             return Verdict()

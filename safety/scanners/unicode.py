@@ -58,6 +58,9 @@ class UnicodeScanner:
                 findings.append(Finding(kind, i, i + 1))
         if not findings:
             return Verdict()
+        hidden = "".join(chr(ord(ch) - 0xE0000) for ch in text if 0xE0020 <= ord(ch) <= 0xE007E)
+        if hidden:  # the detection scanners after this one still read what was smuggled
+            context.extras["hidden_text"] = hidden
         if self.mode == "block":
             return Verdict("block", findings, 1.0)
         return Verdict("redact", findings, 1.0, "".join(out))
