@@ -26,8 +26,8 @@ class BodyLimitMiddleware:
     """Refuse bodies over ``max_bytes`` with 413 before any route reads them.
 
     Multipart file uploads have their own, larger limit. A declared ``Content-Length`` is
-    checked up front; a chunked body is counted as it arrives
-    and the read fails with ``PayloadTooLarge`` once it crosses the limit.
+    checked up front; a chunked body is counted as it arrives and the read fails with
+    ``PayloadTooLarge`` once it crosses the limit.
     """
 
     def __init__(self, app: ASGIApp, max_bytes: int, upload_bytes: int | None = None) -> None:

@@ -311,6 +311,9 @@ def test_cli_ingest_next_to_the_gateway_is_served(
     for line in proc.stderr:
         if b"holding at index-written" in line:
             break
+    # readers keep being served while that write is in progress
+    during = sdk(gw).vector_stores.search("vs_faq", query="wifi password").data
+    assert during and "Monday" in during[0].content[0].text
     proc.kill()
     proc.wait()
     store = sdk(gw).vector_stores.retrieve("vs_faq").model_extra["ragline"]

@@ -6,9 +6,9 @@ import json
 from functools import cache
 from pathlib import Path
 
-from tests.conftest import REPO
+from tests.conftest import SHARED_DATA
 
-SCIFACT = REPO.parent / "shared" / "data" / "scifact"
+SCIFACT = SHARED_DATA / "scifact"
 
 
 @cache

@@ -17,9 +17,9 @@ from safety.base import ScanContext, Verdict
 from safety.policy import Policy, PolicySpec, ScannerSpec, build_policy, default_policy
 from safety.scanners.injection import InjectionModel, InjectionScanner
 from safety.stream import StreamGuard
-from tests.conftest import REPO
+from tests.conftest import REPO, SHARED_DATA
 
-INJECTIONS = REPO.parent / "shared" / "data" / "prompt-injections" / "train.csv"
+INJECTIONS = SHARED_DATA / "prompt-injections" / "train.csv"
 
 
 @pytest.fixture(scope="module")
