@@ -139,7 +139,11 @@ class BackendRegistry:
                 param="model",
             )
         if not backend.ready:
-            raise Overloaded(f"The model '{model}' is not ready yet.", retry_after=5)
+            # a started proxy whose replicas are all down says so (as a request that found
+            # them down would), rather than "not ready yet"
+            unavailable = getattr(backend, "unavailable", None)
+            error = unavailable() if unavailable is not None else None
+            raise error or Overloaded(f"The model '{model}' is not ready yet.", retry_after=5)
         return backend
 
     def models(self) -> list[ModelInfo]:

@@ -77,6 +77,16 @@ class VllmBackend:
     def ready(self) -> bool:
         return self._session is not None and self.pool.any_healthy
 
+    def unavailable(self) -> Overloaded | None:
+        """Why a started backend is not ready: every replica is ejected (None while starting)."""
+        if self._session is None:
+            return None
+        return Overloaded(
+            f"No healthy upstream for model '{self.config.name}' right now.",
+            retry_after=self.pool.retry_after(),
+            code="no_healthy_upstream",
+        )
+
     async def start(self) -> None:
         t = self.config.timeouts
         connector = aiohttp.TCPConnector(limit=0, limit_per_host=self.config.max_connections)

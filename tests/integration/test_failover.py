@@ -72,6 +72,11 @@ def test_no_healthy_replica_is_503_with_retry_after_and_recovery(tmp_path) -> No
         assert info.value.status_code == 503
         assert int(info.value.response.headers["retry-after"]) >= 1
         assert info.value.body["code"] == "no_healthy_upstream"
+        # once the health check has ejected it too, the answer is the same (not "not ready")
+        assert wait_until(lambda: healthy(gw) == 0, timeout=20)
+        with pytest.raises(openai.APIStatusError) as info:
+            client.chat.completions.create(model=MODEL, messages=MSG, max_tokens=2)
+        assert info.value.status_code == 503 and info.value.body["code"] == "no_healthy_upstream"
         # the replica comes back on the same port: the health check re-admits it
         a = start_mock(tmp_path, port=port)
         assert wait_until(lambda: healthy(gw) == 1, timeout=20)
