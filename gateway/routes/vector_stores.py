@@ -13,12 +13,12 @@ import time
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Request
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 from starlette.datastructures import UploadFile
 
 from gateway.auth import principal_of
 from gateway.errors import InvalidRequest, NotFound
-from gateway.http import parse_body, validation_error
+from gateway.http import parse_body
 from gateway.retrieval import RagService
 from rag.chunking import ChunkingConfig
 from rag.retriever import SearchOptions
@@ -231,9 +231,8 @@ async def add_file(request: Request, store_id: str) -> dict[str, Any]:
     store = rag.get(store_id, principal_of(request.state))
     if request.headers.get("content-type", "").startswith("multipart/form-data"):
         filename, data, fields = await _form_file(request)
-        docs = rag.parse(filename, data, doc_id="probe", attributes={})
+        rag.parse(filename, data, doc_id="probe", attributes={})  # bad files fail before storing
         obj = rag.files.create(filename, data, "assistants")
-        del docs
         return await _attach(rag, store, obj["id"], {}, None, document_id=fields.get("document_id"))
     body = await parse_body(request, AttachFile)
     attributes = dict(body.attributes or {})
@@ -345,18 +344,15 @@ async def search_store(request: Request, store_id: str) -> dict[str, Any]:
     store = rag.get(store_id, principal_of(request.state))
     query = body.query if isinstance(body.query, str) else " ".join(body.query)
     ranking = body.ranking_options
-    try:
-        options = SearchOptions(
-            top_k=body.max_num_results,
-            mode=body.mode,
-            fusion=body.fusion,
-            weights=body.weights,
-            filters=body.filters,
-            mmr=body.mmr,
-            score_threshold=ranking.score_threshold if ranking else None,
-        )
-    except ValidationError as exc:  # pragma: no cover - the body model validated these
-        raise validation_error(exc) from None
+    options = SearchOptions(
+        top_k=body.max_num_results,
+        mode=body.mode,
+        fusion=body.fusion,
+        weights=body.weights,
+        filters=body.filters,
+        mmr=body.mmr,
+        score_threshold=ranking.score_threshold if ranking else None,
+    )
     hits = await rag.search(store, query, options)
     documents = store.snapshot.documents
     data = []
