@@ -34,6 +34,7 @@ from gateway.ratelimit import MemoryRateLimiter, RateLimiter, RedisRateLimiter
 from gateway.retrieval import RagService
 from gateway.routes import admin, chat, completions, feedback, health, models, vector_stores
 from gateway.routes import metrics as metrics_route
+from gateway.safety import SafetyStage
 
 log = logging.getLogger("ragline")
 
@@ -67,7 +68,9 @@ def create_app(settings: Settings | None = None, config: FileConfig | None = Non
         embedder = settings.embedder()  # one model for few-shot selection and retrieval
         prompts = PromptStage(config, metrics, redis, embedder)
         app.state.rag = RagService(settings, embedder, metrics)
-        app.state.pipeline = Pipeline(settings, registry, admission, prompts, app.state.rag)
+        safety = SafetyStage(config, embedder, metrics)
+        await asyncio.to_thread(safety.warm)  # policies' models load before serving
+        app.state.pipeline = Pipeline(settings, registry, admission, prompts, app.state.rag, safety)
         watcher = asyncio.create_task(prompts.catalog.watch()) if prompts.watch else None
         if app.state.keys.open:
             log.warning(

@@ -28,6 +28,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 import prompts
 from prompts.experiments import Experiment
+from safety.policy import PolicySpec
 
 log = logging.getLogger("ragline.config")
 
@@ -160,6 +161,31 @@ class RagConfig(BaseModel):
     mmr: float | None = Field(default=None, ge=0, le=1, description="MMR lambda; unset: off.")
 
 
+class SafetyConfig(BaseModel):
+    """Safety policies (``safety/``); ``enabled`` runs them on requests' input and on retrieved
+    chunks. Output scanning is not in the request path yet, so this is off unless turned on."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = Field(default=False, description="Scan requests with their policies.")
+    policies: list[PolicySpec] = Field(
+        default_factory=list, description="Named policies; `default` and `off` are built in."
+    )
+
+    @field_validator("policies")
+    @classmethod
+    def _names(cls, policies: list[PolicySpec]) -> list[PolicySpec]:
+        names = [p.name for p in policies]
+        if len(set(names)) != len(names):
+            raise ValueError("safety policy names must be unique")
+        if "off" in names:
+            raise ValueError("`off` is built in (no scanning) and cannot be redefined")
+        return policies
+
+    def names(self) -> set[str]:
+        return {"default", "off", *(p.name for p in self.policies)}
+
+
 class RouteConfig(BaseModel):
     """A public model name that serves a base model or adapter through a template/experiment."""
 
@@ -174,6 +200,9 @@ class RouteConfig(BaseModel):
     )
     rag: RagConfig | None = Field(
         default=None, description="Ground answers in a vector store (template: grounded-qa)."
+    )
+    safety_policy: str | None = Field(
+        default=None, description="Safety policy for this route (else the key's)."
     )
     description: str = ""
 
@@ -224,6 +253,17 @@ class FileConfig(BaseModel):
     prompts: PromptsConfig = Field(default_factory=PromptsConfig)
     routes: list[RouteConfig] = Field(default_factory=list)
     experiments: list[Experiment] = Field(default_factory=list)
+    safety: SafetyConfig = Field(default_factory=SafetyConfig)
+
+    @model_validator(mode="after")
+    def _safety_names(self) -> FileConfig:
+        known = self.safety.names()
+        uses = [(f"keys[{k.id}]", k.policy.safety_policy) for k in self.keys]
+        uses += [(f"routes[{r.name}]", r.safety_policy) for r in self.routes if r.safety_policy]
+        for where, name in uses:
+            if name not in known:
+                raise ValueError(f"{where}: safety policy {name!r} is not declared under safety")
+        return self
 
     @field_validator("keys")
     @classmethod

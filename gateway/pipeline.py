@@ -47,6 +47,7 @@ from gateway.responses import (
     new_id,
 )
 from gateway.retrieval import RagService, Retrieved
+from gateway.safety import SafetyStage
 from gateway.sse import guarded
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -108,12 +109,14 @@ class Pipeline:
         admission: Admission,
         prompts: PromptStage,
         rag: RagService,
+        safety: SafetyStage,
     ) -> None:
         self.settings = settings
         self.registry = registry
         self.admission = admission
         self.prompts = prompts
         self.rag = rag
+        self.safety = safety
 
     # -- entry points (one per route) ----------------------------------------------------------
 
@@ -127,6 +130,7 @@ class Pipeline:
         self, request: Request, route: str, body: ChatCompletionRequest | CompletionRequest
     ) -> Response:
         target = self._resolve(body.model, body.n)
+        screened = await self.safety.screen_input(request, body, target)  # stage 4
         shaped = await self._render(request, body, target)
         if isinstance(body, ChatCompletionRequest) and not target.proxied:
             self._check_supported_chat(body)
@@ -145,6 +149,8 @@ class Pipeline:
             return Response(hit.body, media_type=JSON, headers=ticket.headers)
         try:
             info = _ragline_info(shaped)
+            if screened is not None:
+                info = {**(info or {}), "safety": screened.info()}
             if target.proxied:
                 return await self._proxy(request, target, route, wire, body, ticket, info)
             return await self._generate(request, target, body, ticket, info)
@@ -214,7 +220,14 @@ class Pipeline:
                 "retrieval searches the last message, which must be a non-empty user message",
                 param="messages",
             )
-        return await self.rag.retrieve(principal, config, messages[-1].text())
+        policy = self.safety.policy_for(principal, target)
+        screen = None
+        if policy is not None:
+
+            def screen(text: str) -> str | None:
+                return self.safety.screen_chunk(policy, text, principal)
+
+        return await self.rag.retrieve(principal, config, messages[-1].text(), screen)
 
     def _follow(self, request: Request, ticket: Ticket, shaped: Shaped) -> None:
         """Count the templated request per variant and remember it for feedback."""

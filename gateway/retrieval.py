@@ -19,6 +19,7 @@ import re
 import secrets
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -275,7 +276,14 @@ class RagService:
         self.metrics.retrieval.labels(store.id).observe(time.perf_counter() - started)
         return hits
 
-    async def retrieve(self, principal: Principal, config: RagConfig, query: str) -> Retrieved:
+    async def retrieve(
+        self,
+        principal: Principal,
+        config: RagConfig,
+        query: str,
+        screen: Callable[[str], str | None] | None = None,
+    ) -> Retrieved:
+        """Search for ``query``; ``screen`` (the safety policy) may rewrite or drop each chunk."""
         store = self.get(config.store, principal)
         options = SearchOptions(
             top_k=config.top_k,
@@ -290,10 +298,19 @@ class RagService:
         hits = await self.search(store, query, options)
         context: list[dict[str, Any]] = []
         citations: list[dict[str, Any]] = []
-        for number, hit in enumerate(hits, 1):
+        dropped = 0
+        for hit in hits:
             chunk = hit.chunk
+            text = chunk.text
+            if screen is not None:
+                screened = await asyncio.to_thread(screen, text)
+                if screened is None:
+                    dropped += 1
+                    continue
+                text = screened
+            number = len(context) + 1
             doc = store.snapshot.documents.get(chunk.doc_id, {})
-            context.append({"text": chunk.text, "id": chunk.doc_id, "source": chunk.title})
+            context.append({"text": text, "id": chunk.doc_id, "source": chunk.title})
             citations.append(
                 {
                     "index": number,
@@ -314,6 +331,8 @@ class RagService:
             "top_k": config.top_k,
             "ms": round((time.perf_counter() - started) * 1000, 2),
         }
+        if screen is not None:
+            info["dropped"] = dropped
         return Retrieved(context, citations, info)
 
 

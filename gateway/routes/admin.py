@@ -38,6 +38,13 @@ def _keys(request: Request) -> KeyStore:
 async def create_key(request: Request) -> dict[str, object]:
     """Create a run-time key; the plain key is in this response and nowhere else."""
     spec = await parse_body(request, NewKey)
+    known = request.app.state.pipeline.safety.specs
+    if spec.policy.safety_policy not in {*known, "off"}:
+        raise InvalidRequest(
+            f"Unknown safety policy {spec.policy.safety_policy!r}; configured: "
+            f"{', '.join(sorted({*known, 'off'}))}.",
+            param="policy.safety_policy",
+        )
     key, record = await _keys(request).create(spec.name, spec.policy, spec.admin)
     audit_event(
         "key.created", by=principal_of(request.state).key_id, key_id=record["id"], admin=spec.admin

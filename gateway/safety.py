@@ -1,0 +1,175 @@
+"""Pipeline stage 4, input safety (and the screening of retrieved chunks for stage 5).
+
+The policy of a request is its route's ``safety_policy``, else its key's (``default`` unless the
+key names another; ``off`` scans nothing). User and tool messages (a completion's prompt) are
+scanned before anything else sees them: a block is a 400 ``content_filter`` naming the policy,
+the scanner and the finding types, never the offending value; a redaction (invisible Unicode, a
+secret where the policy redacts) replaces the text that goes on. Retrieved chunks are scanned
+too, and a chunk a policy blocks (an injected document) is dropped from the prompt. Every block
+and redaction is an audit event with ids and types only. Output scanning (the hold-back stream
+guard in ``safety/stream.py``) is not wired into the response path yet.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+from starlette.requests import Request
+
+from gateway.admission import Admission
+from gateway.auth import Principal
+from gateway.backends.registry import Target
+from gateway.config import FileConfig
+from gateway.errors import InvalidRequest, PermissionDenied
+from gateway.logs import audit_event
+from gateway.metrics import Metrics
+from gateway.protocol import ChatCompletionRequest, CompletionRequest
+from safety.base import ScanContext
+from safety.policy import Outcome, Policy, build_policy, default_policy
+
+log = logging.getLogger("ragline.safety")
+
+
+class ContentFiltered(InvalidRequest):
+    default_code = "content_filter"
+
+
+@dataclass
+class Screened:
+    policy: str
+    redactions: list[str] = field(default_factory=list)
+
+    def info(self) -> dict[str, Any]:
+        return {"policy": self.policy, "redactions": sorted(set(self.redactions))}
+
+
+class SafetyStage:
+    def __init__(self, config: FileConfig, embedder: Any, metrics: Metrics) -> None:
+        self.enabled = config.safety.enabled
+        self.metrics = metrics
+        self.routes = {r.name: r for r in config.routes}
+        specs = {"default": default_policy(), **{p.name: p for p in config.safety.policies}}
+        self.specs = specs
+        self.embedder = embedder
+        self._policies: dict[str, Policy] = {}
+
+    def warm(self) -> None:
+        """Build every policy and load its models (before serving: no request pays for it)."""
+        if self.enabled:
+            for name in self.specs:
+                self._policy(name)
+
+    def _policy(self, name: str) -> Policy:
+        policy = self._policies.get(name)
+        if policy is None:
+            policy = build_policy(self.specs[name], {"embedder": self.embedder})
+            self._policies[name] = policy
+        return policy
+
+    def policy_for(self, principal: Principal, target: Target) -> Policy | None:
+        if not self.enabled:
+            return None
+        route = target.route
+        name = (route.safety_policy if route is not None else None) or (
+            principal.policy.safety_policy
+        )
+        if name == "off":
+            return None
+        if name not in self.specs:  # a run-time key made before a config change, say
+            raise PermissionDenied(
+                f"This key's safety policy {name!r} is not configured on this gateway.",
+                code="unknown_safety_policy",
+            )
+        return self._policy(name)
+
+    # -- stage 4 ----------------------------------------------------------------------------
+
+    async def screen_input(
+        self, request: Request, body: ChatCompletionRequest | CompletionRequest, target: Target
+    ) -> Screened | None:
+        if not self.enabled:
+            return None
+        principal = Admission.authorize(request, body.model)
+        policy = self.policy_for(principal, target)
+        if policy is None:
+            return None
+        screened = Screened(policy.name)
+        context = ScanContext(
+            "input", principal.key_id, target.route.name if target.route else None
+        )
+        if isinstance(body, ChatCompletionRequest):
+            for i, message in enumerate(body.messages):
+                if message.role not in ("user", "tool"):
+                    continue
+                if isinstance(message.content, str):
+                    message.content = await self._scan(
+                        policy, message.content, context, f"messages[{i}].content", screened
+                    )
+                elif isinstance(message.content, list):
+                    for j, part in enumerate(message.content):
+                        text = getattr(part, "text", None)
+                        if isinstance(text, str):
+                            part.text = await self._scan(
+                                policy, text, context, f"messages[{i}].content[{j}].text", screened
+                            )
+        else:
+            if isinstance(body.prompt, str):
+                body.prompt = await self._scan(policy, body.prompt, context, "prompt", screened)
+            elif body.prompt and all(isinstance(p, str) for p in body.prompt):
+                body.prompt = [
+                    await self._scan(policy, str(p), context, f"prompt[{i}]", screened)
+                    for i, p in enumerate(body.prompt)
+                ]  # token-id prompts are not text: nothing to scan
+        return screened
+
+    async def _scan(
+        self, policy: Policy, text: str, context: ScanContext, param: str, screened: Screened
+    ) -> str:
+        if len(text) > 2_000:
+            outcome = await asyncio.to_thread(policy.run, text, context)
+        else:
+            outcome = policy.run(text, context)
+        self._count(outcome)
+        if outcome.action == "block":
+            kinds = ", ".join(outcome.types()) or "finding"
+            audit_event(
+                "safety_block", key_id=context.key_id, route=context.route, where=context.where,
+                policy=policy.name, scanner=outcome.blocked_by, types=outcome.types(),
+            )  # fmt: skip
+            raise ContentFiltered(
+                f"The request was blocked by safety policy '{policy.name}' (scanner "
+                f"'{outcome.blocked_by}': {kinds}).",
+                param=param,
+            )
+        if outcome.action == "redact":
+            screened.redactions += outcome.types()
+            audit_event(
+                "safety_redact", key_id=context.key_id, route=context.route, where=context.where,
+                policy=policy.name, types=outcome.types(),
+            )  # fmt: skip
+            return outcome.text
+        return text
+
+    def _count(self, outcome: Outcome) -> None:
+        for scanner, seconds in outcome.timings.items():
+            self.metrics.safety.labels(scanner).observe(seconds / 1000)
+        for scanner, finding in outcome.findings:
+            self.metrics.safety_findings.labels(scanner, finding.type, outcome.action).inc()
+
+    # -- retrieved chunks (stage 5) ---------------------------------------------------------
+
+    def screen_chunk(self, policy: Policy, text: str, principal: Principal) -> str | None:
+        """The chunk's text to use, or None when the policy blocks it (it is dropped)."""
+        context = ScanContext("retrieved", principal.key_id)
+        outcome = policy.run(text, context)
+        self._count(outcome)
+        if outcome.action == "block":
+            audit_event(
+                "safety_drop_chunk", key_id=principal.key_id, policy=policy.name,
+                scanner=outcome.blocked_by, types=outcome.types(),
+            )  # fmt: skip
+            return None
+        return outcome.text
