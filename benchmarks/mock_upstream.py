@@ -32,6 +32,12 @@ class MockConfig:
     tokens_per_s: float = 0.0
     output_tokens: int = 16
     prompt_tokens: int = 10
+    reply: str | None = None  # answer this text (in 6-character pieces when streaming)
+
+    def pieces(self, n_tokens: int) -> list[str]:
+        if self.reply is None:
+            return [" tok"] * n_tokens
+        return [self.reply[i : i + 6] for i in range(0, len(self.reply), 6)]
 
 
 @dataclass
@@ -119,7 +125,8 @@ class MockUpstream:
                 await self._wait(
                     self.config.ttft_ms / 1000 + _gap(self.config.tokens_per_s) * (n_tokens - 1)
                 )
-                text = " tok" * n_tokens
+                pieces = self.config.pieces(n_tokens)
+                text, n_tokens = "".join(pieces), len(pieces)
                 choice: dict[str, Any] = (
                     {
                         "index": 0,
@@ -193,6 +200,8 @@ class MockUpstream:
                 )
             )
         gap = _gap(self.config.tokens_per_s)
+        pieces = self.config.pieces(n_tokens)
+        n_tokens = len(pieces)
         for i in range(n_tokens):
             if i:
                 await self._wait(gap)
@@ -201,12 +210,12 @@ class MockUpstream:
             choice = (
                 {
                     "index": 0,
-                    "delta": {"content": " tok"},
+                    "delta": {"content": pieces[i]},
                     "logprobs": None,
                     "finish_reason": finish,
                 }
                 if chat
-                else {"index": 0, "text": " tok", "logprobs": None, "finish_reason": finish}
+                else {"index": 0, "text": pieces[i], "logprobs": None, "finish_reason": finish}
             )
             await emit(event([choice]))
         if include_usage:
@@ -259,6 +268,7 @@ def main() -> None:
     parser.add_argument("--ttft-ms", type=float, default=0.0)
     parser.add_argument("--tokens-per-s", type=float, default=0.0)
     parser.add_argument("--output-tokens", type=int, default=16)
+    parser.add_argument("--reply", default=None, help="Answer this text instead of ` tok`s.")
     args = parser.parse_args()
     import uvicorn
 
@@ -268,6 +278,7 @@ def main() -> None:
             ttft_ms=args.ttft_ms,
             tokens_per_s=args.tokens_per_s,
             output_tokens=args.output_tokens,
+            reply=args.reply,
         )
     )
     uvicorn.run(

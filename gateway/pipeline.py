@@ -47,7 +47,7 @@ from gateway.responses import (
     new_id,
 )
 from gateway.retrieval import RagService, Retrieved
-from gateway.safety import SafetyStage
+from gateway.safety import OutputGuard, SafetyStage
 from gateway.sse import guarded
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -149,11 +149,13 @@ class Pipeline:
             return Response(hit.body, media_type=JSON, headers=ticket.headers)
         try:
             info = _ragline_info(shaped)
+            guard = None
             if screened is not None:
                 info = {**(info or {}), "safety": screened.info()}
+                guard = screened.output
             if target.proxied:
-                return await self._proxy(request, target, route, wire, body, ticket, info)
-            return await self._generate(request, target, body, ticket, info)
+                return await self._proxy(request, target, route, wire, body, ticket, info, guard)
+            return await self._generate(request, target, body, ticket, info, guard)
         except BaseException as exc:
             await ticket.fail(exc)
             raise
@@ -254,6 +256,7 @@ class Pipeline:
         body: ChatCompletionRequest | CompletionRequest,
         ticket: Ticket,
         info: dict[str, Any] | None = None,
+        guard: OutputGuard | None = None,
     ) -> Response:
         """The embedded engine (any ``GenerationRequest`` backend)."""
         backend = target.backend
@@ -276,6 +279,8 @@ class Pipeline:
                 if chat
                 else completion_sse(prepared[0], first, events, bool(getattr(body, "echo", False)))
             )
+            if guard is not None:
+                sse = guard.sse(sse)
             return _sse(ticket.tap_stream(sse, request), ticket.headers)
         generations: list[Generation] = await until_disconnect(
             request, asyncio.gather(*(backend.generate(p.generation) for p in prepared))
@@ -286,6 +291,8 @@ class Pipeline:
             else completion_response(prepared, generations, bool(body.echo))
         )
         payload = wire_response.model_dump_json(exclude=set() if info else {"ragline"}).encode()
+        if guard is not None:
+            payload = guard.json(payload)
         usage = (
             sum(g.usage.prompt_tokens for g in generations),
             sum(g.usage.completion_tokens for g in generations),
@@ -303,6 +310,7 @@ class Pipeline:
         body: ChatCompletionRequest | CompletionRequest,
         ticket: Ticket,
         info: dict[str, Any] | None = None,
+        guard: OutputGuard | None = None,
     ) -> Response:
         backend = cast(ProxyBackend, target.backend)
         call = ProxyCall(
@@ -317,6 +325,8 @@ class Pipeline:
         result = await until_disconnect(request, backend.proxy(call))
         if result.events is not None:
             events = result.events
+            if guard is not None:
+                events = guard.sse(events)
             if info is not None:
                 events = _annotate_sse(events, info, body.n or 1, ticket)
             return _sse(ticket.tap_stream(events, request, lambda: call.usage), ticket.headers)
@@ -325,6 +335,8 @@ class Pipeline:
             data["ragline"] = info
             ticket.response_id = data.get("id")
             result.body = json.dumps(data, separators=(",", ":")).encode()
+        if guard is not None and result.status == 200:
+            result.body = guard.json(result.body)
         usage = usage_from(result.body) if result.status == 200 else (0, 0)
         store = (
             CachedResponse("json", result.body, *usage) if usage and result.status == 200 else None

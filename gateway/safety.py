@@ -13,7 +13,9 @@ guard in ``safety/stream.py``) is not wired into the response path yet.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,6 +31,7 @@ from gateway.metrics import Metrics
 from gateway.protocol import ChatCompletionRequest, CompletionRequest
 from safety.base import ScanContext
 from safety.policy import Outcome, Policy, build_policy, default_policy
+from safety.stream import Released, StreamGuard
 
 log = logging.getLogger("ragline.safety")
 
@@ -41,6 +44,7 @@ class ContentFiltered(InvalidRequest):
 class Screened:
     policy: str
     redactions: list[str] = field(default_factory=list)
+    output: OutputGuard | None = None
 
     def info(self) -> dict[str, Any]:
         return {"policy": self.policy, "redactions": sorted(set(self.redactions))}
@@ -96,10 +100,12 @@ class SafetyStage:
         policy = self.policy_for(principal, target)
         if policy is None:
             return None
+        route = target.route.name if target.route else None
         screened = Screened(policy.name)
-        context = ScanContext(
-            "input", principal.key_id, target.route.name if target.route else None
-        )
+        if any("output" in spec.where for spec, _ in policy.scanners):
+            output = ScanContext("output", principal.key_id, route)
+            screened.output = OutputGuard(self, policy, output)
+        context = ScanContext("input", principal.key_id, route)
         if isinstance(body, ChatCompletionRequest):
             for i, message in enumerate(body.messages):
                 if message.role not in ("user", "tool"):
@@ -153,6 +159,15 @@ class SafetyStage:
             return outcome.text
         return text
 
+    def audit(
+        self, event: str, policy: Policy, outcome: Outcome | None, context: ScanContext
+    ) -> None:
+        audit_event(
+            event, key_id=context.key_id, route=context.route, where=context.where,
+            policy=policy.name, scanner=outcome.blocked_by if outcome else None,
+            types=outcome.types() if outcome else [],
+        )  # fmt: skip
+
     def _count(self, outcome: Outcome) -> None:
         for scanner, seconds in outcome.timings.items():
             self.metrics.safety.labels(scanner).observe(seconds / 1000)
@@ -173,3 +188,118 @@ class SafetyStage:
             )  # fmt: skip
             return None
         return outcome.text
+
+
+# -- stage 8: output ---------------------------------------------------------------------------
+
+
+def _text_field(choice: dict[str, Any]) -> tuple[dict[str, Any] | None, str]:
+    """Where a choice keeps its text: chat ``message``/``delta`` content, or completion ``text``."""
+    for key in ("delta", "message"):
+        holder = choice.get(key)
+        if isinstance(holder, dict):
+            return holder, "content"
+    return choice, "text"
+
+
+def guard_json(payload: bytes, policy: Policy, stage: SafetyStage, context: ScanContext) -> bytes:
+    """Scan each choice of a complete response; redact in place, or empty a blocked choice and
+    finish it with ``content_filter``."""
+    data = json.loads(payload)
+    redactions: list[str] = []
+    blocked = 0
+    for choice in data.get("choices", ()):
+        holder, key = _text_field(choice)
+        text = holder.get(key) if holder is not None else None
+        if not isinstance(text, str) or not text:
+            continue
+        outcome = policy.run(text, context)
+        stage._count(outcome)
+        if outcome.action == "block":
+            holder[key] = ""  # type: ignore[index]
+            choice["finish_reason"] = "content_filter"
+            blocked += 1
+            stage.audit("safety_block", policy, outcome, context)
+        elif outcome.action == "redact":
+            holder[key] = outcome.text  # type: ignore[index]
+            redactions += outcome.types()
+            stage.audit("safety_redact", policy, outcome, context)
+    if redactions or blocked:
+        extra = data.setdefault("ragline", {}).setdefault("safety", {"policy": policy.name})
+        extra["output"] = {"redactions": sorted(set(redactions)), "blocked": blocked}
+    return json.dumps(data, separators=(",", ":")).encode()
+
+
+async def guard_sse(
+    events: AsyncIterator[bytes], policy: Policy, stage: SafetyStage, context: ScanContext
+) -> AsyncIterator[bytes]:
+    """Scan a stream's text through a hold-back window per choice (``safety.stream``): what is
+    released is already redacted; a block ends that choice with ``content_filter`` and drops the
+    rest of its text, while usage and ``[DONE]`` still follow."""
+    guards: dict[int, StreamGuard] = {}
+    stopped: set[int] = set()
+    async for event in events:
+        if not event.startswith(b"data: {"):
+            yield event
+            continue
+        data = json.loads(event[6:])
+        choices = data.get("choices") or []
+        if not choices:
+            yield event
+            continue
+        kept = []
+        for choice in choices:
+            index = int(choice.get("index", 0))
+            holder, key = _text_field(choice)
+            if index in stopped:
+                if choice.get("finish_reason") is None and holder is not None:
+                    holder.pop(key, None)
+                    continue  # the rest of a blocked choice's text is dropped
+                continue  # its finish was sent already
+            guard = guards.setdefault(index, StreamGuard(policy, context))
+            text = holder.get(key) if holder is not None else None
+            released = guard.feed(text) if isinstance(text, str) and text else None
+            if choice.get("finish_reason") is not None and (
+                released is None or not released.blocked
+            ):
+                tail = guard.finish()
+                released = _join(released, tail)
+            if released is not None and released.blocked:
+                stopped.add(index)
+                stage.audit("safety_block", policy, released.outcome, context)
+                if holder is not None:
+                    holder[key] = ""
+                choice["finish_reason"] = "content_filter"
+            elif released is not None and holder is not None:
+                holder[key] = released.text
+                if released.outcome is not None and released.outcome.action == "redact":
+                    stage.audit("safety_redact", policy, released.outcome, context)
+            kept.append(choice)
+        if not kept and not (data.keys() - {"id", "object", "created", "model", "choices",
+                                             "system_fingerprint", "usage"}):  # fmt: skip
+            continue
+        data["choices"] = kept
+        yield b"data: " + json.dumps(data, separators=(",", ":")).encode() + b"\n\n"
+
+
+def _join(first: Released | None, second: Released) -> Released:
+    if first is None:
+        return second
+    if second.blocked:
+        return second
+    return Released(first.text + second.text, False, second.outcome or first.outcome)
+
+
+@dataclass
+class OutputGuard:
+    """Stage 8 for one request: its policy's output scanners over the response."""
+
+    stage: SafetyStage
+    policy: Policy
+    context: ScanContext
+
+    def json(self, payload: bytes) -> bytes:
+        return guard_json(payload, self.policy, self.stage, self.context)
+
+    def sse(self, events: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+        return guard_sse(events, self.policy, self.stage, self.context)

@@ -60,8 +60,9 @@ def sdk(gw: Gateway, key: str = TEAM) -> openai.OpenAI:
 
 
 def ask(client: openai.OpenAI, content: Any, model: str = "smollm2", **kw: Any) -> Any:
+    kw.setdefault("max_tokens", 4)
     return client.chat.completions.create(
-        model=model, messages=[{"role": "user", "content": content}], max_tokens=4, **kw
+        model=model, messages=[{"role": "user", "content": content}], **kw
     )
 
 
@@ -136,3 +137,76 @@ def test_run_time_keys_name_a_configured_policy(gw: Gateway) -> None:
     with pytest.raises(openai.BadRequestError) as err:
         ask(sdk(gw, made.json()["key"]), "call +1 415-555-0132 now")
     assert "'strict'" in err.value.body["message"] and "phone" in err.value.body["message"]
+
+
+REPLY = (
+    "Sure. Use the key sk_live_4eC39HqLyjWDarjtT1zdp7dc and write to jane.doe@example.com "
+    "if it fails. That is all."
+)
+
+
+@pytest.fixture(scope="module")
+def leaky(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Gateway, Any]]:
+    """A gateway in front of a fake upstream that answers with a secret and an address (the
+    fake isolates the gateway's output scanning; the text arrives in 6-character pieces, so
+    both values are split across chunks)."""
+    from tests.conftest import start_mock
+
+    tmp = tmp_path_factory.mktemp("leaky")
+    mock = start_mock(tmp, reply=REPLY)
+    keys = [
+        {"id": "team", "sha256": hash_key(TEAM)},
+        {"id": "open", "sha256": hash_key(OPEN), "policy": {"safety_policy": "off"}},
+        {"id": "strict", "sha256": hash_key(LAX), "policy": {"safety_policy": "stop"}},
+    ]
+    safety = {"enabled": True, "policies": [
+        {"name": "stop", "scanners": [{"type": "secrets", "where": ["output"]}]},
+    ]}  # fmt: skip
+    gateway = start_gateway(
+        tmp,
+        models=[{"name": "smollm2", "backend": "vllm", "upstreams": [mock.url]}],
+        keys=keys,
+        extra={"safety": safety},
+    )
+    yield gateway, mock
+    stop_gateway(gateway)
+    mock.kill()
+
+
+def test_output_is_redacted_in_responses_and_streams(leaky: tuple[Gateway, Any]) -> None:
+    gw, _ = leaky
+    expected = (
+        "Sure. Use the key [REDACTED_STRIPE_KEY] and write to j***@example.com if it fails. "
+        "That is all."
+    )
+    r = ask(sdk(gw), "hi", max_tokens=64)
+    assert r.choices[0].message.content == expected
+    assert r.model_extra["ragline"]["safety"]["output"] == {
+        "redactions": ["email", "stripe_key"],
+        "blocked": 0,
+    }
+    chunks = list(ask(sdk(gw), "hi", max_tokens=64, stream=True,
+                      stream_options={"include_usage": True}))  # fmt: skip
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == expected
+    for c in chunks:  # no chunk carried any piece of either value
+        piece = (c.choices[0].delta.content or "") if c.choices else ""
+        assert "4eC39" not in piece and "jane" not in piece
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens > 0
+    # without a policy the same answer passes through unchanged
+    assert ask(sdk(gw, OPEN), "hi", max_tokens=64).choices[0].message.content == REPLY
+
+
+def test_a_block_ends_the_stream_with_content_filter(leaky: tuple[Gateway, Any]) -> None:
+    gw, _ = leaky
+    r = ask(sdk(gw, LAX), "hi", max_tokens=64)
+    assert r.choices[0].finish_reason == "content_filter" and r.choices[0].message.content == ""
+    chunks = list(ask(sdk(gw, LAX), "hi", max_tokens=64, stream=True,
+                      stream_options={"include_usage": True}))  # fmt: skip
+    finishes = [
+        c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason
+    ]
+    assert finishes == ["content_filter"]
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert "sk_live" not in text and "Sure. Use the key sk"[: len(text)] == text  # held back
+    assert chunks[-1].usage is not None  # the usage chunk still follows, then [DONE]
