@@ -188,7 +188,13 @@ class Admission:
         return principal
 
     async def open(
-        self, request: Request, route: str, body: dict[str, Any], backend: str, adapter: str | None
+        self,
+        request: Request,
+        route: str,
+        body: dict[str, Any],
+        backend: str,
+        adapter: str | None,
+        variant: dict[str, str] | None = None,
     ) -> tuple[Ticket, CachedResponse | None]:
         """Check the key's policy, reserve, and look the answer up in the cache.
 
@@ -221,7 +227,7 @@ class Admission:
         key = None
         cacheable = policy.cache and is_deterministic(body)
         if cacheable:
-            key = cache_key(route, body, backend, adapter)
+            key = cache_key(route, body, backend, adapter, variant)  # variant: safety policy
         ticket = Ticket(
             self,
             principal,

@@ -136,7 +136,8 @@ class Pipeline:
             self._check_supported_chat(body)
         wire = body.model_dump(exclude_unset=True, exclude={"ragline"})
         adapter = target.adapter.name if target.adapter else None
-        ticket, hit = await self.admission.open(request, route, wire, target.base, adapter)
+        variant = {"safety": screened.policy} if screened is not None else None
+        ticket, hit = await self.admission.open(request, route, wire, target.base, adapter, variant)
         if shaped is not None:
             self._follow(request, ticket, shaped)
         if wire.get("max_tokens") is not None and body.max_tokens is None:

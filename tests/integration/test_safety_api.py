@@ -210,3 +210,14 @@ def test_a_block_ends_the_stream_with_content_filter(leaky: tuple[Gateway, Any])
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert "sk_live" not in text and "Sure. Use the key sk"[: len(text)] == text  # held back
     assert chunks[-1].usage is not None  # the usage chunk still follows, then [DONE]
+
+
+def test_cached_answers_are_not_shared_across_policies(leaky: tuple[Gateway, Any]) -> None:
+    gw, _ = leaky
+    # deterministic requests are cached: the unfiltered answer for `off` must not be served
+    # to a key whose policy redacts, nor the other way round
+    seeded = {"max_tokens": 64, "seed": 7}
+    assert ask(sdk(gw, OPEN), "cache me", **seeded).choices[0].message.content == REPLY
+    filtered = ask(sdk(gw), "cache me", **seeded).choices[0].message.content
+    assert "sk_live" not in filtered and "[REDACTED_STRIPE_KEY]" in filtered
+    assert ask(sdk(gw, OPEN), "cache me", **seeded).choices[0].message.content == REPLY
