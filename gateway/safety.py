@@ -215,6 +215,8 @@ def guard_json(payload: bytes, policy: Policy, stage: SafetyStage, context: Scan
             continue
         outcome = policy.run(text, context)
         stage._count(outcome)
+        if outcome.action != "allow" and choice.get("logprobs") is not None:
+            choice["logprobs"] = None  # its tokens would spell out what was redacted
         if outcome.action == "block":
             holder[key] = ""  # type: ignore[index]
             choice["finish_reason"] = "content_filter"
@@ -235,7 +237,8 @@ async def guard_sse(
 ) -> AsyncIterator[bytes]:
     """Scan a stream's text through a hold-back window per choice (``safety.stream``): what is
     released is already redacted; a block ends that choice with ``content_filter`` and drops the
-    rest of its text, while usage and ``[DONE]`` still follow."""
+    rest of its text, while usage and ``[DONE]`` still follow. Logprobs are dropped from
+    scanned streams (they would carry the tokens before the window has looked at them)."""
     guards: dict[int, StreamGuard] = {}
     stopped: set[int] = set()
     async for event in events:
@@ -257,6 +260,9 @@ async def guard_sse(
                     continue  # the rest of a blocked choice's text is dropped
                 continue  # its finish was sent already
             guard = guards.setdefault(index, StreamGuard(policy, context))
+            if choice.get("logprobs") is not None:
+                # a chunk's logprobs arrive before the window decides: never send them
+                choice["logprobs"] = None
             text = holder.get(key) if holder is not None else None
             released = guard.feed(text) if isinstance(text, str) and text else None
             if choice.get("finish_reason") is not None and (

@@ -221,3 +221,14 @@ def test_cached_answers_are_not_shared_across_policies(leaky: tuple[Gateway, Any
     filtered = ask(sdk(gw), "cache me", **seeded).choices[0].message.content
     assert "sk_live" not in filtered and "[REDACTED_STRIPE_KEY]" in filtered
     assert ask(sdk(gw, OPEN), "cache me", **seeded).choices[0].message.content == REPLY
+
+
+def test_scanned_streams_carry_no_logprobs(gw: Gateway) -> None:
+    # logprobs would spell out tokens before the hold-back window has looked at them
+    chunks = list(ask(sdk(gw), "Say hello.", stream=True, logprobs=True, max_tokens=6))
+    assert any(c.choices and c.choices[0].delta.content for c in chunks)
+    assert all(c.choices[0].logprobs is None for c in chunks if c.choices)
+    plain = ask(sdk(gw), "Say hello.", logprobs=True, max_tokens=6)  # nothing redacted: kept
+    assert plain.choices[0].logprobs is not None
+    unscanned = list(ask(sdk(gw, OPEN), "Say hello.", stream=True, logprobs=True, max_tokens=6))
+    assert any(c.choices and c.choices[0].logprobs for c in unscanned)
