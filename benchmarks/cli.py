@@ -401,3 +401,23 @@ def retrieval_cmd(
     for name, goal in report["goals"].items():
         mark = "met" if goal["met"] else "NOT met"
         console.print(f"  {name}: {goal['value']:.3f} (goal {goal['goal']}) {mark}")
+
+
+@app.command("safety")
+def safety_cmd(
+    data: Annotated[Path, typer.Option(help="BEIR corpus directory for request texts.")] = (
+        SHARED_SCIFACT
+    ),
+    requests: Annotated[int, typer.Option(min=1, help="Requests of 500 tokens.")] = 200,
+    out: Out = Path("bench-results"),
+) -> None:
+    """What the default safety policy adds per 500-token request (safety off adds nothing)."""
+    from benchmarks import safety_bench
+
+    report = safety_bench.run(data / "corpus.jsonl", requests, out / "safety.json")
+    for label in ("own_embedding", "shared_embedding"):
+        r = report[label]
+        console.print(f"{label}: p50 {r['p50_ms']:.2f} ms, p99 {r['p99_ms']:.2f} ms")
+    for name, goal in report["goals"].items():
+        mark = "met" if goal["met"] else "NOT met"
+        console.print(f"  {name}: {goal['value']:.2f} (goal {goal['goal']}) {mark}")

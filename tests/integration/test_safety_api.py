@@ -38,10 +38,17 @@ def gw(model_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[G
             {"name": "strict", "scanners": [
                 {"type": "secrets"}, {"type": "pii", "options": {"action": "block"}},
             ]},
+            # a scanner that always fails (its time budget is 1 microsecond), both ways
+            {"name": "fragile-closed", "on_error": "closed",
+             "scanners": [{"type": "injection", "budget_ms": 0.001}]},
+            {"name": "fragile-open", "on_error": "open",
+             "scanners": [{"type": "injection", "budget_ms": 0.001}, {"type": "secrets"}]},
         ],
     }  # fmt: skip
     routes = [
         {"name": "guarded", "model": "smollm2", "safety_policy": "strict"},
+        {"name": "fails-closed", "model": "smollm2", "safety_policy": "fragile-closed"},
+        {"name": "fails-open", "model": "smollm2", "safety_policy": "fragile-open"},
         {"name": "kb-qa", "model": "smollm2", "rag": {"store": "kb", "top_k": 2}},
     ]
     gateway = start_gateway(
@@ -232,3 +239,15 @@ def test_scanned_streams_carry_no_logprobs(gw: Gateway) -> None:
     assert plain.choices[0].logprobs is not None
     unscanned = list(ask(sdk(gw, OPEN), "Say hello.", stream=True, logprobs=True, max_tokens=6))
     assert any(c.choices and c.choices[0].logprobs for c in unscanned)
+
+
+def test_a_failing_scanner_fails_closed_or_open_as_configured(gw: Gateway) -> None:
+    with pytest.raises(openai.BadRequestError) as err:
+        ask(sdk(gw), "What is the capital of France?", model="fails-closed")
+    assert err.value.code == "content_filter" and "scanner_error" in err.value.body["message"]
+    ok = ask(sdk(gw), "What is the capital of France?", model="fails-open")
+    assert ok.choices[0].message.content is not None  # the failing scanner was skipped...
+    with pytest.raises(openai.BadRequestError) as err:  # ...and the ones after it still ran
+        ask(sdk(gw), f"key {AWS}", model="fails-open")
+    assert "'secrets'" in err.value.body["message"]
+    assert "safety scanner injection failed (TimeoutError)" in gw.logs()
