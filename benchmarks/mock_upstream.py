@@ -33,11 +33,16 @@ class MockConfig:
     output_tokens: int = 16
     prompt_tokens: int = 10
     reply: str | None = None  # answer this text (in 6-character pieces when streaming)
+    echo: bool = False  # answer the last message (the prompt) back, in 6-character pieces
 
-    def pieces(self, n_tokens: int) -> list[str]:
-        if self.reply is None:
+    def pieces(self, n_tokens: int, data: dict[str, Any] | None = None) -> list[str]:
+        reply = self.reply
+        if self.echo and data is not None:
+            messages = data.get("messages") or [{"content": data.get("prompt", "")}]
+            reply = str(messages[-1].get("content") or "")
+        if reply is None:
             return [" tok"] * n_tokens
-        return [self.reply[i : i + 6] for i in range(0, len(self.reply), 6)]
+        return [reply[i : i + 6] for i in range(0, len(reply), 6)]
 
 
 @dataclass
@@ -125,7 +130,7 @@ class MockUpstream:
                 await self._wait(
                     self.config.ttft_ms / 1000 + _gap(self.config.tokens_per_s) * (n_tokens - 1)
                 )
-                pieces = self.config.pieces(n_tokens)
+                pieces = self.config.pieces(n_tokens, data)
                 text, n_tokens = "".join(pieces), len(pieces)
                 choice: dict[str, Any] = (
                     {
@@ -200,7 +205,7 @@ class MockUpstream:
                 )
             )
         gap = _gap(self.config.tokens_per_s)
-        pieces = self.config.pieces(n_tokens)
+        pieces = self.config.pieces(n_tokens, data)
         n_tokens = len(pieces)
         for i in range(n_tokens):
             if i:
@@ -269,6 +274,7 @@ def main() -> None:
     parser.add_argument("--tokens-per-s", type=float, default=0.0)
     parser.add_argument("--output-tokens", type=int, default=16)
     parser.add_argument("--reply", default=None, help="Answer this text instead of ` tok`s.")
+    parser.add_argument("--echo", type=int, default=0, help="1: answer the last message back.")
     args = parser.parse_args()
     import uvicorn
 
@@ -279,6 +285,7 @@ def main() -> None:
             tokens_per_s=args.tokens_per_s,
             output_tokens=args.output_tokens,
             reply=args.reply,
+            echo=bool(args.echo),
         )
     )
     uvicorn.run(

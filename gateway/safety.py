@@ -31,6 +31,7 @@ from gateway.metrics import Metrics
 from gateway.protocol import ChatCompletionRequest, CompletionRequest
 from safety.base import ScanContext
 from safety.policy import Outcome, Policy, build_policy, default_policy
+from safety.scanners.pii import Placeholders, StreamRestorer
 from safety.stream import Released, StreamGuard
 
 log = logging.getLogger("ragline.safety")
@@ -102,10 +103,15 @@ class SafetyStage:
             return None
         route = target.route.name if target.route else None
         screened = Screened(policy.name)
-        if any("output" in spec.where for spec, _ in policy.scanners):
+        context = ScanContext("input", principal.key_id, route)
+        restores = any(getattr(s, "restore", False) for _, s in policy.scanners)
+        if restores or any("output" in spec.where for spec, _ in policy.scanners):
             output = ScanContext("output", principal.key_id, route)
             screened.output = OutputGuard(self, policy, output)
-        context = ScanContext("input", principal.key_id, route)
+            if restores:  # the answer gets the user's own values back for the placeholders
+                screened.output.placeholders = context.extras.setdefault(
+                    "placeholders", Placeholders()
+                )
         if isinstance(body, ChatCompletionRequest):
             for i, message in enumerate(body.messages):
                 if message.role not in ("user", "tool"):
@@ -202,7 +208,13 @@ def _text_field(choice: dict[str, Any]) -> tuple[dict[str, Any] | None, str]:
     return choice, "text"
 
 
-def guard_json(payload: bytes, policy: Policy, stage: SafetyStage, context: ScanContext) -> bytes:
+def guard_json(
+    payload: bytes,
+    policy: Policy,
+    stage: SafetyStage,
+    context: ScanContext,
+    placeholders: Placeholders | None = None,
+) -> bytes:
     """Scan each choice of a complete response; redact in place, or empty a blocked choice and
     finish it with ``content_filter``."""
     data = json.loads(payload)
@@ -222,10 +234,12 @@ def guard_json(payload: bytes, policy: Policy, stage: SafetyStage, context: Scan
             choice["finish_reason"] = "content_filter"
             blocked += 1
             stage.audit("safety_block", policy, outcome, context)
-        elif outcome.action == "redact":
-            holder[key] = outcome.text  # type: ignore[index]
-            redactions += outcome.types()
-            stage.audit("safety_redact", policy, outcome, context)
+        else:
+            if outcome.action == "redact":
+                redactions += outcome.types()
+                stage.audit("safety_redact", policy, outcome, context)
+            restored = placeholders.restore(outcome.text) if placeholders else outcome.text
+            holder[key] = restored  # type: ignore[index]
     if redactions or blocked:
         extra = data.setdefault("ragline", {}).setdefault("safety", {"policy": policy.name})
         extra["output"] = {"redactions": sorted(set(redactions)), "blocked": blocked}
@@ -233,13 +247,18 @@ def guard_json(payload: bytes, policy: Policy, stage: SafetyStage, context: Scan
 
 
 async def guard_sse(
-    events: AsyncIterator[bytes], policy: Policy, stage: SafetyStage, context: ScanContext
+    events: AsyncIterator[bytes],
+    policy: Policy,
+    stage: SafetyStage,
+    context: ScanContext,
+    placeholders: Placeholders | None = None,
 ) -> AsyncIterator[bytes]:
     """Scan a stream's text through a hold-back window per choice (``safety.stream``): what is
     released is already redacted; a block ends that choice with ``content_filter`` and drops the
     rest of its text, while usage and ``[DONE]`` still follow. Logprobs are dropped from
     scanned streams (they would carry the tokens before the window has looked at them)."""
     guards: dict[int, StreamGuard] = {}
+    restorers: dict[int, StreamRestorer] = {}
     stopped: set[int] = set()
     async for event in events:
         if not event.startswith(b"data: {"):
@@ -277,7 +296,13 @@ async def guard_sse(
                     holder[key] = ""
                 choice["finish_reason"] = "content_filter"
             elif released is not None and holder is not None:
-                holder[key] = released.text
+                text = released.text
+                if placeholders is not None:
+                    restorer = restorers.setdefault(index, StreamRestorer(placeholders))
+                    text = restorer.feed(text)
+                    if choice.get("finish_reason") is not None:
+                        text += restorer.flush()
+                holder[key] = text
                 if released.outcome is not None and released.outcome.action == "redact":
                     stage.audit("safety_redact", policy, released.outcome, context)
             kept.append(choice)
@@ -303,9 +328,10 @@ class OutputGuard:
     stage: SafetyStage
     policy: Policy
     context: ScanContext
+    placeholders: Placeholders | None = None
 
     def json(self, payload: bytes) -> bytes:
-        return guard_json(payload, self.policy, self.stage, self.context)
+        return guard_json(payload, self.policy, self.stage, self.context, self.placeholders)
 
     def sse(self, events: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
-        return guard_sse(events, self.policy, self.stage, self.context)
+        return guard_sse(events, self.policy, self.stage, self.context, self.placeholders)

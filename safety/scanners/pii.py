@@ -24,6 +24,7 @@ SSN = re.compile(r"(?<![\d-])(\d{3})-(\d{2})-(\d{4})(?![\d-])")
 PHONE = re.compile(
     r"(?<![\w+])(?:\+\d{1,3}[ .-]?)?(?:\(\d{1,4}\)[ .-]?)?\d{2,4}(?:[ .-]\d{2,4}){1,4}(?![\w])"
 )
+NANP = re.compile(r"\d{3}[-.]\d{3}[-.]\d{4}")
 IPV4 = re.compile(r"(?<![\d.])(?:\d{1,3}\.){3}\d{1,3}(?![\d.])")
 IPV6 = re.compile(r"(?<![:\w])(?:[0-9A-Fa-f]{0,4}:){2,7}[0-9A-Fa-f]{0,4}(?![:\w])")
 
@@ -86,8 +87,12 @@ def find_pii(text: str, types: tuple[str, ...] = TYPES) -> list[Finding]:
                 continue
             add("ip_address", m.start(), m.end())
     for m in PHONE.finditer(text):
-        digits = re.sub(r"\D", "", m.group())
-        if 7 <= len(digits) <= 15 and (m.group().startswith(("+", "(")) or len(digits) >= 10):
+        value = m.group()
+        digits = re.sub(r"\D", "", value)
+        # international (+...), an area code in parentheses, or North American 3-3-4 with
+        # dashes or dots; bare digit runs ("2021 2022 2023", "1 2 3 ... 10") are not phones
+        phone_like = value.startswith(("+", "(")) or NANP.fullmatch(value) is not None
+        if 7 <= len(digits) <= 15 and phone_like:
             add("phone", m.start(), m.end())
     return sorted(found, key=lambda f: f.start)
 
@@ -125,12 +130,40 @@ class Placeholders:
         return text
 
 
+_PARTIAL = re.compile(r"<[A-Z_]{0,20}\d{0,4}$")
+
+
+@dataclass
+class StreamRestorer:
+    """``Placeholders.restore`` over a stream: a placeholder split across chunks is held back
+    until it is whole."""
+
+    placeholders: Placeholders
+    pending: str = ""
+
+    def feed(self, text: str) -> str:
+        text = self.pending + text
+        match = _PARTIAL.search(text)
+        cut = match.start() if match else len(text)
+        self.pending = text[cut:]
+        return self.placeholders.restore(text[:cut])
+
+    def flush(self) -> str:
+        text, self.pending = self.pending, ""
+        return self.placeholders.restore(text)
+
+
 class PiiScanner:
     name = "pii"
 
-    def __init__(self, action: str = "replace", types: tuple[str, ...] = TYPES) -> None:
+    def __init__(
+        self, action: str = "replace", types: tuple[str, ...] = TYPES, restore: bool = False
+    ) -> None:
         if action not in ("block", "mask", "replace"):
             raise ValueError("pii action must be block, mask or replace")
+        if restore and action != "replace":
+            raise ValueError("pii restore needs action: replace")
+        self.restore = restore
         unknown = set(types) - set(TYPES)
         if unknown:
             raise ValueError(f"unknown PII types: {sorted(unknown)}")

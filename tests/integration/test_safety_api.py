@@ -251,3 +251,36 @@ def test_a_failing_scanner_fails_closed_or_open_as_configured(gw: Gateway) -> No
         ask(sdk(gw), f"key {AWS}", model="fails-open")
     assert "'secrets'" in err.value.body["message"]
     assert "safety scanner injection failed (TimeoutError)" in gw.logs()
+
+
+def test_placeholders_hide_pii_from_the_model_and_come_back_in_the_answer(
+    tmp_path: Path,
+) -> None:
+    from tests.conftest import start_mock
+
+    mock = start_mock(tmp_path, echo=1)  # answers the prompt it received, in 6-char pieces
+    pii = {"type": "pii", "where": ["input"], "options": {"action": "replace", "restore": True}}
+    raw = {"type": "pii", "where": ["input"], "options": {"action": "replace"}}
+    safety = {"enabled": True, "policies": [{"name": "private", "scanners": [pii]},
+                                            {"name": "private-raw", "scanners": [raw]}]}  # fmt: skip
+    keys = [{"id": "team", "sha256": hash_key(TEAM), "policy": {"safety_policy": "private"}},
+            {"id": "raw", "sha256": hash_key(LAX), "policy": {"safety_policy": "private-raw"}}]  # fmt: skip
+    gw = start_gateway(
+        tmp_path,
+        models=[{"name": "smollm2", "backend": "vllm", "upstreams": [mock.url]}],
+        keys=keys,
+        extra={"safety": safety},
+    )
+    try:
+        text = "Write to jane.doe@example.com and bob@example.org, then jane.doe@example.com."
+        # what the model received (the fake echoes it): placeholders, the same value the same one
+        seen = ask(sdk(gw, LAX), text, max_tokens=64).choices[0].message.content
+        assert seen == "Write to <EMAIL_1> and <EMAIL_2>, then <EMAIL_1>."
+        r = ask(sdk(gw), text, max_tokens=64)
+        assert r.choices[0].message.content == text  # the model saw placeholders; you see values
+        assert r.model_extra["ragline"]["safety"]["redactions"] == ["email"]
+        chunks = list(ask(sdk(gw), text, max_tokens=64, stream=True))
+        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == text
+    finally:
+        stop_gateway(gw)
+        mock.kill()

@@ -78,11 +78,20 @@ def test_pii_checksums_and_placeholders() -> None:
         "GB82 WEST 1234 5698 7654 33"
     )
     text = (
-        "Mail jane.doe@example.com or call +1 415-555-0132; card 4111 1111 1111 1111, "
+        "Mail jane.doe@example.com or call +1 415-555-0132 or 415.555.0199; card 4111 1111 1111 1111, "
         "IBAN DE89 3704 0044 0532 0130 00, SSN 123-45-6789, server 10.0.12.7, jane.doe@example.com"
     )
     kinds = [f.type for f in find_pii(text)]
-    assert kinds == ["email", "phone", "credit_card", "iban", "us_ssn", "ip_address", "email"]
+    assert kinds == [
+        "email",
+        "phone",
+        "phone",
+        "credit_card",
+        "iban",
+        "us_ssn",
+        "ip_address",
+        "email",
+    ]
     ctx = ScanContext()
     v = PiiScanner("replace").scan(text, ctx)
     assert v.action == "redact" and v.text is not None
@@ -102,6 +111,9 @@ def test_pii_checksums_and_placeholders() -> None:
         "SSN 000-12-3456 is never issued",
         "the meeting is at 10:30",
         "room 12 on floor 3",
+        "counting: 10 11 12 13 14 15 16 17",
+        "the years 2021 2022 2023 were good",
+        "order number 1234 5678 90",
     ],
 )
 def test_pii_near_misses(text: str) -> None:
