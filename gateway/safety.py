@@ -260,15 +260,64 @@ async def guard_sse(
     guards: dict[int, StreamGuard] = {}
     restorers: dict[int, StreamRestorer] = {}
     stopped: set[int] = set()
-    async for event in events:
+    finished: set[int] = set()
+    template: dict[str, Any] | None = None  # id, object, created, model of this stream
+    chat = True
+
+    def flush() -> list[bytes]:
+        """Before ``[DONE]`` or an error event: release what unfinished choices still hold."""
+        out = []
+        for index, guard in guards.items():
+            if index in stopped or index in finished or template is None:
+                continue
+            finished.add(index)
+            released = guard.finish()
+            text = released.text
+            if placeholders is not None and index in restorers:
+                text = restorers[index].feed(text) + restorers[index].flush()
+            choice: dict[str, Any] = {"index": index, "logprobs": None, "finish_reason": None}
+            if released.blocked:
+                choice["finish_reason"] = "content_filter"
+                text = ""
+            if not text and not released.blocked:
+                continue
+            if chat:
+                choice["delta"] = {"content": text}
+            else:
+                choice["text"] = text
+            data = {**template, "choices": [choice]}
+            out.append(b"data: " + json.dumps(data, separators=(",", ":")).encode() + b"\n\n")
+        return out
+
+    iterator = events.__aiter__()
+    while True:
+        try:
+            event = await iterator.__anext__()
+        except StopAsyncIteration:
+            break
+        except Exception:
+            # the upstream broke mid-stream: release what was held back, then let the error
+            # event that the stream's outer layer writes follow
+            for extra in flush():
+                yield extra
+            raise
         if not event.startswith(b"data: {"):
+            if event.startswith(b"data: [DONE]"):
+                for extra in flush():
+                    yield extra
             yield event
             continue
         data = json.loads(event[6:])
         choices = data.get("choices") or []
         if not choices:
+            if "error" in data:
+                for extra in flush():
+                    yield extra
             yield event
             continue
+        if template is None:
+            template = {k: data[k] for k in ("id", "object", "created", "model") if k in data}
+            chat = "delta" in choices[0]
         kept = []
         for choice in choices:
             index = int(choice.get("index", 0))
@@ -289,6 +338,7 @@ async def guard_sse(
             ):
                 tail = guard.finish()
                 released = _join(released, tail)
+                finished.add(index)
             if released is not None and released.blocked:
                 stopped.add(index)
                 stage.audit("safety_block", policy, released.outcome, context)

@@ -284,3 +284,46 @@ def test_placeholders_hide_pii_from_the_model_and_come_back_in_the_answer(
     finally:
         stop_gateway(gw)
         mock.kill()
+
+
+def test_text_held_back_is_released_when_the_upstream_breaks(tmp_path: Path) -> None:
+    import json
+
+    from tests.conftest import start_mock
+
+    reply = " ".join(f"word{i}" for i in range(600))  # ~4,000 characters, no findings
+    mock = start_mock(tmp_path, reply=reply, tokens_per_s=50)
+    keys = [{"id": "team", "sha256": hash_key(TEAM)}]
+    gw = start_gateway(
+        tmp_path,
+        models=[{"name": "smollm2", "backend": "vllm", "upstreams": [mock.url]}],
+        keys=keys,
+        extra={"safety": {"enabled": True}},
+    )
+    try:
+        body = {"model": "smollm2", "messages": [{"role": "user", "content": "go"}],
+                "max_tokens": 1000, "stream": True}  # fmt: skip
+        events: list[dict[str, Any]] = []
+        with httpx.stream("POST", gw.base_url + "/chat/completions", json=body, timeout=60,
+                          headers={"Authorization": f"Bearer {TEAM}"}) as r:  # fmt: skip
+            for line in r.iter_lines():
+                if not line.startswith("data: {"):
+                    continue
+                events.append(json.loads(line[6:]))
+                content = [
+                    e
+                    for e in events
+                    if e.get("choices") and e["choices"][0]["delta"].get("content")
+                ]
+                if len(content) == 1:
+                    mock.kill()  # the upstream dies while the window holds text back
+        assert "error" in events[-1]
+        chunks = [
+            e["choices"][0]["delta"].get("content") or "" for e in events[:-1] if e.get("choices")
+        ]
+        text = "".join(chunks)
+        assert reply.startswith(text) and len(text) > 96
+        assert len(chunks[-1]) >= 60  # the held-back window, released before the error
+    finally:
+        stop_gateway(gw)
+        mock.kill()
