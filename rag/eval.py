@@ -17,7 +17,7 @@ import numpy as np
 
 from rag.embeddings import Embedder
 from rag.retriever import Mode, SearchOptions, search
-from rag.store import Snapshot
+from rag.snapshot import Snapshot
 
 
 @dataclass

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from rag.store import Snapshot, StoreError
+from rag.snapshot import Snapshot, StoreError
 
 _COMPARE: dict[str, Callable[[Any, Any], bool]] = {
     "eq": operator.eq,

@@ -21,7 +21,7 @@ import numpy as np
 
 from rag.embeddings import Embedder
 from rag.filters import row_mask
-from rag.store import Chunk, Snapshot, StoreError, stemmer
+from rag.snapshot import Chunk, Snapshot, StoreError, stemmer
 
 Mode = Literal["hybrid", "dense", "bm25"]
 Fusion = Literal["zscore", "rrf"]
