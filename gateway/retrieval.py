@@ -299,6 +299,7 @@ class RagService:
         context: list[dict[str, Any]] = []
         citations: list[dict[str, Any]] = []
         dropped = 0
+        documents = store.snapshot.documents  # one look at CURRENT, not one per hit
         for hit in hits:
             chunk = hit.chunk
             text = chunk.text
@@ -309,7 +310,7 @@ class RagService:
                     continue
                 text = screened
             number = len(context) + 1
-            doc = store.snapshot.documents.get(chunk.doc_id, {})
+            doc = documents.get(chunk.doc_id, {})
             context.append({"text": text, "id": chunk.doc_id, "source": chunk.title})
             citations.append(
                 {
