@@ -61,7 +61,7 @@ def ingest_rate(corpus: Path, work: Path, limit: int | None) -> tuple[Any, float
 def hnsw_latency(n: int, queries: int = 1000, seed: int = 0) -> dict[str, float]:
     import faiss
 
-    from rag.store import build_index
+    from rag.snapshot import build_index
 
     rng = np.random.default_rng(seed)
     vectors = rng.standard_normal((n, 384), dtype=np.float32)
