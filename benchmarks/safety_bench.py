@@ -3,8 +3,10 @@
 For each request text (SciFact abstracts cut to 500 MiniLM tokens, a realistic long user
 message), the default policy's input scanners run once with the embedding computed by the
 injection classifier itself (nothing else embedded the text) and once with it shared (retrieval
-or few-shot selection already embedded it: the embedder's LRU). Safety off adds nothing to the
-request path, so these times are the overhead. Goal (issue 5): p50 <= 5 ms, p99 <= 20 ms.
+or few-shot selection already embedded it: the embedder's LRU). The injection scanner's char-only
+gate lets most ordinary texts through without an embedding; ``embedded`` is the share it sent on.
+Safety off adds nothing to the request path, so these times are the overhead. Goal (issue 5):
+p50 <= 5 ms, p99 <= 20 ms.
 """
 
 from __future__ import annotations
@@ -44,6 +46,10 @@ def run(corpus: Path, n: int, out: Path | None) -> dict[str, Any]:
     policy = build_policy(default_policy(), {"embedder": embedder})
     texts = request_texts(corpus, n)
     report: dict[str, Any] = {"requests": len(texts), "tokens": 500}
+    injection = next(s for spec, s in policy.scanners if spec.type == "injection")
+    gate = injection.model.gate(texts)  # type: ignore[attr-defined]
+    # the share of requests the char-only gate sends on to the embedding classifier
+    report["embedded"] = float((gate >= injection.model.gate_below).mean())  # type: ignore[attr-defined]
     for label, shared in (("own_embedding", False), ("shared_embedding", True)):
         times = []
         for text in texts:

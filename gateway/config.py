@@ -162,12 +162,13 @@ class RagConfig(BaseModel):
 
 
 class SafetyConfig(BaseModel):
-    """Safety policies (``safety/``); ``enabled`` runs them on requests' input and on retrieved
-    chunks. Output scanning is not in the request path yet, so this is off unless turned on."""
+    """Safety policies (``safety/``), on out of the box: every key and route gets the ``default``
+    policy unless it names another (or ``off``). ``enabled: false`` switches scanning off for
+    the whole gateway."""
 
     model_config = ConfigDict(extra="forbid")
 
-    enabled: bool = Field(default=False, description="Scan requests with their policies.")
+    enabled: bool = Field(default=True, description="Scan requests with their policies.")
     policies: list[PolicySpec] = Field(
         default_factory=list, description="Named policies; `default` and `off` are built in."
     )

@@ -6,8 +6,8 @@ scanned before anything else sees them: a block is a 400 ``content_filter`` nami
 the scanner and the finding types, never the offending value; a redaction (invisible Unicode, a
 secret where the policy redacts) replaces the text that goes on. Retrieved chunks are scanned
 too, and a chunk a policy blocks (an injected document) is dropped from the prompt. Every block
-and redaction is an audit event with ids and types only. Output scanning (the hold-back stream
-guard in ``safety/stream.py``) is not wired into the response path yet.
+and redaction is an audit event with ids and types only. Output (stage 8) is scanned by
+``OutputGuard``: JSON responses whole, streams through the hold-back guard of ``safety/stream.py``.
 """
 
 from __future__ import annotations

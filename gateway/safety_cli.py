@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import numpy as np
 import typer
@@ -22,41 +22,64 @@ console = Console()
 errors = Console(stderr=True)
 
 
-def _load(data: Path) -> tuple[list[str], np.ndarray]:
-    from safety.train import load_csv
+BenignOption = Annotated[
+    list[Path] | None,
+    typer.Option(
+        "--benign",
+        help="Benign set: prompts (.txt, one per line) or a BEIR corpus (.jsonl, one document "
+        "in ten). Repeatable. Default: the everyday prompts shipped in the package.",
+    ),
+]
+
+
+def _load(data: Path, benign: list[Path] | None) -> tuple[list[str], np.ndarray, list[Any]]:
+    from safety.train import EVERYDAY_PROMPTS, load_benign, load_csv
 
     try:
-        return load_csv(data)
+        texts, labels = load_csv(data)
+        sets = [load_benign(path) for path in (benign or [EVERYDAY_PROMPTS])]
     except (OSError, ValueError) as exc:
         errors.print(f"[red]error:[/red] {escape(str(exc))}", soft_wrap=True)
         raise typer.Exit(2) from None
+    return texts, labels, sets
+
+
+def _embed(embedder: Any, texts: list[str]) -> np.ndarray:
+    return np.asarray(embedder.embed(texts), dtype=np.float64)
 
 
 @safety_app.command("train")
 def train(
     data: Annotated[Path, typer.Option(help="CSV with text,label (1 = injection).")],
+    benign: BenignOption = None,
     out: Annotated[
         Path | None, typer.Option(help="Weights file (default: the one shipped in the package).")
     ] = None,
 ) -> None:
-    """Fit the injection classifier on all of DATA and write its weights (.npz, no pickle)."""
+    """Fit the injection classifier on all of DATA and the benign sets and write its weights
+    (.npz, no pickle)."""
     from safety.scanners.injection import MODEL_PATH
-    from safety.train import fit, save
+    from safety.train import fit, save, training_set
 
-    texts, labels = _load(data)
+    texts, labels, sets = _load(data, benign)
     embedder = Settings().embedder()
     started = time.perf_counter()
-    weights = fit(texts, labels, np.asarray(embedder.embed(texts), dtype=np.float64))
+    vectors = _embed(embedder, texts)
+    extra = [(b, _embed(embedder, b.texts)) for b in sets]
+    weights = fit(*training_set(texts, labels, vectors, extra))
     target = out or MODEL_PATH
     save(weights, target)
+    benign_count = sum(len(b.texts) for b in sets)
     console.print(
-        f"trained on {len(texts)} examples ({int(labels.sum())} injections) in "
+        f"trained on {len(texts)} examples ({int(labels.sum())} injections) and "
+        f"{benign_count} benign texts in "
         f"{time.perf_counter() - started:.1f}s -> {target} ({target.stat().st_size / 1024:.0f} KiB)"
     )
 
 
 def eval_safety(
     data: Annotated[Path, typer.Option(help="CSV with text,label (1 = injection).")],
+    benign: BenignOption = None,
     folds: Annotated[int, typer.Option(min=2, help="k for stratified k-fold CV.")] = 5,
     output: Annotated[Path | None, typer.Option("--json", help="Also write results here.")] = None,
 ) -> None:
@@ -65,10 +88,11 @@ def eval_safety(
     from safety.policy import build_policy, default_policy
     from safety.train import cross_validate
 
-    texts, labels = _load(data)
+    texts, labels, sets = _load(data, benign)
     embedder = Settings().embedder()
-    vectors = np.asarray(embedder.embed(texts), dtype=np.float64)
-    layers = cross_validate(texts, labels, vectors, folds=folds)
+    vectors = _embed(embedder, texts)
+    extra = [(b, _embed(embedder, b.texts)) for b in sets]
+    layers = cross_validate(texts, labels, vectors, extra, folds=folds)
     # latency of the shipped layer and the whole default input policy, one text at a time
     policy = build_policy(default_policy(), {"embedder": embedder})
     injection = next(s for spec, s in policy.scanners if spec.type == "injection")
@@ -86,6 +110,9 @@ def eval_safety(
         "layer", "precision", "recall", "F1", "FPR", title=f"{data.name}: {folds}-fold CV"
     )
     for layer in layers:
+        if " on benign " in layer.name:  # no attacks in it: only the false-positive rate
+            table.add_row(escape(layer.name), "-", "-", "-", f"{layer.fpr:.3f}")
+            continue
         table.add_row(escape(layer.name), f"{layer.precision:.3f}", f"{layer.recall:.3f}",
                       f"{layer.f1:.3f}", f"{layer.fpr:.3f}")  # fmt: skip
     console.print(table)

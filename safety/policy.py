@@ -46,8 +46,8 @@ def default_policy() -> PolicySpec:
     return PolicySpec(
         name="default",
         scanners=[
+            ScannerSpec(type="length", where=["input"]),  # first: a huge prompt costs nothing more
             ScannerSpec(type="unicode"),
-            ScannerSpec(type="length", where=["input"]),
             ScannerSpec(type="secrets", where=["input"]),
             ScannerSpec(type="secrets", where=["output"], options={"action": "redact"}),
             ScannerSpec(type="injection", where=["input", "retrieved"]),

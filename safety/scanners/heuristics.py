@@ -1,4 +1,5 @@
-"""Prompt-injection and jailbreak phrases (English and German), matched on normalised text.
+"""Prompt-injection and jailbreak phrases (English, German; "forget all instructions" in seven
+more languages; letter-spaced text), matched on normalised, lower-cased text.
 
 The first, cheapest layer of the injection scanner: phrases that almost only occur in attacks.
 On ``prompt-injections/train.csv`` a list like this catches about half the attacks with almost no
@@ -41,11 +42,59 @@ _PATTERNS = [
     r"\balle (bisherigen|vorherigen) (informationen|anweisungen|instruktionen)\b",
     r"\b(sie haben|du hast) den ersten test bestanden\b",
     r"\bnun folgen weitere aufgaben\b",
+    r"\b(obigen|vorherigen|bisherigen) (ausführungen|anweisungen|informationen)\b.{0,20}\bignorieren\b",
+    # other languages: "forget / ignore all (previous) instructions"
+    r"\b(oubliez|oublie|ignorez)\b.{0,20}\b(toutes? les instructions|tout ce qui pr[ée]c[èe]de|tout)\b",
+    r"\b(olvida|olvide|olvidad|ignora)\b.{0,20}\b(todo|todas las instrucciones)\b",
+    r"\b(dimentica|ignora)\b.{0,20}\b(tutto|tutte le istruzioni)\b",
+    r"\b(esque[çc]a|esquece)\b.{0,20}\b(tudo|todas as instru[çc][õo]es)\b",
+    r"\b(vergeet|negeer)\b.{0,20}\b(alles|alle instructies)\b",
+    r"\b(zaboravi|zaboravite|ignoriraj)\b.{0,20}\b(sve|sve instrukcije)\b",
+    r"\b(zapomnij|zignoruj)\b.{0,20}\bwszystk",
+    r"(забудь|забудьте|игнорируй|игнорируйте)\s.{0,20}(все|всё)",
+    # obfuscation: a sentence spelt out in single letters ("s a y t h a t ...")
+    r"(?:\b\w\s){10,}\w\b",
 ]
-PATTERNS = [re.compile(p, re.IGNORECASE | re.DOTALL) for p in _PATTERNS]
+PATTERNS = [re.compile(p, re.DOTALL) for p in _PATTERNS]  # on lower-cased text: ~25% faster
+
+
+def _anchors(pattern: str) -> tuple[str, ...]:
+    """Literal prefixes one of which every match starts with: the leading literal, or that of
+    each alternative of a leading group (``()`` if some alternative has none: always run).
+    Python's ``re`` tries a pattern that starts with ``\\b(`` at every position; a substring
+    test first is ~10x cheaper on text without the words."""
+    body = pattern.removeprefix(r"\b")
+    if not body.startswith("("):
+        alternatives = [body]
+    else:
+        depth, end = 0, 0
+        for end, ch in enumerate(body):
+            depth += {"(": 1, ")": -1}.get(ch, 0)
+            if depth == 0:
+                break
+        inner = body[1:end].removeprefix("?:")
+        alternatives, depth, start = [], 0, 0
+        for i, ch in enumerate(inner):
+            depth += {"(": 1, ")": -1}.get(ch, 0)
+            if ch == "|" and depth == 0:
+                alternatives.append(inner[start:i])
+                start = i + 1
+        alternatives.append(inner[start:])
+    literals = [re.match(r"[^\\()\[\]|.?*+{},]*", a).group() for a in alternatives]  # type: ignore[union-attr]
+    if any(len(lit) < 2 for lit in literals):
+        return ()
+    return tuple(lit for lit in literals)
+
+
+_ANCHORED = [(_anchors(p), compiled) for p, compiled in zip(_PATTERNS, PATTERNS, strict=True)]
 
 
 def heuristic_hits(text: str) -> list[tuple[int, int]]:
     """Spans of attack phrases in ``text`` (normalise it first: see the Unicode scanner)."""
-    lowered = " ".join(text.split())
-    return [m.span() for p in PATTERNS for m in p.finditer(lowered)]
+    lowered = " ".join(text.split()).lower()
+    return [
+        m.span()
+        for anchors, pattern in _ANCHORED
+        if not anchors or any(a in lowered for a in anchors)
+        for m in pattern.finditer(lowered)
+    ]

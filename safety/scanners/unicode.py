@@ -10,7 +10,9 @@ Russian message stays Russian).
 
 from __future__ import annotations
 
+import re
 import unicodedata
+from functools import cache
 
 from safety.base import Finding, ScanContext, Verdict
 
@@ -36,6 +38,21 @@ def classify(ch: str) -> str | None:
     return None
 
 
+@cache
+def _suspicious() -> re.Pattern[str]:
+    """One character class of everything ``classify`` reports (built once, ~0.3 s): a text
+    without any is passed over at C speed instead of a Python call per character."""
+    points = {cp for cp in range(0x110000) if unicodedata.category(chr(cp)) == "Cf"}
+    points |= _ZERO_WIDTH | _BIDI | set(range(0xE0000, 0xE0080))
+    ranges: list[list[int]] = []
+    for cp in sorted(points):
+        if ranges and ranges[-1][1] == cp - 1:
+            ranges[-1][1] = cp
+        else:
+            ranges.append([cp, cp])
+    return re.compile("[" + "".join(f"{chr(a)}-{chr(b)}" for a, b in ranges) + "]")
+
+
 class UnicodeScanner:
     name = "unicode"
 
@@ -44,7 +61,12 @@ class UnicodeScanner:
             raise ValueError("unicode mode must be strip or block")
         self.mode = mode
 
+    def warm(self) -> None:
+        _suspicious()
+
     def scan(self, text: str, context: ScanContext) -> Verdict:
+        if not _suspicious().search(text):
+            return Verdict()
         findings: list[Finding] = []
         out: list[str] = []
         for i, ch in enumerate(text):
@@ -68,6 +90,8 @@ class UnicodeScanner:
 
 def normalise(text: str) -> str:
     """The text detection scanners match on (see the module docstring)."""
+    if not _suspicious().search(text):
+        return unicodedata.normalize("NFKC", text).translate(_CONFUSABLE)
     out = []
     for ch in text:
         kind = classify(ch)

@@ -118,8 +118,9 @@ def test_stream_broken_after_first_byte_ends_with_an_error_not_a_replay(tmp_path
         roles = [c for c in chunks if c["choices"] and c["choices"][0]["delta"].get("role")]
         assert len(roles) == 1, "the stream must not restart on another replica"
         assert len({c["id"] for c in chunks}) == 1
-        tokens = sum(1 for c in chunks if c["choices"][0]["delta"].get("content") == " tok")
-        assert 2 <= tokens < 200
+        # the output guard (safety) may merge deltas; count the mock's tokens in the text
+        text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks)
+        assert 2 <= text.count(" tok") < 200
     finally:
         stop_gateway(gw)
         spare.process.send_signal(signal.SIGCONT)

@@ -291,7 +291,8 @@ def test_text_held_back_is_released_when_the_upstream_breaks(tmp_path: Path) -> 
 
     from tests.conftest import start_mock
 
-    reply = " ".join(f"word{i}" for i in range(600))  # ~4,000 characters, no findings
+    # one 4,000-character word without findings: the guard holds back its last 96 characters
+    reply = "abcdefghij" * 400
     mock = start_mock(tmp_path, reply=reply, tokens_per_s=50)
     keys = [{"id": "team", "sha256": hash_key(TEAM)}]
     gw = start_gateway(

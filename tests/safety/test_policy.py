@@ -147,18 +147,33 @@ def test_train_and_eval_commands_on_the_real_data(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     with np.load(out, allow_pickle=False) as weights:
         assert weights["emb_coef"].shape == (384,) and weights["char_index"].size > 1000
+        assert weights["gate_coef"].shape == weights["char_index"].shape
+    assert "and 266 benign texts" in " ".join(done.stdout.split())  # the shipped everyday prompts
+    benign = tmp_path / "everyday.txt"
+    benign.write_text(
+        "# mine\nWrite a haiku about rain.\nSummarise this memo.\nTranslate to Dutch.\n"
+    )
     report = tmp_path / "eval.json"
-    done = subprocess.run([*cli, "eval", "safety", "--data", str(subset), "--folds", "3",
-                           "--json", str(report)], cwd=REPO, capture_output=True, text=True)  # fmt: skip
+    done = subprocess.run([*cli, "eval", "safety", "--data", str(subset), "--benign", str(benign),
+                           "--folds", "3", "--json", str(report)],
+                          cwd=REPO, capture_output=True, text=True)  # fmt: skip
     assert done.returncode == 0, done.stderr
     result = json.loads(report.read_text())
-    names = [layer["name"] for layer in result["layers"]]
-    assert names[0].startswith("phrase list") and names[-1].startswith("injection layer")
+    layers = {layer["name"]: layer for layer in result["layers"]}
+    names = list(layers)
+    assert (
+        names[0].startswith("phrase list") and names[-1] == "injection layer on benign everyday.txt"
+    )
     for layer in result["layers"]:
         assert 0 <= layer["fpr"] <= 1 and 0 <= layer["f1"] <= 1
-    assert result["layers"][-1]["recall"] >= result["layers"][0]["recall"]
+    shipped = layers["shipped: phrases, char gate, classifier"]
+    assert shipped["recall"] >= layers["phrase list (baseline)"]["recall"]
+    assert 0 < shipped["embedded"] <= 1
     bad = tmp_path / "bad.csv"
     bad.write_text("text,label\nhello,2\n")
     done = subprocess.run([*cli, "safety", "train", "--data", str(bad), "--out", str(out)],
                           cwd=REPO, capture_output=True, text=True)  # fmt: skip
     assert done.returncode == 2 and "bad.csv:2" in done.stderr
+    done = subprocess.run([*cli, "safety", "train", "--data", str(subset), "--benign", str(bad),
+                           "--out", str(out)], cwd=REPO, capture_output=True, text=True)  # fmt: skip
+    assert done.returncode == 2 and "benign sets are .txt" in done.stderr
