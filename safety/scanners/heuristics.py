@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import re
 
+import numpy as np
+
 _PATTERNS = [
     # English: override, reveal, role-play escapes
     r"\b(ignore|disregard|forget|skip|override)\b.{0,40}\b(previous|prior|above|earlier|all|any|preceding|your)\b.{0,30}\b(instructions?|prompts?|rules|directions|guidelines|context|tasks?)\b",
@@ -64,22 +66,14 @@ def _anchors(pattern: str) -> tuple[str, ...]:
     Python's ``re`` tries a pattern that starts with ``\\b(`` at every position; a substring
     test first is ~10x cheaper on text without the words."""
     body = pattern.removeprefix(r"\b")
-    if not body.startswith("("):
-        alternatives = [body]
-    else:
-        depth, end = 0, 0
-        for end, ch in enumerate(body):
-            depth += {"(": 1, ")": -1}.get(ch, 0)
-            if depth == 0:
-                break
-        inner = body[1:end].removeprefix("?:")
-        alternatives, depth, start = [], 0, 0
-        for i, ch in enumerate(inner):
-            depth += {"(": 1, ")": -1}.get(ch, 0)
-            if ch == "|" and depth == 0:
-                alternatives.append(inner[start:i])
-                start = i + 1
-        alternatives.append(inner[start:])
+    alternatives = [body]
+    if body.startswith("("):
+        depths = np.cumsum([{"(": 1, ")": -1}.get(ch, 0) for ch in body])
+        inner = body[1 : int(np.argmax(depths == 0))].removeprefix("?:")
+        level = np.cumsum([{"(": 1, ")": -1}.get(ch, 0) for ch in inner])
+        cuts = [i for i, ch in enumerate(inner) if ch == "|" and level[i] == 0]
+        bounds = zip([-1, *cuts], [*cuts, len(inner)], strict=True)
+        alternatives = [inner[a + 1 : b] for a, b in bounds]
     literals = [re.match(r"[^\\()\[\]|.?*+{},]*", a).group() for a in alternatives]  # type: ignore[union-attr]
     if any(len(lit) < 2 for lit in literals):
         return ()
