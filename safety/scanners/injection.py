@@ -42,7 +42,8 @@ def ngram_indices(text: str) -> np.ndarray:
     if not words:
         return np.zeros(0, dtype=np.int64)
     padded = " " + "  ".join(words) + " "
-    codes = np.frombuffer(padded.encode("utf-32-le"), dtype=np.uint32).astype(np.uint64)
+    raw = padded.encode("utf-32-le", "surrogatepass")  # lone surrogates hash too
+    codes = np.frombuffer(raw, dtype=np.uint32).astype(np.uint64)
     lengths = np.fromiter((len(w) + 2 for w in words), dtype=np.int64, count=len(words))
     word_end = np.repeat(np.cumsum(lengths), lengths)  # where each position's padded word ends
     positions = np.arange(len(codes))
