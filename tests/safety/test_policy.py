@@ -169,6 +169,9 @@ def test_train_and_eval_commands_on_the_real_data(tmp_path: Path) -> None:
     shipped = layers["shipped: phrases, char gate, classifier"]
     assert shipped["recall"] >= layers["phrase list (baseline)"]["recall"]
     assert 0 < shipped["embedded"] <= 1
+    # latency per layer, for the shipped scanner and for the whole policy
+    assert 0 < layers["phrase list (baseline)"]["latency_ms"]["p50"] <= shipped["latency_ms"]["p99"]
+    assert set(result["latency"]) >= {"char gate", "default input policy"}
     bad = tmp_path / "bad.csv"
     bad.write_text("text,label\nhello,2\n")
     done = subprocess.run([*cli, "safety", "train", "--data", str(bad), "--out", str(out)],
