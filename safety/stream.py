@@ -36,9 +36,9 @@ def hold_from(text: str, window: int) -> int:
     if run is not None and any(c.isdigit() for c in run.group()):
         start = min(start, run.start())
     floor = max(0, len(text) - window)
-    for match in _CONTEXT.finditer(text, floor):
-        start = min(start, match.start())
-        break
+    context = _CONTEXT.search(text, floor)
+    if context is not None:
+        start = min(start, context.start())
     return max(start, floor)
 
 

@@ -3,7 +3,7 @@
 The data: a CSV with ``text`` and ``label`` (1 = injection), and benign sets that teach the
 classifier what ordinary traffic looks like. ``prompt-injections/train.csv`` alone is not enough:
 its benign half is short questions, so a model trained on it alone learns "an instruction is an
-attack" and "a long text is an attack" (it blocked "Translate this to French." and three in four
+attack" and "a long text is an attack" (it blocked "Translate this to French." and four in five
 SciFact abstracts). The benign sets are:
 
 - prompts (``.txt``, one per line, ``#`` comments): everyday instructions; the package ships
@@ -225,13 +225,15 @@ def cross_validate(
         te_texts = [texts[i] for i in test]
         data = training_set(tr_texts, labels[train], embeddings[train], extra)
         model = InjectionModel(fit(data[0], data[1], data[2], data[3]))
-        p_combined[test] = model.probability(te_texts, embeddings[test])
+        features = model.features(te_texts)
+        p_combined[test] = model.probability(te_texts, embeddings[test], features)
+        p_char[test] = model.gate(te_texts, features)
         for k, ((b, vectors), (_, te)) in enumerate(zip(benign, parts[1:], strict=True)):
             held_out = [b.texts[i] for i in te]
-            p_benign[k][te] = model.probability(held_out, vectors[te]) * (
-                model.gate(held_out) >= GATE
+            features = model.features(held_out)
+            p_benign[k][te] = model.probability(held_out, vectors[te], features) * (
+                model.gate(held_out, features) >= GATE
             )  # what the shipped scanner does: the gate allows before the classifier looks
-        p_char[test] = model.gate(te_texts)
         lr = LogisticRegression(C=10.0, max_iter=5000, class_weight="balanced")
         p_emb[test] = lr.fit(embeddings[train], labels[train]).predict_proba(embeddings[test])[:, 1]
     phrases = np.array([bool(heuristic_hits(t)) for t in texts]).astype(int)

@@ -9,8 +9,7 @@ false positives; the classifier layer catches the rest.
 from __future__ import annotations
 
 import re
-
-import numpy as np
+from itertools import accumulate
 
 _PATTERNS = [
     # English: override, reveal, role-play escapes
@@ -60,6 +59,11 @@ _PATTERNS = [
 PATTERNS = [re.compile(p, re.DOTALL) for p in _PATTERNS]  # on lower-cased text: ~25% faster
 
 
+def _depths(text: str) -> list[int]:
+    """Bracket depth after each character."""
+    return list(accumulate({"(": 1, ")": -1}.get(ch, 0) for ch in text))
+
+
 def _anchors(pattern: str) -> tuple[str, ...]:
     """Literal prefixes one of which every match starts with: the leading literal, or that of
     each alternative of a leading group (``()`` if some alternative has none: always run).
@@ -68,16 +72,15 @@ def _anchors(pattern: str) -> tuple[str, ...]:
     body = pattern.removeprefix(r"\b")
     alternatives = [body]
     if body.startswith("("):
-        depths = np.cumsum([{"(": 1, ")": -1}.get(ch, 0) for ch in body])
-        inner = body[1 : int(np.argmax(depths == 0))].removeprefix("?:")
-        level = np.cumsum([{"(": 1, ")": -1}.get(ch, 0) for ch in inner])
+        inner = body[1 : _depths(body).index(0)].removeprefix("?:")
+        level = _depths(inner)
         cuts = [i for i, ch in enumerate(inner) if ch == "|" and level[i] == 0]
         bounds = zip([-1, *cuts], [*cuts, len(inner)], strict=True)
         alternatives = [inner[a + 1 : b] for a, b in bounds]
     literals = [re.match(r"[^\\()\[\]|.?*+{},]*", a).group() for a in alternatives]  # type: ignore[union-attr]
     if any(len(lit) < 2 for lit in literals):
         return ()
-    return tuple(lit for lit in literals)
+    return tuple(literals)
 
 
 _ANCHORED = [(_anchors(p), compiled) for p, compiled in zip(_PATTERNS, PATTERNS, strict=True)]
