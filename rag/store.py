@@ -42,7 +42,7 @@ from typing import Any
 import numpy as np
 
 from rag.chunking import Chunker, ChunkingConfig
-from rag.embeddings import Embedder
+from rag.embeddings import Embedder, embed_documents
 from rag.loaders import Document
 from rag.snapshot import (
     Chunk,
@@ -379,17 +379,22 @@ class VectorStore:
 def _embed(
     embedder: Embedder, chunks: list[Chunk], progress: Callable[[int, int], None] | None
 ) -> np.ndarray:
+    """Document vectors in the chunks' order, embedded shortest first (batches of like lengths
+    pad little) in steps that report progress."""
     dim = int(getattr(embedder, "dim", 0) or 0)
     if not chunks:
         return np.zeros((0, dim or 384), dtype=np.float32)
-    out = []
+    texts = [c.embed_text() for c in chunks]
+    order = np.argsort([len(t) for t in texts], kind="stable")
+    parts = []
     step = 256
-    for start in range(0, len(chunks), step):
-        batch = chunks[start : start + step]
-        out.append(embedder.embed([c.embed_text() for c in batch]))
+    for start in range(0, len(texts), step):
+        parts.append(embed_documents(embedder, [texts[i] for i in order[start : start + step]]))
         if progress is not None:
-            progress(min(start + step, len(chunks)), len(chunks))
-    return np.concatenate(out).astype(np.float32)
+            progress(min(start + step, len(texts)), len(texts))
+    out = np.empty((len(texts), parts[0].shape[1]), dtype=np.float32)
+    out[order] = np.concatenate(parts)
+    return out
 
 
 def _tokenizer_path(embedder: Embedder) -> Path:

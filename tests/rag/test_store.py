@@ -111,6 +111,28 @@ def test_chunks_fit_the_embedding_model_and_overlap(embedder: SentenceTransforme
         ChunkingConfig(max_chunk_size_tokens=64, chunk_overlap_tokens=40)
 
 
+def test_chunks_are_what_langchains_huggingface_splitter_makes(
+    embedder: SentenceTransformerEmbedder,
+) -> None:
+    """The chunker counts tokens its own (faster) way; the chunks must not change."""
+    from langchain_text_splitters import RecursiveCharacterTextSplitter
+    from transformers import AutoTokenizer
+
+    config = ChunkingConfig(max_chunk_size_tokens=120, chunk_overlap_tokens=24)
+    chunker = Chunker(embedder.path, config)
+    reference = RecursiveCharacterTextSplitter.from_huggingface_tokenizer(
+        AutoTokenizer.from_pretrained(str(embedder.path)),
+        chunk_size=120,
+        chunk_overlap=24,
+        separators=["\n\n", "\n", ". ", "? ", "! ", "; ", ", ", " ", ""],
+        keep_separator="end",
+        strip_whitespace=True,
+    )
+    texts = [d["text"] for d in corpus()[:150]] + ["x" * 3000, "word " * 700]
+    for text in texts:
+        assert [p.text for p in chunker.split(text)] == reference.split_text(text)
+
+
 # -- stores -------------------------------------------------------------------------------------------
 
 
@@ -306,6 +328,30 @@ def test_onnx_backend_computes_sentence_transformers_vectors(
     assert onnx.shape == reference.shape == (len(texts), 384)
     assert float((onnx * reference).sum(axis=1).min()) > 0.9999
     assert np.allclose(np.linalg.norm(onnx, axis=1), 1.0, atol=1e-5)
+
+
+def test_documents_embed_with_an_int8_model_close_to_float32(
+    tmp_path: Path, embedder: SentenceTransformerEmbedder
+) -> None:
+    texts = [f"{d['title']}\n{d['text']}" for d in corpus()[40:80]]
+    exact = embedder.embed(texts)
+    documents = embedder.embed_documents(texts)
+    cosine = (exact * documents).sum(axis=1)
+    assert float(cosine.min()) > 0.98 and float(cosine.mean()) > 0.99
+    assert float(np.abs(exact - documents).max()) > 1e-3  # another (the quantised) model ran
+    assert np.allclose(np.linalg.norm(documents, axis=1), 1.0, atol=1e-5)
+    # a float32 query still finds its own int8 document first
+    assert ((exact @ documents.T).argmax(axis=1) == np.arange(len(texts))).all()
+    # ingestion stores exactly what embed_documents computes
+    store = new_store(tmp_path, embedder)
+    docs = [Document(str(i), d["text"], title=d["title"]) for i, d in enumerate(corpus()[40:44])]
+    store.upsert(docs, embedder)
+    snap = store.snapshot
+    expected = embedder.embed_documents([c.embed_text() for c in snap.chunks])
+    assert np.allclose(snap.vectors, expected, atol=1e-5)
+    # and ``document_precision: float32`` ingests float32 vectors
+    plain = SentenceTransformerEmbedder(document_precision="float32")
+    assert np.allclose(plain.embed_documents(texts), exact, atol=1e-5)
 
 
 def test_a_store_refuses_another_embedding_model(
