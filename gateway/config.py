@@ -410,8 +410,8 @@ class Settings(BaseSettings):
     )
     embedding_document_precision: Literal["int8", "float32"] = Field(
         default="int8",
-        description="Ingestion embeds documents with an int8 copy of the model (twice the "
-        "rate, cosine ~0.994 to float32); queries are always float32.",
+        description="Ingestion embeds documents with an int8 copy of the model (~1.7x the "
+        "rate, cosine ~0.996 to float32); queries are always float32.",
     )
     max_upload_bytes: int = Field(
         default=32 * 1024 * 1024, ge=1024, description="Larger file uploads get 413."
