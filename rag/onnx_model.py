@@ -76,7 +76,6 @@ class OnnxEncoder:
         )
         self.inputs = [i.name for i in self.session.get_inputs()]
         self.pad_id = int(self.tokenizer.pad_token_id or 0)
-        self.dim = 0
         self.dim = int(self.encode(["dimension probe"], 1).shape[1])
 
     def encode(self, texts: list[str], batch_size: int) -> np.ndarray:
@@ -89,7 +88,7 @@ class OnnxEncoder:
         ids: list[list[int]] = enc["input_ids"]
         lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
         order = np.argsort(lengths, kind="stable")
-        out = np.zeros((len(texts), self.dim or 1), dtype=np.float32)
+        out: np.ndarray | None = None
         start = 0
         while start < len(texts):
             width = int(lengths[order[min(start + batch_size, len(texts)) - 1]])
@@ -102,17 +101,17 @@ class OnnxEncoder:
                 input_ids[j, : lengths[row]] = ids[row]
                 mask[j, : lengths[row]] = 1
             vectors = self._run(input_ids, mask)
-            if out.shape[1] != vectors.shape[1]:
-                out = np.zeros((len(texts), vectors.shape[1]), dtype=np.float32)
+            if out is None:
+                out = np.empty((len(texts), vectors.shape[1]), dtype=np.float32)
             out[rows] = vectors
             start += len(rows)
-        return out
+        return out if out is not None else np.zeros((0, self.dim), dtype=np.float32)
 
     def _run(self, input_ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
         feed = {"input_ids": input_ids, "attention_mask": mask}
         if "token_type_ids" in self.inputs:
             feed["token_type_ids"] = np.zeros_like(input_ids)
-        hidden = self.session.run(None, {k: v for k, v in feed.items() if k in self.inputs})[0]
+        hidden = self.session.run(None, feed)[0]
         weights = mask[..., None].astype(np.float32)
         pooled = (hidden * weights).sum(axis=1) / np.maximum(weights.sum(axis=1), 1e-9)
         norms = np.linalg.norm(pooled, axis=1, keepdims=True)
