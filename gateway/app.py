@@ -17,7 +17,8 @@ from gateway.admission import Admission
 from gateway.auth import AuthMiddleware, KeyStore
 from gateway.backends.registry import BackendRegistry
 from gateway.cache import MemoryResponseCache, RedisResponseCache, ResponseCache
-from gateway.config import FileConfig, Settings, load_file_config
+from gateway.config import FileConfig, Settings
+from gateway.config_file import load_file_config
 from gateway.errors import InvalidRequest, RaglineError, error_body
 from gateway.http import (
     BodyLimitMiddleware,

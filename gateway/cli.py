@@ -12,7 +12,8 @@ from rich.markup import escape
 
 from benchmarks.cli import app as bench_app
 from gateway import rag_cli, safety_cli
-from gateway.config import ConfigError, FileConfig, Settings, load_file_config
+from gateway.config import FileConfig, Settings
+from gateway.config_file import ConfigError, load_file_config
 from gateway.errors import ModelAssetError
 from gateway.eval_cli import app as eval_app
 from gateway.finetune_cli import adapters_app, finetune_app

@@ -3,16 +3,14 @@
 The environment holds process settings (where to listen, where models live, limits); the YAML
 file (``ragline serve --config FILE`` or ``RAGLINE_CONFIG``) declares the models the gateway
 serves. Without a file the gateway serves one model, ``smollm2``, on the embedded engine.
-Config is read once at start-up, never at import time.
+Config is read once at start-up, never at import time (``gateway.config_file`` reads the file).
 """
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import yaml
 from pydantic import (
     AliasChoices,
     BaseModel,
@@ -20,7 +18,6 @@ from pydantic import (
     Discriminator,
     Field,
     Tag,
-    ValidationError,
     field_validator,
     model_validator,
 )
@@ -29,8 +26,6 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 import prompts
 from prompts.experiments import Experiment
 from safety.policy import PolicySpec
-
-log = logging.getLogger("ragline.config")
 
 DEFAULT_MODEL_NAME = "smollm2"
 BUILTIN_TEMPLATES = Path(prompts.__file__).resolve().parent / "templates"
@@ -437,71 +432,3 @@ class Settings(BaseSettings):
 
     def default_model_path(self) -> Path:
         return self.models_dir / DEFAULT_MODEL_DIRNAME
-
-
-class ConfigError(Exception):
-    """The YAML file is missing, unreadable or invalid; the message names the file."""
-
-
-def load_file_config(settings: Settings) -> FileConfig:
-    """Read ``settings.config`` (or the built-in default) into a validated ``FileConfig``."""
-    config = _load_file_config(settings)
-    if settings.prompts_dir is not None:
-        config.prompts.dir = settings.prompts_dir.expanduser()
-    _add_registered_adapters(config, settings.adapters_file)
-    return config
-
-
-def _add_registered_adapters(config: FileConfig, registry: Path) -> None:
-    """Serve the adapters ``ragline adapters register`` recorded (the file's own win on names)."""
-    from finetune.adapters import AdapterError, AdapterRegistry
-
-    try:
-        entries = AdapterRegistry(registry).entries()
-    except AdapterError as exc:
-        raise ConfigError(str(exc)) from None
-    models = {m.name for m in config.models}
-    taken = models | {a.name for a in config.adapters}
-    for name, entry in sorted(entries.items()):
-        if name in taken:
-            log.warning("registered adapter %r is shadowed by the config file; not served", name)
-        elif entry.get("base") not in models:
-            log.warning(
-                "registered adapter %r is for model %r, which this gateway does not serve",
-                name,
-                entry.get("base"),
-            )
-        else:
-            config.adapters.append(AdapterConfig(name=name, path=entry["path"], base=entry["base"]))
-
-
-def _load_file_config(settings: Settings) -> FileConfig:
-    if settings.config is None:
-        if settings.vllm:
-            urls = [u.strip() for u in settings.vllm.split(",") if u.strip()]
-            try:
-                model = VllmModelConfig(name=DEFAULT_MODEL_NAME, backend="vllm", upstreams=urls)
-            except ValidationError as exc:
-                raise ConfigError(f"--vllm {settings.vllm!r} is invalid:\n{exc}") from exc
-            return FileConfig(models=[model])
-        return FileConfig(models=[EmbeddedModelConfig(name=DEFAULT_MODEL_NAME)])
-    path = settings.config.expanduser()
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except OSError as exc:
-        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from exc
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
-    try:
-        config = FileConfig.model_validate(raw)
-    except ValidationError as exc:
-        raise ConfigError(f"config file {path} is invalid:\n{exc}") from exc
-    if not config.models:
-        raise ConfigError(f"config file {path} declares no models")
-    if config.prompts.dir is not None and not config.prompts.dir.expanduser().is_absolute():
-        config.prompts.dir = path.parent / config.prompts.dir
-    for declared in config.models:
-        tok = declared.tokenizer if isinstance(declared, VllmModelConfig) else None
-        if tok is not None and not tok.expanduser().is_absolute():
-            declared.tokenizer = path.parent / tok  # type: ignore[union-attr]
-    return config

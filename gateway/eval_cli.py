@@ -12,7 +12,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from gateway.config import ConfigError, EmbeddedModelConfig, Settings, load_file_config
+from gateway.config import EmbeddedModelConfig, Settings
+from gateway.config_file import ConfigError, load_file_config
 from prompts.template import PromptError
 
 app = typer.Typer(help="Evaluate prompts, retrieval and safety.", no_args_is_help=True)

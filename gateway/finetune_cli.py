@@ -11,7 +11,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from gateway.config import ConfigError, EmbeddedModelConfig, Settings, load_file_config
+from gateway.config import EmbeddedModelConfig, Settings
+from gateway.config_file import ConfigError, load_file_config
 
 finetune_app = typer.Typer(
     help="LoRA/QLoRA supervised fine-tuning (`ragline finetune --data ...`), and `merge`.",

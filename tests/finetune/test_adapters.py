@@ -14,7 +14,8 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from finetune.adapters import AdapterError, AdapterRegistry, inspect
 from finetune.train import FinetuneError, TrainConfig, base_checksum, check
-from gateway.config import Settings, load_file_config
+from gateway.config import Settings
+from gateway.config_file import load_file_config
 
 
 def save_adapter(model, out: Path, **lora: object) -> Path:  # type: ignore[no-untyped-def]

@@ -2,7 +2,8 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.config import ConfigError, Settings, load_file_config
+from gateway.config import Settings
+from gateway.config_file import ConfigError, load_file_config
 
 
 def test_default_config_serves_smollm2_without_a_file() -> None:

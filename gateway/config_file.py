@@ -1,0 +1,89 @@
+"""Reading the YAML config file (or the built-in default) into a validated ``FileConfig``, with
+the adapters ``ragline adapters register`` recorded added to it."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import yaml
+from pydantic import ValidationError
+
+from gateway.config import (
+    DEFAULT_MODEL_NAME,
+    AdapterConfig,
+    EmbeddedModelConfig,
+    FileConfig,
+    Settings,
+    VllmModelConfig,
+)
+
+log = logging.getLogger("ragline.config")
+
+
+class ConfigError(Exception):
+    """The YAML file is missing, unreadable or invalid; the message names the file."""
+
+
+def load_file_config(settings: Settings) -> FileConfig:
+    """Read ``settings.config`` (or the built-in default) into a validated ``FileConfig``."""
+    config = _load_file_config(settings)
+    if settings.prompts_dir is not None:
+        config.prompts.dir = settings.prompts_dir.expanduser()
+    _add_registered_adapters(config, settings.adapters_file)
+    return config
+
+
+def _add_registered_adapters(config: FileConfig, registry: Path) -> None:
+    """Serve the adapters ``ragline adapters register`` recorded (the file's own win on names)."""
+    from finetune.adapters import AdapterError, AdapterRegistry
+
+    try:
+        entries = AdapterRegistry(registry).entries()
+    except AdapterError as exc:
+        raise ConfigError(str(exc)) from None
+    models = {m.name for m in config.models}
+    taken = models | {a.name for a in config.adapters}
+    for name, entry in sorted(entries.items()):
+        if name in taken:
+            log.warning("registered adapter %r is shadowed by the config file; not served", name)
+        elif entry.get("base") not in models:
+            log.warning(
+                "registered adapter %r is for model %r, which this gateway does not serve",
+                name,
+                entry.get("base"),
+            )
+        else:
+            config.adapters.append(AdapterConfig(name=name, path=entry["path"], base=entry["base"]))
+
+
+def _load_file_config(settings: Settings) -> FileConfig:
+    if settings.config is None:
+        if settings.vllm:
+            urls = [u.strip() for u in settings.vllm.split(",") if u.strip()]
+            try:
+                model = VllmModelConfig(name=DEFAULT_MODEL_NAME, backend="vllm", upstreams=urls)
+            except ValidationError as exc:
+                raise ConfigError(f"--vllm {settings.vllm!r} is invalid:\n{exc}") from exc
+            return FileConfig(models=[model])
+        return FileConfig(models=[EmbeddedModelConfig(name=DEFAULT_MODEL_NAME)])
+    path = settings.config.expanduser()
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+    try:
+        config = FileConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(f"config file {path} is invalid:\n{exc}") from exc
+    if not config.models:
+        raise ConfigError(f"config file {path} declares no models")
+    if config.prompts.dir is not None and not config.prompts.dir.expanduser().is_absolute():
+        config.prompts.dir = path.parent / config.prompts.dir
+    for declared in config.models:
+        tok = declared.tokenizer if isinstance(declared, VllmModelConfig) else None
+        if tok is not None and not tok.expanduser().is_absolute():
+            declared.tokenizer = path.parent / tok  # type: ignore[union-attr]
+    return config
