@@ -40,9 +40,17 @@ class PolicySpec(BaseModel):
     on_error: Literal["open", "closed"] = "closed"
 
 
+# PII the default policy masks in output. Not e-mail addresses or IP addresses: any word can be
+# the start of an e-mail address (and any run of hex letters of an IPv6 address), so a stream
+# that masks them must hold back every word until the next one arrives, one token of latency on
+# the first word of every answer. A policy that lists them gets that behaviour.
+DEFAULT_OUTPUT_PII = ["credit_card", "iban", "us_ssn", "phone"]
+
+
 def default_policy() -> PolicySpec:
     """On out of the box: injections and secrets blocked in input, poisoned chunks dropped,
-    PII in output replaced by typed placeholders, invisible Unicode stripped everywhere."""
+    secrets redacted and payment cards, IBANs, SSNs and phone numbers masked in output,
+    invisible Unicode stripped everywhere."""
     return PolicySpec(
         name="default",
         scanners=[
@@ -51,7 +59,11 @@ def default_policy() -> PolicySpec:
             ScannerSpec(type="secrets", where=["input"]),
             ScannerSpec(type="secrets", where=["output"], options={"action": "redact"}),
             ScannerSpec(type="injection", where=["input", "retrieved"]),
-            ScannerSpec(type="pii", where=["output"], options={"action": "mask"}),
+            ScannerSpec(
+                type="pii",
+                where=["output"],
+                options={"action": "mask", "types": DEFAULT_OUTPUT_PII},
+            ),
         ],
     )
 
@@ -77,10 +89,23 @@ class Policy:
         self.name = spec.name
         self.scanners = scanners
 
-    def run(self, text: str, context: ScanContext) -> Outcome:
+    def hold(self, text: str, context: ScanContext) -> int:
+        """Where the tail of ``text`` starts that a scanner running at ``context.where`` could
+        still find something in, once more text arrives (``len(text)``: nothing)."""
+        start = len(text)
+        for spec, scanner in self.scanners:
+            if context.where in spec.where and not scanner.local:
+                start = min(start, scanner.hold(text))
+        return start
+
+    def run(self, text: str, context: ScanContext, local: bool | None = None) -> Outcome:
+        """Run the scanners for ``context.where`` in order; ``local`` selects only the scanners
+        that are (True) or are not (False) character-local."""
         outcome = Outcome(text=text)
         for spec, scanner in self.scanners:
             if context.where not in spec.where:
+                continue
+            if local is not None and scanner.local != local:
                 continue
             started = time.perf_counter()
             try:

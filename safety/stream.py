@@ -1,45 +1,24 @@
-"""Scanning streamed output through a hold-back window.
+"""Scanning streamed output: text is released as soon as no finding can still start inside it.
 
-Deltas go into a pending buffer; only text that no finding can still reach is released. What is
-held back is the tail that could still become part of a value: the last word (an e-mail address
-or a key still arriving), a trailing run of digits and separators (a card, phone number, IBAN or
-SSN), and anything from a credential's context word on (``api_key =``, ``Bearer``, ``-----BEGIN``)
-so that the value is later seen with it; never more than ``window`` characters, and cut earlier
-where a finding crosses that point. Ordinary prose is thus released a word behind the model, not
-a fixed window behind (which would add ~20 tokens to the time to first token). Text that would
-later be redacted is never sent, and a value split across chunks is seen whole. The released
-prefix is redacted by the policy before it goes out; a block stops the stream (the caller ends it
-with ``finish_reason: content_filter``).
+Each delta first goes through the policy's character-local scanners (invisible Unicode is
+stripped as it arrives), then into a pending buffer. What is released is the pending text up to
+the earliest point where a finding of the policy's output scanners could still begin: each
+scanner says where (``Scanner.hold``: the start of a partial match of one of its patterns at the
+end of the text, found with the ``regex`` module's partial matching), and no finding that
+reaches that point is cut. So ``sk_live_4eC3`` waits until the key is complete (and is then
+redacted whole), ``+1 (415)`` waits until the number ends, and ordinary prose goes out with the
+token that brought it: no fixed window, and no word held back for nothing. A value split across
+chunks is thus always seen whole, and no piece of it is sent before it is redacted. The held
+tail is never longer than ``window`` characters (an unfinished value longer than that is cut).
+A block stops the stream (the caller ends it with ``finish_reason: content_filter``).
 """
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 
-from safety.base import Finding, ScanContext
+from safety.base import HOLD_WINDOW, Finding, ScanContext
 from safety.policy import Outcome, Policy
-
-_LAST_WORD = re.compile(r"\S*$")
-# digits, upper-case letters and the separators of cards, phones, IBANs, SSNs and IP addresses
-_VALUE_RUN = re.compile(r"[A-Z0-9+(][A-Z0-9+()\-./ \t]*$")
-_CONTEXT = re.compile(
-    r"(?i)bearer|api[_-]?key|secret|token|passw|pwd|credential|access[_-]?key|\bauth|aws|"
-    r"://|-----BEGIN"
-)
-
-
-def hold_from(text: str, window: int) -> int:
-    """Where the tail that could still become (part of) a finding starts."""
-    start = _LAST_WORD.search(text).start()  # type: ignore[union-attr]
-    run = _VALUE_RUN.search(text)
-    if run is not None and any(c.isdigit() for c in run.group()):
-        start = min(start, run.start())
-    floor = max(0, len(text) - window)
-    context = _CONTEXT.search(text, floor)
-    if context is not None:
-        start = min(start, context.start())
-    return max(start, floor)
 
 
 @dataclass
@@ -53,7 +32,7 @@ class Released:
 class StreamGuard:
     policy: Policy
     context: ScanContext = field(default_factory=lambda: ScanContext(where="output"))
-    window: int = 96
+    window: int = HOLD_WINDOW
     pending: str = ""
     findings: list[tuple[str, Finding]] = field(default_factory=list)
     blocked_by: str | None = None
@@ -61,34 +40,52 @@ class StreamGuard:
     def feed(self, delta: str) -> Released:
         if self.blocked_by is not None:
             return Released("", True)
-        self.pending += delta
-        return self._release(final=False)
+        local = self.policy.run(delta, self.context, local=True)
+        if local.action == "block":
+            return self._block(local)
+        self.findings += local.findings
+        self.pending += local.text
+        released = self._release(final=False)
+        if local.action == "redact" and not released.blocked:
+            released.outcome = released.outcome or local
+        return released
 
     def finish(self) -> Released:
         if self.blocked_by is not None:
             return Released("", True)
         return self._release(final=True)
 
+    def _block(self, outcome: Outcome) -> Released:
+        self.blocked_by = outcome.blocked_by
+        self.findings += outcome.findings
+        self.pending = ""
+        return Released("", True, outcome)
+
     def _release(self, final: bool) -> Released:
-        outcome = self.policy.run(self.pending, self.context)
+        if not self.pending:
+            return Released("")
+        outcome = self.policy.run(self.pending, self.context, local=False)
         if outcome.action == "block":
-            self.blocked_by = outcome.blocked_by
-            self.findings += outcome.findings
-            self.pending = ""
-            return Released("", True, outcome)
+            return self._block(outcome)
         if final:
             cut = len(self.pending)
         else:
-            cut = hold_from(self.pending, self.window)
+            cut = max(self.policy.hold(self.pending, self.context), len(self.pending) - self.window)
             for _, f in outcome.findings:
-                if f.start < cut < f.end or (f.end >= cut and f.start < cut):
-                    cut = min(cut, f.start)
-        if cut == 0:
+                if f.anchor < cut and f.end >= cut:
+                    cut = f.anchor  # no finding is cut in two, nor from what it was found by
+        if cut <= 0:
             return Released("")
+        if cut == len(self.pending):  # all of it: the run above already redacted it
+            head, self.pending = self.pending, ""
+            if outcome.action == "allow":
+                return Released(head)
+            self.findings += outcome.findings
+            return Released(outcome.text, False, outcome)
         head, self.pending = self.pending[:cut], self.pending[cut:]
         if outcome.action == "allow":
             return Released(head)
         # redact the released prefix on its own: no finding crosses the cut
-        done = self.policy.run(head, self.context)
+        done = self.policy.run(head, self.context, local=False)
         self.findings += done.findings
         return Released(done.text, False, done)

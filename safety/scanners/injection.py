@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from safety.base import Finding, ScanContext, Verdict
+from safety.base import BaseScanner, Finding, ScanContext, Verdict
 from safety.scanners.heuristics import heuristic_hits
 from safety.scanners.unicode import normalise
 
@@ -131,7 +131,7 @@ class InjectionModel:
         return 1.0 / (1.0 + np.exp(-logits))
 
 
-class InjectionScanner:
+class InjectionScanner(BaseScanner):
     name = "injection"
 
     def __init__(

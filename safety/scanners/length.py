@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from safety.base import Finding, ScanContext, Verdict
+from safety.base import BaseScanner, Finding, ScanContext, Verdict
 
 
-class LengthScanner:
+class LengthScanner(BaseScanner):
     name = "length"
 
     def __init__(self, max_chars: int = 200_000, max_words: int | None = None) -> None:

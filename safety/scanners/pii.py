@@ -13,7 +13,16 @@ import ipaddress
 import re
 from dataclasses import dataclass, field
 
-from safety.base import Finding, ScanContext, Verdict, apply_redactions
+import regex
+
+from safety.base import (
+    BaseScanner,
+    Finding,
+    ScanContext,
+    Verdict,
+    apply_redactions,
+    hold_from,
+)
 
 EMAIL = re.compile(
     r"(?<![\w.+-])[A-Za-z0-9._%+-]{1,64}@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,24}\b"
@@ -29,6 +38,16 @@ IPV4 = re.compile(r"(?<![\d.])(?:\d{1,3}\.){3}\d{1,3}(?![\d.])")
 IPV6 = re.compile(r"(?<![:\w])(?:[0-9A-Fa-f]{0,4}:){2,7}[0-9A-Fa-f]{0,4}(?![:\w])")
 
 TYPES = ("email", "credit_card", "iban", "us_ssn", "phone", "ip_address")
+# what a stream must hold back for each type: a tail that could still become one (`regex`'s
+# partial matching; an e-mail's local part is any word, so with e-mails on, every word waits)
+_HOLD = {
+    "email": [EMAIL],
+    "credit_card": [CARD],
+    "iban": [IBAN],
+    "us_ssn": [SSN],
+    "phone": [PHONE],
+    "ip_address": [IPV4, IPV6],
+}
 
 
 def luhn(digits: str) -> bool:
@@ -153,7 +172,7 @@ class StreamRestorer:
         return self.placeholders.restore(text)
 
 
-class PiiScanner:
+class PiiScanner(BaseScanner):
     name = "pii"
 
     def __init__(
@@ -168,6 +187,10 @@ class PiiScanner:
         if unknown:
             raise ValueError(f"unknown PII types: {sorted(unknown)}")
         self.action, self.types = action, tuple(types)
+        self._partial = [regex.compile(p.pattern) for t in self.types for p in _HOLD[t]]
+
+    def hold(self, text: str) -> int:
+        return hold_from(text, self._partial)
 
     def scan(self, text: str, context: ScanContext) -> Verdict:
         findings = find_pii(text, self.types)

@@ -13,7 +13,9 @@ import math
 import re
 from collections import Counter
 
-from safety.base import Finding, ScanContext, Verdict
+import regex
+
+from safety.base import BaseScanner, Finding, ScanContext, Verdict, hold_from
 
 PATTERNS: dict[str, re.Pattern[str]] = {
     "private_key": re.compile(
@@ -35,7 +37,9 @@ PATTERNS: dict[str, re.Pattern[str]] = {
     "openai_key": re.compile(r"\bsk-(?:proj-|svcacct-|admin-)?[A-Za-z0-9_-]{20,}"),
     "google_api_key": re.compile(r"\bAIza[0-9A-Za-z_-]{35}\b"),
     "jwt": re.compile(r"\beyJ[A-Za-z0-9_-]{8,}\.eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}"),
-    "basic_auth_url": re.compile(r"\b[a-z][a-z0-9+.-]*://[^\s:/@]{1,64}:([^\s:/@]{3,128})@"),
+    # the scheme is not matched: any `://user:password@` is a credential, and `[a-z0-9+.-]*`
+    # before `://` backtracks quadratically on long runs of such characters
+    "basic_auth_url": re.compile(r"://[^\s:/@]{1,64}:([^\s:/@]{3,128})@"),
     "bearer_token": re.compile(r"(?i)\bbearer\s+([A-Za-z0-9._~+/-]{20,}=*)"),
 }
 # a keyword, an assignment, then a value worth measuring
@@ -43,6 +47,11 @@ _KEYWORD = re.compile(
     r"(?i)(?<![A-Za-z])(?:api[_-]?key|secret|token|passw(?:or)?d|pwd|credential|access[_-]?key|auth)"
     r"[\w-]{0,20}\s*(?:[:=]|\bis\b)\s*['\"]?([^\s'\"]{12,200})"
 )
+
+
+# the same patterns in the `regex` module, whose partial matching tells whether a text's tail
+# could still become a match (for streams)
+_PARTIAL = [regex.compile(p.pattern) for p in (*PATTERNS.values(), _KEYWORD)]
 
 
 def entropy(value: str) -> float:
@@ -64,21 +73,26 @@ def find_secrets(text: str) -> list[Finding]:
     for kind, pattern in PATTERNS.items():
         for m in pattern.finditer(text):
             start, end = (m.start(1), m.end(1)) if m.groups() else (m.start(), m.end())
-            findings.append(Finding(kind, start, end))
+            findings.append(Finding(kind, start, end, context=m.start()))
     for m in _KEYWORD.finditer(text):
         value = m.group(1)
         if _high_entropy(value) and not any(f.start <= m.start(1) < f.end for f in findings):
-            findings.append(Finding("high_entropy_secret", m.start(1), m.end(1), entropy(value)))
+            findings.append(
+                Finding("high_entropy_secret", m.start(1), m.end(1), entropy(value), m.start())
+            )
     return sorted(findings, key=lambda f: f.start)
 
 
-class SecretsScanner:
+class SecretsScanner(BaseScanner):
     name = "secrets"
 
     def __init__(self, action: str = "block") -> None:
         if action not in ("block", "redact"):
             raise ValueError("secrets action must be block or redact")
         self.action = action
+
+    def hold(self, text: str) -> int:
+        return hold_from(text, _PARTIAL)
 
     def scan(self, text: str, context: ScanContext) -> Verdict:
         findings = find_secrets(text)

@@ -12,10 +12,10 @@ from typing import Any
 
 import numpy as np
 
-from safety.base import Finding, ScanContext, Verdict
+from safety.base import BaseScanner, Finding, ScanContext, Verdict
 
 
-class TopicsScanner:
+class TopicsScanner(BaseScanner):
     name = "topics"
 
     def __init__(

@@ -14,7 +14,7 @@ import re
 import unicodedata
 from functools import cache
 
-from safety.base import Finding, ScanContext, Verdict
+from safety.base import BaseScanner, Finding, ScanContext, Verdict
 
 _ZERO_WIDTH = {0x200B, 0x200C, 0x200D, 0x2060, 0xFEFF, 0x180E, 0x2061, 0x2062, 0x2063, 0x2064}
 _BIDI = set(range(0x202A, 0x202F)) | set(range(0x2066, 0x206A)) | {0x200E, 0x200F, 0x061C}
@@ -53,8 +53,9 @@ def _suspicious() -> re.Pattern[str]:
     return re.compile("[" + "".join(f"{chr(a)}-{chr(b)}" for a, b in ranges) + "]")
 
 
-class UnicodeScanner:
+class UnicodeScanner(BaseScanner):
     name = "unicode"
+    local = True  # character by character: a stream scans each delta as it arrives
 
     def __init__(self, mode: str = "strip") -> None:
         if mode not in ("strip", "block"):
