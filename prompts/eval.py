@@ -153,30 +153,6 @@ def http_runner(base_url: str, model: str, api_key: str | None) -> Complete:
     return complete
 
 
-def backend_runner(backend: Any) -> Complete:
-    """A ``GenerationRequest`` backend in this process (the embedded engine)."""
-    from gateway.backends.base import GenerationParams, GenerationRequest
-
-    async def complete(messages: list[dict[str, str]], max_tokens: int) -> Answer:
-        started = time.perf_counter()
-        generation = await backend.generate(
-            GenerationRequest(
-                request_id="eval",
-                model="eval",
-                params=GenerationParams(max_tokens=max_tokens, temperature=0.0),
-                messages=tuple(messages),
-            )
-        )
-        return Answer(
-            generation.choices[0].text,
-            generation.usage.prompt_tokens,
-            generation.usage.completion_tokens,
-            time.perf_counter() - started,
-        )
-
-    return complete
-
-
 # -- the run ------------------------------------------------------------------------------------
 
 

@@ -15,11 +15,14 @@ from rich.table import Table
 
 from gateway.config import Settings
 
-safety_app = typer.Typer(
-    help="Safety filters: train the injection classifier.", no_args_is_help=True
-)
+safety_app = typer.Typer(no_args_is_help=True)
 console = Console()
 errors = Console(stderr=True)
+
+
+@safety_app.callback()
+def safety() -> None:
+    """Safety filters: train the injection classifier."""
 
 
 BenignOption = Annotated[

@@ -1,42 +1,23 @@
-"""The ``ragline`` command line: ``serve``, ``models pull``, ``version``."""
+"""``ragline serve``, ``ragline keys``, ``ragline models``, ``ragline version``: what serving
+needs, and nothing that trains, evaluates or benchmarks."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
 from rich.markup import escape
 
-from benchmarks.cli import app as bench_app
-from gateway import rag_cli, safety_cli
 from gateway.config import FileConfig, Settings
 from gateway.config_file import ConfigError, load_file_config
 from gateway.errors import ModelAssetError
-from gateway.eval_cli import app as eval_app
-from gateway.finetune_cli import adapters_app, finetune_app
 from gateway.logs import configure as configure_logging
 
-app = typer.Typer(
-    help="ragline: an OpenAI-compatible LLM serving and RAG gateway.",
-    no_args_is_help=True,
-    add_completion=False,
-)
 models_app = typer.Typer(help="Prepare model files.", no_args_is_help=True)
-app.add_typer(models_app, name="models")
-app.add_typer(bench_app, name="bench")
 keys_app = typer.Typer(help="API key helpers.", no_args_is_help=True)
-app.add_typer(keys_app, name="keys")
-app.add_typer(eval_app, name="eval")
-app.add_typer(finetune_app, name="finetune")
-app.add_typer(adapters_app, name="adapters")
-app.command("ingest")(rag_cli.ingest)
-app.command("search")(rag_cli.search_command)
-eval_app.command("retrieval")(rag_cli.eval_retrieval)
-eval_app.command("safety")(safety_cli.eval_safety)
-app.add_typer(safety_cli.safety_app, name="safety")
 
 console = Console(stderr=True)
 
@@ -46,7 +27,6 @@ def _settings(**overrides: object) -> Settings:
     return Settings(**values)  # type: ignore[arg-type]
 
 
-@app.command()
 def serve(
     host: Annotated[
         str | None,
@@ -85,6 +65,15 @@ def serve(
     log_level: Annotated[
         str | None, typer.Option(help="debug, info, warning or error (env RAGLINE_LOG_LEVEL).")
     ] = None,
+    workers: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="Gateway processes on one port (env RAGLINE_WORKERS; default 1). More than one "
+            "needs Redis (REDIS_URL): limits, cache and run-time keys are shared through it. "
+            "Each process loads its own copy of an embedded model.",
+        ),
+    ] = None,
 ) -> None:
     """Start the OpenAI-compatible gateway (uvicorn) on HOST:PORT.
 
@@ -104,8 +93,15 @@ def serve(
         models_dir=models_dir,
         max_request_bytes=max_request_bytes,
         log_level=log_level,
+        workers=workers,
     )
     configure_logging(settings.log_level, settings.log_format)
+    if settings.workers > 1 and not settings.redis_url:
+        console.print(
+            f"[red]error:[/] --workers {settings.workers} needs Redis (set REDIS_URL): each "
+            "process would otherwise keep its own limits, cache and run-time keys."
+        )
+        raise typer.Exit(2)
     try:
         file_config = load_file_config(settings)
         _check_prompts(file_config)
@@ -142,14 +138,24 @@ def serve(
         console.print("[yellow]No API keys configured: requests need no key (loopback only).[/]")
     # SIGTERM: uvicorn stops accepting, lets in-flight requests (streams too) finish within the
     # grace period, then the lifespan closes backends and upstream connections.
-    uvicorn.run(
-        create_app(settings, file_config),
+    options: dict[str, Any] = dict(
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level.lower(),
         access_log=False,
         log_config=None,
         timeout_graceful_shutdown=int(settings.shutdown_grace) or None,
+    )
+    if settings.workers == 1:
+        uvicorn.run(create_app(settings, file_config), **options)
+        return
+    # several processes: each builds the app from the environment, so the options given here
+    # travel there as RAGLINE_* variables
+    for name, value in settings.model_dump(exclude_unset=True).items():
+        if value is not None:
+            os.environ[f"RAGLINE_{name.upper()}"] = str(value)
+    uvicorn.run(
+        "gateway.app:app_from_environment", factory=True, workers=settings.workers, **options
     )
 
 
@@ -210,13 +216,8 @@ def models_path(
     typer.echo(_settings(models_dir=models_dir).default_model_path())
 
 
-@app.command()
 def version() -> None:
     """Print ragline's version."""
     from importlib.metadata import version as dist_version
 
     typer.echo(dist_version("ragline"))
-
-
-if __name__ == "__main__":
-    app()

@@ -232,3 +232,9 @@ def eval_retrieval(
             "ingest_documents_per_s": ingest_rate,
             "results": [r.__dict__ for r in results],
         }, indent=1))  # fmt: skip
+
+
+ingest_app = typer.Typer()
+ingest_app.command("ingest")(ingest)
+search_app = typer.Typer()
+search_app.command("search")(search_command)

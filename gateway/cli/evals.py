@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -12,6 +13,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from gateway.cli.rag import eval_retrieval
+from gateway.cli.safety import eval_safety
 from gateway.config import EmbeddedModelConfig, Settings
 from gateway.config_file import ConfigError, load_file_config
 from prompts.template import PromptError
@@ -123,7 +126,7 @@ async def _run(
 ) -> list[tuple[dict[str, Any], list[dict[str, Any]]]]:
     from gateway.backends.embedded import EmbeddedBackend
     from prompts.budget import ChatFormat
-    from prompts.eval import backend_runner, http_runner, load_items, parse_variants, run_eval
+    from prompts.eval import http_runner, load_items, parse_variants, run_eval
     from prompts.fewshot import FewShotSelector
     from prompts.registry import PromptRegistry
     from rag.embeddings import SentenceTransformerEmbedder
@@ -169,3 +172,32 @@ async def _run(
         if backend is not None:
             await backend.aclose()
     return [(r.summary(), r.misses) for r in results]
+
+
+app.command("retrieval")(eval_retrieval)
+app.command("safety")(eval_safety)
+
+
+def backend_runner(backend: Any) -> Any:
+    """A backend in this process (the embedded engine) as the evaluation's ``Complete``."""
+    from gateway.backends.base import GenerationParams, GenerationRequest
+    from prompts.eval import Answer
+
+    async def complete(messages: list[dict[str, str]], max_tokens: int) -> Answer:
+        started = time.perf_counter()
+        generation = await backend.generate(
+            GenerationRequest(
+                request_id="eval",
+                model="eval",
+                params=GenerationParams(max_tokens=max_tokens, temperature=0.0),
+                messages=tuple(messages),
+            )
+        )
+        return Answer(
+            generation.choices[0].text,
+            generation.usage.prompt_tokens,
+            generation.usage.completion_tokens,
+            time.perf_counter() - started,
+        )
+
+    return complete

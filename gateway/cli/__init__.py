@@ -1,0 +1,54 @@
+"""The ``ragline`` command line.
+
+``serve``, ``keys``, ``models`` and ``version`` are loaded with it; every other command group
+(benchmarks, evaluations, fine-tuning, ingestion, safety training) lives in its own module that
+is imported only when that command runs, so ``ragline serve`` imports no benchmark, evaluation
+or training code.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+import typer
+from typer.core import TyperGroup
+
+from gateway.cli.serve import keys_app, models_app, serve, version
+
+# command -> (module, attribute): a typer app, imported when the command is used
+LAZY = {
+    "adapters": ("gateway.cli.finetune", "adapters_app"),
+    "bench": ("benchmarks.cli", "app"),
+    "eval": ("gateway.cli.evals", "app"),
+    "finetune": ("gateway.cli.finetune", "finetune_app"),
+    "ingest": ("gateway.cli.rag", "ingest_app"),
+    "safety": ("gateway.cli.safety", "safety_app"),
+    "search": ("gateway.cli.rag", "search_app"),
+}
+
+
+class LazyGroup(TyperGroup):
+    def list_commands(self, ctx: Any) -> list[str]:
+        return sorted({*super().list_commands(ctx), *LAZY})
+
+    def get_command(self, ctx: Any, cmd_name: str) -> Any:
+        if cmd_name not in LAZY:
+            return super().get_command(ctx, cmd_name)
+        module, attribute = LAZY[cmd_name]
+        target: Any = getattr(importlib.import_module(module), attribute)
+        command = typer.main.get_command(target)
+        command.name = cmd_name
+        return command
+
+
+app = typer.Typer(
+    cls=LazyGroup,
+    help="ragline: an OpenAI-compatible LLM serving and RAG gateway.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+app.command()(serve)
+app.command()(version)
+app.add_typer(models_app, name="models")
+app.add_typer(keys_app, name="keys")
