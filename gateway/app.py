@@ -1,4 +1,5 @@
-"""``create_app``: the FastAPI application, its lifespan and its one error renderer."""
+"""``create_app``: the gateway (its front door around the FastAPI app), the lifespan that builds
+every long-lived service, and the one error renderer of the FastAPI routes."""
 
 from __future__ import annotations
 
@@ -14,24 +15,25 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from gateway.admission import Admission
-from gateway.auth import AuthMiddleware, KeyStore
+from gateway.auth import KeyStore
 from gateway.backends.registry import BackendRegistry
 from gateway.cache import MemoryResponseCache, RedisResponseCache, ResponseCache
 from gateway.config import FileConfig, Settings
 from gateway.config_file import load_file_config
-from gateway.errors import InvalidRequest, RaglineError, error_body
-from gateway.http import (
-    BodyLimitMiddleware,
-    ClientDisconnected,
-    InFlightMiddleware,
-    RequestIdMiddleware,
-    param_path,
+from gateway.errors import (
+    InvalidRequest,
+    RaglineError,
+    as_ragline_error,
+    error_body,
+    library_errors,
 )
-from gateway.logs import AccessLogMiddleware
+from gateway.frontdoor import FrontDoor
+from gateway.http import ClientDisconnected, param_path
 from gateway.metrics import Metrics
 from gateway.pipeline import Pipeline
 from gateway.prompting import PromptStage
 from gateway.ratelimit import MemoryRateLimiter, RateLimiter, RedisRateLimiter
+from gateway.resp import RespConnection
 from gateway.retrieval import RagService
 from gateway.routes import admin, chat, completions, feedback, health, models, vector_stores
 from gateway.routes import metrics as metrics_route
@@ -40,8 +42,8 @@ from gateway.safety import SafetyStage
 log = logging.getLogger("ragline")
 
 
-def create_app(settings: Settings | None = None, config: FileConfig | None = None) -> FastAPI:
-    """Build the app; models load in the background once it starts (see ``/ready``)."""
+def create_app(settings: Settings | None = None, config: FileConfig | None = None) -> FrontDoor:
+    """Build the gateway; models load in the background once it starts (see ``/ready``)."""
     settings = settings or Settings()
     config = config or load_file_config(settings)
 
@@ -53,7 +55,6 @@ def create_app(settings: Settings | None = None, config: FileConfig | None = Non
         app.state.settings = settings
         app.state.registry = registry
         app.state.metrics = metrics
-        app.state.in_flight = 0
         app.state.keys = KeyStore(config.keys, settings.admin_key, redis)
         limiter: RateLimiter
         cache: ResponseCache
@@ -63,7 +64,11 @@ def create_app(settings: Settings | None = None, config: FileConfig | None = Non
                 settings.cache_ttl, settings.cache_max_entry_bytes, settings.cache_max_entries
             )
         else:
-            limiter = RedisRateLimiter(redis, fail_open=settings.redis_failure == "open")
+            limiter = RedisRateLimiter(
+                redis,
+                fail_open=settings.redis_failure == "open",
+                connection=RespConnection.from_url(settings.redis_url or ""),
+            )
             cache = RedisResponseCache(redis, settings.cache_ttl, settings.cache_max_entry_bytes)
         admission = Admission(settings, limiter, cache, metrics)
         embedder = settings.embedder()  # one model for few-shot selection and retrieval
@@ -71,7 +76,9 @@ def create_app(settings: Settings | None = None, config: FileConfig | None = Non
         app.state.rag = RagService(settings, embedder, metrics)
         safety = SafetyStage(config, embedder, metrics)
         await asyncio.to_thread(safety.warm)  # policies' models load before serving
-        app.state.pipeline = Pipeline(settings, registry, admission, prompts, app.state.rag, safety)
+        app.state.pipeline = Pipeline(
+            settings, registry, admission, prompts, app.state.rag, safety, metrics
+        )
         watcher = asyncio.create_task(prompts.catalog.watch()) if prompts.watch else None
         if app.state.keys.open:
             log.warning(
@@ -90,6 +97,8 @@ def create_app(settings: Settings | None = None, config: FileConfig | None = Non
         finally:
             if watcher is not None:
                 watcher.cancel()
+            await app.state.bookkeeping.flush()
+            await limiter.aclose()  # settlements still queued
             await registry.aclose()
             if redis is not None:
                 await redis.aclose()
@@ -113,17 +122,17 @@ def create_app(settings: Settings | None = None, config: FileConfig | None = Non
     for router in routers:
         app.include_router(router)
     _install_error_handlers(app)
-    # Outermost last: request id → access log → in-flight count → auth → body limit → routes.
-    app.add_middleware(
-        BodyLimitMiddleware,
-        max_bytes=settings.max_request_bytes,
-        upload_bytes=settings.max_upload_bytes,
-    )
-    app.add_middleware(AuthMiddleware)
-    app.add_middleware(InFlightMiddleware)
-    app.add_middleware(AccessLogMiddleware)
-    app.add_middleware(RequestIdMiddleware)
-    return app
+    app.state.in_flight = 0
+    return FrontDoor(app, settings)
+
+
+def app_from_environment() -> FrontDoor:
+    """One worker of ``ragline serve --workers N``: settings from the environment."""
+    from gateway.logs import configure
+
+    settings = Settings()
+    configure(settings.log_level, settings.log_format)
+    return create_app(settings)
 
 
 def _redis_client(settings: Settings) -> Any:
@@ -167,6 +176,14 @@ def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ClientDisconnected)
     async def disconnected(_: Request, __: ClientDisconnected) -> Response:
         return Response(status_code=499)
+
+    async def library_error(request: Request, exc: Exception) -> Response:
+        mapped = as_ragline_error(exc)  # a vector store's, a loader's or a template's error
+        assert mapped is not None
+        return await ragline_error(request, mapped)
+
+    for kind in library_errors():
+        app.add_exception_handler(kind, library_error)
 
     @app.exception_handler(Exception)
     async def unexpected(_: Request, exc: Exception) -> Response:

@@ -14,6 +14,7 @@ loopback address and announces at start-up.
 from __future__ import annotations
 
 import fnmatch
+import functools
 import hashlib
 import hmac
 import json
@@ -23,10 +24,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from starlette.types import ASGIApp, Receive, Scope, Send
-
 from gateway.config import KeyConfig, KeyPolicy
-from gateway.errors import AuthenticationFailed, Overloaded, PermissionDenied, RaglineError
+from gateway.errors import AuthenticationFailed, Overloaded, PermissionDenied
 
 log = logging.getLogger("ragline.auth")
 audit = logging.getLogger("ragline.audit")
@@ -37,6 +36,9 @@ LOOPBACK_HOSTS = frozenset({"127.0.0.1", "::1", "localhost"})
 
 def hash_key(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
+
+
+_digest = functools.lru_cache(maxsize=4096)(hash_key)  # presented keys repeat on every request
 
 
 def new_key() -> str:
@@ -51,7 +53,8 @@ class Principal:
     policy: KeyPolicy = field(default_factory=KeyPolicy)
 
     def may_use(self, model: str) -> bool:
-        return any(fnmatch.fnmatchcase(model, pattern) for pattern in self.policy.models)
+        patterns = self.policy.models
+        return "*" in patterns or any(fnmatch.fnmatchcase(model, p) for p in patterns)
 
 
 ANONYMOUS = Principal(key_id="anonymous")
@@ -78,7 +81,7 @@ class KeyStore:
     async def lookup(self, presented: str) -> Principal | None:
         """The principal for a presented key, or None; raises ``Overloaded`` when the run-time
         key store cannot be reached."""
-        digest = hash_key(presented)
+        digest = _digest(presented)
         config = self._config.get(digest)
         if config is not None and hmac.compare_digest(config.sha256, digest):
             return Principal(config.id, config.name, config.admin, config.policy)
@@ -173,51 +176,30 @@ class KeyStore:
         return sorted(out, key=lambda d: d["id"])
 
 
-class AuthMiddleware:
-    """Resolve the caller before any route runs; put a ``Principal`` in ``scope["state"]``."""
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] in PUBLIC_PATHS:
-            await self.app(scope, receive, send)
-            return
-        from gateway.http import send_error
-
-        store: KeyStore = scope["app"].state.keys
-        try:
-            principal = await self._authenticate(scope, store)
-        except RaglineError as exc:
-            await send_error(send, exc)
-            return
-        scope.setdefault("state", {})["principal"] = principal
-        await self.app(scope, receive, send)
-
-    async def _authenticate(self, scope: Scope, store: KeyStore) -> Principal:
-        admin_path = scope["path"].startswith("/admin")
-        if store.open:
-            client = scope.get("client") or ("", 0)
-            if admin_path and client[0] not in LOOPBACK_HOSTS:
-                raise PermissionDenied("Admin routes need an admin key when called remotely.")
-            return ANONYMOUS
-        presented = ""
-        for name, value in scope["headers"]:
-            if name == b"authorization":
-                presented = value.decode("latin-1")
-        scheme, _, token = presented.partition(" ")
-        if not token or scheme.lower() != "bearer":
-            raise AuthenticationFailed(
-                "You didn't provide an API key. You need to provide your API key in an "
-                "Authorization header using Bearer auth (i.e. Authorization: Bearer YOUR_KEY).",
-                code="missing_api_key",
-            )
-        principal = await store.lookup(token.strip())
-        if principal is None:
-            raise AuthenticationFailed("Incorrect API key provided.")
-        if admin_path and not principal.admin:
-            raise PermissionDenied("This key may not use the admin routes.", code="not_admin")
-        return principal
+async def authenticate(
+    store: KeyStore, authorization: bytes, path: str, client: tuple[str, int] | None
+) -> Principal:
+    """The caller of ``path`` from its ``Authorization`` header (step 1 of the pipeline, for
+    every route but ``/health`` and ``/ready``); raises ``AuthenticationFailed``,
+    ``PermissionDenied`` (an admin path without an admin key) or ``Overloaded``."""
+    admin_path = path.startswith("/admin")
+    if store.open:
+        if admin_path and (client or ("", 0))[0] not in LOOPBACK_HOSTS:
+            raise PermissionDenied("Admin routes need an admin key when called remotely.")
+        return ANONYMOUS
+    scheme, _, token = authorization.decode("latin-1").partition(" ")
+    if not token or scheme.lower() != "bearer":
+        raise AuthenticationFailed(
+            "You didn't provide an API key. You need to provide your API key in an "
+            "Authorization header using Bearer auth (i.e. Authorization: Bearer YOUR_KEY).",
+            code="missing_api_key",
+        )
+    principal = await store.lookup(token.strip())
+    if principal is None:
+        raise AuthenticationFailed("Incorrect API key provided.")
+    if admin_path and not principal.admin:
+        raise PermissionDenied("This key may not use the admin routes.", code="not_admin")
+    return principal
 
 
 def principal_of(scope_state: Any) -> Principal:

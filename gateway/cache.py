@@ -20,6 +20,7 @@ import json
 import logging
 import time
 from collections import OrderedDict
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -46,13 +47,13 @@ class CachedResponse:
         return cls(meta["kind"], body, meta["p"], meta["c"])
 
 
-def is_deterministic(body: dict[str, Any]) -> bool:
+def is_deterministic(body: Mapping[str, Any]) -> bool:
     return body.get("temperature") == 0 or body.get("seed") is not None
 
 
 def cache_key(
     endpoint: str,
-    body: dict[str, Any],
+    body: Mapping[str, Any],
     backend: str,
     adapter: str | None,
     versions: dict[str, str] | None = None,

@@ -9,7 +9,7 @@ Config is read once at start-up, never at import time (``gateway.config_file`` r
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import (
     AliasChoices,
@@ -30,6 +30,12 @@ from safety.policy import PolicySpec
 DEFAULT_MODEL_NAME = "smollm2"
 BUILTIN_TEMPLATES = Path(prompts.__file__).resolve().parent / "templates"
 DEFAULT_MODEL_DIRNAME = "smollm2-135m-instruct"
+
+
+_FALLBACKS = (
+    "Other models (names under `models`) tried in order when this one fails before the first "
+    "byte reaches the client: a 5xx, a refused connection, a timeout, not ready (a 4xx is not)."
+)
 
 
 class EmbeddedModelConfig(BaseModel):
@@ -53,6 +59,7 @@ class EmbeddedModelConfig(BaseModel):
         default=True, description="On CUDA, replay the decode step as graphs."
     )
     owned_by: str = "ragline"
+    fallbacks: list[str] = Field(default_factory=list, description=_FALLBACKS)
 
 
 class UpstreamTimeouts(BaseModel):
@@ -66,24 +73,33 @@ class UpstreamTimeouts(BaseModel):
 class HealthPolicy(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    interval: float = Field(default=5.0, gt=0, description="Seconds between active /health checks.")
+    path: str | None = Field(
+        default=None,
+        description="Path checked actively (GET, 200 = healthy); default: /health for vllm, "
+        "/v1/models for openai. `none`: no active checks, failures alone eject.",
+    )
+    interval: float = Field(default=5.0, gt=0, description="Seconds between active checks.")
     timeout: float = Field(default=2.0, gt=0)
     max_failures: int = Field(default=3, ge=1, description="Consecutive failures that eject.")
     eject_seconds: float = Field(default=10.0, ge=0, description="Minimum time out of rotation.")
 
 
-class VllmModelConfig(BaseModel):
-    """A model served by one or more vLLM OpenAI servers (replicas)."""
+class HttpModelConfig(BaseModel):
+    """A model served by OpenAI-compatible HTTP servers (replicas of one deployment)."""
 
     model_config = ConfigDict(extra="forbid")
 
     name: str = Field(description="Public model id clients send as `model`.")
-    backend: Literal["vllm"]
-    upstreams: list[str] = Field(min_length=1, description="Base URLs of vLLM servers.")
+    upstreams: list[str] = Field(min_length=1, description="Base URLs of the servers.")
     served_model: str | None = Field(
-        default=None, description="The model name vLLM serves (--served-model-name); default: name."
+        default=None, description="The model name the upstream serves; default: name."
     )
-    api_key: str | None = Field(default=None, description="Bearer token vLLM expects, if any.")
+    api_key: str | None = Field(
+        default=None, description="Bearer token the upstream expects (prefer api_key_env)."
+    )
+    api_key_env: str | None = Field(
+        default=None, description="Environment variable holding the upstream's bearer token."
+    )
     max_connections: int = Field(default=256, ge=1, description="Pooled connections per replica.")
     timeouts: UpstreamTimeouts = Field(default_factory=UpstreamTimeouts)
     health: HealthPolicy = Field(default_factory=HealthPolicy)
@@ -93,7 +109,8 @@ class VllmModelConfig(BaseModel):
         description="Local tokenizer directory of the served model; routes with prompt templates "
         "need it to count tokens (the pulled SmolLM2 directory for `smollm2`).",
     )
-    owned_by: str = "vllm"
+    fallbacks: list[str] = Field(default_factory=list, description=_FALLBACKS)
+    owned_by: str = "openai"
 
     @field_validator("upstreams")
     @classmethod
@@ -103,9 +120,37 @@ class VllmModelConfig(BaseModel):
                 raise ValueError(f"upstream {url!r} must be an http:// or https:// URL")
         return [u.rstrip("/").removesuffix("/v1") for u in urls]
 
+    @model_validator(mode="after")
+    def _one_key(self) -> HttpModelConfig:
+        if self.api_key is not None and self.api_key_env is not None:
+            raise ValueError("set api_key or api_key_env, not both")
+        return self
+
     @property
     def upstream_model(self) -> str:
         return self.served_model or self.name
+
+    def health_path(self) -> str | None:
+        path = self.health.path
+        if path is None:
+            return self.default_health_path
+        return None if path.lower() == "none" else path
+
+    default_health_path: ClassVar[str | None] = "/v1/models"
+
+
+class OpenAIModelConfig(HttpModelConfig):
+    """Any OpenAI-compatible server: llama.cpp's, TGI, another ragline, a hosted API."""
+
+    backend: Literal["openai"]
+
+
+class VllmModelConfig(HttpModelConfig):
+    """vLLM OpenAI servers: LoRA adapters are loaded on them on demand."""
+
+    backend: Literal["vllm"]
+    owned_by: str = "vllm"
+    default_health_path: ClassVar[str | None] = "/health"
 
 
 def _backend_of(value: object) -> str:
@@ -115,7 +160,9 @@ def _backend_of(value: object) -> str:
 
 
 ModelConfig = Annotated[
-    Annotated[EmbeddedModelConfig, Tag("embedded")] | Annotated[VllmModelConfig, Tag("vllm")],
+    Annotated[EmbeddedModelConfig, Tag("embedded")]
+    | Annotated[VllmModelConfig, Tag("vllm")]
+    | Annotated[OpenAIModelConfig, Tag("openai")],
     Discriminator(_backend_of),
 ]
 
@@ -280,6 +327,20 @@ class FileConfig(BaseModel):
         return models
 
     @model_validator(mode="after")
+    def _fallbacks_exist(self) -> FileConfig:
+        names = {m.name for m in self.models}
+        for model in self.models:
+            for other in model.fallbacks:
+                if other == model.name or other not in names:
+                    raise ValueError(
+                        f"model {model.name!r}: fallback {other!r} must be another model "
+                        "declared under models"
+                    )
+            if len(set(model.fallbacks)) != len(model.fallbacks):
+                raise ValueError(f"model {model.name!r}: fallbacks repeat a model")
+        return self
+
+    @model_validator(mode="after")
     def _adapters_have_bases(self) -> FileConfig:
         models = {m.name: m for m in self.models}
         seen: set[str] = set()
@@ -324,7 +385,7 @@ class FileConfig(BaseModel):
             templated = route.template is not None or route.experiment is not None
             if templated and self.prompts.dir is None:
                 raise ValueError(f"route {route.name!r} uses templates but prompts.dir is not set")
-            if templated and isinstance(base, VllmModelConfig) and base.tokenizer is None:
+            if templated and isinstance(base, HttpModelConfig) and base.tokenizer is None:
                 raise ValueError(
                     f"route {route.name!r}: templates count tokens with the served model's "
                     f"tokenizer; set `tokenizer` on model {base.name!r}"
@@ -411,6 +472,7 @@ class Settings(BaseSettings):
     max_upload_bytes: int = Field(
         default=32 * 1024 * 1024, ge=1024, description="Larger file uploads get 413."
     )
+    workers: int = Field(default=1, ge=1, description="Gateway processes (needs Redis if > 1).")
     log_format: Literal["json", "text"] = "json"
     log_prompts: bool = Field(default=False, description="Debug: log prompts and completions.")
     shutdown_grace: float = Field(default=30.0, ge=0, description="Seconds for in-flight work.")

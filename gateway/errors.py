@@ -11,11 +11,14 @@
     ├── PayloadTooLarge               413 invalid_request_error
     ├── RateLimited                   429 rate_limit_error (+ Retry-After)
     ├── Overloaded                    503 server_overloaded (+ Retry-After): queue full, not ready
-    ├── BackendError                  502 upstream failure
+    ├── BackendError                  502 upstream failure (a 5xx, a broken connection, a timeout)
+    ├── UpstreamError                 the upstream's own 4xx, its status, type, param and code
     └── ModelAssetError               (command line only) fetching or converting a model failed
 
 Every error carries ``message``, ``type``, ``param`` and ``code`` exactly as OpenAI's error body
-does; ``headers`` adds response headers such as ``Retry-After``.
+does; ``headers`` adds response headers such as ``Retry-After``. ``retryable`` errors (a backend
+that is down, overloaded or broke before answering) let the pipeline try a model's fallbacks.
+Errors of the libraries ragline uses are mapped to these in one place, ``as_ragline_error``.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ class RaglineError(Exception):
     status_code = 500
     error_type = "server_error"
     default_code: str | None = None
+    retryable = False
 
     def __init__(
         self,
@@ -103,6 +107,7 @@ class Overloaded(RaglineError):
     status_code = 503
     error_type = "server_overloaded"
     default_code = "overloaded"
+    retryable = True
 
     def __init__(self, message: str, *, retry_after: int = 1, **kwargs: Any) -> None:
         super().__init__(message, **kwargs)
@@ -113,7 +118,57 @@ class BackendError(RaglineError):
     status_code = 502
     error_type = "server_error"
     default_code = "backend_error"
+    retryable = True
+
+
+class UpstreamError(RaglineError):
+    """An upstream's 4xx, passed on with its own status and fields."""
+
+    def __init__(self, status: int, message: str, *, error_type: str, **kwargs: Any) -> None:
+        super().__init__(message, **kwargs)
+        self.status_code = status
+        self.error_type = error_type
 
 
 class ModelAssetError(RaglineError):
     """Fetching, converting or verifying model files failed; raised by ``ragline models``."""
+
+
+_STORE_ERROR_TYPES = {
+    400: "invalid_request_error",
+    404: "not_found_error",
+    409: "invalid_request_error",
+}
+
+
+def library_errors() -> tuple[type[Exception], ...]:
+    """The library error types ``as_ragline_error`` maps."""
+    from prompts.template import PromptError
+    from rag.loaders import LoaderError
+    from rag.snapshot import StoreError
+
+    return StoreError, LoaderError, PromptError
+
+
+def as_ragline_error(exc: BaseException) -> RaglineError | None:
+    """The one mapping from the errors of the libraries ragline uses (vector stores, file
+    loaders, prompt templates) to ours; None for anything else (a bug: 500)."""
+    if isinstance(exc, RaglineError):
+        return exc
+    from prompts.template import PromptError
+    from rag.loaders import LoaderError
+    from rag.snapshot import StoreError
+
+    mapped: RaglineError
+    if isinstance(exc, StoreError):
+        mapped = RaglineError(exc.message, param=exc.param, code=exc.code)
+        mapped.status_code = exc.status
+        mapped.error_type = _STORE_ERROR_TYPES.get(exc.status, "server_error")
+    elif isinstance(exc, LoaderError):
+        mapped = InvalidRequest(exc.message, param="file", code=exc.code)
+    elif isinstance(exc, PromptError):
+        mapped = InvalidRequest(exc.message, param=exc.param or "ragline.template")
+    else:
+        return None
+    mapped.__cause__ = exc
+    return mapped

@@ -1,19 +1,20 @@
-"""HTTP plumbing shared by the routes: body limits, body parsing, request ids, disconnects."""
+"""HTTP plumbing shared by the routes: body parsing and validation errors, the request and reply
+types of the pipeline, disconnects."""
 
 from __future__ import annotations
 
 import asyncio
-import itertools
-import json
 import re
-import uuid
-from collections.abc import Awaitable
+from collections.abc import AsyncGenerator, Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
+import orjson
 from pydantic import BaseModel, ValidationError
 from starlette.requests import Request
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import Receive, Send
 
+from gateway.auth import Principal
 from gateway.errors import InvalidRequest, PayloadTooLarge, RaglineError
 
 M = TypeVar("M", bound=BaseModel)
@@ -22,56 +23,13 @@ T = TypeVar("T")
 _TYPE_TAG = re.compile(r"[\[\(\-]|^(str|int|float|bool|list|dict|none|null)$")
 
 
-class BodyLimitMiddleware:
-    """Refuse bodies over ``max_bytes`` with 413 before any route reads them.
-
-    Multipart file uploads have their own, larger limit. A declared ``Content-Length`` is
-    checked up front; a chunked body is counted as it arrives and the read fails with
-    ``PayloadTooLarge`` once it crosses the limit.
-    """
-
-    def __init__(self, app: ASGIApp, max_bytes: int, upload_bytes: int | None = None) -> None:
-        self.app = app
-        self.max_bytes = max_bytes
-        self.upload_bytes = upload_bytes or max_bytes
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        limit = self.max_bytes
-        for name, value in scope["headers"]:
-            if name == b"content-type" and value.startswith(b"multipart/form-data"):
-                limit = self.upload_bytes  # file uploads (/v1/files, vector store files)
-        for name, value in scope["headers"]:
-            if name == b"content-length" and value.isdigit() and int(value) > limit:
-                await _send_too_large(send, limit)
-                return
-        seen = 0
-
-        async def limited_receive() -> Message:
-            nonlocal seen
-            message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > limit:
-                    raise PayloadTooLarge(_too_large_message(limit))
-            return message
-
-        await self.app(scope, limited_receive, send)
-
-
-def _too_large_message(limit: int) -> str:
-    return f"Request body is larger than this server accepts ({limit} bytes)."
-
-
-async def _send_too_large(send: Send, limit: int) -> None:
-    await send_error(send, PayloadTooLarge(_too_large_message(limit)), close=True)
+def too_large(limit: int) -> PayloadTooLarge:
+    return PayloadTooLarge(f"Request body is larger than this server accepts ({limit} bytes).")
 
 
 async def send_error(send: Send, exc: RaglineError, close: bool = False) -> None:
-    """Render an error from ASGI middleware (before any route runs), in OpenAI's shape."""
-    data = json.dumps(exc.body()).encode()
+    """Render an error from ASGI code (before or instead of a route), in OpenAI's shape."""
+    data = orjson.dumps(exc.body())
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]
     headers += [(k.lower().encode(), v.encode()) for k, v in exc.headers.items()]
     if close:
@@ -80,52 +38,28 @@ async def send_error(send: Send, exc: RaglineError, close: bool = False) -> None
     await send({"type": "http.response.body", "body": data})
 
 
-class InFlightMiddleware:
-    """Count requests being served (``app.state.in_flight``), for the in-flight gauge."""
+@dataclass(frozen=True)
+class HttpRequest:
+    """What the pipeline needs of an HTTP request; the front door makes it."""
 
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        state = scope["app"].state
-        state.in_flight += 1
-        try:
-            await self.app(scope, receive, send)
-        finally:
-            state.in_flight -= 1
+    request_id: str
+    principal: Principal
+    body: bytes
+    receive: Receive  # for noticing a client that leaves
+    no_cache: bool = False  # Cache-Control: no-cache
 
 
-_ID_PREFIX = uuid.uuid4().hex[:12]  # unique per process; the counter makes ids unique within it
-_ID_COUNTER = itertools.count()
+@dataclass
+class Reply:
+    """A response for the front door to send: JSON bytes or a stream of SSE events. ``after``
+    runs once it has been sent (settling the request)."""
 
-
-class RequestIdMiddleware:
-    """Accept ``X-Request-Id`` from the client or make one; return it on every response."""
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        request_id = ""
-        for name, value in scope["headers"]:
-            if name == b"x-request-id":
-                request_id = value.decode("latin-1")[:128]
-        request_id = request_id or f"{_ID_PREFIX}{next(_ID_COUNTER):012x}"
-        scope.setdefault("state", {})["request_id"] = request_id
-
-        async def send_with_id(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                message.setdefault("headers", [])
-                message["headers"] = [*message["headers"], (b"x-request-id", request_id.encode())]
-            await send(message)
-
-        await self.app(scope, receive, send_with_id)
+    status: int
+    headers: dict[str, str]
+    body: bytes = b""
+    stream: AsyncGenerator[bytes, None] | None = None
+    after: Callable[[], Awaitable[None]] | None = None
+    log_fields: Callable[[], dict[str, Any]] | None = None  # for the access log, once sent
 
 
 def param_path(loc: tuple[int | str, ...]) -> str | None:
@@ -184,7 +118,11 @@ def validation_error(exc: ValidationError) -> InvalidRequest:
 
 async def parse_body(request: Request, model: type[M]) -> M:
     """Read and validate a JSON body; every failure is a 400 (or 413) in OpenAI's shape."""
-    body = await request.body()
+    return validate_body(await request.body(), model)
+
+
+def validate_body(body: bytes, model: type[M]) -> M:
+    """Validate a JSON body; every failure is a 400 in OpenAI's shape."""
     if not body.strip():
         raise InvalidRequest("The request body is empty; send a JSON object.", code="invalid_json")
     try:
@@ -203,25 +141,32 @@ class ClientDisconnected(Exception):
     """The client went away before the response started."""
 
 
-async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
+async def until_disconnect(receive: Receive, work: Awaitable[T], after: float = 0.02) -> T:
     """Await ``work`` but cancel it when the client disconnects first.
 
-    Used for responses that do not stream yet (non-streaming calls, and a stream before its
-    first token): Starlette only notices a disconnect once the response is being sent. One
-    watcher task per request; the work itself runs in the caller's task.
+    For responses that do not stream yet (non-streaming calls, and a stream before its first
+    event): the server only notices a disconnect when someone waits on ``receive``. The watcher
+    task starts only once ``work`` has taken ``after`` seconds, so that a fast answer costs a
+    timer rather than a task; a client that leaves is noticed within that much of leaving.
     """
     current = asyncio.current_task()
     assert current is not None
+    loop = asyncio.get_running_loop()
     gone = False
+    watcher: asyncio.Task[None] | None = None
 
-    def cancel_work(_: asyncio.Task[None]) -> None:
+    def cancel_work(task: asyncio.Task[None]) -> None:
         nonlocal gone
-        if not _.cancelled() and _.exception() is None:
+        if not task.cancelled() and task.exception() is None:
             gone = True
             current.cancel()
 
-    watcher = asyncio.create_task(_wait_disconnect(request))
-    watcher.add_done_callback(cancel_work)
+    def watch() -> None:
+        nonlocal watcher
+        watcher = loop.create_task(wait_disconnect(receive))
+        watcher.add_done_callback(cancel_work)
+
+    timer = loop.call_later(after, watch)
     try:
         return await work
     except asyncio.CancelledError:
@@ -230,12 +175,14 @@ async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
             raise ClientDisconnected() from None
         raise
     finally:
-        watcher.remove_done_callback(cancel_work)
-        watcher.cancel()
+        timer.cancel()
+        if watcher is not None:
+            watcher.remove_done_callback(cancel_work)
+            watcher.cancel()
 
 
-async def _wait_disconnect(request: Request) -> None:
+async def wait_disconnect(receive: Receive) -> None:
     while True:
-        message = await request.receive()
+        message = await receive()
         if message["type"] == "http.disconnect":
             return

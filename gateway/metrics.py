@@ -44,7 +44,7 @@ class Metrics:
         )
         self.backend = Histogram(
             "ragline_backend_duration_seconds",
-            "Time in the backend.",
+            "Time in the backend per call (a stream: until its first event).",
             ["model"],
             buckets=_LATENCY,
             registry=r,
@@ -114,6 +114,12 @@ class Metrics:
             "ragline_prompt_feedback_score",
             "Feedback scores (POST /v1/feedback) per variant: _sum / _count is the mean.",
             variant,
+            registry=r,
+        )
+        self.fallbacks = Counter(
+            "ragline_fallbacks_total",
+            "Requests moved to a model's next fallback before the first byte.",
+            ["model", "to"],
             registry=r,
         )
         self.in_flight = Gauge("ragline_in_flight_requests", "Requests being served.", registry=r)

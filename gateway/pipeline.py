@@ -1,104 +1,61 @@
-"""The request pipeline: OpenAI request in, backend call, OpenAI response (JSON or SSE) out.
+"""The request pipeline: the nine steps of DESIGN.md over one ``Call``.
 
-Stages that later issues add (auth, limits, safety, retrieval, templates) slot in here, in the
-order drawn in DESIGN.md. Two kinds of backend sit behind it:
+    1 authenticate   the caller (the front door checked the key) and its validated request
+    2 resolve        the model → backends (with fallbacks), adapter, route; the key may use it
+    3 admit          the rate-limit reservation, before anything costly        admission.py
+    4 input safety   the policy's scanners on what the client wrote             safety.py
+    5 retrieve       the route's vector store searched for the last message     retrieval.py
+    6 render         template, few-shot examples, context, token budget         prompting.py
+    7 generate       the exact cache, else the backends in order until one answers
+    8 output safety  redaction of the answer, JSON or stream, whatever the backend  safety.py
+    9 settle         usage settles the reservation, metrics, hooks, once the response is sent
 
-- ``GenerationRequest`` backends (the embedded engine): wire types end here, the backend sees
-  internal types, and ``responses.py`` renders its events as OpenAI JSON or SSE;
-- proxy backends (vLLM): the validated body is forwarded, and the upstream's OpenAI response is
-  passed through (``ProxyCall`` / ``ProxyResult``).
+A request refused at step 3 costs no scan, no embedding and no rendering; a cache hit costs no
+backend call. Each step takes the ``Call`` and returns a new one.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
-import re
+import logging
 import time
-from collections.abc import AsyncIterator
-from dataclasses import replace
-from typing import Any, cast
+from collections.abc import AsyncGenerator, Awaitable, Callable
+from dataclasses import dataclass, replace
+from typing import Any, TypeVar
 
-from pydantic import BaseModel
-from starlette.requests import Request
-from starlette.responses import Response, StreamingResponse
+import orjson
 
-from gateway.admission import Admission, Ticket, usage_from
-from gateway.backends.base import (
-    Generation,
-    GenerationParams,
-    GenerationRequest,
-    ProxyBackend,
-    ProxyCall,
-)
-from gateway.backends.registry import BackendRegistry, Target
+from gateway.admission import Admission, Ticket
+from gateway.backends.base import CHAT, Backend, Chunk, Event, Generation, Usage
+from gateway.backends.registry import BackendRegistry, not_ready
 from gateway.cache import CachedResponse
+from gateway.call import Call, check_supported, generation_request, message_text
 from gateway.config import RagConfig, Settings
-from gateway.errors import InvalidRequest, PermissionDenied, UnsupportedParameter
-from gateway.http import until_disconnect
-from gateway.prompting import PromptStage, Shaped
-from gateway.protocol import ChatCompletionRequest, ChatMessage, CompletionRequest
-from gateway.responses import (
-    Prepared,
-    chat_response,
-    chat_sse,
-    completion_response,
-    completion_sse,
-    new_id,
-)
-from gateway.retrieval import RagService, Retrieved
-from gateway.safety import OutputGuard, SafetyStage
-from gateway.sse import guarded
+from gateway.errors import BackendError, InvalidRequest, PermissionDenied, RaglineError
+from gateway.http import ClientDisconnected, HttpRequest, Reply, until_disconnect, validate_body
+from gateway.metrics import Metrics
+from gateway.prompting import PromptStage
+from gateway.protocol import ChatCompletionRequest, CompletionRequest
+from gateway.responses import Meta, guarded, new_id, render_json, render_sse
+from gateway.retrieval import RagService
+from gateway.safety import SafetyStage
 
-SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-JSON = "application/json"
-_FINISH = re.compile(rb'"finish_reason": ?"')
-_ID = re.compile(rb'"id": ?"([^"]{1,200})"')
+log = logging.getLogger("ragline.pipeline")
+T = TypeVar("T")
+SSE_HEADERS = {
+    "Content-Type": "text/event-stream; charset=utf-8",
+    "Cache-Control": "no-cache",
+    "X-Accel-Buffering": "no",
+}
+JSON_HEADERS = {"Content-Type": "application/json"}
 
 
-def _ragline_info(shaped: Shaped | None) -> dict[str, Any] | None:
-    """The response's ``ragline`` object: the prompt, and citations for the context it kept."""
-    if shaped is None:
-        return None
-    info: dict[str, Any] = {"prompt": shaped.info}
-    retrieved = shaped.retrieved
-    if retrieved is not None:
-        kept = min(len(retrieved.citations), int(shaped.info.get("context", 0)))
-        info["citations"] = retrieved.citations[:kept]
-        info["retrieval"] = {**retrieved.info, "hits": len(retrieved.citations), "used": kept}
-    return info
+@dataclass
+class StreamEnd:
+    """How a stream ended, for step 9."""
 
-
-def _params(
-    req: ChatCompletionRequest | CompletionRequest, max_tokens: int | None
-) -> GenerationParams:
-    bias: list[tuple[int, float]] = []
-    for key, value in (req.logit_bias or {}).items():
-        try:
-            bias.append((int(key), float(value)))
-        except ValueError:
-            raise InvalidRequest(
-                f"logit_bias keys must be token ids (integers as strings); got {key!r}",
-                param="logit_bias",
-            ) from None
-    if isinstance(req, ChatCompletionRequest):
-        logprobs, top = bool(req.logprobs), req.top_logprobs or 0
-    else:
-        logprobs, top = req.logprobs is not None, req.logprobs or 0
-    return GenerationParams(
-        max_tokens=max_tokens,
-        temperature=1.0 if req.temperature is None else req.temperature,
-        top_p=1.0 if req.top_p is None else req.top_p,
-        seed=req.seed,
-        stop=tuple(req.stop_list()),
-        presence_penalty=req.presence_penalty or 0.0,
-        frequency_penalty=req.frequency_penalty or 0.0,
-        logit_bias=tuple(bias),
-        logprobs=logprobs,
-        top_logprobs=top,
-        ignore_eos=req.ignore_eos,
-        min_tokens=req.min_tokens,
-    )
+    status: int = 499  # until it completes: the client went away first
+    ttft: float | None = None
 
 
 class Pipeline:
@@ -110,6 +67,7 @@ class Pipeline:
         prompts: PromptStage,
         rag: RagService,
         safety: SafetyStage,
+        metrics: Metrics,
     ) -> None:
         self.settings = settings
         self.registry = registry
@@ -117,89 +75,92 @@ class Pipeline:
         self.prompts = prompts
         self.rag = rag
         self.safety = safety
+        self.metrics = metrics
 
-    # -- entry points (one per route) ----------------------------------------------------------
-
-    async def chat(self, request: Request, body: ChatCompletionRequest) -> Response:
-        return await self._handle(request, "/v1/chat/completions", body)
-
-    async def completion(self, request: Request, body: CompletionRequest) -> Response:
-        return await self._handle(request, "/v1/completions", body)
-
-    async def _handle(
-        self, request: Request, route: str, body: ChatCompletionRequest | CompletionRequest
-    ) -> Response:
-        target = self._resolve(body.model, body.n)
-        screened = await self.safety.screen_input(request, body, target)  # stage 4
-        shaped = await self._render(request, body, target)
-        if isinstance(body, ChatCompletionRequest) and not target.proxied:
-            self._check_supported_chat(body)
-        wire = body.model_dump(exclude_unset=True, exclude={"ragline"})
-        adapter = target.adapter.name if target.adapter else None
-        variant = {"safety": screened.policy} if screened is not None else None
-        ticket, hit = await self.admission.open(request, route, wire, target.base, adapter, variant)
-        if shaped is not None:
-            self._follow(request, ticket, shaped)
-        if wire.get("max_tokens") is not None and body.max_tokens is None:
-            body.max_tokens = wire["max_tokens"]  # the key's max_tokens became the default
-        request.state.log_fields = ticket.log_fields()
-        if hit is not None:
-            await ticket.finish((hit.prompt_tokens, hit.completion_tokens))
-            if hit.kind == "sse":
-                return _sse(_once(hit.body), ticket.headers)
-            return Response(hit.body, media_type=JSON, headers=ticket.headers)
+    async def handle(self, endpoint: str, http: HttpRequest) -> Reply:
+        call = self.authenticate(endpoint, http)  # 1
+        call = self.resolve(call)  # 2
+        call = await self.admission.admit(call)  # 3
+        ticket = call.ticket
+        assert ticket is not None
         try:
-            info = _ragline_info(shaped)
-            guard = None
-            if screened is not None:
-                info = {**(info or {}), "safety": screened.info()}
-                guard = screened.output
-            if target.proxied:
-                return await self._proxy(request, target, route, wire, body, ticket, info, guard)
-            return await self._generate(request, target, body, ticket, info, guard)
+            call = await self.safety.screen_input(call)  # 4
+            call = await self.retrieve(call)  # 5
+            call = await self.render(call)  # 6
+            call, hit = await self.admission.lookup(call)  # 7
+            if hit is not None:
+                return self.replay(call, hit)
+            return await self.generate(call, http)  # 7, 8, and 9 once sent
         except BaseException as exc:
-            await ticket.fail(exc)
+            await ticket.settle(_status_of(exc))
             raise
 
-    # -- stages --------------------------------------------------------------------------------
+    # -- 1, 2 ------------------------------------------------------------------------------------
 
-    async def _render(
-        self, request: Request, body: ChatCompletionRequest | CompletionRequest, target: Target
-    ) -> Shaped | None:
-        """Stage 6: a templated chat request's messages and sampling settings are replaced."""
-        if not isinstance(body, ChatCompletionRequest):
-            templated = target.route is not None and (
-                target.route.template or target.route.experiment
+    def authenticate(self, endpoint: str, http: HttpRequest) -> Call:
+        """Step 1: the caller (its key was checked at the front door) and its request."""
+        request: ChatCompletionRequest | CompletionRequest
+        if endpoint == CHAT:
+            request = validate_body(http.body, ChatCompletionRequest)
+        else:
+            request = validate_body(http.body, CompletionRequest)
+        body = orjson.loads(http.body)
+        body.pop("ragline", None)
+        return Call(
+            endpoint=endpoint,
+            request_id=http.request_id,
+            principal=http.principal,
+            request=request,
+            body=body,
+            no_cache=http.no_cache,
+        )
+
+    def resolve(self, call: Call) -> Call:
+        """Step 2: what the model names, whether this key may use it (checked here only), and
+        whether its backend can honour the request."""
+        if (call.request.n or 1) > self.settings.max_n:
+            raise InvalidRequest(
+                f"n={call.request.n} is larger than this server allows ({self.settings.max_n}).",
+                param="n",
             )
-            if templated or (body.ragline is not None and body.ragline.template):
+        if not call.principal.may_use(call.model):
+            raise PermissionDenied(
+                f"This key may not use the model '{call.model}'.",
+                param="model",
+                code="model_not_allowed",
+            )
+        target = self.registry.resolve(call.model)
+        check_supported(call, target.backend.capabilities)
+        if not call.chat:
+            templated = target.route is not None and (
+                target.route.template or target.route.experiment or target.route.rag
+            )
+            options = call.request.ragline
+            asked = None
+            if options is not None:
+                asked = "ragline.template" if options.template else "ragline.rag"
+                asked = asked if options.template or options.rag else None
+            if templated or asked:
                 raise InvalidRequest(
-                    "prompt templates apply to chat completions; use /v1/chat/completions.",
-                    param="model" if templated else "ragline.template",
+                    "prompt templates and retrieval apply to chat completions; use "
+                    "/v1/chat/completions.",
+                    param="model" if templated else asked,
                 )
-            return None
-        retrieved = await self._retrieve(request, body, target)
-        context = retrieved.context if retrieved is not None else None
-        shaped = await self.prompts.shape(request, body, target, context)
-        if shaped is None:
-            return None
-        shaped.retrieved = retrieved
-        body.messages = [ChatMessage.model_validate(m) for m in shaped.messages]
-        for name, value in shaped.overrides.items():
-            if name == "max_tokens" and body.max_completion_tokens is not None:
-                body.max_completion_tokens = value
-            else:
-                setattr(body, name, value)
-        return shaped
+        return replace(call, target=target)
 
-    async def _retrieve(
-        self, request: Request, body: ChatCompletionRequest, target: Target
-    ) -> Retrieved | None:
-        """Stage 5: search the route's (or the request's) vector store for the last message."""
+    # -- 5, 6 ------------------------------------------------------------------------------------
+
+    async def retrieve(self, call: Call) -> Call:
+        """Step 5: search the route's (or the request's) vector store for the last message."""
+        target, request = call.target, call.request
+        assert target is not None
+        if not isinstance(request, ChatCompletionRequest):
+            return call
         config = target.route.rag if target.route is not None else None
-        opts = body.ragline.rag if body.ragline is not None else None
+        opts = request.ragline.rag if request.ragline is not None else None
         if (config is None and opts is None) or (opts is not None and not opts.enabled):
-            return None
-        principal = Admission.authorize(request, body.model)
+            return call
+        principal = call.principal
         if opts is not None:
             if config is not None and not principal.policy.prompt_overrides:
                 raise PermissionDenied(
@@ -217,8 +178,9 @@ class Pipeline:
                 config = RagConfig(store=opts.store)
             config = config.model_copy(update=changes)
         assert config is not None
-        messages = body.messages
-        if not messages or messages[-1].role != "user" or not messages[-1].text().strip():
+        messages = call.body["messages"]
+        query = message_text(messages[-1]) if messages[-1].get("role") == "user" else ""
+        if not query.strip():
             raise InvalidRequest(
                 "retrieval searches the last message, which must be a non-empty user message",
                 param="messages",
@@ -230,223 +192,226 @@ class Pipeline:
             def screen(text: str) -> str | None:
                 return self.safety.screen_chunk(policy, text, principal)
 
-        return await self.rag.retrieve(principal, config, messages[-1].text(), screen)
+        return replace(call, retrieved=await self.rag.retrieve(principal, config, query, screen))
 
-    def _follow(self, request: Request, ticket: Ticket, shaped: Shaped) -> None:
-        """Count the templated request per variant and remember it for feedback."""
-        request_id = getattr(request.state, "request_id", "")
+    async def render(self, call: Call) -> Call:
+        """Step 6: a templated chat request's messages and sampling settings are replaced."""
+        if not call.chat:
+            return call
+        context = call.retrieved.context if call.retrieved is not None else None
+        shaped = await self.prompts.shape(call, context)
+        if shaped is None:
+            return call
+        changes: dict[str, Any] = {"messages": shaped.messages}
+        for name, value in shaped.overrides.items():
+            if name == "max_tokens" and call.body.get("max_completion_tokens") is not None:
+                changes["max_completion_tokens"] = value
+            else:
+                changes[name] = value
+        ticket = call.ticket
+        assert ticket is not None
 
-        async def settled(status: int, usage: tuple[int, int]) -> None:
-            ids = [request_id, ticket.response_id or ""]
-            await self.prompts.finished(shaped, ticket.principal, ids, status, usage)
+        async def count(status: int, usage: tuple[int, int]) -> None:
+            self.prompts.count(shaped, status, usage)
 
-        ticket.hooks.append(settled)
+        ticket.hooks.append(count)
+        return replace(call, body=call.with_body(**changes), shaped=shaped)
 
-    def _resolve(self, model: str, n: int | None) -> Target:
-        target = self.registry.resolve(model)
-        if (n or 1) > self.settings.max_n:
-            raise InvalidRequest(
-                f"n={n} is larger than this server allows ({self.settings.max_n}).", param="n"
-            )
-        return target
+    async def _answered(self, call: Call, kind: str, payload: bytes | None) -> None:
+        """A complete answer, before its last byte is sent: keep it for the cache (unless it
+        carried an error) and, for a templated request, for feedback."""
+        if payload is not None:
+            await self.admission.store(call, kind, payload)
+        if call.shaped is not None and call.ticket is not None:
+            ids = [call.request_id, call.ticket.response_id or ""]
+            await self.prompts.remember(call.shaped, call.principal, ids)
 
-    async def _generate(
-        self,
-        request: Request,
-        target: Target,
-        body: ChatCompletionRequest | CompletionRequest,
-        ticket: Ticket,
-        info: dict[str, Any] | None = None,
-        guard: OutputGuard | None = None,
-    ) -> Response:
-        """The embedded engine (any ``GenerationRequest`` backend)."""
-        backend = target.backend
-        chat = isinstance(body, ChatCompletionRequest)
-        prepared = (
-            [self.prepare_chat(body)]
-            if isinstance(body, ChatCompletionRequest)
-            else (self.prepare_completion(body))
+    def info(self, call: Call) -> dict[str, Any] | None:
+        """The response's ``ragline`` object: the prompt, citations, safety."""
+        info: dict[str, Any] = {}
+        shaped, retrieved = call.shaped, call.retrieved
+        if shaped is not None:
+            info["prompt"] = shaped.info
+            if retrieved is not None:
+                kept = min(len(retrieved.citations), int(shaped.info.get("context", 0)))
+                info["citations"] = retrieved.citations[:kept]
+                info["retrieval"] = {
+                    **retrieved.info,
+                    "hits": len(retrieved.citations),
+                    "used": kept,
+                }
+        if call.screened is not None:
+            info["safety"] = call.screened.info()
+        return info or None
+
+    # -- 7, 8, 9 ---------------------------------------------------------------------------------
+
+    def replay(self, call: Call, hit: CachedResponse) -> Reply:
+        ticket = call.ticket
+        assert ticket is not None
+        after = _after(ticket, 200)
+        if hit.kind == "sse":
+            return Reply(
+                200, {**SSE_HEADERS, **ticket.headers}, stream=_once(hit.body), after=after,
+                log_fields=ticket.log_fields,
+            )  # fmt: skip
+        headers = {**JSON_HEADERS, **ticket.headers}
+        return Reply(200, headers, hit.body, after=after, log_fields=ticket.log_fields)
+
+    async def generate(self, call: Call, http: HttpRequest) -> Reply:
+        ticket, target = call.ticket, call.target
+        assert ticket is not None and target is not None
+        request = call.request
+        prefix = "chatcmpl" if call.chat else "cmpl"
+        batch = request.prompts() if isinstance(request, CompletionRequest) else [None]
+        meta = Meta(
+            id=new_id(prefix),
+            model=call.model,
+            chat=call.chat,
+            choices=(request.n or 1) * max(1, len(batch)),
+            include_usage=bool(request.stream_options and request.stream_options.include_usage),
         )
-        prepared[0].ragline = info
-        ticket.response_id = prepared[0].id
-        if target.adapter is not None:
-            for p in prepared:
-                p.generation = replace(p.generation, adapter=target.adapter.name)
-        if body.stream:
-            events = ticket.observe(backend.stream(prepared[0].generation))
-            first = await until_disconnect(request, anext(events))
-            sse = (
-                chat_sse(prepared[0], first, events)
-                if chat
-                else completion_sse(prepared[0], first, events, bool(getattr(body, "echo", False)))
-            )
+        ticket.response_id = meta.id
+        guard = call.screened.output if call.screened is not None else None
+        if not request.stream:
+            generation = await until_disconnect(http.receive, self._first(call, meta.id, _generate))
+            ticket.prompt_tokens = generation.usage.prompt_tokens
+            ticket.completion_tokens = generation.usage.completion_tokens
             if guard is not None:
-                sse = guard.sse(sse)
-            return _sse(ticket.tap_stream(sse, request), ticket.headers)
-        generations: list[Generation] = await until_disconnect(
-            request, asyncio.gather(*(backend.generate(p.generation) for p in prepared))
-        )
-        wire_response: BaseModel = (
-            chat_response(prepared[0], generations[0])
-            if isinstance(body, ChatCompletionRequest)
-            else completion_response(prepared, generations, bool(body.echo))
-        )
-        payload = wire_response.model_dump_json(exclude=set() if info else {"ragline"}).encode()
+                generation = guard.generation(generation)
+            payload = render_json(meta, generation, self.info(call))
+            await self._answered(call, "json", payload)
+            return Reply(
+                200, {**JSON_HEADERS, **ticket.headers}, payload, after=_after(ticket, 200),
+                log_fields=ticket.log_fields,
+            )  # fmt: skip
+        events = await until_disconnect(http.receive, self._first(call, meta.id, _open_stream))
+        end = StreamEnd()
         if guard is not None:
-            payload = guard.json(payload)
-        usage = (
-            sum(g.usage.prompt_tokens for g in generations),
-            sum(g.usage.completion_tokens for g in generations),
+            events = guard.events(events)
+        events = _observe(events, ticket, end)
+        sse = guarded(render_sse(meta, events, lambda: self.info(call)))
+        return Reply(
+            200,
+            {**SSE_HEADERS, **ticket.headers},
+            stream=self._tap(call, sse, end),
+            after=lambda: ticket.settle(end.status, end.ttft),
+            log_fields=ticket.log_fields,
         )
-        await ticket.finish(usage, store=CachedResponse("json", payload, *usage))
-        request.state.log_fields = ticket.log_fields()
-        return Response(payload, media_type=JSON, headers=ticket.headers)
 
-    async def _proxy(
+    async def _first(
         self,
-        request: Request,
-        target: Target,
-        endpoint: str,
-        wire: dict[str, Any],
-        body: ChatCompletionRequest | CompletionRequest,
-        ticket: Ticket,
-        info: dict[str, Any] | None = None,
-        guard: OutputGuard | None = None,
-    ) -> Response:
-        backend = cast(ProxyBackend, target.backend)
-        call = ProxyCall(
-            endpoint=endpoint,
-            body=wire,
-            stream=bool(body.stream),
-            include_usage=bool(body.stream_options and body.stream_options.include_usage),
-            public_model=body.model,
-            adapter=target.adapter,
-            request_id=getattr(request.state, "request_id", None),
-        )
-        result = await until_disconnect(request, backend.proxy(call))
-        if result.events is not None:
-            events = result.events
-            if guard is not None:
-                events = guard.sse(events)
-            if info is not None:
-                events = _annotate_sse(events, info, body.n or 1, ticket)
-            return _sse(ticket.tap_stream(events, request, lambda: call.usage), ticket.headers)
-        if info is not None and result.status == 200:
-            data = json.loads(result.body)
-            data["ragline"] = info
-            ticket.response_id = data.get("id")
-            result.body = json.dumps(data, separators=(",", ":")).encode()
-        if guard is not None and result.status == 200:
-            result.body = guard.json(result.body)
-        usage = usage_from(result.body) if result.status == 200 else (0, 0)
-        store = (
-            CachedResponse("json", result.body, *usage) if usage and result.status == 200 else None
-        )
-        await ticket.finish(usage, store=store, status=result.status)
-        request.state.log_fields = ticket.log_fields()
-        headers = ticket.headers if result.status == 200 else None
-        return Response(result.body, status_code=result.status, media_type=JSON, headers=headers)
+        call: Call,
+        response_id: str,
+        attempt: Callable[[Backend, Any], Awaitable[T]],
+    ) -> T:
+        """Try the target's backends in order until one answers; a retryable failure (not
+        ready, a 5xx, a refused connection, a timeout) moves on, anything else is raised."""
+        target, ticket = call.target, call.ticket
+        assert target is not None and ticket is not None
+        failure: RaglineError | None = None
+        for i, backend in enumerate(target.backends):
+            if failure is not None:
+                self.metrics.fallbacks.labels(target.base, backend.name).inc()
+                log.warning(
+                    "model %s: %s failed (%s), trying fallback %s",
+                    target.base, target.backends[i - 1].name, failure.message, backend.name,
+                )  # fmt: skip
+            if not backend.ready:
+                failure = not_ready(backend)
+                continue
+            adapter = target.adapter.name if target.adapter is not None and i == 0 else None
+            request = generation_request(call, response_id, adapter)
+            started = time.perf_counter()
+            try:
+                result = await attempt(backend, request)
+            except RaglineError as exc:
+                if not exc.retryable:
+                    raise
+                failure = exc
+                continue
+            finally:  # every call counts (a stream: until its first event)
+                self.metrics.backend.labels(backend.name).observe(time.perf_counter() - started)
+            ticket.served_by = backend.name
+            return result
+        assert failure is not None
+        raise failure
 
-    @staticmethod
-    def _check_supported_chat(req: ChatCompletionRequest) -> None:
-        if req.response_format is not None and req.response_format.type != "text":
-            raise UnsupportedParameter(
-                f"response_format {req.response_format.type!r} is not supported by model "
-                f"{req.model!r} on the embedded engine; use 'text', or serve it through vLLM.",
-                param="response_format",
-            )
-        for i, message in enumerate(req.messages):
-            if message.name is not None:
-                raise UnsupportedParameter(
-                    "message names are not supported by this model's chat template.",
-                    param=f"messages[{i}].name",
-                )
-
-    # -- preparation for GenerationRequest backends --------------------------------------------
-
-    def prepare_chat(self, req: ChatCompletionRequest) -> Prepared:
-        """Validate a chat request for a ``GenerationRequest`` backend (the embedded engine)."""
-        n = req.n or 1
-        messages = []
-        for message in req.messages:
-            role = "system" if message.role == "developer" else message.role
-            messages.append({"role": role, "content": message.text()})
-        prepared_id = new_id("chatcmpl")
-        return Prepared(
-            id=prepared_id,
-            model=req.model,
-            created=int(time.time()),
-            generation=GenerationRequest(
-                request_id=prepared_id,
-                model=req.model,
-                params=_params(req, req.requested_max_tokens()),
-                n=n,
-                messages=tuple(messages),
-            ),
-            include_usage=bool(req.stream_options and req.stream_options.include_usage),
-        )
-
-    def prepare_completion(self, req: CompletionRequest) -> list[Prepared]:
-        """Validate a completion request for a ``GenerationRequest`` backend; one per prompt."""
-        n = req.n or 1
-        if req.best_of not in (None, 1) and req.best_of != n:
-            raise UnsupportedParameter("best_of is not supported; use n.", param="best_of")
-        if req.suffix:
-            raise UnsupportedParameter("suffix (insertion) is not supported.", param="suffix")
-        prompts = req.prompts()
-        if not prompts:
-            raise InvalidRequest("prompt must not be empty.", param="prompt")
-        if req.stream and len(prompts) > 1:
-            raise UnsupportedParameter("streaming supports one prompt per request.", param="prompt")
-        if req.echo and not all(isinstance(p, str) for p in prompts):
-            raise UnsupportedParameter("echo needs text prompts.", param="echo")
-        request_id, created = new_id("cmpl"), int(time.time())
-        params = _params(req, req.max_tokens)
-        out = []
-        for prompt in prompts:
-            text = prompt if isinstance(prompt, str) else None
-            ids = None if isinstance(prompt, str) else tuple(prompt)
-            out.append(
-                Prepared(
-                    id=request_id,
-                    model=req.model,
-                    created=created,
-                    generation=GenerationRequest(
-                        request_id=request_id,
-                        model=req.model,
-                        params=params,
-                        n=n,
-                        prompt=text,
-                        prompt_ids=ids,
-                    ),
-                    include_usage=bool(req.stream_options and req.stream_options.include_usage),
-                )
-            )
-        return out
+    async def _tap(
+        self, call: Call, sse: AsyncGenerator[bytes, None], end: StreamEnd
+    ) -> AsyncGenerator[bytes, None]:
+        """Pass the stream through; keep a complete one for the cache (stored before its last
+        byte is sent), note how it ended."""
+        keep: list[bytes] | None = [] if call.cache_key is not None else None
+        try:
+            async for event in sse:
+                if event.startswith(b'data: {"error"'):
+                    keep = None
+                    end.status = 502
+                elif event.startswith(b"data: [DONE]") and end.status == 499:
+                    end.status = 200  # complete (an error event would have set 502 before)
+                    whole = b"".join(keep) + event if keep is not None else None
+                    await self._answered(call, "sse", whole)
+                if keep is not None:
+                    keep.append(event)
+                yield event
+        finally:
+            await sse.aclose()
 
 
-def _sse(events: AsyncIterator[bytes], headers: dict[str, str] | None = None) -> StreamingResponse:
-    return StreamingResponse(
-        guarded(events), media_type="text/event-stream", headers={**SSE_HEADERS, **(headers or {})}
-    )
+async def _generate(backend: Backend, request: Any) -> Generation:
+    return await backend.generate(request)
 
 
-async def _once(payload: bytes) -> AsyncIterator[bytes]:
+async def _open_stream(backend: Backend, request: Any) -> AsyncGenerator[Event, None]:
+    """Start the stream and wait for its first event: until then, a failure may fall back."""
+    events = backend.stream(request)
+    try:
+        first = await anext(events)
+    except StopAsyncIteration:
+        raise BackendError("The backend ended the stream without an answer.") from None
+    except BaseException:
+        await events.aclose()
+        raise
+    return _prepend(first, events)
+
+
+async def _prepend(first: Event, rest: AsyncGenerator[Event, None]) -> AsyncGenerator[Event, None]:
+    try:
+        yield first
+        async for event in rest:
+            yield event
+    finally:
+        await rest.aclose()
+
+
+async def _observe(
+    events: AsyncGenerator[Event, None], ticket: Ticket, end: StreamEnd
+) -> AsyncGenerator[Event, None]:
+    """Note the usage (the client may not have asked for it) and the first text's time."""
+    try:
+        async for event in events:
+            if isinstance(event, Usage):
+                ticket.prompt_tokens = event.prompt_tokens
+                ticket.completion_tokens = event.completion_tokens
+            elif end.ttft is None and isinstance(event, Chunk) and event.text:
+                end.ttft = time.perf_counter() - ticket.started
+            yield event
+    finally:
+        await events.aclose()
+
+
+async def _once(payload: bytes) -> AsyncGenerator[bytes, None]:
     yield payload
 
 
-async def _annotate_sse(
-    events: AsyncIterator[bytes], info: dict[str, Any], n: int, ticket: Ticket
-) -> AsyncIterator[bytes]:
-    """Add ``ragline`` to the upstream's chunk that finishes the last choice."""
-    finished = 0
-    async for event in events:
-        if ticket.response_id is None and (match := _ID.search(event)):
-            ticket.response_id = match.group(1).decode()
-        if finished < n and _FINISH.search(event) and event.startswith(b"data: {"):
-            data = json.loads(event[6:])
-            finished += sum(1 for c in data.get("choices", ()) if c.get("finish_reason"))
-            if finished >= n:
-                data["ragline"] = info
-                event = b"data: " + json.dumps(data, separators=(",", ":")).encode() + b"\n\n"
-        yield event
+def _after(ticket: Ticket, status: int) -> Callable[[], Awaitable[None]]:
+    return lambda: ticket.settle(status)
+
+
+def _status_of(exc: BaseException) -> int:
+    if isinstance(exc, RaglineError):
+        return exc.status_code
+    if isinstance(exc, ClientDisconnected | asyncio.CancelledError):
+        return 499  # the client went away first
+    return 500

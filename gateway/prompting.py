@@ -17,12 +17,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from starlette.requests import Request
-
-from gateway.admission import Admission
 from gateway.auth import Principal
 from gateway.backends.registry import Target
-from gateway.config import FileConfig, VllmModelConfig
+from gateway.call import Call, message_text, requested_max_tokens
+from gateway.config import FileConfig, HttpModelConfig
 from gateway.errors import (
     ContextLengthExceeded,
     InvalidRequest,
@@ -31,7 +29,7 @@ from gateway.errors import (
     PermissionDenied,
 )
 from gateway.metrics import Metrics
-from gateway.protocol import ChatCompletionRequest, ChatMessage
+from gateway.protocol import ChatCompletionRequest
 from prompts.budget import ChatFormat, Parts, fit
 from prompts.experiments import Experiment, Outcomes
 from prompts.fewshot import FewShotSelector
@@ -83,12 +81,13 @@ class PromptStage:
     # -- the stage -------------------------------------------------------------------------------
 
     async def shape(
-        self,
-        request: Request,
-        body: ChatCompletionRequest,
-        target: Target,
-        retrieved: list[dict[str, Any]] | None = None,
+        self, call: Call, retrieved: list[dict[str, Any]] | None = None
     ) -> Shaped | None:
+        """Stage 6 for a chat request: the rendered messages, or None when not templated.
+        Reads the options from the client's request and the text from ``call.body`` (what
+        input safety let through)."""
+        body, target, principal = call.request, call.target, call.principal
+        assert isinstance(body, ChatCompletionRequest) and target is not None
         route, opts = target.route, body.ragline
         requested = opts.template if opts is not None else None
         route_ref = route is not None and (route.template or route.experiment)
@@ -96,9 +95,7 @@ class PromptStage:
             opts is not None and bool(opts.variables or opts.context)
         ) or retrieved is not None
         if not route_ref and requested is None and not extras:
-            return None  # not templated: nothing to do (admission checks the key)
-        # may this key use the model at all? (before template errors could tell it anything)
-        principal = Admission.authorize(request, body.model)
+            return None  # not templated: nothing to do
         if not route_ref and requested is None:
             raise InvalidRequest(
                 "ragline.variables, ragline.context and ragline.rag need a prompt template: "
@@ -112,7 +109,7 @@ class PromptStage:
                 code="prompt_override_not_allowed",
             )
         template, info, overrides = self._choose(body, target, principal, requested)
-        system, history, user_input = _split(body)
+        system, history, user_input = _split(call.body["messages"])
         variables = dict(opts.variables or {}) if opts is not None else {}
         fixed = route.variables if route is not None else {}
         clash = sorted(set(variables) & set(fixed))
@@ -125,7 +122,7 @@ class PromptStage:
         context = list(retrieved or [])
         if opts is not None and opts.context:
             context += [d.model_dump(exclude_none=True) for d in opts.context]
-        max_tokens = overrides.get("max_tokens") or body.requested_max_tokens()
+        max_tokens = overrides.get("max_tokens") or requested_max_tokens(call.body)
         size = len(user_input) + sum(len(m["content"]) for m in history)
         size += sum(len(c["text"]) for c in context)
         try:
@@ -197,12 +194,11 @@ class PromptStage:
         return fmt
 
     async def _load_format(self, target: Target) -> ChatFormat:
-        source = getattr(target.backend, "chat_tokenizer", None)
-        if source is not None:
-            tokenizer, max_len = source()
-            return await asyncio.to_thread(ChatFormat, tokenizer, max_len)
         model = self.models[target.base]
-        path = model.tokenizer if isinstance(model, VllmModelConfig) else None
+        if not isinstance(model, HttpModelConfig):  # the embedded engine's own tokenizer
+            tokenizer, max_len = target.backend.chat_tokenizer()  # type: ignore[attr-defined]
+            return await asyncio.to_thread(ChatFormat, tokenizer, max_len)
+        path = model.tokenizer
         if path is None:
             raise InvalidRequest(
                 f"prompt templates need the tokenizer of model {target.base!r}; set `tokenizer` "
@@ -217,14 +213,8 @@ class PromptStage:
 
     # -- after the response ----------------------------------------------------------------------
 
-    async def finished(
-        self,
-        shaped: Shaped,
-        principal: Principal,
-        ids: list[str],
-        status: int,
-        usage: tuple[int, int],
-    ) -> None:
+    def count(self, shaped: Shaped, status: int, usage: tuple[int, int]) -> None:
+        """Per-variant metrics of a finished request."""
         m, labels = self.metrics, shaped.labels
         m.variant_requests.labels(*labels, str(status)).inc()
         m.variant_latency.labels(*labels).observe(time.perf_counter() - shaped.started)
@@ -232,12 +222,16 @@ class PromptStage:
             m.variant_prompt_tokens.labels(*labels).inc(usage[0])
         if usage[1]:
             m.variant_completion_tokens.labels(*labels).inc(usage[1])
-        if status == 200:
-            record = {"k": principal.key_id, "e": labels[0], "v": labels[1], "t": labels[2]}
-            try:
-                await self.outcomes.remember(ids, json.dumps(record))
-            except Exception as exc:  # Redis away: the answer was served; only feedback is lost
-                log.warning("could not record the request for feedback: %s", exc)
+
+    async def remember(self, shaped: Shaped, principal: Principal, ids: list[str]) -> None:
+        """Keep an answered request for its feedback (before the answer is sent: a client may
+        send feedback the moment it has it)."""
+        labels = shaped.labels
+        record = {"k": principal.key_id, "e": labels[0], "v": labels[1], "t": labels[2]}
+        try:
+            await self.outcomes.remember(ids, json.dumps(record))
+        except Exception as exc:  # Redis away: the answer is served; only feedback is lost
+            log.warning("could not record the request for feedback: %s", exc)
 
     async def feedback(self, principal: Principal, request_id: str, score: float) -> dict[str, Any]:
         try:
@@ -264,18 +258,17 @@ class PromptStage:
         }
 
 
-def _split(body: ChatCompletionRequest) -> tuple[str | None, list[dict[str, str]], str]:
+def _split(messages: list[dict[str, Any]]) -> tuple[str | None, list[dict[str, str]], str]:
     """(system text, history, last user message) of a templated request."""
-    messages: list[ChatMessage] = body.messages
-    if not messages or messages[-1].role != "user":
+    if not messages or messages[-1].get("role") != "user":
         raise InvalidRequest(
             "a request rendered through a prompt template must end with a user message",
             param="messages",
         )
-    system = [m.text() for m in messages[:-1] if m.role in ("system", "developer")]
+    system = [message_text(m) for m in messages[:-1] if m["role"] in ("system", "developer")]
     history = [
-        {"role": m.role, "content": m.text()}
+        {"role": m["role"], "content": message_text(m)}
         for m in messages[:-1]
-        if m.role not in ("system", "developer")
+        if m["role"] not in ("system", "developer")
     ]
-    return "\n\n".join(system) or None, history, messages[-1].text()
+    return "\n\n".join(system) or None, history, message_text(messages[-1])

@@ -1,236 +1,226 @@
-"""Wire formatting: internal ``Generation``/``Chunk`` events → OpenAI JSON bodies and SSE."""
+"""Wire formatting: internal ``Generation`` / ``Chunk`` events → OpenAI JSON bodies and SSE.
+
+Every backend's output is rendered here, with orjson and no pydantic round trip. Fields an
+upstream sent that ragline does not model (``Chunk.fields``, ``Chunk.extra``) are passed on in
+place. A stream is OpenAI's exactly: a role delta per choice (chat), content deltas, a finish
+chunk per choice, a usage chunk with ``choices: []`` when the client asked for it, then
+``data: [DONE]``. The response's ``ragline`` object rides on the JSON body, or on the stream's
+chunk that finishes the last choice.
+"""
 
 from __future__ import annotations
 
+import itertools
+import logging
+import time
 import uuid
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
-from typing import Any, cast
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any
 
-from gateway.backends.base import Chunk, Generation, GenerationRequest, TokenInfo, Usage
-from gateway.protocol import (
-    AssistantMessage,
-    ChatChoice,
-    ChatChunkChoice,
-    ChatCompletion,
-    ChatCompletionChunk,
-    ChoiceLogprobs,
-    Completion,
-    CompletionChoice,
-    CompletionLogprobs,
-    FinishReason,
-    TokenLogprob,
-    TopLogprob,
-)
-from gateway.protocol import Usage as WireUsage
-from gateway.sse import DONE, sse_event
+import orjson
+
+from gateway.backends.base import Choice, Chunk, Event, Generation, TokenInfo, Usage
+from gateway.errors import RaglineError, error_body
+
+DONE = b"data: [DONE]\n\n"
+log = logging.getLogger("ragline.stream")
+
+
+_ID_PREFIX = uuid.uuid4().hex[:16]  # unique per process; the counter within it
+_IDS = itertools.count()
 
 
 def new_id(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex}"
-
-
-def _wire_usage(usage: Usage) -> WireUsage:
-    return WireUsage(
-        prompt_tokens=usage.prompt_tokens,
-        completion_tokens=usage.completion_tokens,
-        total_tokens=usage.total_tokens,
-    )
+    return f"{prefix}-{_ID_PREFIX}{next(_IDS):016x}"
 
 
 @dataclass
-class Prepared:
-    """A validated request ready for its backend, plus what the response needs."""
+class Meta:
+    """What every response to one request carries."""
 
     id: str
     model: str
-    created: int
-    generation: GenerationRequest
-    include_usage: bool
-    ragline: dict[str, Any] | None = None  # the response's ``ragline`` object, if any
+    chat: bool
+    choices: int = 1  # choices the response will have (n, times the prompts of a batch)
+    include_usage: bool = False
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    @property
+    def object(self) -> str:
+        return "chat.completion" if self.chat else "text_completion"
 
 
-# -- response building ------------------------------------------------------------------------
+def _usage(usage: Usage) -> dict[str, int]:
+    return {
+        "prompt_tokens": usage.prompt_tokens,
+        "completion_tokens": usage.completion_tokens,
+        "total_tokens": usage.total_tokens,
+    }
 
 
-def _chat_logprobs(tokens: list[TokenInfo] | None) -> ChoiceLogprobs | None:
-    if tokens is None:
-        return None
-    return ChoiceLogprobs(
-        content=[
-            TokenLogprob(
-                token=t.token,
-                logprob=t.logprob,
-                bytes=list(t.token.encode()),
-                top_logprobs=[
-                    TopLogprob(token=tok, logprob=lp, bytes=list(tok.encode())) for tok, lp in t.top
+def _chat_logprobs(tokens: list[TokenInfo]) -> dict[str, Any]:
+    return {
+        "content": [
+            {
+                "token": t.token,
+                "logprob": t.logprob,
+                "bytes": list(t.token.encode()),
+                "top_logprobs": [
+                    {"token": tok, "logprob": lp, "bytes": list(tok.encode())} for tok, lp in t.top
                 ],
-            )
+            }
             for t in tokens
         ]
-    )
+    }
 
 
-def chat_response(prepared: Prepared, generation: Generation) -> ChatCompletion:
-    return ChatCompletion(
-        id=prepared.id,
-        created=prepared.created,
-        model=prepared.model,
-        choices=[
-            ChatChoice(
-                index=c.index,
-                message=AssistantMessage(content=c.text),
-                logprobs=_chat_logprobs(c.tokens),
-                finish_reason=cast(FinishReason, c.finish_reason or "stop"),
-            )
-            for c in generation.choices
-        ],
-        usage=_wire_usage(generation.usage),
-        ragline=prepared.ragline,
-    )
-
-
-async def chat_sse(
-    prepared: Prepared, first: Chunk | Usage, events: AsyncIterator[Chunk | Usage]
-) -> AsyncIterator[bytes]:
-    """OpenAI's chat stream: role deltas, content deltas, finish chunks, usage, ``[DONE]``."""
-    exclude = {"ragline"} if prepared.include_usage else {"ragline", "usage"}
-    finished = 0
-
-    def chunk(
-        index: int,
-        delta: dict[str, str],
-        finish: str | None = None,
-        tokens: list[TokenInfo] | None = None,
-    ) -> bytes:
-        nonlocal finished
-        finished += 1 if finish else 0
-        last = finish is not None and finished == prepared.generation.n
-        extra = prepared.ragline if last else None
-        body = ChatCompletionChunk(
-            id=prepared.id,
-            created=prepared.created,
-            model=prepared.model,
-            choices=[
-                ChatChunkChoice(
-                    index=index,
-                    delta=delta,
-                    logprobs=_chat_logprobs(tokens),
-                    finish_reason=cast(FinishReason | None, finish),
-                )
-            ],
-            ragline=extra,
-        )
-        return sse_event(body.model_dump_json(exclude=exclude - {"ragline"} if extra else exclude))
-
-    for i in range(prepared.generation.n):
-        yield chunk(i, {"role": "assistant", "content": ""})
-    async for event in _prepend(first, events):
-        if isinstance(event, Usage):
-            if prepared.include_usage:
-                yield _usage_event(ChatCompletionChunk, prepared, event)
-            continue
-        if event.text:
-            yield chunk(event.index, {"content": event.text}, None, event.tokens)
-        if event.finish_reason:
-            tokens = None if event.text else event.tokens
-            yield chunk(event.index, {}, event.finish_reason, tokens)
-    yield DONE
-
-
-def _completion_logprobs(tokens: list[TokenInfo] | None, offset: int) -> CompletionLogprobs | None:
-    if tokens is None:
-        return None
+def _completion_logprobs(tokens: list[TokenInfo], offset: int) -> dict[str, Any]:
     offsets = []
     for t in tokens:
         offsets.append(offset)
         offset += len(t.token)
-    return CompletionLogprobs(
-        tokens=[t.token for t in tokens],
-        token_logprobs=[t.logprob for t in tokens],
-        top_logprobs=[dict(t.top) if t.top else None for t in tokens],
-        text_offset=offsets,
-    )
+    return {
+        "tokens": [t.token for t in tokens],
+        "token_logprobs": [t.logprob for t in tokens],
+        "top_logprobs": [dict(t.top) if t.top else None for t in tokens],
+        "text_offset": offsets,
+    }
 
 
-def completion_response(
-    prepared: list[Prepared], generations: list[Generation], echo: bool
-) -> Completion:
-    choices: list[CompletionChoice] = []
-    prompt_tokens = completion_tokens = 0
-    for p, g in zip(prepared, generations, strict=True):
-        prefix = (p.generation.prompt or "") if echo else ""
-        for c in g.choices:
-            choices.append(
-                CompletionChoice(
-                    index=len(choices),
-                    text=prefix + c.text,
-                    logprobs=_completion_logprobs(c.tokens, len(prefix)),
-                    finish_reason=cast(FinishReason, c.finish_reason or "stop"),
-                )
+def _logprobs(item: Choice | Chunk, chat: bool, offset: int = 0) -> Any:
+    if item.tokens is not None:
+        return _chat_logprobs(item.tokens) if chat else _completion_logprobs(item.tokens, offset)
+    return item.extra.get("logprobs") if item.extra else None
+
+
+def _choice_extra(choice: dict[str, Any], item: Choice | Chunk) -> dict[str, Any]:
+    if item.extra:
+        for key, value in item.extra.items():
+            if key != "logprobs":
+                choice[key] = value
+    return choice
+
+
+def _message(text: str, fields: dict[str, Any] | None) -> dict[str, Any]:
+    # no text beside tool calls is ``null``, as OpenAI sends it
+    content = None if not text and fields and "tool_calls" in fields else text
+    return {"role": "assistant", "content": content, **(fields or {})}
+
+
+def render_json(meta: Meta, generation: Generation, ragline: dict[str, Any] | None) -> bytes:
+    choices = []
+    for c in generation.choices:
+        finish = c.finish_reason or "stop"
+        if meta.chat:
+            choice = {
+                "index": c.index,
+                "message": _message(c.text, c.fields),
+                "logprobs": _logprobs(c, True),
+                "finish_reason": finish,
+            }
+        else:
+            choice = {
+                "index": c.index,
+                "text": c.text,
+                "logprobs": _logprobs(c, False),
+                "finish_reason": finish,
+            }
+        choices.append(_choice_extra(choice, c))
+    body: dict[str, Any] = {
+        "id": meta.id,
+        "object": meta.object,
+        "created": meta.created,
+        "model": meta.model,
+        "choices": choices,
+        "system_fingerprint": None,
+        "usage": _usage(generation.usage),
+    }
+    if ragline is not None:
+        body["ragline"] = ragline
+    return orjson.dumps(body)
+
+
+def _event(body: dict[str, Any]) -> bytes:
+    return b"data: " + orjson.dumps(body) + b"\n\n"
+
+
+async def render_sse(
+    meta: Meta, events: AsyncIterator[Event], ragline: Callable[[], dict[str, Any] | None]
+) -> AsyncGenerator[bytes, None]:
+    """OpenAI's stream for ``events``; ``ragline()`` is asked once, when the last choice ends."""
+    kind = "chat.completion.chunk" if meta.chat else "text_completion"
+    head: dict[str, Any] = {"id": meta.id, "object": kind, "created": meta.created}
+    head["model"] = meta.model
+
+    def chunk(choice: dict[str, Any], extra: dict[str, Any] | None = None) -> bytes:
+        body = {**head, "choices": [choice]}
+        if meta.include_usage:
+            body["usage"] = None
+        if extra is not None:
+            body["ragline"] = extra
+        return _event(body)
+
+    finished = 0
+    if meta.chat:
+        for i in range(meta.choices):
+            yield chunk(
+                {
+                    "index": i,
+                    "delta": {"role": "assistant", "content": ""},
+                    "logprobs": None,
+                    "finish_reason": None,
+                }
             )
-        prompt_tokens += g.usage.prompt_tokens
-        completion_tokens += g.usage.completion_tokens
-    first = prepared[0]
-    return Completion(
-        id=first.id,
-        created=first.created,
-        model=first.model,
-        choices=choices,
-        usage=_wire_usage(Usage(prompt_tokens, completion_tokens)),
-    )
-
-
-async def completion_sse(
-    prepared: Prepared, first: Chunk | Usage, events: AsyncIterator[Chunk | Usage], echo: bool
-) -> AsyncIterator[bytes]:
-    exclude = {"ragline"} if prepared.include_usage else {"ragline", "usage"}
-
-    def chunk(index: int, text: str, finish: str | None, tokens: list[TokenInfo] | None) -> bytes:
-        body = Completion(
-            id=prepared.id,
-            created=prepared.created,
-            model=prepared.model,
-            choices=[
-                CompletionChoice(
-                    index=index,
-                    text=text,
-                    finish_reason=finish,  # type: ignore[arg-type]
-                    logprobs=_completion_logprobs(tokens, 0),
-                )
-            ],
-        )
-        return sse_event(body.model_dump_json(exclude=exclude))
-
-    if echo:
-        for i in range(prepared.generation.n):
-            yield chunk(i, prepared.generation.prompt or "", None, None)
-    async for event in _prepend(first, events):
+    async for event in events:
         if isinstance(event, Usage):
-            if prepared.include_usage:
-                yield _usage_event(Completion, prepared, event)
+            if meta.include_usage:
+                yield _event({**head, "choices": [], "usage": _usage(event)})
             continue
-        yield chunk(event.index, event.text, event.finish_reason, event.tokens)
+        finish = event.finish_reason
+        if finish is not None:
+            finished += 1
+        last = ragline() if finish is not None and finished == meta.choices else None
+        if not meta.chat:
+            choice = {
+                "index": event.index,
+                "text": event.text,
+                "logprobs": _logprobs(event, False),
+                "finish_reason": finish,
+            }
+            yield chunk(_choice_extra(choice, event), last)
+            continue
+        if event.text or event.fields:
+            delta = {"content": event.text, **(event.fields or {})}
+            choice = {"index": event.index, "delta": delta, "logprobs": _logprobs(event, True)}
+            choice["finish_reason"] = None
+            yield chunk(_choice_extra(choice, event))
+        if finish is not None:
+            logprobs = None if event.text else _logprobs(event, True)
+            choice = {"index": event.index, "delta": {}, "logprobs": logprobs}
+            choice["finish_reason"] = finish
+            yield chunk(choice, last)
     yield DONE
 
 
-def _usage_event(
-    kind: type[ChatCompletionChunk] | type[Completion], prepared: Prepared, usage: Usage
-) -> bytes:
-    """The final usage event of a stream: ``choices: []`` and the counts."""
-    final = kind(
-        id=prepared.id,
-        created=prepared.created,
-        model=prepared.model,
-        choices=[],
-        usage=_wire_usage(usage),
-    )
-    return sse_event(final.model_dump_json(exclude={"ragline"}))
+def sse_error(exc: BaseException) -> bytes:
+    """An error event for a stream that already started (the status line is long gone)."""
+    if isinstance(exc, RaglineError):
+        body = exc.body()
+    else:
+        body = error_body("The server had an error while streaming the response.", "server_error")
+    return _event(body)
 
 
-async def _prepend(
-    first: Chunk | Usage, rest: AsyncIterator[Chunk | Usage]
-) -> AsyncIterator[Chunk | Usage]:
-    yield first
-    async for event in rest:
-        yield event
+async def guarded(events: AsyncIterator[bytes]) -> AsyncGenerator[bytes, None]:
+    """Turn an exception after the first byte into an error event followed by ``[DONE]``."""
+    try:
+        async for event in events:
+            yield event
+    except Exception as exc:  # the client gets the error in-band; the log gets the traceback
+        if isinstance(exc, RaglineError) and exc.status_code < 500:
+            log.info("stream ended with %s: %s", type(exc).__name__, exc.message)
+        else:
+            log.exception("stream failed")
+        yield sse_error(exc)
+        yield DONE

@@ -13,28 +13,26 @@ and redaction is an audit event with ids and types only. Output (stage 8) is sca
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
-from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from collections.abc import AsyncGenerator, AsyncIterator
+from dataclasses import dataclass, field, replace
 from typing import Any
 
-from starlette.requests import Request
-
-from gateway.admission import Admission
 from gateway.auth import Principal
+from gateway.backends.base import Chunk, Event, Generation, Usage
 from gateway.backends.registry import Target
+from gateway.call import Call
 from gateway.config import FileConfig
 from gateway.errors import InvalidRequest, PermissionDenied
 from gateway.logs import audit_event
 from gateway.metrics import Metrics
-from gateway.protocol import ChatCompletionRequest, CompletionRequest
 from safety.base import ScanContext
 from safety.policy import Outcome, Policy, build_policy, default_policy
 from safety.scanners.pii import Placeholders, StreamRestorer
 from safety.stream import Released, StreamGuard
 
 log = logging.getLogger("ragline.safety")
+_LONG_TEXT = 2_000  # scanned in a worker thread beyond this many characters
 
 
 class ContentFiltered(InvalidRequest):
@@ -43,12 +41,20 @@ class ContentFiltered(InvalidRequest):
 
 @dataclass
 class Screened:
+    """What input safety decided for one request, and its output guard (stage 8)."""
+
     policy: str
     redactions: list[str] = field(default_factory=list)
     output: OutputGuard | None = None
 
     def info(self) -> dict[str, Any]:
-        return {"policy": self.policy, "redactions": sorted(set(self.redactions))}
+        info: dict[str, Any] = {"policy": self.policy, "redactions": sorted(set(self.redactions))}
+        if self.output is not None and (self.output.redactions or self.output.blocked):
+            info["output"] = {
+                "redactions": sorted(set(self.output.redactions)),
+                "blocked": self.output.blocked,
+            }
+        return info
 
 
 class SafetyStage:
@@ -92,55 +98,67 @@ class SafetyStage:
 
     # -- stage 4 ----------------------------------------------------------------------------
 
-    async def screen_input(
-        self, request: Request, body: ChatCompletionRequest | CompletionRequest, target: Target
-    ) -> Screened | None:
-        if not self.enabled:
-            return None
-        principal = Admission.authorize(request, body.model)
-        policy = self.policy_for(principal, target)
+    async def screen_input(self, call: Call) -> Call:
+        """Stage 4: scan what the client wrote; a block raises ``ContentFiltered``, redactions
+        give the call a new body."""
+        assert call.target is not None
+        policy = self.policy_for(call.principal, call.target)
         if policy is None:
-            return None
-        route = target.route.name if target.route else None
+            return call
+        route = call.target.route.name if call.target.route else None
         screened = Screened(policy.name)
-        context = ScanContext("input", principal.key_id, route)
+        context = ScanContext("input", call.principal.key_id, route)
         restores = any(getattr(s, "restore", False) for _, s in policy.scanners)
         if restores or any("output" in spec.where for spec, _ in policy.scanners):
-            output = ScanContext("output", principal.key_id, route)
+            output = ScanContext("output", call.principal.key_id, route)
             screened.output = OutputGuard(self, policy, output)
             if restores:  # the answer gets the user's own values back for the placeholders
                 screened.output.placeholders = context.extras.setdefault(
                     "placeholders", Placeholders()
                 )
-        if isinstance(body, ChatCompletionRequest):
-            for i, message in enumerate(body.messages):
-                if message.role not in ("user", "tool"):
+        body = call.body
+        if call.chat:
+            messages = list(body["messages"])
+            changed = False
+            for i, message in enumerate(messages):
+                if message.get("role") not in ("user", "tool"):
                     continue
-                if isinstance(message.content, str):
-                    message.content = await self._scan(
-                        policy, message.content, context, f"messages[{i}].content", screened
+                content = message.get("content")
+                if isinstance(content, str):
+                    text = await self._scan(
+                        policy, content, context, f"messages[{i}].content", screened
                     )
-                elif isinstance(message.content, list):
-                    for j, part in enumerate(message.content):
-                        text = getattr(part, "text", None)
-                        if isinstance(text, str):
-                            part.text = await self._scan(
-                                policy, text, context, f"messages[{i}].content[{j}].text", screened
-                            )
+                    if text != content:
+                        messages[i], changed = {**message, "content": text}, True
+                elif isinstance(content, list):
+                    parts = list(content)
+                    for j, part in enumerate(parts):
+                        if isinstance(part, dict) and isinstance(part.get("text"), str):
+                            param = f"messages[{i}].content[{j}].text"
+                            text = await self._scan(policy, part["text"], context, param, screened)
+                            if text != part["text"]:
+                                parts[j], changed = {**part, "text": text}, True
+                    if changed:
+                        messages[i] = {**message, "content": parts}
+            if changed:
+                body = call.with_body(messages=messages)
         else:
-            if isinstance(body.prompt, str):
-                body.prompt = await self._scan(policy, body.prompt, context, "prompt", screened)
-            elif body.prompt and all(isinstance(p, str) for p in body.prompt):
-                body.prompt = [
-                    await self._scan(policy, str(p), context, f"prompt[{i}]", screened)
-                    for i, p in enumerate(body.prompt)
+            prompt = body.get("prompt")
+            if isinstance(prompt, str):
+                text = await self._scan(policy, prompt, context, "prompt", screened)
+                body = call.with_body(prompt=text) if text != prompt else body
+            elif prompt and all(isinstance(p, str) for p in prompt):
+                texts = [
+                    await self._scan(policy, p, context, f"prompt[{i}]", screened)
+                    for i, p in enumerate(prompt)
                 ]  # token-id prompts are not text: nothing to scan
-        return screened
+                body = call.with_body(prompt=texts) if texts != prompt else body
+        return replace(call, body=body, screened=screened)
 
     async def _scan(
         self, policy: Policy, text: str, context: ScanContext, param: str, screened: Screened
     ) -> str:
-        if len(text) > 2_000:
+        if len(text) > _LONG_TEXT:
             outcome = await asyncio.to_thread(policy.run, text, context)
         else:
             outcome = policy.run(text, context)
@@ -199,189 +217,119 @@ class SafetyStage:
 # -- stage 8: output ---------------------------------------------------------------------------
 
 
-def _text_field(choice: dict[str, Any]) -> tuple[dict[str, Any] | None, str]:
-    """Where a choice keeps its text: chat ``message``/``delta`` content, or completion ``text``."""
-    for key in ("delta", "message"):
-        holder = choice.get(key)
-        if isinstance(holder, dict):
-            return holder, "content"
-    return choice, "text"
-
-
-def guard_json(
-    payload: bytes,
-    policy: Policy,
-    stage: SafetyStage,
-    context: ScanContext,
-    placeholders: Placeholders | None = None,
-) -> bytes:
-    """Scan each choice of a complete response; redact in place, or empty a blocked choice and
-    finish it with ``content_filter``."""
-    data = json.loads(payload)
-    redactions: list[str] = []
-    blocked = 0
-    for choice in data.get("choices", ()):
-        holder, key = _text_field(choice)
-        text = holder.get(key) if holder is not None else None
-        if not isinstance(text, str) or not text:
-            continue
-        outcome = policy.run(text, context)
-        stage._count(outcome)
-        if outcome.action != "allow" and choice.get("logprobs") is not None:
-            choice["logprobs"] = None  # its tokens would spell out what was redacted
-        if outcome.action == "block":
-            holder[key] = ""  # type: ignore[index]
-            choice["finish_reason"] = "content_filter"
-            blocked += 1
-            stage.audit("safety_block", policy, outcome, context)
-        else:
-            if outcome.action == "redact":
-                redactions += outcome.types()
-                stage.audit("safety_redact", policy, outcome, context)
-            restored = placeholders.restore(outcome.text) if placeholders else outcome.text
-            holder[key] = restored  # type: ignore[index]
-    if redactions or blocked:
-        extra = data.setdefault("ragline", {}).setdefault("safety", {"policy": policy.name})
-        extra["output"] = {"redactions": sorted(set(redactions)), "blocked": blocked}
-    return json.dumps(data, separators=(",", ":")).encode()
-
-
-async def guard_sse(
-    events: AsyncIterator[bytes],
-    policy: Policy,
-    stage: SafetyStage,
-    context: ScanContext,
-    placeholders: Placeholders | None = None,
-) -> AsyncIterator[bytes]:
-    """Scan a stream's text through a hold-back window per choice (``safety.stream``): what is
-    released is already redacted; a block ends that choice with ``content_filter`` and drops the
-    rest of its text, while usage and ``[DONE]`` still follow. Logprobs are dropped from
-    scanned streams (they would carry the tokens before the window has looked at them)."""
-    guards: dict[int, StreamGuard] = {}
-    restorers: dict[int, StreamRestorer] = {}
-    stopped: set[int] = set()
-    finished: set[int] = set()
-    template: dict[str, Any] | None = None  # id, object, created, model of this stream
-    chat = True
-
-    def flush() -> list[bytes]:
-        """Before ``[DONE]`` or an error event: release what unfinished choices still hold."""
-        out = []
-        for index, guard in guards.items():
-            if index in stopped or index in finished or template is None:
-                continue
-            finished.add(index)
-            released = guard.finish()
-            text = released.text
-            if placeholders is not None and index in restorers:
-                text = restorers[index].feed(text) + restorers[index].flush()
-            choice: dict[str, Any] = {"index": index, "logprobs": None, "finish_reason": None}
-            if released.blocked:
-                choice["finish_reason"] = "content_filter"
-                text = ""
-            if not text and not released.blocked:
-                continue
-            if chat:
-                choice["delta"] = {"content": text}
-            else:
-                choice["text"] = text
-            data = {**template, "choices": [choice]}
-            out.append(b"data: " + json.dumps(data, separators=(",", ":")).encode() + b"\n\n")
-        return out
-
-    iterator = events.__aiter__()
-    while True:
-        try:
-            event = await iterator.__anext__()
-        except StopAsyncIteration:
-            break
-        except Exception:
-            # the upstream broke mid-stream: release what was held back, then let the error
-            # event that the stream's outer layer writes follow
-            for extra in flush():
-                yield extra
-            raise
-        if not event.startswith(b"data: {"):
-            if event.startswith(b"data: [DONE]"):
-                for extra in flush():
-                    yield extra
-            yield event
-            continue
-        data = json.loads(event[6:])
-        choices = data.get("choices") or []
-        if not choices:
-            if "error" in data:
-                for extra in flush():
-                    yield extra
-            yield event
-            continue
-        if template is None:
-            template = {k: data[k] for k in ("id", "object", "created", "model") if k in data}
-            chat = "delta" in choices[0]
-        kept = []
-        for choice in choices:
-            index = int(choice.get("index", 0))
-            holder, key = _text_field(choice)
-            if index in stopped:
-                if choice.get("finish_reason") is None and holder is not None:
-                    holder.pop(key, None)
-                    continue  # the rest of a blocked choice's text is dropped
-                continue  # its finish was sent already
-            guard = guards.setdefault(index, StreamGuard(policy, context))
-            if choice.get("logprobs") is not None:
-                # a chunk's logprobs arrive before the window decides: never send them
-                choice["logprobs"] = None
-            text = holder.get(key) if holder is not None else None
-            released = guard.feed(text) if isinstance(text, str) and text else None
-            if choice.get("finish_reason") is not None and (
-                released is None or not released.blocked
-            ):
-                tail = guard.finish()
-                released = _join(released, tail)
-                finished.add(index)
-            if released is not None and released.blocked:
-                stopped.add(index)
-                stage.audit("safety_block", policy, released.outcome, context)
-                if holder is not None:
-                    holder[key] = ""
-                choice["finish_reason"] = "content_filter"
-            elif released is not None and holder is not None:
-                text = released.text
-                if placeholders is not None:
-                    restorer = restorers.setdefault(index, StreamRestorer(placeholders))
-                    text = restorer.feed(text)
-                    if choice.get("finish_reason") is not None:
-                        text += restorer.flush()
-                holder[key] = text
-                if released.outcome is not None and released.outcome.action == "redact":
-                    stage.audit("safety_redact", policy, released.outcome, context)
-            kept.append(choice)
-        if not kept and not (data.keys() - {"id", "object", "created", "model", "choices",
-                                             "system_fingerprint", "usage"}):  # fmt: skip
-            continue
-        data["choices"] = kept
-        yield b"data: " + json.dumps(data, separators=(",", ":")).encode() + b"\n\n"
-
-
-def _join(first: Released | None, second: Released) -> Released:
-    if first is None:
-        return second
-    if second.blocked:
-        return second
-    return Released(first.text + second.text, False, second.outcome or first.outcome)
-
-
 @dataclass
 class OutputGuard:
-    """Stage 8 for one request: its policy's output scanners over the response."""
+    """Stage 8 for one request: its policy's output scanners over the response, whichever
+    backend produced it. Redacted text replaces the original; a block empties the choice and
+    finishes it with ``content_filter``; logprobs go wherever text was changed (they would spell
+    out what was redacted) and from every scanned stream (they arrive before the text is
+    scanned)."""
 
     stage: SafetyStage
     policy: Policy
     context: ScanContext
     placeholders: Placeholders | None = None
+    redactions: list[str] = field(default_factory=list)
+    blocked: int = 0
 
-    def json(self, payload: bytes) -> bytes:
-        return guard_json(payload, self.policy, self.stage, self.context, self.placeholders)
+    def _noted(self, outcome: Outcome | None, blocked: bool) -> None:
+        if outcome is not None:
+            self.stage._count(outcome)
+        if blocked:
+            self.blocked += 1
+            self.stage.audit("safety_block", self.policy, outcome, self.context)
+        elif outcome is not None and outcome.action == "redact":
+            self.redactions += outcome.types()
+            self.stage.audit("safety_redact", self.policy, outcome, self.context)
 
-    def sse(self, events: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
-        return guard_sse(events, self.policy, self.stage, self.context, self.placeholders)
+    def generation(self, generation: Generation) -> Generation:
+        for choice in generation.choices:
+            if not choice.text:
+                continue
+            outcome = self.policy.run(choice.text, self.context)
+            self._noted(outcome, outcome.action == "block")
+            if outcome.action != "allow":
+                choice.tokens = None
+                if choice.extra:
+                    choice.extra.pop("logprobs", None)
+            if outcome.action == "block":
+                choice.text, choice.finish_reason = "", "content_filter"
+            else:
+                text = outcome.text
+                choice.text = self.placeholders.restore(text) if self.placeholders else text
+        return generation
+
+    async def events(self, events: AsyncIterator[Event]) -> AsyncGenerator[Event, None]:
+        guards: dict[int, StreamGuard] = {}
+        restorers: dict[int, StreamRestorer] = {}
+        stopped: set[int] = set()
+        finished: set[int] = set()
+
+        def emit(index: int, released: Released | None, source: Chunk | None) -> Chunk | None:
+            finish = source.finish_reason if source is not None else None
+            if released is not None and released.blocked:
+                stopped.add(index)
+                self._noted(released.outcome, True)
+                return Chunk(index, "", "content_filter")
+            text = released.text if released is not None else ""
+            if released is not None and released.outcome is not None:
+                self._noted(released.outcome, False)
+            if self.placeholders is not None:
+                restorer = restorers.setdefault(index, StreamRestorer(self.placeholders))
+                text = restorer.feed(text) + (restorer.flush() if finish else "")
+            fields = source.fields if source is not None else None
+            extra = source.extra if source is not None else None
+            if extra and "logprobs" in extra:
+                extra = {k: v for k, v in extra.items() if k != "logprobs"} or None
+            if not text and finish is None and not fields and not extra:
+                return None
+            return Chunk(index, text, finish, None, fields, extra)
+
+        def flush() -> list[Chunk]:
+            """Before the usage, or an upstream failure: what unfinished choices still hold."""
+            out = []
+            for index, guard in guards.items():
+                if index in stopped or index in finished:
+                    continue
+                finished.add(index)
+                held = emit(index, guard.finish(), None)
+                if held is not None:
+                    out.append(held)
+            return out
+
+        iterator = events.__aiter__()
+        while True:
+            try:
+                event = await iterator.__anext__()
+            except StopAsyncIteration:
+                break
+            except Exception:
+                # the upstream broke mid-stream: release what was held back, then let the error
+                # event that the stream's outer layer writes follow
+                for chunk in flush():
+                    yield chunk
+                raise
+            if isinstance(event, Usage):
+                for chunk in flush():
+                    yield chunk
+                yield event
+                continue
+            index = event.index
+            if index in stopped:
+                continue  # the rest of a blocked choice is dropped
+            guard = guards.setdefault(index, StreamGuard(self.policy, self.context))
+            released = guard.feed(event.text) if event.text else None
+            if event.finish_reason is not None and (released is None or not released.blocked):
+                released = _join(released, guard.finish())
+                finished.add(index)
+            out = emit(index, released, event)
+            if out is not None:
+                yield out
+        for chunk in flush():
+            yield chunk
+
+
+def _join(first: Released | None, second: Released) -> Released:
+    if first is None or second.blocked:
+        return second
+    return Released(first.text + second.text, False, second.outcome or first.outcome)

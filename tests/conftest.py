@@ -60,13 +60,14 @@ def start_gateway(
     adapters: list[dict[str, object]] | None = None,
     keys: list[dict[str, object]] | None = None,
     extra: dict[str, object] | None = None,
+    args: list[str] | None = None,
 ) -> Gateway:
     """Run ``ragline serve`` in a subprocess on a free port and wait until ``/ready``.
 
     ``extra`` adds top-level sections to the config file (prompts, routes, experiments).
     """
     port = free_port()
-    cmd = [sys.executable, "-m", "gateway.cli", "serve", "--port", str(port)]
+    cmd = [sys.executable, "-m", "gateway.cli", "serve", "--port", str(port), *(args or [])]
     if models is not None:
         config = tmp / f"config-{port}.yaml"
         document = {"models": models, "adapters": adapters or [], "keys": keys or []}

@@ -1,26 +1,41 @@
-"""The backend interface every generator implements, and the internal types it speaks.
+"""The backend contract every generator implements, and the internal types it speaks.
 
-Wire types (``gateway.protocol``) stop at the service boundary; backends see a
-``GenerationRequest`` and produce ``Chunk`` events or a ``Generation``.
+    Backend ─┬─ embedded   transformers weights in this process, continuous batching
+             ├─ openai     any OpenAI-compatible HTTP upstream: replicas, health, failover
+             └─ vllm       openai, plus LoRA adapters loaded on demand and placement in Redis
+
+Wire types (``gateway.protocol``) stop at the service boundary; a backend sees a
+``GenerationRequest`` and produces ``Chunk`` events and one ``Usage``, or a ``Generation``.
+``responses.py`` renders those as OpenAI JSON or SSE, so output safety, the cache, metrics and
+usage exist once, whatever the backend.
 
 Contract of ``Backend``:
-- ``start()`` may take long (loading weights); ``ready`` tells whether requests can be served.
+- ``start()`` may take long (loading weights, a first health check); ``ready`` tells whether
+  requests can be served; ``aclose()`` releases everything.
+- ``capabilities`` says which request features it honours; the pipeline refuses the others with
+  a 400 before any work is done.
 - ``stream(request)`` yields ``Chunk``s for every choice (``index`` in ``0..n-1``), each choice
-  ends with exactly one chunk whose ``finish_reason`` is set, and the iterator ends with one
-  ``Usage``. Closing the iterator early (client gone) cancels the work.
+  ending with exactly one chunk whose ``finish_reason`` is set, then exactly one ``Usage``. Its
+  first ``__anext__`` either yields (the backend is committed) or raises; closing the iterator
+  early (the client left) cancels the work, upstream too.
 - ``generate(request)`` is ``stream`` collected.
-- Errors are ``RaglineError`` subclasses: ``InvalidRequest`` for input the model cannot take,
-  ``Overloaded`` when its queue is full.
+- Errors are ``RaglineError`` subclasses. ``InvalidRequest`` and an upstream's 4xx
+  (``UpstreamError``) are the client's to fix; ``Overloaded`` and ``BackendError`` (a 5xx, a
+  refused connection, a timeout) are ``retryable``: the pipeline moves on to the model's next
+  fallback, if nothing has reached the client yet.
+
+Adding a backend is one module implementing this protocol, one config type in ``config.py``
+and one entry in ``registry.BACKENDS``.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
 
-if TYPE_CHECKING:
-    from gateway.config import AdapterConfig
+CHAT = "/v1/chat/completions"
+COMPLETIONS = "/v1/completions"
 
 
 @dataclass(frozen=True)
@@ -41,16 +56,30 @@ class GenerationParams:
 
 @dataclass(frozen=True)
 class GenerationRequest:
-    """One prompt to complete ``n`` times. Exactly one of ``messages``/``prompt``/``prompt_ids``."""
+    """One request to complete ``n`` times: a chat (``messages``) or a completion (``prompt``,
+    ``prompt_ids``, or several prompts in ``batch``).
+
+    ``body`` is the OpenAI request as the pipeline passes it on (the client's, after templates,
+    redactions and key defaults changed it). HTTP backends forward it, so the fields the typed
+    ones do not model (vLLM's sampling extensions, say) travel through unchanged; an in-process
+    backend reads the typed fields.
+    """
 
     request_id: str
-    model: str
+    model: str  # the public name the client used; responses carry it
     params: GenerationParams
     n: int = 1
     messages: tuple[dict[str, str], ...] | None = None
     prompt: str | None = None
     prompt_ids: tuple[int, ...] | None = None
-    adapter: str | None = None  # a LoRA adapter the backend has loaded; None: the base model
+    batch: tuple[str | tuple[int, ...], ...] = ()  # several completion prompts (prompt unset)
+    echo: bool = False  # completions: the prompt is part of each choice's text
+    adapter: str | None = None  # a LoRA adapter of the backend's; None: the base model
+    body: Mapping[str, Any] | None = None
+
+    @property
+    def endpoint(self) -> str:
+        return CHAT if self.messages is not None else COMPLETIONS
 
 
 @dataclass(frozen=True)
@@ -64,10 +93,16 @@ class TokenInfo:
 
 @dataclass
 class Chunk:
+    """New text for one choice. ``fields`` and ``extra`` carry what an upstream sent beside the
+    text that we do not model (``fields``: the delta's or message's, e.g. ``tool_calls``;
+    ``extra``: the choice's, e.g. ``logprobs``, ``stop_reason``), for the response to pass on."""
+
     index: int
     text: str
     finish_reason: str | None = None
-    tokens: list[TokenInfo] | None = None  # set when logprobs were asked for
+    tokens: list[TokenInfo] | None = None  # set when logprobs were asked for (embedded)
+    fields: dict[str, Any] | None = None
+    extra: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -80,19 +115,23 @@ class Usage:
         return self.prompt_tokens + self.completion_tokens
 
 
+Event = Chunk | Usage
+
+
 @dataclass
 class Choice:
     index: int
     text: str = ""
     finish_reason: str | None = None
     tokens: list[TokenInfo] | None = None
+    fields: dict[str, Any] | None = None
+    extra: dict[str, Any] | None = None
 
 
 @dataclass
 class Generation:
     choices: list[Choice]
     usage: Usage
-    extras: dict[str, object] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -105,8 +144,23 @@ class ModelInfo:
     parent: str | None = None
 
 
+@dataclass(frozen=True)
+class Capabilities:
+    """Request features a backend honours; the others are a 400 naming the parameter."""
+
+    json_mode: bool = True  # response_format json_object
+    message_names: bool = True  # messages[].name
+    best_of: bool = True
+    suffix: bool = True
+    stream_batches: bool = True  # streaming a completion with several prompts
+    echo_token_ids: bool = True  # echo with token-id prompts
+
+
 @runtime_checkable
 class Backend(Protocol):
+    name: str
+    capabilities: Capabilities
+
     @property
     def ready(self) -> bool: ...
 
@@ -120,52 +174,40 @@ class Backend(Protocol):
 
     async def aclose(self) -> None: ...
 
-    def stream(self, request: GenerationRequest) -> AsyncIterator[Chunk | Usage]: ...
+    def stream(self, request: GenerationRequest) -> AsyncGenerator[Event, None]: ...
 
     async def generate(self, request: GenerationRequest) -> Generation: ...
 
 
-@dataclass
-class ProxyCall:
-    """One client request to forward: the body is the client's own, as validated."""
-
-    endpoint: str  # "/v1/chat/completions" or "/v1/completions"
-    body: dict[str, Any]
-    stream: bool
-    include_usage: bool  # whether the client asked for the usage event
-    public_model: str  # the name the client used
-    adapter: AdapterConfig | None = None
-    request_id: str | None = None
-    usage: tuple[int, int] | None = None  # filled by the backend when the stream reports it
-
-
-@dataclass
-class ProxyResult:
-    status: int
-    body: bytes = b""  # a complete JSON response (non-streaming, or an upstream 4xx)
-    events: AsyncIterator[bytes] | None = None  # SSE events, for a stream
-    replica: str = ""
-
-
-@runtime_checkable
-class ProxyBackend(Protocol):
-    """A backend that forwards OpenAI requests as they are (vLLM)."""
-
-    async def proxy(self, call: ProxyCall) -> ProxyResult: ...
-
-
-async def collect(events: AsyncIterator[Chunk | Usage], n: int) -> Generation:
+async def collect(events: AsyncIterator[Event], n: int) -> Generation:
     """Gather a ``stream`` into a ``Generation`` (the shared ``generate`` implementation)."""
-    choices = [Choice(index=i) for i in range(n)]
+    choices: dict[int, Choice] = {i: Choice(index=i) for i in range(n)}
     usage = Usage(0, 0)
     async for event in events:
         if isinstance(event, Usage):
             usage = event
             continue
-        choice = choices[event.index]
+        choice = choices.setdefault(event.index, Choice(index=event.index))
         choice.text += event.text
         if event.tokens is not None:
             choice.tokens = (choice.tokens or []) + event.tokens
+        if event.fields:
+            choice.fields = {**(choice.fields or {}), **event.fields}
+        if event.extra:
+            choice.extra = {**(choice.extra or {}), **event.extra}
         if event.finish_reason is not None:
             choice.finish_reason = event.finish_reason
-    return Generation(choices=choices, usage=usage)
+    return Generation(choices=[choices[i] for i in sorted(choices)], usage=usage)
+
+
+def merge(generations: list[Generation]) -> Generation:
+    """Several prompts' generations as one: choices numbered on, usage summed."""
+    choices: list[Choice] = []
+    prompt = completion = 0
+    for g in generations:
+        for c in g.choices:
+            c.index = len(choices)
+            choices.append(c)
+        prompt += g.usage.prompt_tokens
+        completion += g.usage.completion_tokens
+    return Generation(choices, Usage(prompt, completion))

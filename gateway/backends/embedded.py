@@ -10,19 +10,22 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from gateway.backends.base import (
+    Capabilities,
     Chunk,
+    Event,
     Generation,
     GenerationRequest,
     ModelInfo,
-    Usage,
     collect,
+    merge,
 )
 from gateway.backends.llama import LlamaRunner
 from gateway.backends.scheduler import Job, Scheduler, on_cpu_with_bf16
@@ -50,12 +53,23 @@ def choose_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 class EmbeddedBackend:
+    # what the chat template and the scheduler do not do
+    capabilities = Capabilities(
+        json_mode=False,
+        message_names=False,
+        best_of=False,
+        suffix=False,
+        stream_batches=False,
+        echo_token_ids=False,
+    )
+
     def __init__(
         self,
         config: EmbeddedModelConfig,
         model_path: Path,
         adapters: list[AdapterConfig] | None = None,
     ) -> None:
+        self.name = config.name
         self.config = config
         self.model_path = model_path
         self.adapters = {a.name: a for a in adapters or []}
@@ -71,6 +85,11 @@ class EmbeddedBackend:
     @property
     def ready(self) -> bool:
         return self._scheduler is not None
+
+    def unavailable(self) -> Overloaded:
+        if self.load_error is not None:
+            return Overloaded(f"The model '{self.name}' failed to load: {self.load_error}")
+        return Overloaded(f"The model '{self.name}' is not ready yet.", retry_after=5)
 
     def models(self) -> list[ModelInfo]:
         base = ModelInfo(
@@ -198,10 +217,12 @@ class EmbeddedBackend:
             return list(tok.encode(text, add_special_tokens=False))
         return list(tok.encode(request.prompt or ""))
 
-    async def stream(self, request: GenerationRequest) -> AsyncIterator[Chunk | Usage]:
+    async def stream(self, request: GenerationRequest) -> AsyncGenerator[Event, None]:
         scheduler = self._scheduler
         if scheduler is None:
-            raise Overloaded(f"model {request.model!r} is still loading", retry_after=5)
+            raise self.unavailable()
+        if request.batch:
+            raise InvalidRequest("streaming supports one prompt per request.", param="prompt")
         prompt_ids = await self.prompt_ids(request)
         job = Job(
             prompt_ids=prompt_ids,
@@ -215,12 +236,15 @@ class EmbeddedBackend:
         scheduler.submit(job)
         done = False
         try:
+            if request.echo:  # the prompt leads each choice's text
+                for i in range(request.n):
+                    yield Chunk(i, request.prompt or "")
             while True:
                 event = await job.queue.get()
                 if isinstance(event, Exception):
                     raise event
                 yield event
-                if isinstance(event, Usage):
+                if not isinstance(event, Chunk):
                     done = True
                     return
         finally:
@@ -228,7 +252,19 @@ class EmbeddedBackend:
                 scheduler.cancel(job)
 
     async def generate(self, request: GenerationRequest) -> Generation:
-        return await collect(self.stream(request), request.n)
+        if not request.batch:
+            return await collect(self.stream(request), request.n)
+        singles = [
+            replace(
+                request,
+                batch=(),
+                prompt=p if isinstance(p, str) else None,
+                prompt_ids=None if isinstance(p, str) else p,
+            )
+            for p in request.batch
+        ]
+        generations = await asyncio.gather(*(collect(self.stream(r), r.n) for r in singles))
+        return merge(list(generations))
 
     def _adapter_index(self, name: str | None) -> int:
         if name is None:

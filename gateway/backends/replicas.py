@@ -56,7 +56,8 @@ class ReplicaPool:
 
     @property
     def any_healthy(self) -> bool:
-        return bool(self.available())
+        now = time.monotonic()
+        return any(r.in_rotation(now) for r in self.replicas)
 
     def retry_after(self) -> int:
         """Seconds until an ejected replica may come back (at least one health interval)."""

@@ -1,17 +1,21 @@
-"""``POST /v1/chat/completions``."""
+"""``POST /v1/chat/completions``.
+
+The front door sends this path straight to the pipeline; the route is here for the OpenAPI
+schema and for mounting the FastAPI app without the front door.
+"""
 
 from __future__ import annotations
 
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
-from gateway.http import parse_body
+from gateway.backends.base import CHAT
 from gateway.protocol import ChatCompletion, ChatCompletionRequest
-from gateway.routes.deps import PipelineDep
+from gateway.routes.deps import PipelineDep, complete
 
 router = APIRouter()
 
 
-@router.post("/v1/chat/completions", response_model=ChatCompletion)
+@router.post(CHAT, response_model=ChatCompletion)
 async def create_chat_completion(request: Request, pipeline: PipelineDep) -> Response:
-    return await pipeline.chat(request, await parse_body(request, ChatCompletionRequest))
+    return await complete(request, pipeline, CHAT, ChatCompletionRequest)

@@ -1,17 +1,17 @@
-"""``POST /v1/completions``."""
+"""``POST /v1/completions`` (see ``chat.py``: the front door sends it to the pipeline)."""
 
 from __future__ import annotations
 
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
-from gateway.http import parse_body
+from gateway.backends.base import COMPLETIONS
 from gateway.protocol import Completion, CompletionRequest
-from gateway.routes.deps import PipelineDep
+from gateway.routes.deps import PipelineDep, complete
 
 router = APIRouter()
 
 
-@router.post("/v1/completions", response_model=Completion)
+@router.post(COMPLETIONS, response_model=Completion)
 async def create_completion(request: Request, pipeline: PipelineDep) -> Response:
-    return await pipeline.completion(request, await parse_body(request, CompletionRequest))
+    return await complete(request, pipeline, COMPLETIONS, CompletionRequest)

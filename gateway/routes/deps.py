@@ -1,12 +1,16 @@
-"""Typed accessors for what the lifespan put on ``app.state``."""
+"""Typed accessors for what the lifespan put on ``app.state``, and the completion routes'
+adapter from Starlette to the pipeline."""
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import Depends, Request
+from starlette.responses import Response, StreamingResponse
 
+from gateway.auth import principal_of
 from gateway.backends.registry import BackendRegistry
+from gateway.http import HttpRequest
 from gateway.pipeline import Pipeline
 
 
@@ -23,3 +27,25 @@ async def get_registry(request: Request) -> BackendRegistry:
 
 PipelineDep = Annotated[Pipeline, Depends(get_pipeline)]
 RegistryDep = Annotated[BackendRegistry, Depends(get_registry)]
+
+
+async def complete(request: Request, pipeline: Pipeline, endpoint: str, _: Any) -> Response:
+    """A completion route when the front door is not in front (the same pipeline)."""
+    http = HttpRequest(
+        request_id=getattr(request.state, "request_id", ""),
+        principal=principal_of(request.state),
+        body=await request.body(),
+        receive=request.receive,
+        no_cache="no-cache" in request.headers.get("cache-control", "").lower(),
+    )
+    reply = await pipeline.handle(endpoint, http)
+    request.state.log_fields = reply.log_fields() if reply.log_fields else {}
+    if reply.stream is None:
+        return Response(reply.body, reply.status, reply.headers, background=_task(reply))
+    return StreamingResponse(reply.stream, reply.status, reply.headers, background=_task(reply))
+
+
+def _task(reply: Any) -> Any:
+    from starlette.background import BackgroundTask
+
+    return BackgroundTask(reply.after) if reply.after is not None else None

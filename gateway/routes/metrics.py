@@ -14,6 +14,7 @@ router = APIRouter()
 
 @router.get("/metrics")
 async def metrics(request: Request, registry: RegistryDep) -> Response:
+    await request.app.state.bookkeeping.flush()  # what the last responses left to count
     m: Metrics = request.app.state.metrics
     m.in_flight.set(request.app.state.in_flight)
     for model, status in registry.status().items():

@@ -4,6 +4,7 @@ poisoned documents dropped from grounded answers, audit lines without values."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -62,6 +63,12 @@ def gw(model_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[G
     stop_gateway(gateway)
 
 
+def audit(gw: Gateway) -> list[dict[str, Any]]:
+    """The audit log's JSON lines."""
+    lines = [json.loads(x) for x in gw.logs().splitlines() if x.startswith("{")]
+    return [x for x in lines if x["logger"] == "ragline.audit"]
+
+
 def sdk(gw: Gateway, key: str = TEAM) -> openai.OpenAI:
     return openai.OpenAI(base_url=gw.base_url, api_key=key, max_retries=0, timeout=120)
 
@@ -93,7 +100,7 @@ def test_default_policy_blocks_secrets_and_injections_without_echoing_them(gw: G
     assert err.value.code == "content_filter" and "too_long" in err.value.body["message"]
     # the audit log names the key, scanner and types; never the value
     logs = gw.logs()
-    assert '"event": "safety_block"' in logs and '"scanner": "secrets"' in logs
+    assert {"event": "safety_block", "scanner": "secrets"}.items() <= audit(gw)[0].items()
     assert AWS not in logs
 
 
@@ -132,7 +139,7 @@ def test_a_poisoned_document_is_dropped_from_grounded_answers(gw: Gateway) -> No
     info = r.model_extra["ragline"]
     assert [c["document_id"] for c in info["citations"]] == ["hours"]
     assert info["retrieval"]["dropped"] == 1
-    assert '"event": "safety_drop_chunk"' in gw.logs()
+    assert "safety_drop_chunk" in {line.get("event") for line in audit(gw)}
 
 
 def test_run_time_keys_name_a_configured_policy(gw: Gateway) -> None:
@@ -147,7 +154,7 @@ def test_run_time_keys_name_a_configured_policy(gw: Gateway) -> None:
 
 
 REPLY = (
-    "Sure. Use the key sk_live_4eC39HqLyjWDarjtT1zdp7dc and write to jane.doe@example.com "
+    "Sure. Use the key sk_live_4eC39HqLyjWDarjtT1zdp7dc and call +1 (415) 555-0100 "
     "if it fails. That is all."
 )
 
@@ -183,13 +190,12 @@ def leaky(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Gateway, A
 def test_output_is_redacted_in_responses_and_streams(leaky: tuple[Gateway, Any]) -> None:
     gw, _ = leaky
     expected = (
-        "Sure. Use the key [REDACTED_STRIPE_KEY] and write to j***@example.com if it fails. "
-        "That is all."
+        "Sure. Use the key [REDACTED_STRIPE_KEY] and call *********00 if it fails. That is all."
     )
     r = ask(sdk(gw), "hi", max_tokens=64)
     assert r.choices[0].message.content == expected
     assert r.model_extra["ragline"]["safety"]["output"] == {
-        "redactions": ["email", "stripe_key"],
+        "redactions": ["phone", "stripe_key"],
         "blocked": 0,
     }
     chunks = list(ask(sdk(gw), "hi", max_tokens=64, stream=True,
@@ -198,7 +204,7 @@ def test_output_is_redacted_in_responses_and_streams(leaky: tuple[Gateway, Any])
     assert text == expected
     for c in chunks:  # no chunk carried any piece of either value
         piece = (c.choices[0].delta.content or "") if c.choices else ""
-        assert "4eC39" not in piece and "jane" not in piece
+        assert "4eC39" not in piece and "555" not in piece
     assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens > 0
     # without a policy the same answer passes through unchanged
     assert ask(sdk(gw, OPEN), "hi", max_tokens=64).choices[0].message.content == REPLY
@@ -287,12 +293,11 @@ def test_placeholders_hide_pii_from_the_model_and_come_back_in_the_answer(
 
 
 def test_text_held_back_is_released_when_the_upstream_breaks(tmp_path: Path) -> None:
-    import json
-
     from tests.conftest import start_mock
 
-    # one 4,000-character word without findings: the guard holds back its last 96 characters
-    reply = "abcdefghij" * 400
+    # groups of digits: the last few could always still become a payment card, so the guard
+    # holds them back (a card is 13 to 19 digits) until the next word shows they are not one
+    reply = "Order numbers: " + "1234 " * 800
     mock = start_mock(tmp_path, reply=reply, tokens_per_s=50)
     keys = [{"id": "team", "sha256": hash_key(TEAM)}]
     gw = start_gateway(
@@ -311,20 +316,20 @@ def test_text_held_back_is_released_when_the_upstream_breaks(tmp_path: Path) -> 
                 if not line.startswith("data: {"):
                     continue
                 events.append(json.loads(line[6:]))
-                content = [
-                    e
+                sent = "".join(
+                    e["choices"][0]["delta"].get("content") or ""
                     for e in events
-                    if e.get("choices") and e["choices"][0]["delta"].get("content")
-                ]
-                if len(content) == 1:
-                    mock.kill()  # the upstream dies while the window holds text back
+                    if e.get("choices")
+                )
+                if len(sent) >= 40 and mock.process.poll() is None:
+                    mock.kill()  # the upstream dies while the guard holds digits back
         assert "error" in events[-1]
         chunks = [
             e["choices"][0]["delta"].get("content") or "" for e in events[:-1] if e.get("choices")
         ]
         text = "".join(chunks)
-        assert reply.startswith(text) and len(text) > 96
-        assert len(chunks[-1]) >= 60  # the held-back window, released before the error
+        assert reply.startswith(text) and len(text) > 20
+        assert len(chunks[-1].strip()) >= 9  # the held-back digits, released before the error
     finally:
         stop_gateway(gw)
         mock.kill()

@@ -1,0 +1,280 @@
+"""The one ASGI entry of the gateway, in front of the FastAPI app.
+
+Every HTTP request passes here once, with no stack of middlewares: its request id (the client's
+``X-Request-Id`` or a new one, returned on every response), the in-flight count, the body limit
+(413 before a route reads it), the API key (every path but ``/health`` and ``/ready``), and an
+access log line after the response. The two completion routes go straight to the pipeline (no
+router, no dependency injection, no Starlette response objects on the hot path); every other
+route is the FastAPI app's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import orjson
+from starlette.types import Message, Receive, Scope, Send
+
+from gateway.auth import PUBLIC_PATHS, authenticate
+from gateway.backends.base import CHAT, COMPLETIONS
+from gateway.config import Settings
+from gateway.errors import RaglineError, as_ragline_error, error_body
+from gateway.http import (
+    ClientDisconnected,
+    HttpRequest,
+    Reply,
+    send_error,
+    too_large,
+    wait_disconnect,
+)
+from gateway.logs import access_log
+
+log = logging.getLogger("ragline")
+
+_ID_PREFIX = uuid.uuid4().hex[:12]  # unique per process; the counter makes ids unique within it
+_FAST = {CHAT, COMPLETIONS}
+# paths that take multipart file uploads (the larger upload limit applies to them alone)
+_UPLOADS = ("/v1/files",)
+
+
+class Bookkeeping:
+    """What follows a response (settling its reservation, metrics, the access log), done in
+    batches off the request path: ``delay`` seconds after the first job, or when a reader needs
+    it done (``flush``: ``/metrics``, shutdown). A job that fails is logged, never raised."""
+
+    def __init__(self, delay: float = 0.005) -> None:
+        self.delay = delay
+        self._jobs: list[Callable[[], Awaitable[None]]] = []
+        self._timer: asyncio.TimerHandle | None = None
+        self._running: asyncio.Task[None] | None = None
+
+    def add(self, job: Callable[[], Awaitable[None]]) -> None:
+        self._jobs.append(job)
+        if self._timer is None and self._running is None:
+            self._timer = asyncio.get_running_loop().call_later(self.delay, self._start)
+
+    def _start(self) -> None:
+        self._timer = None
+        if self._running is None and self._jobs:
+            self._running = asyncio.get_running_loop().create_task(self._run())
+
+    async def _run(self) -> None:
+        try:
+            while self._jobs:
+                jobs, self._jobs = self._jobs, []
+                for job in jobs:
+                    try:
+                        await job()
+                    except Exception:
+                        log.exception("bookkeeping after a response failed")
+        finally:
+            self._running = None
+
+    async def flush(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._start()
+        if self._running is not None:
+            await asyncio.shield(self._running)
+
+
+class FrontDoor:
+    def __init__(self, api: Any, settings: Settings) -> None:
+        self.api = api  # the FastAPI app: its routes, its lifespan, its state
+        self.max_bytes = settings.max_request_bytes
+        self.upload_bytes = settings.max_upload_bytes
+        self.bookkeeping = Bookkeeping()
+        api.state.bookkeeping = self.bookkeeping
+        self._ids = itertools.count()
+
+    @property
+    def state(self) -> Any:
+        return self.api.state
+
+    @property
+    def routes(self) -> Any:
+        return self.api.routes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.api(scope, receive, send)  # the lifespan
+            return
+        started = time.perf_counter()
+        request_id, cache_control, length, authorization = "", b"", -1, b""
+        for name, value in scope["headers"]:
+            if name == b"x-request-id":
+                request_id = value.decode("latin-1")[:128]
+            elif name == b"content-length":
+                length = int(value) if value.isdigit() else -1
+            elif name == b"authorization":
+                authorization = value
+            elif name == b"cache-control":
+                cache_control = value
+        request_id = request_id or f"{_ID_PREFIX}{next(self._ids):012x}"
+        state = scope.setdefault("state", {})
+        state["request_id"] = request_id
+        id_header = (b"x-request-id", request_id.encode("latin-1"))
+        status = 0
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message["headers"] = [*message.get("headers", ()), id_header]
+            await send(message)
+
+        path = scope["path"]
+        limit = self.upload_bytes if path.startswith(_UPLOADS) else self.max_bytes
+        app_state = self.api.state
+        app_state.in_flight += 1
+        try:
+            if length > limit:
+                await send_error(send_with_id, too_large(limit), close=True)
+                return
+            try:
+                if path not in PUBLIC_PATHS:
+                    state["principal"] = await authenticate(
+                        app_state.keys, authorization, path, scope.get("client")
+                    )
+                if path in _FAST and scope["method"] == "POST":
+                    await self._complete(scope, receive, send_with_id, path, limit, cache_control)
+                    return
+            except RaglineError as exc:
+                await send_error(send_with_id, exc)
+                return
+            await self.api(scope, _limited(receive, limit), send_with_id)
+        finally:
+            app_state.in_flight -= 1
+            principal = state.get("principal")
+            line = (
+                request_id,
+                scope["method"],
+                path,
+                status,
+                (time.perf_counter() - started) * 1000,
+                getattr(principal, "key_id", None),
+                state.get("log_fields"),
+            )
+            self.bookkeeping.add(lambda: _log(*line))
+
+    async def _complete(
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        path: str,
+        limit: int,
+        cache_control: bytes,
+    ) -> None:
+        """``POST /v1/chat/completions`` and ``/v1/completions``: straight to the pipeline."""
+        body = await _read_body(receive, limit)
+        request = HttpRequest(
+            request_id=scope["state"]["request_id"],
+            principal=scope["state"]["principal"],
+            body=body,
+            receive=receive,
+            no_cache=b"no-cache" in cache_control.lower(),
+        )
+        try:
+            reply = await self.state.pipeline.handle(path, request)
+        except Exception as exc:
+            mapped = as_ragline_error(exc)
+            if mapped is None:
+                if not isinstance(exc, ClientDisconnected):
+                    log.exception("unhandled error", exc_info=exc)
+                    await _send_json(send, 500, error_body(_SERVER_ERROR, "server_error"))
+                return
+            if mapped.status_code >= 500:
+                log.warning("request failed: %s (%s)", mapped.message, type(mapped).__name__)
+            await send_error(send, mapped)
+            return
+        try:
+            await send_reply(send, receive, reply)
+        finally:
+            if reply.after is not None:
+                self.bookkeeping.add(reply.after)
+            if reply.log_fields is not None:
+                scope["state"]["log_fields"] = reply.log_fields()
+
+
+_SERVER_ERROR = "The server had an error processing your request."
+
+
+async def send_reply(send: Send, receive: Receive, reply: Reply) -> None:
+    """Send ``reply``; a stream is cancelled when the client leaves."""
+    headers = [(k.lower().encode(), v.encode()) for k, v in reply.headers.items()]
+    if reply.stream is None:
+        headers.append((b"content-length", str(len(reply.body)).encode()))
+        await send({"type": "http.response.start", "status": reply.status, "headers": headers})
+        await send({"type": "http.response.body", "body": reply.body})
+    else:
+        await send({"type": "http.response.start", "status": reply.status, "headers": headers})
+        await _stream(send, receive, reply.stream)
+
+
+async def _log(*line: Any) -> None:
+    access_log(*line)
+
+
+async def _stream(send: Send, receive: Receive, events: Any) -> None:
+    sender = asyncio.current_task()
+    assert sender is not None
+    watcher = asyncio.create_task(wait_disconnect(receive))
+    watcher.add_done_callback(lambda t: t.cancelled() or sender.cancel())
+    try:
+        async for event in events:
+            await send({"type": "http.response.body", "body": event, "more_body": True})
+        await send({"type": "http.response.body", "body": b""})
+    except asyncio.CancelledError:
+        if not watcher.done() or watcher.cancelled():
+            raise
+        sender.uncancel()  # the client left: the stream was closed, nothing more to send
+    finally:
+        watcher.cancel()
+        await events.aclose()
+
+
+async def _read_body(receive: Receive, limit: int) -> bytes:
+    chunks: list[bytes] = []
+    seen = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientDisconnected()
+        chunk = message.get("body", b"")
+        seen += len(chunk)
+        if seen > limit:
+            raise too_large(limit)
+        chunks.append(chunk)
+        if not message.get("more_body"):
+            return b"".join(chunks)
+
+
+def _limited(receive: Receive, limit: int) -> Receive:
+    """``receive`` that fails once a chunked body crosses ``limit``."""
+    seen = 0
+
+    async def limited_receive() -> Message:
+        nonlocal seen
+        message = await receive()
+        if message["type"] == "http.request":
+            seen += len(message.get("body", b""))
+            if seen > limit:
+                raise too_large(limit)
+        return message
+
+    return limited_receive
+
+
+async def _send_json(send: Send, status: int, body: dict[str, Any]) -> None:
+    data = orjson.dumps(body)
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": data})
