@@ -1,17 +1,19 @@
-"""The gateway's own cost with auth, rate limits, metrics and logs on, against the fast mock.
+"""The gateway's own cost with keys, Redis limits, metrics and JSON logs on, against the mock.
 
-    python -m benchmarks.platform_overhead [--requests 2000] [--rounds 3] [--connections 16]
+    python -m benchmarks.platform_overhead [--seconds 5] [--rounds 3] [--connections 16] [--json]
 
-Starts the mock upstream and one gateway process (an API key with RPM/TPM limits, Redis-backed
-limits when ``REDIS_URL`` is set or Redis answers on 127.0.0.1:6379, Prometheus metrics, JSON
-access logs to a file), then measures in one run, interleaved round by round:
+Starts the mock upstream and two gateway processes in front of it (an API key with RPM/TPM
+limits, Redis-backed limits when ``REDIS_URL`` is set or Redis answers on 127.0.0.1:6379,
+Prometheus metrics, JSON access logs to a file): one with safety off, one with the default
+policy. Then, in one run, interleaved round by round so all three see the same machine noise:
 
-- non-streaming latency at one connection, direct to the mock and through the gateway
-  (p50 and p99 of end-to-end time, and their differences);
-- the most non-streaming requests/s at ``--connections`` connections, each way.
+- non-streaming latency at one connection (p50 and p99), each of the three;
+- the most non-streaming requests/s at ``--connections`` connections, each of the three.
 
-The load generator runs on the same machine, so it competes for the same cores; compare the two
-sides of one run, not numbers across runs.
+It prints the added latency and the requests/s of each gateway beside the goals of the
+pipeline issue. The load comes from ``wrk`` when it is installed (Debian's ``wrk``: a C load
+generator that leaves the cores to the servers), else from an aiohttp client in this process,
+which competes for the same two cores (its figures are lower; compare sides of one run only).
 """
 
 from __future__ import annotations
@@ -20,12 +22,16 @@ import argparse
 import asyncio
 import json
 import os
+import re
+import shutil
 import socket
 import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 
@@ -35,7 +41,16 @@ from gateway.auth import hash_key
 KEY = "sk-platform-bench"
 BODY = json.dumps(
     {"model": "smollm2", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8}
-).encode()
+)
+# goals: added p50 latency at one connection (ms), requests/s at 16 connections
+GOALS = {"off": (0.5, 2500), "default": (1.0, 1500)}
+
+
+@dataclass
+class Target:
+    name: str
+    url: str
+    headers: dict[str, str]
 
 
 def _port() -> int:
@@ -56,7 +71,7 @@ def _redis_url() -> str | None:
 
 async def _wait(url: str) -> None:
     async with aiohttp.ClientSession() as session:
-        for _ in range(300):
+        for _ in range(600):
             try:
                 async with session.get(url) as r:
                     if r.status == 200:
@@ -67,45 +82,76 @@ async def _wait(url: str) -> None:
     raise RuntimeError(f"{url} did not come up")
 
 
-async def latencies(url: str, headers: dict[str, str], n: int) -> list[float]:
-    async with aiohttp.ClientSession() as session:
-        out = []
-        for _ in range(n):
-            start = time.perf_counter()
-            async with session.post(url, data=BODY, headers=headers) as r:
-                await r.read()
-                assert r.status == 200, r.status
-            out.append(time.perf_counter() - start)
-        return out
+# -- load: wrk when installed, else aiohttp ------------------------------------------------------
+
+_WRK_SCRIPT = """
+wrk.method = "POST"
+wrk.body = [[{body}]]
+{headers}
+"""
 
 
-async def max_rate(url: str, headers: dict[str, str], n: int, connections: int) -> float:
+def _wrk(target: Target, connections: int, seconds: float, script_dir: Path) -> dict[str, float]:
+    script = script_dir / f"{target.name}.lua"
+    headers = "\n".join(f'wrk.headers["{k}"] = "{v}"' for k, v in target.headers.items())
+    script.write_text(_WRK_SCRIPT.format(body=BODY, headers=headers))
+    duration = f"-d{max(1, round(seconds))}s"
+    command = ["wrk", "-t1", f"-c{connections}", duration, "--latency", "-s", str(script)]
+    out = subprocess.run([*command, target.url], capture_output=True, text=True, check=True).stdout
+    if "Non-2xx" in out:
+        raise RuntimeError(f"{target.name}: some requests failed:\n{out}")
+
+    def latency(q: str) -> float:
+        match = re.search(rf"^\s+{q}%\s+([0-9.]+)(us|ms|s)\s*$", out, re.M)
+        assert match, out
+        scale = {"us": 0.001, "ms": 1.0, "s": 1000.0}[match.group(2)]
+        return float(match.group(1)) * scale
+
+    rate = re.search(r"^Requests/sec:\s+([0-9.]+)", out, re.M)
+    assert rate, out
+    return {"p50_ms": latency("50"), "p99_ms": latency("99"), "rps": float(rate.group(1))}
+
+
+async def _aiohttp(target: Target, connections: int, seconds: float) -> dict[str, float]:
     connector = aiohttp.TCPConnector(limit=connections)
+    latencies: list[float] = []
+    failures = 0
     async with aiohttp.ClientSession(connector=connector) as session:
-        remaining = n
-        failures = 0
+        deadline = time.perf_counter() + seconds
 
         async def worker() -> None:
-            nonlocal remaining, failures
-            while remaining > 0:
-                remaining -= 1
-                async with session.post(url, data=BODY, headers=headers) as r:
+            nonlocal failures
+            while time.perf_counter() < deadline:
+                start = time.perf_counter()
+                async with session.post(target.url, data=BODY, headers=target.headers) as r:
                     await r.read()
                     failures += r.status != 200
+                latencies.append(time.perf_counter() - start)
 
-        start = time.perf_counter()
+        started = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(connections)))
-        elapsed = time.perf_counter() - start
-        if failures:
-            raise RuntimeError(f"{failures} requests failed")
-        return n / elapsed
+        elapsed = time.perf_counter() - started
+    if failures:
+        raise RuntimeError(f"{target.name}: {failures} requests failed")
+    return {
+        "p50_ms": percentile(latencies, 50) * 1000,
+        "p99_ms": percentile(latencies, 99) * 1000,
+        "rps": len(latencies) / elapsed,
+    }
 
 
-async def main_async(args: argparse.Namespace) -> dict[str, object]:
-    work = Path(tempfile.mkdtemp(prefix="ragline-platform-"))
-    mock_port, gw_port = _port(), _port()
-    redis_url = _redis_url()
-    config = work / "gateway.yaml"
+def measure(target: Target, connections: int, seconds: float, script_dir: Path) -> dict[str, float]:
+    if shutil.which("wrk"):
+        return _wrk(target, connections, seconds, script_dir)
+    return asyncio.run(_aiohttp(target, connections, seconds))
+
+
+# -- the run -------------------------------------------------------------------------------------
+
+
+def _gateway(work: Path, name: str, mock_port: int, redis_url: str | None, safety: bool) -> Any:
+    port = _port()
+    config = work / f"{name}.yaml"
     config.write_text(
         json.dumps(
             {
@@ -123,78 +169,115 @@ async def main_async(args: argparse.Namespace) -> dict[str, object]:
                         "policy": {"rpm": 100_000_000, "tpm": 1_000_000_000},
                     }
                 ],
-            }
+                "safety": {"enabled": safety},
+            }  # fmt: skip
         )
     )
     env = {**os.environ, "RAGLINE_LOG_LEVEL": "info"}
     if redis_url:
         env["REDIS_URL"] = redis_url
+    process = subprocess.Popen(
+        [sys.executable, "-m", "gateway.cli", "serve", "--port", str(port), "--config",
+         str(config)],
+        env=env, stdout=(work / f"{name}.log").open("wb"), stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    return process, port
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    work = Path(tempfile.mkdtemp(prefix="ragline-platform-"))
+    mock_port = _port()
+    redis_url = _redis_url()
     mock = subprocess.Popen(
         [sys.executable, "-m", "benchmarks.mock_upstream", "--port", str(mock_port)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    gateway = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "gateway.cli",
-            "serve",
-            "--port",
-            str(gw_port),
-            "--config",
-            str(config),
-        ],
-        env=env,
-        stdout=(work / "gateway.log").open("wb"),
-        stderr=subprocess.STDOUT,
-    )
+    off, off_port = _gateway(work, "off", mock_port, redis_url, safety=False)
+    default, default_port = _gateway(work, "default", mock_port, redis_url, safety=True)
+    auth = {"Content-Type": "application/json", "Authorization": f"Bearer {KEY}"}
+    targets = [
+        Target("mock", f"http://127.0.0.1:{mock_port}/v1/chat/completions",
+               {"Content-Type": "application/json"}),
+        Target("off", f"http://127.0.0.1:{off_port}/v1/chat/completions", auth),
+        Target("default", f"http://127.0.0.1:{default_port}/v1/chat/completions", auth),
+    ]  # fmt: skip
     try:
-        await _wait(f"http://127.0.0.1:{mock_port}/health")
-        await _wait(f"http://127.0.0.1:{gw_port}/ready")
-        direct = (
-            f"http://127.0.0.1:{mock_port}/v1/chat/completions",
-            {"Content-Type": "application/json"},
-        )
-        via = (
-            f"http://127.0.0.1:{gw_port}/v1/chat/completions",
-            {"Content-Type": "application/json", "Authorization": f"Bearer {KEY}"},
-        )
-        lat: dict[str, list[float]] = {"direct": [], "gateway": []}
-        rate = {"direct": 0.0, "gateway": 0.0}
-        await latencies(*via, 100)  # warm-up: connections, JIT-free but cache-warm paths
-        for _ in range(args.rounds):
-            for name, (url, headers) in (("direct", direct), ("gateway", via)):
-                lat[name] += await latencies(url, headers, args.latency_requests)
-            for name, (url, headers) in (("direct", direct), ("gateway", via)):
-                rate[name] = max(
-                    rate[name], await max_rate(url, headers, args.requests, args.connections)
-                )
-        result: dict[str, object] = {"redis": bool(redis_url), "connections": args.connections}
-        for q in (50, 99):
-            d = percentile(lat["direct"], q) * 1000
-            g = percentile(lat["gateway"], q) * 1000
-            result[f"p{q}_ms"] = {
-                "direct": round(d, 3),
-                "gateway": round(g, 3),
-                "added": round(g - d, 3),
-            }
-        result["max_requests_per_s"] = {k: round(v) for k, v in rate.items()}
-        return result
+        asyncio.run(_wait(f"http://127.0.0.1:{mock_port}/health"))
+        for port in (off_port, default_port):
+            asyncio.run(_wait(f"http://127.0.0.1:{port}/ready"))
+        for target in targets:  # warm-up: connections, caches
+            measure(target, args.connections, 1.0, work)
+        p50: dict[str, list[float]] = {t.name: [] for t in targets}
+        p99: dict[str, list[float]] = {t.name: [] for t in targets}
+        rps: dict[str, float] = {t.name: 0.0 for t in targets}
+        for i in range(args.rounds):
+            order = targets if i % 2 == 0 else targets[::-1]
+            for target in order:
+                one = measure(target, 1, args.seconds, work)
+                p50[target.name].append(one["p50_ms"])
+                p99[target.name].append(one["p99_ms"])
+            for target in order:
+                many = measure(target, args.connections, args.seconds, work)
+                rps[target.name] = max(rps[target.name], many["rps"])
     finally:
-        for proc in (gateway, mock):
-            proc.terminate()
-            proc.wait(timeout=30)
+        for process in (off, default, mock):
+            process.terminate()
+            process.wait(timeout=30)
+    median = {name: sorted(values)[len(values) // 2] for name, values in p50.items()}
+    result: dict[str, Any] = {
+        "load": "wrk" if shutil.which("wrk") else "aiohttp (in process)",
+        "redis": bool(redis_url),
+        "connections": args.connections,
+        "mock": {"p50_ms": round(median["mock"], 3), "rps": round(rps["mock"])},
+    }
+    for name in ("off", "default"):
+        added = median[name] - median["mock"]
+        goal_ms, goal_rps = GOALS[name]
+        result[f"safety_{name}"] = {
+            "p50_ms": round(median[name], 3),
+            "p99_ms": round(sorted(p99[name])[len(p99[name]) // 2], 3),
+            "added_p50_ms": round(added, 3),
+            "rps": round(rps[name]),
+            "goal_added_p50_ms": goal_ms,
+            "goal_rps": goal_rps,
+            "pass": added <= goal_ms and rps[name] >= goal_rps,
+        }
+    return result
+
+
+def print_table(result: dict[str, Any]) -> None:
+    print(
+        f"load: {result['load']}; Redis limits: {'on' if result['redis'] else 'off'}; "
+        f"latency at 1 connection, requests/s at {result['connections']}"
+    )
+    print("| | p50, 1 connection | added p50 (goal) | p99 | requests/s (goal) | goals |")
+    print("|---|---|---|---|---|---|")
+    mock = result["mock"]
+    print(f"| mock upstream alone | {mock['p50_ms']:.3f} ms | | | {mock['rps']:,} | |")
+    for name in ("off", "default"):
+        r = result[f"safety_{name}"]
+        label = "ragline, safety off" if name == "off" else "ragline, default policy"
+        print(
+            f"| {label} | {r['p50_ms']:.3f} ms | +{r['added_p50_ms']:.3f} ms "
+            f"(≤ {r['goal_added_p50_ms']}) | {r['p99_ms']:.3f} ms | {r['rps']:,} "
+            f"(≥ {r['goal_rps']:,}) | {'PASS' if r['pass'] else 'FAIL'} |"
+        )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--requests", type=int, default=3000, help="per max-rate round")
-    parser.add_argument("--latency-requests", type=int, default=500, help="per latency round")
+    parser.add_argument("--seconds", type=float, default=5.0, help="per measurement")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--connections", type=int, default=16)
-    result = asyncio.run(main_async(parser.parse_args()))
-    print(json.dumps(result, indent=2))
+    parser.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    args = parser.parse_args()
+    result = run(args)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print_table(result)
+    sys.exit(0 if all(result[f"safety_{n}"]["pass"] for n in ("off", "default")) else 1)
 
 
 if __name__ == "__main__":
