@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 from gateway.auth import Principal
@@ -87,17 +87,17 @@ class Ticket:
             await a.limiter.settle(self.reservation, used)
             elapsed = time.perf_counter() - self.started
             m, key = a.metrics, self.principal.key_id
-            m.requests.labels(self.endpoint, self.model, key, str(status)).inc()
-            m.latency.labels(self.endpoint, self.model).observe(elapsed)
+            m.child(m.requests, self.endpoint, self.model, key, str(status)).inc()
+            m.child(m.latency, self.endpoint, self.model).observe(elapsed)
             if self.prompt_tokens:
-                m.prompt_tokens.labels(self.model, key).inc(self.prompt_tokens)
+                m.child(m.prompt_tokens, self.model, key).inc(self.prompt_tokens)
             if self.completion_tokens:
-                m.completion_tokens.labels(self.model, key).inc(self.completion_tokens)
+                m.child(m.completion_tokens, self.model, key).inc(self.completion_tokens)
             if ttft is not None:
-                m.ttft.labels(self.model).observe(ttft)
+                m.child(m.ttft, self.model).observe(ttft)
                 if self.completion_tokens > 1:
                     tpot = (elapsed - ttft) / (self.completion_tokens - 1)
-                    m.tpot.labels(self.model).observe(tpot)
+                    m.child(m.tpot, self.model).observe(tpot)
             for hook in self.hooks:
                 await hook(status, (self.prompt_tokens, self.completion_tokens))
         except Exception:  # the answer was sent; a failure here must not become the client's
@@ -142,7 +142,7 @@ class Admission:
                 self.metrics.rate_limited.labels(principal.key_id).inc()
             raise
         ticket = Ticket(self, principal, call.endpoint, call.model, reservation, call.started)
-        return replace(call, body=body, ticket=ticket)
+        return call.evolve(body=body, ticket=ticket)
 
     async def lookup(self, call: Call) -> tuple[Call, CachedResponse | None]:
         """Step 7a: the cache key of the rendered request, and the cached answer, if any."""
@@ -154,7 +154,7 @@ class Admission:
         adapter = target.adapter.name if target.adapter else None
         key = cache_key(call.endpoint, call.body, target.base, adapter, variant)
         ticket.cache_result = "miss"
-        call = replace(call, cache_key=key)
+        call = call.evolve(cache_key=key)
         if call.no_cache:
             return call, None
         hit = await self.cache.get(key)

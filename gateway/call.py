@@ -43,6 +43,17 @@ class Call:
     shaped: Shaped | None = None  # step 6
     cache_key: str | None = None  # step 7
 
+    def evolve(self, **changes: Any) -> Call:
+        """A new ``Call`` with ``changes``: what ``dataclasses.replace`` does, at a tenth of its
+        cost (it re-runs ``__init__``; this copies the fields), on the request path twice."""
+        unknown = changes.keys() - self.__dict__.keys()
+        if unknown:
+            raise TypeError(f"Call has no field {sorted(unknown)[0]!r}")
+        new = object.__new__(Call)
+        new.__dict__.update(self.__dict__)
+        new.__dict__.update(changes)
+        return new
+
     @property
     def chat(self) -> bool:
         return self.endpoint == CHAT
@@ -110,9 +121,17 @@ def check_supported(call: Call, caps: Capabilities) -> None:
         raise UnsupportedParameter("echo needs text prompts.", param="echo")
 
 
-def generation_request(call: Call, request_id: str, adapter: str | None) -> GenerationRequest:
-    """The backend's view of ``call``: typed fields from the final body, and the body itself."""
+def generation_request(
+    call: Call, request_id: str, adapter: str | None, typed: bool = True
+) -> GenerationRequest:
+    """The backend's view of ``call``: the final body and, when ``typed`` (a backend that does
+    not forward the body), the typed fields read from it."""
     body = call.body
+    if not typed:
+        n = int(body.get("n") or 1)
+        return GenerationRequest(
+            request_id, call.model, _DEFAULTS, n, adapter=adapter, body=body, path=call.endpoint
+        )
     messages = None
     prompt: str | None = None
     prompt_ids: tuple[int, ...] | None = None
@@ -146,7 +165,11 @@ def generation_request(call: Call, request_id: str, adapter: str | None) -> Gene
         echo=bool(body.get("echo")),
         adapter=adapter,
         body=body,
+        path=call.endpoint,
     )
+
+
+_DEFAULTS = GenerationParams()
 
 
 def _is_ids(value: Any) -> bool:

@@ -18,13 +18,13 @@ import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-import orjson
 from starlette.types import Message, Receive, Scope, Send
 
+from gateway import logs
 from gateway.auth import PUBLIC_PATHS, authenticate
 from gateway.backends.base import CHAT, COMPLETIONS
 from gateway.config import Settings
-from gateway.errors import RaglineError, as_ragline_error, error_body
+from gateway.errors import RaglineError, as_ragline_error
 from gateway.http import (
     ClientDisconnected,
     HttpRequest,
@@ -68,11 +68,12 @@ class Bookkeeping:
         try:
             while self._jobs:
                 jobs, self._jobs = self._jobs, []
-                for job in jobs:
-                    try:
-                        await job()
-                    except Exception:
-                        log.exception("bookkeeping after a response failed")
+                with logs.batch():  # the batch's access lines in one write
+                    for job in jobs:
+                        try:
+                            await job()
+                        except Exception:
+                            log.exception("bookkeeping after a response failed")
         finally:
             self._running = None
 
@@ -144,7 +145,9 @@ class FrontDoor:
                         app_state.keys, authorization, path, scope.get("client")
                     )
                 if path in _FAST and scope["method"] == "POST":
-                    await self._complete(scope, receive, send_with_id, path, limit, cache_control)
+                    status = await self._complete(
+                        scope, receive, send, path, limit, cache_control, id_header
+                    )
                     return
             except RaglineError as exc:
                 await send_error(send_with_id, exc)
@@ -172,8 +175,10 @@ class FrontDoor:
         path: str,
         limit: int,
         cache_control: bytes,
-    ) -> None:
-        """``POST /v1/chat/completions`` and ``/v1/completions``: straight to the pipeline."""
+        id_header: tuple[bytes, bytes],
+    ) -> int:
+        """``POST /v1/chat/completions`` and ``/v1/completions``: straight to the pipeline.
+        Returns the status sent."""
         body = await _read_body(receive, limit)
         request = HttpRequest(
             request_id=scope["state"]["request_id"],
@@ -187,29 +192,33 @@ class FrontDoor:
         except Exception as exc:
             mapped = as_ragline_error(exc)
             if mapped is None:
-                if not isinstance(exc, ClientDisconnected):
-                    log.exception("unhandled error", exc_info=exc)
-                    await _send_json(send, 500, error_body(_SERVER_ERROR, "server_error"))
-                return
-            if mapped.status_code >= 500:
+                if isinstance(exc, ClientDisconnected):
+                    return 499
+                log.exception("unhandled error", exc_info=exc)
+                mapped = RaglineError(_SERVER_ERROR)
+            elif mapped.status_code >= 500:
                 log.warning("request failed: %s (%s)", mapped.message, type(mapped).__name__)
-            await send_error(send, mapped)
-            return
+            await send_error(send, mapped, extra=[id_header])
+            return mapped.status_code
         try:
-            await send_reply(send, receive, reply)
+            await send_reply(send, receive, reply, id_header)
         finally:
             if reply.after is not None:
                 self.bookkeeping.add(reply.after)
             if reply.log_fields is not None:
                 scope["state"]["log_fields"] = reply.log_fields()
+        return reply.status
 
 
 _SERVER_ERROR = "The server had an error processing your request."
 
 
-async def send_reply(send: Send, receive: Receive, reply: Reply) -> None:
+async def send_reply(
+    send: Send, receive: Receive, reply: Reply, *extra: tuple[bytes, bytes]
+) -> None:
     """Send ``reply``; a stream is cancelled when the client leaves."""
     headers = [(k.lower().encode(), v.encode()) for k, v in reply.headers.items()]
+    headers += extra
     if reply.stream is None:
         headers.append((b"content-length", str(len(reply.body)).encode()))
         await send({"type": "http.response.start", "status": reply.status, "headers": headers})
@@ -271,10 +280,3 @@ def _limited(receive: Receive, limit: int) -> Receive:
         return message
 
     return limited_receive
-
-
-async def _send_json(send: Send, status: int, body: dict[str, Any]) -> None:
-    data = orjson.dumps(body)
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]
-    await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": data})

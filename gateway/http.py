@@ -27,11 +27,17 @@ def too_large(limit: int) -> PayloadTooLarge:
     return PayloadTooLarge(f"Request body is larger than this server accepts ({limit} bytes).")
 
 
-async def send_error(send: Send, exc: RaglineError, close: bool = False) -> None:
+async def send_error(
+    send: Send,
+    exc: RaglineError,
+    close: bool = False,
+    extra: list[tuple[bytes, bytes]] | None = None,
+) -> None:
     """Render an error from ASGI code (before or instead of a route), in OpenAI's shape."""
     data = orjson.dumps(exc.body())
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]
     headers += [(k.lower().encode(), v.encode()) for k, v in exc.headers.items()]
+    headers += extra or []
     if close:
         headers.append((b"connection", b"close"))
     await send({"type": "http.response.start", "status": exc.status_code, "headers": headers})

@@ -6,8 +6,11 @@ never are (only key ids).
 
 from __future__ import annotations
 
+import io
 import logging
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import orjson
@@ -33,13 +36,59 @@ class JsonFormatter(logging.Formatter):
         return orjson.dumps(payload, default=str).decode()
 
 
+class BatchingHandler(logging.StreamHandler):
+    """A stream handler that can hold its writes: inside ``batch()`` lines go to a buffer and
+    reach the stream in one write at the end (warnings and worse at once); outside, each line is
+    written as it comes, as ``StreamHandler`` does."""
+
+    holding = 0
+
+    def flush(self) -> None:
+        if not self.holding:
+            super().flush()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        super().emit(record)
+        if self.holding and record.levelno >= logging.WARNING:
+            self.drain()
+
+    def drain(self) -> None:
+        """Write what is held (``Handler.release`` is the lock's: not overridden)."""
+        self.acquire()
+        try:
+            self.stream.flush()
+        finally:
+            self.release()
+
+
+@contextmanager
+def batch() -> Iterator[None]:
+    """Write the lines logged inside in one go (the access lines of a batch of responses)."""
+    handlers = [h for h in logging.getLogger().handlers if isinstance(h, BatchingHandler)]
+    for handler in handlers:
+        handler.holding += 1
+    try:
+        yield
+    finally:
+        for handler in handlers:
+            handler.holding -= 1
+            if not handler.holding:
+                handler.drain()
+
+
 def configure(level: str, fmt: str) -> None:
     # the logging HOWTO's optimisations: no caller lookup (a stack walk per record), no thread
     # or multiprocessing names; none of them is in our lines
     logging._srcfile = None
     logging.logThreads = False
     logging.logMultiprocessing = False
-    handler = logging.StreamHandler(sys.stderr)
+    # stderr itself is line-buffered (one write per line): a buffered writer on its descriptor
+    stream = io.TextIOWrapper(
+        open(sys.stderr.fileno(), "wb", buffering=1 << 16, closefd=False),  # noqa: SIM115
+        encoding="utf-8",
+        errors="backslashreplace",
+    )
+    handler = BatchingHandler(stream)
     if fmt == "json":
         handler.setFormatter(JsonFormatter())
     else:

@@ -20,7 +20,7 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncGenerator, Awaitable, Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import orjson
@@ -146,7 +146,7 @@ class Pipeline:
                     "/v1/chat/completions.",
                     param="model" if templated else asked,
                 )
-        return replace(call, target=target)
+        return call.evolve(target=target)
 
     # -- 5, 6 ------------------------------------------------------------------------------------
 
@@ -192,7 +192,7 @@ class Pipeline:
             def screen(text: str) -> str | None:
                 return self.safety.screen_chunk(policy, text, principal)
 
-        return replace(call, retrieved=await self.rag.retrieve(principal, config, query, screen))
+        return call.evolve(retrieved=await self.rag.retrieve(principal, config, query, screen))
 
     async def render(self, call: Call) -> Call:
         """Step 6: a templated chat request's messages and sampling settings are replaced."""
@@ -215,7 +215,7 @@ class Pipeline:
             self.prompts.count(shaped, status, usage)
 
         ticket.hooks.append(count)
-        return replace(call, body=call.with_body(**changes), shaped=shaped)
+        return call.evolve(body=call.with_body(**changes), shaped=shaped)
 
     async def _answered(self, call: Call, kind: str, payload: bytes | None) -> None:
         """A complete answer, before its last byte is sent: keep it for the cache (unless it
@@ -321,7 +321,8 @@ class Pipeline:
                 failure = not_ready(backend)
                 continue
             adapter = target.adapter.name if target.adapter is not None and i == 0 else None
-            request = generation_request(call, response_id, adapter)
+            typed = not backend.capabilities.forwards_body
+            request = generation_request(call, response_id, adapter, typed)
             started = time.perf_counter()
             try:
                 result = await attempt(backend, request)
@@ -331,7 +332,8 @@ class Pipeline:
                 failure = exc
                 continue
             finally:  # every call counts (a stream: until its first event)
-                self.metrics.backend.labels(backend.name).observe(time.perf_counter() - started)
+                m = self.metrics
+                m.child(m.backend, backend.name).observe(time.perf_counter() - started)
             ticket.served_by = backend.name
             return result
         assert failure is not None

@@ -72,11 +72,9 @@ class _Protocol(asyncio.Protocol):
 
 
 def encode(args: tuple[Any, ...]) -> bytes:
-    parts = [b"*%d\r\n" % len(args)]
-    for arg in args:
-        value = arg if isinstance(arg, bytes) else str(arg).encode()
-        parts.append(b"$%d\r\n%s\r\n" % (len(value), value))
-    return b"".join(parts)
+    """A command in RESP: ``*<n>`` then ``$<len> <bytes>`` per argument."""
+    values = [a if isinstance(a, bytes) else str(a).encode() for a in args]
+    return b"*%d\r\n" % len(values) + b"".join(b"$%d\r\n%b\r\n" % (len(v), v) for v in values)
 
 
 class RespConnection:

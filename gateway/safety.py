@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncGenerator, AsyncIterator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 from gateway.auth import Principal
@@ -153,7 +153,7 @@ class SafetyStage:
                     for i, p in enumerate(prompt)
                 ]  # token-id prompts are not text: nothing to scan
                 body = call.with_body(prompt=texts) if texts != prompt else body
-        return replace(call, body=body, screened=screened)
+        return call.evolve(body=body, screened=screened)
 
     async def _scan(
         self, policy: Policy, text: str, context: ScanContext, param: str, screened: Screened

@@ -76,9 +76,12 @@ class GenerationRequest:
     echo: bool = False  # completions: the prompt is part of each choice's text
     adapter: str | None = None  # a LoRA adapter of the backend's; None: the base model
     body: Mapping[str, Any] | None = None
+    path: str | None = None  # the endpoint ``body`` is for (set with ``body``)
 
     @property
     def endpoint(self) -> str:
+        if self.path is not None:
+            return self.path
         return CHAT if self.messages is not None else COMPLETIONS
 
 
@@ -154,6 +157,7 @@ class Capabilities:
     suffix: bool = True
     stream_batches: bool = True  # streaming a completion with several prompts
     echo_token_ids: bool = True  # echo with token-id prompts
+    forwards_body: bool = True  # sends ``GenerationRequest.body`` on: needs no typed fields
 
 
 @runtime_checkable

@@ -61,6 +61,7 @@ class EmbeddedBackend:
         suffix=False,
         stream_batches=False,
         echo_token_ids=False,
+        forwards_body=False,
     )
 
     def __init__(

@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import math
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -34,10 +35,17 @@ _MIX = np.uint64(0x9E3779B97F4A7C15)  # Fibonacci hashing: the top 20 bits pick 
 _SHIFT = np.uint64(64 - 20)
 
 
+_SHORT = 128  # characters: below this, plain Python beats numpy's per-call overhead
+_MASK = (1 << 64) - 1
+
+
 def ngram_indices(text: str) -> np.ndarray:
     """Feature indices of the character 2- to 5-grams of each lower-cased word padded with a
     space (scikit-learn's ``char_wb`` analyzer), hashed with numpy: 9x faster than
-    ``HashingVectorizer`` on a 500-token text (0.4 ms instead of 3.7), the same n-grams."""
+    ``HashingVectorizer`` on a 500-token text (0.4 ms instead of 3.7), the same n-grams. A short
+    text is hashed in plain Python (the same numbers: 6 µs instead of 31 for "hi")."""
+    if len(text) < _SHORT:
+        return np.array(_short_ngram_indices(text), dtype=np.int64)
     words = text.lower().split()
     if not words:
         return np.zeros(0, dtype=np.int64)
@@ -54,6 +62,20 @@ def ngram_indices(text: str) -> np.ndarray:
             inside = positions[: len(hashes)] + n <= word_end[: len(hashes)]
             out.append((((hashes[inside] + np.uint64(n)) * _MIX) >> _SHIFT).astype(np.int64))
     return np.concatenate(out)
+
+
+def _short_ngram_indices(text: str) -> list[int]:
+    base, mix, shift = int(_BASE), int(_MIX), int(_SHIFT)
+    out = []
+    for word in text.lower().split():
+        codes = [32, *map(ord, word), 32]
+        size = len(codes)
+        for i in range(size - 1):
+            h = codes[i]
+            for n in range(2, min(NGRAMS[1], size - i) + 1):
+                h = (h * base + codes[i + n - 1]) & _MASK
+                out.append((((h + n) * mix) & _MASK) >> shift)
+    return out
 
 
 def char_counts(texts: list[str]) -> Any:
@@ -121,6 +143,36 @@ class InjectionModel:
             logits = logits + embeddings.astype(np.float64) @ self.emb_coef
         return 1.0 / (1.0 + np.exp(-logits))
 
+    def row(self, text: str) -> tuple[np.ndarray, np.ndarray]:
+        """One text's features as (indices, values), the same numbers as a row of
+        ``features([text])`` without building a sparse matrix (a tenth of the time for a short
+        request, which is what the request path sees)."""
+        index, counts = np.unique(ngram_indices(text), return_counts=True)
+        values = (1.0 + np.log(counts)) * self.idf[index]
+        keep = values != 0
+        index, values = index[keep], values[keep]
+        norm = np.sqrt(values @ values)
+        return index, values / norm if norm > 0 else values
+
+    def score_row(
+        self, row: tuple[np.ndarray, np.ndarray], embedding: np.ndarray | None = None
+    ) -> float:
+        """``probability`` of one text from its ``row``."""
+        index, values = row
+        logit = float(values @ self.char_coef[index]) + self.intercept
+        if embedding is not None and self.emb_coef.any():
+            logit += float(embedding.astype(np.float64).reshape(-1) @ self.emb_coef)
+        return 1.0 / (1.0 + math.exp(-logit))
+
+    def gate_row(self, row: tuple[np.ndarray, np.ndarray]) -> float:
+        """``gate`` of one text from its ``row``."""
+        if self.gate_coef is None:
+            return 1.0
+        index, values = row
+        return 1.0 / (
+            1.0 + math.exp(-(float(values @ self.gate_coef[index]) + self.gate_intercept))
+        )
+
     def gate(self, texts: list[str], features: Any = None) -> np.ndarray:
         """``P(injection | text)`` from character n-grams alone: no embedding needed. Texts
         below ``gate_below`` are allowed without embedding them (ones if there is no gate)."""
@@ -165,14 +217,14 @@ class InjectionScanner(BaseScanner):
             return Verdict("block", [Finding("prompt_injection", *spans[0])], 1.0)
         if not self.use_classifier or not text.strip():
             return Verdict()
-        features = self.model.features([text])
-        gate = float(self.model.gate([text], features)[0])
+        row = self.model.row(text)
+        gate = self.model.gate_row(row)
         if gate < self.model.gate_below:  # clearly benign on its characters: no embedding
             return Verdict("allow", [], gate)
         embedding = None
         if self.embedder is not None and self.model.emb_coef.any():
             embedding = np.asarray(self.embedder.embed_one(text)).reshape(1, -1)
-        score = float(self.model.probability([text], embedding, features)[0])
+        score = self.model.score_row(row, embedding)
         threshold = self.threshold if self.threshold is not None else self.model.threshold
         if score >= threshold:
             return Verdict("block", [Finding("prompt_injection", 0, len(text), score)], score)
