@@ -8,7 +8,9 @@ Prometheus metrics, JSON access logs to a file): one with safety off, one with t
 policy. Then, in one run, interleaved round by round so all three see the same machine noise:
 
 - non-streaming latency at one connection (p50 and p99), each of the three;
-- the most non-streaming requests/s at ``--connections`` connections, each of the three.
+- the most non-streaming requests/s at ``--connections`` connections, each of the three;
+- the time to the first text of a stream, one at a time, from a second mock that answers
+  ordinary prose at 50 tokens/s (a stream guard that held a word back would show it).
 
 It prints the added latency and the requests/s of each gateway beside the goals of the
 pipeline issue. The load comes from ``wrk`` when it is installed (Debian's ``wrk``: a C load
@@ -44,6 +46,9 @@ BODY = json.dumps(
 )
 # goals: added p50 latency at one connection (ms), requests/s at 16 connections
 GOALS = {"off": (0.5, 2500), "default": (1.0, 1500)}
+TTFT_GOAL_MS = 2.0  # what the default policy may add to a stream's TTFT p50 over safety off
+_TEXT = re.compile(rb'"content": ?"[^"]')  # a chunk with text (not the empty role chunk)
+REPLY = "I'm sorry for any confusion. The capital of France is Paris, a city of 2.1 million."
 
 
 @dataclass
@@ -149,19 +154,41 @@ def measure(target: Target, connections: int, seconds: float, script_dir: Path) 
 # -- the run -------------------------------------------------------------------------------------
 
 
-def _gateway(work: Path, name: str, mock_port: int, redis_url: str | None, safety: bool) -> Any:
+async def _ttfts(url: str, headers: dict[str, str], model: str, n: int) -> list[float]:
+    """Seconds to the first text of ``n`` streams, one after the other."""
+    body = json.dumps(
+        {"model": model, "messages": [{"role": "user", "content": "hi"}], "stream": True}
+    )
+    out = []
+    async with aiohttp.ClientSession() as session:
+        for _ in range(n):
+            start = time.perf_counter()
+            first = None
+            async with session.post(url, data=body, headers=headers) as r:
+                async for line in r.content:
+                    if first is None and _TEXT.search(line):
+                        first = time.perf_counter() - start
+            assert first is not None, "no text came back"
+            out.append(first)
+    return out
+
+
+def _gateway(
+    work: Path, name: str, mock_port: int, prose_port: int, redis_url: str | None, safety: bool
+) -> Any:
     port = _port()
     config = work / f"{name}.yaml"
+    fast = {"name": "smollm2", "backend": "vllm", "upstreams": [f"http://127.0.0.1:{mock_port}"]}
+    prose = {
+        "name": "prose",
+        "backend": "openai",
+        "served_model": "smollm2",
+        "upstreams": [f"http://127.0.0.1:{prose_port}"],
+    }
     config.write_text(
         json.dumps(
             {
-                "models": [
-                    {
-                        "name": "smollm2",
-                        "backend": "vllm",
-                        "upstreams": [f"http://127.0.0.1:{mock_port}"],
-                    }
-                ],
+                "models": [fast, prose],
                 "keys": [
                     {
                         "id": "bench",
@@ -186,15 +213,20 @@ def _gateway(work: Path, name: str, mock_port: int, redis_url: str | None, safet
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     work = Path(tempfile.mkdtemp(prefix="ragline-platform-"))
-    mock_port = _port()
+    mock_port, prose_port = _port(), _port()
     redis_url = _redis_url()
     mock = subprocess.Popen(
         [sys.executable, "-m", "benchmarks.mock_upstream", "--port", str(mock_port)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    off, off_port = _gateway(work, "off", mock_port, redis_url, safety=False)
-    default, default_port = _gateway(work, "default", mock_port, redis_url, safety=True)
+    prose = subprocess.Popen(
+        [sys.executable, "-m", "benchmarks.mock_upstream", "--port", str(prose_port),
+         "--reply", REPLY, "--tokens-per-s", "50"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    off, off_port = _gateway(work, "off", mock_port, prose_port, redis_url, safety=False)
+    default, default_port = _gateway(work, "default", mock_port, prose_port, redis_url, safety=True)
     auth = {"Content-Type": "application/json", "Authorization": f"Bearer {KEY}"}
     targets = [
         Target("mock", f"http://127.0.0.1:{mock_port}/v1/chat/completions",
@@ -211,6 +243,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         p50: dict[str, list[float]] = {t.name: [] for t in targets}
         p99: dict[str, list[float]] = {t.name: [] for t in targets}
         rps: dict[str, float] = {t.name: 0.0 for t in targets}
+        ttft: dict[str, list[float]] = {t.name: [] for t in targets}
+        streams = {
+            "mock": (
+                f"http://127.0.0.1:{prose_port}/v1/chat/completions",
+                targets[0].headers,
+                "smollm2",
+            ),
+            "off": (targets[1].url, auth, "prose"),
+            "default": (targets[2].url, auth, "prose"),
+        }
         for i in range(args.rounds):
             order = targets if i % 2 == 0 else targets[::-1]
             for target in order:
@@ -220,16 +262,23 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             for target in order:
                 many = measure(target, args.connections, args.seconds, work)
                 rps[target.name] = max(rps[target.name], many["rps"])
+            for target in order:
+                ttft[target.name] += asyncio.run(_ttfts(*streams[target.name], args.streams))
     finally:
-        for process in (off, default, mock):
+        for process in (off, default, mock, prose):
             process.terminate()
             process.wait(timeout=30)
     median = {name: sorted(values)[len(values) // 2] for name, values in p50.items()}
+    first = {name: percentile(values, 50) * 1000 for name, values in ttft.items()}
     result: dict[str, Any] = {
         "load": "wrk" if shutil.which("wrk") else "aiohttp (in process)",
         "redis": bool(redis_url),
         "connections": args.connections,
-        "mock": {"p50_ms": round(median["mock"], 3), "rps": round(rps["mock"])},
+        "mock": {
+            "p50_ms": round(median["mock"], 3),
+            "rps": round(rps["mock"]),
+            "ttft_p50_ms": round(first["mock"], 2),
+        },
     }
     for name in ("off", "default"):
         added = median[name] - median["mock"]
@@ -239,10 +288,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "p99_ms": round(sorted(p99[name])[len(p99[name]) // 2], 3),
             "added_p50_ms": round(added, 3),
             "rps": round(rps[name]),
+            "ttft_p50_ms": round(first[name], 2),
             "goal_added_p50_ms": goal_ms,
             "goal_rps": goal_rps,
             "pass": added <= goal_ms and rps[name] >= goal_rps,
         }
+    added_ttft = first["default"] - first["off"]
+    result["default_policy_ttft_ms"] = {
+        "added_over_off": round(added_ttft, 2),
+        "goal": TTFT_GOAL_MS,
+        "pass": added_ttft <= TTFT_GOAL_MS,
+    }
     return result
 
 
@@ -263,6 +319,14 @@ def print_table(result: dict[str, Any]) -> None:
             f"(≤ {r['goal_added_p50_ms']}) | {r['p99_ms']:.3f} ms | {r['rps']:,} "
             f"(≥ {r['goal_rps']:,}) | {'PASS' if r['pass'] else 'FAIL'} |"
         )
+    t = result["default_policy_ttft_ms"]
+    print(
+        f"\nstream TTFT p50, one stream of prose at 50 tokens/s: mock {mock['ttft_p50_ms']:.2f} "
+        f"ms, safety off {result['safety_off']['ttft_p50_ms']:.2f} ms, default policy "
+        f"{result['safety_default']['ttft_p50_ms']:.2f} ms; the default policy adds "
+        f"{t['added_over_off']:+.2f} ms over safety off (goal ≤ {t['goal']} ms): "
+        f"{'PASS' if t['pass'] else 'FAIL'}"
+    )
 
 
 def main() -> None:
@@ -270,6 +334,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=5.0, help="per measurement")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--connections", type=int, default=16)
+    parser.add_argument("--streams", type=int, default=40, help="streams per round (TTFT)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of the table")
     args = parser.parse_args()
     result = run(args)
@@ -277,7 +342,8 @@ def main() -> None:
         print(json.dumps(result, indent=2))
     else:
         print_table(result)
-    sys.exit(0 if all(result[f"safety_{n}"]["pass"] for n in ("off", "default")) else 1)
+    passed = [result[f"safety_{n}"]["pass"] for n in ("off", "default")]
+    sys.exit(0 if all(passed) and result["default_policy_ttft_ms"]["pass"] else 1)
 
 
 if __name__ == "__main__":

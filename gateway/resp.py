@@ -1,9 +1,9 @@
 """A pipelined Redis connection for the request path: the rate limiter's one call per batch.
 
 Why not redis-py here (it serves everything else: keys, cache, placements, feedback): measured
-on this project's 2-core machine, one ``EVALSHA`` through redis-py's asyncio client cost 138 µs
-of CPU and 210 µs of wall time; through this connection 52 µs and 133 µs
-(``python -m benchmarks.http_clients``). At 2,500 requests/s that is a fifth of a core.
+on this project's 2-core machine, one ``EVALSHA`` through redis-py's asyncio client cost 166 µs
+of CPU and 238 µs of wall time; through this connection 75 µs and 154 µs
+(``python -m benchmarks.http_clients``, one run). At 2,500 requests/s that is a fifth of a core.
 Replies are parsed by hiredis, the Redis project's C parser (which redis-py uses too); what is
 written here is the command encoding, the FIFO of waiting replies and reconnection.
 

@@ -40,17 +40,19 @@ class PolicySpec(BaseModel):
     on_error: Literal["open", "closed"] = "closed"
 
 
-# PII the default policy masks in output. Not e-mail addresses or IP addresses: any word can be
-# the start of an e-mail address (and any run of hex letters of an IPv6 address), so a stream
-# that masks them must hold back every word until the next one arrives, one token of latency on
-# the first word of every answer. A policy that lists them gets that behaviour.
-DEFAULT_OUTPUT_PII = ["credit_card", "iban", "us_ssn", "phone"]
+# PII the default policy masks in output: values that begin with a digit, `+` or `(`. Not e-mail
+# addresses (any word can begin one), IP addresses (any run of the letters a-f can begin an IPv6
+# address) or IBANs (a capital letter can begin one, and "I" begins most answers): a stream
+# that masks them must hold such a word back until the next token shows what it is, a token of
+# latency on the first word of most answers (measured on vLLM-CPU: +33 ms TTFT p50 with IBANs
+# on). A policy that lists them gets that behaviour.
+DEFAULT_OUTPUT_PII = ["credit_card", "us_ssn", "phone"]
 
 
 def default_policy() -> PolicySpec:
     """On out of the box: injections and secrets blocked in input, poisoned chunks dropped,
-    secrets redacted and payment cards, IBANs, SSNs and phone numbers masked in output,
-    invisible Unicode stripped everywhere."""
+    secrets redacted and payment cards, SSNs and phone numbers masked in output, invisible
+    Unicode stripped everywhere."""
     return PolicySpec(
         name="default",
         scanners=[
