@@ -5,8 +5,7 @@ project's 2-core machine an aiohttp POST cost 222 µs of CPU per request, this c
 httpx 789 µs (``python -m benchmarks.http_clients``, one run); at the gateway's goal of 2,500
 requests/s in one process that difference alone is a third of a core. The parsing (status
 line, headers, chunked bodies, keep-alive rules) is httptools', the parser uvicorn uses; what
-is written here is the
-request head, the connection pool and the body buffer.
+is written here is the request head, the connection pool and the body buffer.
 
 Contract:
 - ``HttpPool.request`` sends one request on an idle connection (or a new one) and returns once
