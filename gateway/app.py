@@ -4,6 +4,7 @@ every long-lived service, and the one error renderer of the FastAPI routes."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -92,6 +93,10 @@ def create_app(settings: Settings | None = None, config: FileConfig | None = Non
             else "in-process (single process only: limits, cache and run-time keys)",
         )
         registry.start_in_background()
+        # what start-up built lives as long as the process: out of the collector's way, so
+        # that its collections walk what requests make, not the libraries and models
+        gc.collect()
+        gc.freeze()
         try:
             yield
         finally:
