@@ -84,8 +84,14 @@ class RaglineOptions(_Request):
     rag: RagOptions | None = Field(default=None, description="Retrieval settings.")
 
 
-Stop = str | Annotated[list[str], Field(max_length=4)] | None
-LogitBias = dict[str, Annotated[float, Field(ge=-100, le=100)]] | None
+# bounds: every input has one, and breaking it is a 400 naming the field
+StopString = Annotated[str, Field(max_length=1000)]
+Stop = StopString | Annotated[list[StopString], Field(max_length=4)] | None
+TokenId = Annotated[str, Field(pattern=r"^[0-9]{1,9}$")]  # a token id, as OpenAI sends it
+LogitBias = (
+    Annotated[dict[TokenId, Annotated[float, Field(ge=-100, le=100)]], Field(max_length=300)]
+    | None
+)
 
 
 class _SamplingFields(_Request):
@@ -95,13 +101,13 @@ class _SamplingFields(_Request):
     logit_bias: LogitBias = None
     n: int | None = Field(default=1, ge=1)
     presence_penalty: float | None = Field(default=0.0, ge=-2.0, le=2.0)
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=-(2**63), le=2**63 - 1)
     stop: Stop = None
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     temperature: float | None = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float | None = Field(default=1.0, gt=0.0, le=1.0)
-    user: str | None = None
+    user: str | None = Field(default=None, max_length=256)
 
     # --- vLLM extensions (accepted by vLLM's server too) ---
     ignore_eos: bool = False
@@ -125,7 +131,7 @@ class _SamplingFields(_Request):
 
 
 class ChatCompletionRequest(_SamplingFields):
-    messages: list[ChatMessage] = Field(min_length=1)
+    messages: list[ChatMessage] = Field(min_length=1, max_length=2048)
     model: str
     logprobs: bool | None = False
     max_completion_tokens: int | None = Field(default=None, ge=1)

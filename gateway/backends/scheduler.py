@@ -24,7 +24,7 @@ from gateway.backends.base import Chunk, GenerationParams, TokenInfo, Usage
 from gateway.backends.detokenize import IncrementalDetokenizer, StopStrings
 from gateway.backends.llama import LlamaRunner
 from gateway.backends.sampling import Sampler, TokenChoice, sample_batch
-from gateway.errors import BackendError, Overloaded
+from gateway.errors import BackendError, InvalidRequest, Overloaded
 
 log = logging.getLogger("ragline.engine")
 
@@ -139,8 +139,8 @@ class Scheduler:
                     break
                 admitted = self._admit()
             events: list[tuple[Job, Event]] = []
+            live = [job for job in admitted if not job.cancelled and self._acceptable(job, events)]
             try:
-                live = [job for job in admitted if not job.cancelled]
                 if live:
                     self._prefill(live, events)
                 if self._running:
@@ -148,13 +148,25 @@ class Scheduler:
             except Exception as exc:  # the model failed: fail every running request, keep serving
                 log.exception("engine step failed")
                 error = BackendError(f"The embedded engine failed: {type(exc).__name__}")
-                events.extend((s.job, error) for s in self._running)
+                failed = {s.job for s in self._running} | set(live)
+                events.extend((job, error) for job in failed)  # none is left waiting forever
                 for s in self._running:
                     s.finished = True
             self._reap()
             if events:
                 self._loop.call_soon_threadsafe(_dispatch, events)
         self._fail_all(BackendError("The embedded engine is shutting down."))
+
+    def _acceptable(self, job: Job, events: list[tuple[Job, Event]]) -> bool:
+        """Build the job's samplers before it joins a batch: a request whose settings the
+        sampler refuses fails alone, with a 400, instead of failing the step for everyone."""
+        try:
+            for index in range(job.n):
+                Sampler(job.params, index=index, eos_ids=self._eos_ids)
+        except (ValueError, RuntimeError, OverflowError) as exc:
+            events.append((job, InvalidRequest(f"Invalid sampling settings: {exc}")))
+            return False
+        return True
 
     def _admit(self) -> list[Job]:
         admitted: list[Job] = []

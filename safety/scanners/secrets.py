@@ -36,7 +36,11 @@ PATTERNS: dict[str, re.Pattern[str]] = {
     "pypi_token": re.compile(r"\bpypi-AgEIcHlwaS5vcmc[A-Za-z0-9_-]{50,}"),
     "openai_key": re.compile(r"\bsk-(?:proj-|svcacct-|admin-)?[A-Za-z0-9_-]{20,}"),
     "google_api_key": re.compile(r"\bAIza[0-9A-Za-z_-]{35}\b"),
-    "jwt": re.compile(r"\beyJ[A-Za-z0-9_-]{8,}\.eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}"),
+    # not inside a run of token characters (`\b` would let every `eyJ` of `eyJ-eyJ-...` start a
+    # scan to the run's end: quadratic)
+    "jwt": re.compile(
+        r"(?<![A-Za-z0-9_-])eyJ[A-Za-z0-9_-]{8,}\.eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}"
+    ),
     # the scheme is not matched: any `://user:password@` is a credential, and `[a-z0-9+.-]*`
     # before `://` backtracks quadratically on long runs of such characters
     "basic_auth_url": re.compile(r"://[^\s:/@]{1,64}:([^\s:/@]{3,128})@"),
