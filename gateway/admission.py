@@ -10,6 +10,8 @@ log gets its fields, and hooks (per-variant metrics of templates) run.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -150,7 +152,7 @@ class Admission:
         assert ticket is not None and target is not None
         if not (ticket.principal.policy.cache and is_deterministic(call.body)):
             return call, None
-        variant = {"safety": call.screened.policy} if call.screened is not None else None
+        variant = _variant(call)
         adapter = target.adapter.name if target.adapter else None
         key = cache_key(call.endpoint, call.body, target.base, adapter, variant)
         ticket.cache_result = "miss"
@@ -173,6 +175,24 @@ class Admission:
             return
         entry = CachedResponse(kind, payload, ticket.prompt_tokens, ticket.completion_tokens)
         await self.cache.put(call.cache_key, entry)
+
+
+def _variant(call: Call) -> dict[str, str] | None:
+    """What, beyond the rendered request, makes an answer: the safety policy, and when the
+    answer carries the client's own values back (placeholders restored), whose values they
+    are: the key, the ``user`` and the values themselves. Without that, a second client sending
+    the same words around other values would be served the first one's."""
+    screened = call.screened
+    if screened is None:
+        return None
+    variant = {"safety": screened.policy}
+    holder = screened.output.placeholders if screened.output is not None else None
+    if holder is not None and holder.forward:
+        values = json.dumps(sorted(holder.forward.items())).encode()
+        variant["key"] = call.principal.key_id
+        variant["user"] = str(call.request.user or "")
+        variant["values"] = hashlib.sha256(values).hexdigest()
+    return variant
 
 
 def _is_ids(value: list[Any]) -> bool:

@@ -287,6 +287,27 @@ def test_placeholders_hide_pii_from_the_model_and_come_back_in_the_answer(
         assert r.model_extra["ragline"]["safety"]["redactions"] == ["email"]
         chunks = list(ask(sdk(gw), text, max_tokens=64, stream=True))
         assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == text
+        # deterministic requests are cached, but an answer with values restored is never
+        # served to a request carrying other values, nor to another key or user
+        mine, theirs = "Mail ann@example.com now.", "Mail bob@example.com now."
+        first = sdk(gw).chat.completions.with_raw_response.create(
+            model="smollm2", messages=[{"role": "user", "content": mine}], seed=1, max_tokens=64
+        )
+        assert first.headers["x-ragline-cache"] == "miss"
+        again = sdk(gw).chat.completions.with_raw_response.create(
+            model="smollm2", messages=[{"role": "user", "content": mine}], seed=1, max_tokens=64
+        )
+        assert again.headers["x-ragline-cache"] == "hit"  # the same values: a hit
+        other = sdk(gw).chat.completions.with_raw_response.create(
+            model="smollm2", messages=[{"role": "user", "content": theirs}], seed=1, max_tokens=64
+        )
+        assert other.headers["x-ragline-cache"] == "miss"  # same placeholders, other values
+        assert other.parse().choices[0].message.content == theirs
+        someone = sdk(gw).chat.completions.with_raw_response.create(
+            model="smollm2", messages=[{"role": "user", "content": mine}], seed=1, max_tokens=64,
+            user="someone-else",
+        )  # fmt: skip
+        assert someone.headers["x-ragline-cache"] == "miss"
     finally:
         stop_gateway(gw)
         mock.kill()
