@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 from gateway.auth import Principal
 from gateway.backends.base import CHAT, Capabilities, GenerationParams, GenerationRequest
 from gateway.errors import InvalidRequest, UnsupportedParameter
-from gateway.protocol import ChatCompletionRequest, CompletionRequest
+from gateway.protocol import ChatCompletionRequest, CompletionRequest, RaglineOptions
 
 if TYPE_CHECKING:
     from gateway.admission import Ticket
@@ -34,6 +34,7 @@ class Call:
     principal: Principal
     request: ChatCompletionRequest | CompletionRequest  # as the client sent it, validated
     body: Mapping[str, Any]  # what goes on to the backend
+    options: RaglineOptions | None = None  # the request's `ragline` object, as screened
     no_cache: bool = False  # Cache-Control: no-cache
     started: float = field(default_factory=time.perf_counter)
     target: Target | None = None  # step 2

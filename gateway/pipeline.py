@@ -112,6 +112,7 @@ class Pipeline:
             principal=http.principal,
             request=request,
             body=body,
+            options=request.ragline,
             no_cache=http.no_cache,
         )
 

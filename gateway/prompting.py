@@ -88,7 +88,7 @@ class PromptStage:
         input safety let through)."""
         body, target, principal = call.request, call.target, call.principal
         assert isinstance(body, ChatCompletionRequest) and target is not None
-        route, opts = target.route, body.ragline
+        route, opts = target.route, call.options
         requested = opts.template if opts is not None else None
         route_ref = route is not None and (route.template or route.experiment)
         extras = (

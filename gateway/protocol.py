@@ -89,8 +89,7 @@ StopString = Annotated[str, Field(max_length=1000)]
 Stop = StopString | Annotated[list[StopString], Field(max_length=4)] | None
 TokenId = Annotated[str, Field(pattern=r"^[0-9]{1,9}$")]  # a token id, as OpenAI sends it
 LogitBias = (
-    Annotated[dict[TokenId, Annotated[float, Field(ge=-100, le=100)]], Field(max_length=300)]
-    | None
+    Annotated[dict[TokenId, Annotated[float, Field(ge=-100, le=100)]], Field(max_length=300)] | None
 )
 
 

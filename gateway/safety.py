@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncGenerator, AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from gateway.auth import Principal
@@ -26,6 +26,7 @@ from gateway.config import FileConfig
 from gateway.errors import InvalidRequest, PermissionDenied
 from gateway.logs import audit_event
 from gateway.metrics import Metrics
+from gateway.protocol import RaglineOptions
 from safety.base import ScanContext
 from safety.policy import Outcome, Policy, build_policy, default_policy
 from safety.scanners.pii import Placeholders, StreamRestorer
@@ -120,13 +121,12 @@ class SafetyStage:
         if call.chat:
             messages = list(body["messages"])
             changed = False
-            for i, message in enumerate(messages):
-                if message.get("role") not in ("user", "tool"):
-                    continue
+            for i, message in enumerate(messages):  # every role: a key is a key anywhere
+                said = replace(context, role=str(message.get("role")))
                 content = message.get("content")
                 if isinstance(content, str):
                     text = await self._scan(
-                        policy, content, context, f"messages[{i}].content", screened
+                        policy, content, said, f"messages[{i}].content", screened
                     )
                     if text != content:
                         messages[i], changed = {**message, "content": text}, True
@@ -135,7 +135,7 @@ class SafetyStage:
                     for j, part in enumerate(parts):
                         if isinstance(part, dict) and isinstance(part.get("text"), str):
                             param = f"messages[{i}].content[{j}].text"
-                            text = await self._scan(policy, part["text"], context, param, screened)
+                            text = await self._scan(policy, part["text"], said, param, screened)
                             if text != part["text"]:
                                 parts[j], changed = {**part, "text": text}, True
                     if changed:
@@ -153,7 +153,39 @@ class SafetyStage:
                     for i, p in enumerate(prompt)
                 ]  # token-id prompts are not text: nothing to scan
                 body = call.with_body(prompt=texts) if texts != prompt else body
-        return call.evolve(body=body, screened=screened)
+        options = await self._screen_options(call.options, policy, context, screened)
+        return call.evolve(body=body, screened=screened, options=options)
+
+    async def _screen_options(
+        self,
+        options: RaglineOptions | None,
+        policy: Policy,
+        context: ScanContext,
+        screened: Screened,
+    ) -> RaglineOptions | None:
+        """Template variables and client-supplied context documents are input too."""
+        if options is None or not (options.variables or options.context):
+            return options
+        said = replace(context, role="user")
+        variables = dict(options.variables or {})
+        for name, value in variables.items():
+            param = f"ragline.variables.{name}"
+            if isinstance(value, str):
+                variables[name] = await self._scan(policy, value, said, param, screened)
+            elif isinstance(value, list):
+                variables[name] = [
+                    await self._scan(policy, v, said, f"{param}[{i}]", screened)
+                    if isinstance(v, str)
+                    else v
+                    for i, v in enumerate(value)
+                ]
+        documents = []
+        for i, doc in enumerate(options.context or ()):
+            param = f"ragline.context[{i}].text"
+            text = await self._scan(policy, doc.text, said, param, screened)
+            documents.append(doc if text == doc.text else doc.model_copy(update={"text": text}))
+        update = {"variables": variables or None, "context": documents or None}
+        return options.model_copy(update=update)
 
     async def _scan(
         self, policy: Policy, text: str, context: ScanContext, param: str, screened: Screened

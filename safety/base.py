@@ -49,6 +49,7 @@ class ScanContext:
     key_id: str | None = None
     route: str | None = None
     extras: dict[str, Any] = field(default_factory=dict)
+    role: str | None = None  # input: whose words (user, system, developer, assistant, tool)
 
 
 class Scanner(Protocol):

@@ -26,6 +26,9 @@ from safety.scanners.heuristics import heuristic_hits
 from safety.scanners.unicode import normalise
 
 MODEL_PATH = Path(__file__).resolve().parent.parent / "models" / "injection.npz"
+# messages that instruct the model: the classifier, trained to call instructions and role-play
+# attacks, would refuse every "You are a helpful assistant."; attack phrases are still refused
+INSTRUCTION_ROLES = frozenset({"system", "developer", "assistant"})
 N_FEATURES = 1 << 20
 NGRAMS = (2, 5)
 
@@ -215,7 +218,7 @@ class InjectionScanner(BaseScanner):
         spans = heuristic_hits(normalise(text))
         if spans:
             return Verdict("block", [Finding("prompt_injection", *spans[0])], 1.0)
-        if not self.use_classifier or not text.strip():
+        if not self.use_classifier or not text.strip() or context.role in INSTRUCTION_ROLES:
             return Verdict()
         row = self.model.row(text)
         gate = self.model.gate_row(row)
