@@ -193,7 +193,9 @@ class Pipeline:
             def screen(text: str) -> str | None:
                 return self.safety.screen_chunk(policy, text, principal)
 
-        return call.evolve(retrieved=await self.rag.retrieve(principal, config, query, screen))
+        by_route = opts is None or opts.store is None  # the store is the route's, not the key's
+        retrieved = await self.rag.retrieve(principal, config, query, screen, by_route)
+        return call.evolve(retrieved=retrieved)
 
     async def render(self, call: Call) -> Call:
         """Step 6: a templated chat request's messages and sampling settings are replaced."""

@@ -71,7 +71,7 @@ class FileStore:
     def __init__(self, root: Path) -> None:
         self.root = root
 
-    def create(self, filename: str, data: bytes, purpose: str) -> dict[str, Any]:
+    def create(self, filename: str, data: bytes, purpose: str, owner: Principal) -> dict[str, Any]:
         file_id = f"file-{secrets.token_hex(12)}"
         obj = {
             "id": file_id,
@@ -86,31 +86,42 @@ class FileStore:
         tmp = self.root / f".tmp-{file_id}"
         tmp.mkdir(parents=True)
         (tmp / "content").write_bytes(data)
-        (tmp / "file.json").write_text(json.dumps(obj))
+        (tmp / "file.json").write_text(json.dumps({**obj, _OWNER: owner.key_id}))
         os.rename(tmp, self.root / file_id)
         return obj
 
-    def get(self, file_id: str) -> dict[str, Any]:
+    def get(self, file_id: str, principal: Principal) -> dict[str, Any]:
+        """The file object, if ``principal`` owns the file (or is an admin); else 404: another
+        key's file ids, which citations show, reveal nothing."""
         path = self._path(file_id) / "file.json"
         try:
-            return dict(json.loads(path.read_text()))
+            obj = dict(json.loads(path.read_text()))
         except FileNotFoundError:
-            raise NotFound(
-                f"No file with id {file_id!r}.", param="file_id", code="file_not_found"
-            ) from None
+            raise _no_file(file_id) from None
+        owner = obj.pop(_OWNER, None)
+        if owner is not None and owner != principal.key_id and not principal.admin:
+            raise _no_file(file_id)
+        return obj
 
-    def content(self, file_id: str) -> bytes:
-        self.get(file_id)
+    def content(self, file_id: str, principal: Principal) -> bytes:
+        self.get(file_id, principal)
         return (self._path(file_id) / "content").read_bytes()
 
-    def delete(self, file_id: str) -> None:
-        self.get(file_id)
+    def delete(self, file_id: str, principal: Principal) -> None:
+        self.get(file_id, principal)
         shutil.rmtree(self._path(file_id), ignore_errors=True)
 
     def _path(self, file_id: str) -> Path:
         if not _FILE_ID.match(file_id):
-            raise NotFound(f"No file with id {file_id!r}.", param="file_id", code="file_not_found")
+            raise _no_file(file_id)
         return self.root / file_id
+
+
+_OWNER = "_ragline_owner"  # in file.json only; never in a response
+
+
+def _no_file(file_id: str) -> NotFound:
+    return NotFound(f"No file with id {file_id!r}.", param="file_id", code="file_not_found")
 
 
 class RagService:
@@ -135,7 +146,13 @@ class RagService:
                     out.append(store)
         return out
 
-    def get(self, ref: str, principal: Principal | None = None) -> VectorStore:
+    def get(
+        self, ref: str, principal: Principal | None = None, by_route: bool = False
+    ) -> VectorStore:
+        """The store ``ref`` (an id or a name) for ``principal``: one its patterns cover and
+        that it may use (see ``_allowed``); ``by_route``, a store behind a route, whoever made
+        it (the key's patterns still have to cover it). Raises ``NotFound``, or
+        ``PermissionDenied`` for a store the patterns do not cover."""
         store = self._open(ref) if ref.startswith("vs_") else None
         if store is None and self.root.exists():
             for path in self.root.iterdir():
@@ -147,9 +164,13 @@ class RagService:
             raise NotFound(
                 f"No vector store {ref!r}.", param="vector_store_id", code="vector_store_not_found"
             )
-        if principal is not None and not _allowed(principal, store):
-            raise PermissionDenied(
-                f"This key may not use vector store {ref!r}.", param="vector_store_id"
+        if principal is not None and not _allowed(principal, store, by_route):
+            if not _named(principal, store):
+                raise PermissionDenied(
+                    f"This key may not use vector store {ref!r}.", param="vector_store_id"
+                )
+            raise NotFound(  # another key's store: as if it did not exist
+                f"No vector store {ref!r}.", param="vector_store_id", code="vector_store_not_found"
             )
         return store
 
@@ -185,6 +206,7 @@ class RagService:
             store = VectorStore.create(
                 self.root, label, dim=dim, embedder_name=self._embedder_name(),
                 index=index, chunking=chunking, metadata=metadata,  # type: ignore[arg-type]
+                owner=principal.key_id,
             )  # fmt: skip
         except StoreError as exc:
             raise as_http(exc) from None
@@ -282,9 +304,12 @@ class RagService:
         config: RagConfig,
         query: str,
         screen: Callable[[str], str | None] | None = None,
+        by_route: bool = False,
     ) -> Retrieved:
-        """Search for ``query``; ``screen`` (the safety policy) may rewrite or drop each chunk."""
-        store = self.get(config.store, principal)
+        """Search for ``query``; ``screen`` (the safety policy) may rewrite or drop each chunk.
+        ``by_route``: the operator put this store behind a route the key may use, which lets
+        the key search it (read only) whoever owns it."""
+        store = self.get(config.store, principal, by_route)
         options = SearchOptions(
             top_k=config.top_k,
             mode=config.mode,
@@ -337,8 +362,25 @@ class RagService:
         return Retrieved(context, citations, info)
 
 
-def _allowed(principal: Principal, store: VectorStore) -> bool:
+def _named(principal: Principal, store: VectorStore) -> bool:
+    """The key's ``vector_stores`` patterns cover this store."""
     patterns = principal.policy.vector_stores
     return any(
         fnmatch.fnmatchcase(store.id, p) or fnmatch.fnmatchcase(store.name, p) for p in patterns
     )
+
+
+def _allowed(principal: Principal, store: VectorStore, by_route: bool = False) -> bool:
+    """A key uses a store its patterns cover and that it made, or that the operator made
+    (``ragline ingest``), or that its patterns name exactly (a store shared on purpose, not by
+    a wildcard), or that a route it may use searches (read only); admins use every store."""
+    if principal.admin:
+        return True
+    if not _named(principal, store):
+        return False
+    if by_route:
+        return True
+    owner = store.info.get("owner")
+    if owner is None or owner == principal.key_id:
+        return True
+    return any(p in (store.id, store.name) for p in principal.policy.vector_stores)

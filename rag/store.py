@@ -111,6 +111,7 @@ class VectorStore:
         chunking: ChunkingConfig | None = None,
         metadata: dict[str, Any] | None = None,
         store_id: str | None = None,
+        owner: str | None = None,
     ) -> VectorStore:
         if store_id is None:
             store_id = f"vs_{name}" if _NAME.match(name) else f"vs_{secrets.token_hex(12)}"
@@ -130,6 +131,7 @@ class VectorStore:
             "embedder": embedder_name,
             "chunking": (chunking or ChunkingConfig()).model_dump(),
             "metadata": metadata or {},
+            "owner": owner,  # who made it (a gateway key id); None: the operator (ragline ingest)
         }
         _write_json(tmp / "store.json", info)
         (tmp / "versions").mkdir()

@@ -16,7 +16,7 @@ from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 from starlette.datastructures import UploadFile
 
-from gateway.auth import principal_of
+from gateway.auth import Principal, principal_of
 from gateway.errors import InvalidRequest, NotFound
 from gateway.http import parse_body
 from gateway.retrieval import RagService
@@ -168,17 +168,18 @@ async def create_file(request: Request) -> dict[str, Any]:
     filename, data, fields = await _form_file(request)
     rag = _service(request)
     rag.parse(filename, data, doc_id="probe", attributes={})  # bad files fail here, with a 400
-    return rag.files.create(filename, data, fields.get("purpose", "assistants"))
+    owner = principal_of(request.state)
+    return rag.files.create(filename, data, fields.get("purpose", "assistants"), owner)
 
 
 @router.get("/v1/files/{file_id}")
 async def get_file(request: Request, file_id: str) -> dict[str, Any]:
-    return _service(request).files.get(file_id)
+    return _service(request).files.get(file_id, principal_of(request.state))
 
 
 @router.delete("/v1/files/{file_id}")
 async def delete_file(request: Request, file_id: str) -> dict[str, Any]:
-    _service(request).files.delete(file_id)
+    _service(request).files.delete(file_id, principal_of(request.state))
     return {"id": file_id, "object": "file", "deleted": True}
 
 
@@ -192,10 +193,10 @@ async def create_store(request: Request) -> dict[str, Any]:
     principal = principal_of(request.state)
     chunking = _chunking(body.chunking_strategy) or ChunkingConfig()
     for file_id in body.file_ids or []:
-        rag.files.get(file_id)  # unknown ids fail before anything is created
+        rag.files.get(file_id, principal)  # unknown ids fail before anything is created
     store = await rag.create(body.name, body.metadata or {}, chunking, body.index, principal)
     for file_id in body.file_ids or []:
-        await _attach(rag, store, file_id, {}, None)
+        await _attach(rag, store, file_id, {}, None, principal)
     return store_object(store)
 
 
@@ -228,12 +229,14 @@ async def delete_store(request: Request, store_id: str) -> dict[str, Any]:
 @router.post("/v1/vector_stores/{store_id}/files")
 async def add_file(request: Request, store_id: str) -> dict[str, Any]:
     rag = _service(request)
-    store = rag.get(store_id, principal_of(request.state))
+    principal = principal_of(request.state)
+    store = rag.get(store_id, principal)
     if request.headers.get("content-type", "").startswith("multipart/form-data"):
         filename, data, fields = await _form_file(request)
         rag.parse(filename, data, doc_id="probe", attributes={})  # bad files fail before storing
-        obj = rag.files.create(filename, data, "assistants")
-        return await _attach(rag, store, obj["id"], {}, None, document_id=fields.get("document_id"))
+        obj = rag.files.create(filename, data, "assistants", principal)
+        document_id = fields.get("document_id")
+        return await _attach(rag, store, obj["id"], {}, None, principal, document_id=document_id)
     body = await parse_body(request, AttachFile)
     attributes = dict(body.attributes or {})
     chunking = _chunking(body.chunking_strategy)
@@ -255,7 +258,7 @@ async def add_file(request: Request, store_id: str) -> dict[str, Any]:
         return file_object(store, body.document_id, _outcome(result))
     if body.file_id is None:
         raise InvalidRequest("`file_id` is required.", param="file_id")
-    return await _attach(rag, store, body.file_id, attributes, chunking)
+    return await _attach(rag, store, body.file_id, attributes, chunking, principal)
 
 
 async def _attach(
@@ -264,10 +267,11 @@ async def _attach(
     file_id: str,
     attributes: dict[str, Any],
     chunking: ChunkingConfig | None,
+    principal: Principal,
     document_id: str | None = None,
 ) -> dict[str, Any]:
-    meta = rag.files.get(file_id)
-    data = rag.files.content(file_id)
+    meta = rag.files.get(file_id, principal)  # only one's own files
+    data = rag.files.content(file_id, principal)
     docs = rag.parse(meta["filename"], data, doc_id=document_id or file_id, attributes=attributes)
     result = await rag.add_documents(
         store, docs, file_id=file_id, filename=meta["filename"], chunking=chunking
@@ -313,7 +317,8 @@ async def update_store_file(request: Request, store_id: str, file_id: str) -> di
     """Replace a file's attributes (its documents are re-indexed with them)."""
     body = await parse_body(request, UpdateFile)
     rag = _service(request)
-    store = rag.get(store_id, principal_of(request.state))
+    principal = principal_of(request.state)
+    store = rag.get(store_id, principal)
     current = file_object(store, file_id)
     if not file_id.startswith("file-"):
         raise InvalidRequest(
@@ -324,7 +329,7 @@ async def update_store_file(request: Request, store_id: str, file_id: str) -> di
         i for i, d in store.snapshot.documents.items() if d.get("file_id") == file_id
     )
     return await _attach(
-        rag, store, file_id, dict(body.attributes or {}), None,
+        rag, store, file_id, dict(body.attributes or {}), None, principal,
         document_id=document_id or None,
     )  # fmt: skip
 
