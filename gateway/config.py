@@ -271,6 +271,9 @@ class KeyPolicy(BaseModel):
         default_factory=lambda: ["*"],
         description="Vector stores (ids or names, glob patterns) this key may use and change.",
     )
+    metrics: bool = Field(
+        default=False, description="May read /metrics (which names every key id); admins may."
+    )
 
 
 class KeyConfig(BaseModel):

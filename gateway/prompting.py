@@ -225,17 +225,19 @@ class PromptStage:
 
     async def remember(self, shaped: Shaped, principal: Principal, ids: list[str]) -> None:
         """Keep an answered request for its feedback (before the answer is sent: a client may
-        send feedback the moment it has it)."""
+        send feedback the moment it has it). Kept under the key's id and the request's: a
+        request id is the client's to choose, so another key's cannot overwrite it."""
         labels = shaped.labels
         record = {"k": principal.key_id, "e": labels[0], "v": labels[1], "t": labels[2]}
         try:
-            await self.outcomes.remember(ids, json.dumps(record))
+            owned = [f"{principal.key_id}:{i}" for i in ids if i]
+            await self.outcomes.remember(owned, json.dumps(record))
         except Exception as exc:  # Redis away: the answer is served; only feedback is lost
             log.warning("could not record the request for feedback: %s", exc)
 
     async def feedback(self, principal: Principal, request_id: str, score: float) -> dict[str, Any]:
         try:
-            raw = await self.outcomes.lookup(request_id)
+            raw = await self.outcomes.lookup(f"{principal.key_id}:{request_id}")
         except Exception as exc:  # Redis away
             log.warning("feedback lookup failed: %s", exc)
             raise Overloaded("The feedback store is unavailable; retry shortly.") from None

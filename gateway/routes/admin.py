@@ -21,12 +21,20 @@ from prompts.template import PromptError
 router = APIRouter(prefix="/admin")
 
 
+class RunTimeKeyPolicy(KeyPolicy):
+    """A run-time key starts with least privilege: no model and no store until the admin
+    names them (config keys keep ``*``: whoever writes the file decides in the open)."""
+
+    models: list[str] = Field(default_factory=list)
+    vector_stores: list[str] = Field(default_factory=list)
+
+
 class NewKey(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str = Field(default="", max_length=200)
     admin: bool = False
-    policy: KeyPolicy = Field(default_factory=KeyPolicy)
+    policy: RunTimeKeyPolicy = Field(default_factory=RunTimeKeyPolicy)
 
 
 def _keys(request: Request) -> KeyStore:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 
+from gateway.auth import principal_of
 from gateway.backends.base import ModelInfo
+from gateway.backends.registry import BackendRegistry
 from gateway.errors import ModelNotFound
 from gateway.protocol import ModelCard, ModelList
 from gateway.routes.deps import RegistryDep
@@ -23,14 +25,28 @@ def _card(info: ModelInfo) -> ModelCard:
     )
 
 
+def _visible(request: Request, registry: BackendRegistry) -> list[ModelCard]:
+    """What the caller may use; where things live on disk (adapter paths) only for admins."""
+    principal = principal_of(request.state)
+    cards = []
+    for info in registry.models():
+        if not principal.may_use(info.id):
+            continue
+        card = _card(info)
+        if not principal.admin and info.parent is not None:
+            card.root = None  # an adapter's directory on the serving hosts
+        cards.append(card)
+    return cards
+
+
 @router.get("/v1/models", response_model=ModelList)
-async def list_models(registry: RegistryDep) -> ModelList:
-    return ModelList(data=[_card(m) for m in registry.models()])
+async def list_models(request: Request, registry: RegistryDep) -> ModelList:
+    return ModelList(data=_visible(request, registry))
 
 
 @router.get("/v1/models/{model_id:path}", response_model=ModelCard)
-async def retrieve_model(model_id: str, registry: RegistryDep) -> ModelCard:
-    for info in registry.models():
-        if info.id == model_id:
-            return _card(info)
+async def retrieve_model(model_id: str, request: Request, registry: RegistryDep) -> ModelCard:
+    for card in _visible(request, registry):
+        if card.id == model_id:
+            return card
     raise ModelNotFound(f"The model '{model_id}' does not exist.", param="model")

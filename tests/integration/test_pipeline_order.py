@@ -43,7 +43,7 @@ def gw(model_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[G
         tmp,
         models=[{"name": "smollm2"}],
         keys=[
-            {"id": "order-team", "sha256": hash_key(KEY)},
+            {"id": "order-team", "sha256": hash_key(KEY), "policy": {"metrics": True}},
             {
                 "id": f"order-tight-{time.time_ns()}",
                 "sha256": hash_key(TIGHT),

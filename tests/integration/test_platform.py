@@ -111,6 +111,18 @@ def test_model_restrictions_and_max_tokens(pair) -> None:  # type: ignore[no-unt
     with pytest.raises(openai.BadRequestError) as info2:
         client(pair[0], USER_KEY).chat.completions.create(model=MODEL, messages=MSG, max_tokens=65)
     assert info2.value.body["param"] == "max_tokens"
+    # what a key may not use, it does not see either
+    assert client(pair[0], NARROW_KEY).models.list().data == []
+    with pytest.raises(openai.NotFoundError):
+        client(pair[0], NARROW_KEY).models.retrieve(MODEL)
+    assert [m.id for m in client(pair[0], USER_KEY).models.list().data] == [MODEL]
+
+
+def test_metrics_need_an_admin_or_the_metrics_scope(pair) -> None:  # type: ignore[no-untyped-def]
+    plain = httpx.get(pair[0].url + "/metrics", headers={"Authorization": f"Bearer {USER_KEY}"})
+    assert plain.status_code == 403 and plain.json()["error"]["code"] == "metrics_not_allowed"
+    admin = httpx.get(pair[0].url + "/metrics", headers={"Authorization": f"Bearer {ADMIN_KEY}"})
+    assert admin.status_code == 200 and "ragline_requests_total" in admin.text
 
 
 def test_runtime_keys_and_immediate_revocation(pair) -> None:  # type: ignore[no-untyped-def]
@@ -123,8 +135,15 @@ def test_runtime_keys_and_immediate_revocation(pair) -> None:  # type: ignore[no
         ).status_code
         == 403
     )
+    bare = httpx.post(pair[0].url + "/admin/keys", json={"name": "bare"}, headers=admin).json()
+    assert bare["policy"]["models"] == [] and bare["policy"]["vector_stores"] == []
+    assert client(pair[0], bare["key"]).models.list().data == []  # least privilege
+    with pytest.raises(openai.PermissionDeniedError):
+        client(pair[0], bare["key"]).chat.completions.create(model=MODEL, messages=MSG)
     created = httpx.post(
-        pair[0].url + "/admin/keys", json={"name": "ci", "policy": {"rpm": 100}}, headers=admin
+        pair[0].url + "/admin/keys",
+        json={"name": "ci", "policy": {"rpm": 100, "models": ["*"]}},
+        headers=admin,
     ).json()
     key, key_id = created["key"], created["id"]
     assert "sha256" not in created
@@ -251,7 +270,7 @@ def test_cache_hits_replay_json_and_streams_across_processes(pair) -> None:  # t
 def test_metrics_parse_and_move(pair) -> None:  # type: ignore[no-untyped-def]
     def scrape() -> dict[str, float]:
         text = httpx.get(
-            pair[0].url + "/metrics", headers={"Authorization": f"Bearer {USER_KEY}"}
+            pair[0].url + "/metrics", headers={"Authorization": f"Bearer {ADMIN_KEY}"}
         ).text
         assert USER_KEY not in text
         values = {}

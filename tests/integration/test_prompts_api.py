@@ -155,6 +155,21 @@ def test_experiment_assigns_stickily_reports_variant_and_takes_feedback(gw: Gate
         headers=headers,
     )
     assert ok.status_code == 200 and ok.json()["template"] == "capital-qa@2"
+    # another key reusing the request id neither overwrites nor reads the first key's record
+    other = httpx.post(
+        gw.base_url + "/chat/completions",
+        json={"model": "smollm2", "messages": [{"role": "user", "content": "?"}],
+              "max_tokens": 2, "ragline": {"template": "capital-qa@1",
+                                           "variables": {"country": "Chile"}}},
+        headers={"Authorization": f"Bearer {OTHER}", "X-Request-ID": "req-feedback-1"},
+    )  # fmt: skip
+    assert other.status_code == 200, other.text
+    again = httpx.post(
+        gw.base_url + "/feedback",
+        json={"request_id": "req-feedback-1", "score": 0.5},
+        headers=headers,
+    )
+    assert again.status_code == 200 and again.json()["template"] == "capital-qa@2"
     # unknown ids, another key's request and bad scores
     missing = httpx.post(
         gw.base_url + "/feedback", json={"request_id": "nope", "score": 1}, headers=headers
@@ -171,7 +186,7 @@ def test_experiment_assigns_stickily_reports_variant_and_takes_feedback(gw: Gate
     )
     assert nan.status_code == 400
 
-    text = httpx.get(gw.url + "/metrics", headers=headers).text
+    text = httpx.get(gw.url + "/metrics", headers={"Authorization": f"Bearer {ADMIN}"}).text
     requests: dict[str, float] = {}
     feedback: dict[str, float] = {}
     for family in text_string_to_metric_families(text):
