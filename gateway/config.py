@@ -68,6 +68,9 @@ class UpstreamTimeouts(BaseModel):
     connect: float = Field(default=5.0, gt=0, description="Seconds to open a connection.")
     first_token: float = Field(default=60.0, gt=0, description="Seconds until the first event.")
     total: float = Field(default=600.0, gt=0, description="Seconds for the whole response.")
+    pool_wait: float = Field(
+        default=10.0, gt=0, description="Seconds to wait for a free pooled connection (503)."
+    )
 
 
 class HealthPolicy(BaseModel):
@@ -479,6 +482,9 @@ class Settings(BaseSettings):
     log_format: Literal["json", "text"] = "json"
     log_prompts: bool = Field(default=False, description="Debug: log prompts and completions.")
     shutdown_grace: float = Field(default=30.0, ge=0, description="Seconds for in-flight work.")
+    send_timeout: float = Field(
+        default=30.0, gt=0, description="A stream whose client reads nothing this long is closed."
+    )
     log_level: str = "info"
 
     @field_validator("models_dir", "adapters_file", "rag_dir")

@@ -91,6 +91,7 @@ class FrontDoor:
         self.api = api  # the FastAPI app: its routes, its lifespan, its state
         self.max_bytes = settings.max_request_bytes
         self.upload_bytes = settings.max_upload_bytes
+        self.send_timeout = settings.send_timeout
         self.bookkeeping = Bookkeeping()
         api.state.bookkeeping = self.bookkeeping
         self._ids = itertools.count()
@@ -201,7 +202,7 @@ class FrontDoor:
             await send_error(send, mapped, extra=[id_header])
             return mapped.status_code
         try:
-            await send_reply(send, receive, reply, id_header)
+            await send_reply(send, receive, reply, id_header, timeout=self.send_timeout)
         finally:
             if reply.after is not None:
                 self.bookkeeping.add(reply.after)
@@ -214,9 +215,14 @@ _SERVER_ERROR = "The server had an error processing your request."
 
 
 async def send_reply(
-    send: Send, receive: Receive, reply: Reply, *extra: tuple[bytes, bytes]
+    send: Send,
+    receive: Receive,
+    reply: Reply,
+    *extra: tuple[bytes, bytes],
+    timeout: float | None = None,
 ) -> None:
-    """Send ``reply``; a stream is cancelled when the client leaves."""
+    """Send ``reply``; a stream is cancelled when the client leaves, or stops reading for
+    ``timeout`` seconds (a slow reader must not hold an upstream connection forever)."""
     headers = [(k.lower().encode(), v.encode()) for k, v in reply.headers.items()]
     headers += extra
     if reply.stream is None:
@@ -225,22 +231,25 @@ async def send_reply(
         await send({"type": "http.response.body", "body": reply.body})
     else:
         await send({"type": "http.response.start", "status": reply.status, "headers": headers})
-        await _stream(send, receive, reply.stream)
+        await _stream(send, receive, reply.stream, timeout)
 
 
 async def _log(*line: Any) -> None:
     access_log(*line)
 
 
-async def _stream(send: Send, receive: Receive, events: Any) -> None:
+async def _stream(send: Send, receive: Receive, events: Any, timeout: float | None) -> None:
     sender = asyncio.current_task()
     assert sender is not None
     watcher = asyncio.create_task(wait_disconnect(receive))
     watcher.add_done_callback(lambda t: t.cancelled() or sender.cancel())
     try:
         async for event in events:
-            await send({"type": "http.response.body", "body": event, "more_body": True})
+            async with asyncio.timeout(timeout):  # the client's socket buffer stays full
+                await send({"type": "http.response.body", "body": event, "more_body": True})
         await send({"type": "http.response.body", "body": b""})
+    except TimeoutError:
+        log.info("a client stopped reading its stream for %ss; it was closed", timeout)
     except asyncio.CancelledError:
         if not watcher.done() or watcher.cancelled():
             raise

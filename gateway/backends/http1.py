@@ -36,6 +36,11 @@ class UpstreamConnectionError(ConnectionError):
     """The upstream refused, reset or closed the connection, or sent something unparsable."""
 
 
+class PoolExhausted(Exception):
+    """Every connection to the upstream is in use and none came free in time: this gateway is
+    busy, which says nothing about the upstream's health."""
+
+
 class Response:
     def __init__(self, connection: _Connection) -> None:
         self._connection = connection
@@ -253,13 +258,21 @@ class HttpPool:
         path: str,
         body: bytes = b"",
         headers: dict[str, str] | None = None,
+        wait: float | None = None,
     ) -> Response:
-        """Send a request; returns when the response head has arrived (see the module doc)."""
+        """Send a request; returns when the response head has arrived (see the module doc).
+        ``wait``: seconds to wait for a free connection before ``PoolExhausted``."""
         extra = "".join(f"{_clean(k)}: {_clean(v)}\r\n" for k, v in (headers or {}).items())
         head = f"{method} {self.prefix}{path} HTTP/1.1\r\n{self._head}{extra}"
         data = (head + f"Content-Length: {len(body)}\r\n\r\n").encode("latin-1") + body
         for attempt in (0, 1):
-            await self._slots.acquire()
+            try:
+                async with asyncio.timeout(wait):
+                    await self._slots.acquire()
+            except TimeoutError:
+                raise PoolExhausted(
+                    f"all connections to {self.host}:{self.port} are busy"
+                ) from None
             try:
                 connection = await self._connection()
             except BaseException:

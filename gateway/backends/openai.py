@@ -38,7 +38,7 @@ from gateway.backends.base import (
     ModelInfo,
     Usage,
 )
-from gateway.backends.http1 import HttpPool, Response, UpstreamConnectionError
+from gateway.backends.http1 import HttpPool, PoolExhausted, Response, UpstreamConnectionError
 from gateway.backends.replicas import Replica, ReplicaPool
 from gateway.config import HttpModelConfig
 from gateway.errors import BackendError, Overloaded, UpstreamError
@@ -67,6 +67,14 @@ class OpenAIBackend:
                 max_connections=config.max_connections,
                 connect_timeout=config.timeouts.connect,
                 headers=headers,
+            )
+            for r in self.pool.replicas
+        }
+        # health checks on connections of their own: requests that hold every pooled
+        # connection (slow readers) must not make a healthy replica look dead
+        self._probes = {
+            r.url: HttpPool(
+                r.url, max_connections=1, connect_timeout=config.timeouts.connect, headers=headers
             )
             for r in self.pool.replicas
         }
@@ -111,11 +119,11 @@ class OpenAIBackend:
     async def aclose(self) -> None:
         self._started = False
         await self.pool.aclose()
-        for client in self.clients.values():
+        for client in (*self.clients.values(), *self._probes.values()):
             await client.aclose()
 
     async def _health(self, replica: Replica, path: str) -> bool:
-        response = await self.clients[replica.url].request("GET", path)
+        response = await self._probes[replica.url].request("GET", path)
         await response.read()
         return response.status == 200
 
@@ -203,7 +211,7 @@ class OpenAIBackend:
                     t.first_token if stream else min(t.first_token, t.total)
                 ):
                     response = await self.clients[replica.url].request(
-                        "POST", request.endpoint, data, headers
+                        "POST", request.endpoint, data, headers, wait=t.pool_wait
                     )
                     if response.status >= 500:
                         last_error = f"{replica.url} answered {response.status}"
@@ -231,6 +239,8 @@ class OpenAIBackend:
             except UpstreamConnectionError as exc:
                 last_error = f"{replica.url}: {exc}"
                 self.pool.failed(replica, connection=True, reason=last_error)
+            except PoolExhausted as exc:  # busy here, not sick there: no ejection
+                last_error = str(exc)
             except TimeoutError:
                 last_error = f"{replica.url} timed out"
                 self.pool.failed(replica, connection=False, reason=last_error)
