@@ -4,14 +4,16 @@
 template (the text the model will see), counts tokens without adding a second BOS, and folds the
 system message into the first user turn when the template has no system role.
 
-``fit`` renders a template and, while the prompt plus ``max_tokens`` does not fit the context
-window, drops one item at a time in the template's ``trim_order`` (by default retrieved chunks,
-then few-shot examples, then the oldest history) and renders again. The current user message is
-never trimmed; if it alone does not fit, the request is refused.
+``fit`` renders a template with the fewest items dropped, in the template's ``trim_order`` (by
+default retrieved chunks, then few-shot examples, then the oldest history), after which the
+prompt plus ``max_tokens`` fits the context window (found by binary search over the number of
+drops). The current user message is never trimmed; if it alone does not fit, the request is
+refused.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -81,29 +83,64 @@ def fit(
     chat: ChatFormat,
     max_tokens: int | None,
 ) -> Rendered:
+    """Render with as much as fits: the fewest drops, in the template's ``trim_order``, after
+    which the prompt plus ``max_tokens`` fits the context. Dropping only ever shortens the
+    prompt, so the fewest drops is found by binary search: a few renders whatever the length
+    of the history, not one per dropped item (which made a long history quadratic)."""
     limit = chat.max_model_len - (max_tokens or 1)
-    examples, context, history = list(parts.examples), list(parts.context), list(parts.history)
-    trimmed = {"context": 0, "few_shot": 0, "history": 0}
-    while True:
+    order = template.spec.budget.trim_order
+
+    def attempt(drops: int) -> tuple[Rendered, int]:
+        examples, context, history, trimmed = _dropped(parts, order, drops)
         messages = template.render(
-            variables,
-            history=history,
-            examples=examples[::-1],
-            context=context,
+            variables, history=history, examples=examples[::-1], context=context,
             system=parts.system,
-        )
+        )  # fmt: skip
         messages = chat.normalize(messages)
         tokens = chat.count(messages)
+        rendered = Rendered(
+            messages=messages,
+            examples=len(examples),
+            context=len(context),
+            history=len(history),
+            trimmed={k: v for k, v in trimmed.items() if v},
+            prompt_tokens=tokens,
+        )
+        return rendered, tokens
+
+    whole, tokens = attempt(0)
+    if tokens <= limit:
+        return whole
+    most = _droppable(parts, order)
+    least, tokens = attempt(most)
+    if tokens > limit:
+        raise PromptError(
+            f"the prompt needs {tokens} tokens after trimming everything the template allows "
+            f"({', '.join(order)}); this model's context is "
+            f"{chat.max_model_len} tokens with {max_tokens or 1} reserved for the completion",
+            param="messages",
+        )
+    low, high, best = 0, most, least  # attempt(low) does not fit, attempt(high) does
+    while high - low > 1:
+        middle = (low + high) // 2
+        rendered, tokens = attempt(middle)
         if tokens <= limit:
-            return Rendered(
-                messages=messages,
-                examples=len(examples),
-                context=len(context),
-                history=len(history),
-                trimmed={k: v for k, v in trimmed.items() if v},
-                prompt_tokens=tokens,
-            )
-        for part in template.spec.budget.trim_order:
+            high, best = middle, rendered
+        else:
+            low = middle
+    return best
+
+
+def _dropped(
+    parts: Parts, order: Sequence[str], drops: int
+) -> tuple[list[Example], list[dict[str, Any]], list[dict[str, str]], dict[str, int]]:
+    """What is left after ``drops`` drops, each from the first part of ``order`` that has an
+    item: the last context chunk, the last few-shot example, or the oldest history turn (with
+    the answers that would then open the history)."""
+    examples, context, history = list(parts.examples), list(parts.context), list(parts.history)
+    trimmed = {"context": 0, "few_shot": 0, "history": 0}
+    for _ in range(drops):
+        for part in order:
             if part == "context" and context:
                 context.pop()
             elif part == "few_shot" and examples:
@@ -117,10 +154,21 @@ def fit(
                 continue
             trimmed[part] += 1
             break
-        else:
-            raise PromptError(
-                f"the prompt needs {tokens} tokens after trimming everything the template allows "
-                f"({', '.join(template.spec.budget.trim_order)}); this model's context is "
-                f"{chat.max_model_len} tokens with {max_tokens or 1} reserved for the completion",
-                param="messages",
-            )
+    return examples, context, history, trimmed
+
+
+def _droppable(parts: Parts, order: Sequence[str]) -> int:
+    """How many drops there are before nothing ``order`` names is left."""
+    count = 0
+    if "context" in order:
+        count += len(parts.context)
+    if "few_shot" in order:
+        count += len(parts.examples)
+    if "history" in order:
+        history = list(parts.history)
+        while history:
+            history.pop(0)
+            while history and history[0]["role"] == "assistant":
+                history.pop(0)
+            count += 1
+    return count

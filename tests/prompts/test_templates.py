@@ -268,6 +268,40 @@ def test_budget_order_is_the_templates_and_never_touches_the_question(chat: Chat
     assert err.value.param == "messages"
 
 
+def test_budget_renders_a_few_times_whatever_the_history(chat: ChatFormat) -> None:
+    """A long history trimmed to fit costs a handful of renders (binary search over the number
+    of drops), and trims exactly what dropping one item at a time would."""
+    t = budget_template(["context", "few_shot", "history"])
+    history = []
+    for i in range(200):
+        history += [{"role": "user", "content": f"turn {i} delta"},
+                    {"role": "assistant", "content": "fine"}]  # fmt: skip
+    many = Parts([], [], history)
+    renders = 0
+    original = t.render
+
+    def counted(*args, **kwargs):  # type: ignore[no-untyped-def]
+        nonlocal renders
+        renders += 1
+        return original(*args, **kwargs)
+
+    t.render = counted  # type: ignore[method-assign]
+    fmt = ChatFormat(chat.tokenizer, 600)
+    fitted = fit(t, t.bind({}, "the question"), many, fmt, 32)
+    assert renders <= 12  # log2(200) + 2, not 200
+    assert fitted.prompt_tokens is not None and fitted.prompt_tokens <= 600 - 32
+    # one more turn of history would not have fitted: the fewest drops
+    kept = fitted.history
+    assert 0 < kept < 400 and fitted.trimmed == {"history": 400 - kept}
+    wider = Parts([], [], history[-(kept + 2) :])
+    assert (
+        fit(
+            t, t.bind({}, "the question"), wider, ChatFormat(chat.tokenizer, 4096), None
+        ).prompt_tokens
+        > 600 - 32
+    )  # type: ignore[operator]
+
+
 # -- few-shot selection ------------------------------------------------------------------------
 
 
