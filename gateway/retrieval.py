@@ -26,36 +26,17 @@ from typing import Any
 
 from gateway.auth import Principal
 from gateway.config import RagConfig, Settings
-from gateway.errors import InvalidRequest, NotFound, PermissionDenied, RaglineError
+from gateway.errors import InvalidRequest, NotFound, PermissionDenied
 from gateway.metrics import Metrics
 from rag.chunking import Chunker, ChunkingConfig
 from rag.embeddings import Embedder
-from rag.loaders import Document, LoaderError, check_suffix, load_bytes
+from rag.loaders import Document, check_suffix, load_bytes
 from rag.retriever import Hit, SearchOptions, search
-from rag.store import StoreError, VectorStore, WriteResult
+from rag.store import VectorStore, WriteResult
 
 log = logging.getLogger("ragline.rag")
 _FILE_ID = re.compile(r"^file-[A-Za-z0-9_-]{1,64}$")
 SNIPPET_CHARS = 240
-
-
-class StoreFailure(RaglineError):
-    """A ``StoreError`` rendered with its own status."""
-
-    def __init__(self, exc: StoreError) -> None:
-        super().__init__(exc.message, param=exc.param, code=exc.code)
-        self.status_code = exc.status
-        self.error_type = {
-            400: "invalid_request_error",
-            404: "not_found_error",
-            409: "invalid_request_error",
-        }.get(exc.status, "server_error")
-
-
-def as_http(exc: StoreError | LoaderError) -> RaglineError:
-    if isinstance(exc, LoaderError):
-        return InvalidRequest(exc.message, param="file", code=exc.code)
-    return StoreFailure(exc)
 
 
 @dataclass
@@ -202,14 +183,11 @@ class RagService:
             raise InvalidRequest(
                 f"A vector store named {name!r} exists already.", param="name", code="store_exists"
             )
-        try:
-            store = VectorStore.create(
-                self.root, label, dim=dim, embedder_name=self._embedder_name(),
-                index=index, chunking=chunking, metadata=metadata,  # type: ignore[arg-type]
-                owner=principal.key_id,
-            )  # fmt: skip
-        except StoreError as exc:
-            raise as_http(exc) from None
+        store = VectorStore.create(
+            self.root, label, dim=dim, embedder_name=self._embedder_name(),
+            index=index, chunking=chunking, metadata=metadata,  # type: ignore[arg-type]
+            owner=principal.key_id,
+        )  # fmt: skip
         self._stores[store.id] = store
         return store
 
@@ -247,13 +225,10 @@ class RagService:
         if chunking is not None:
             chunker = Chunker(Path(getattr(self.embedder, "path", "")), chunking)
         async with lock:
-            try:
-                result = await asyncio.to_thread(
-                    store.upsert, documents, self.embedder, chunker=chunker, files=extras,
-                    replace_ids=stale,
-                )  # fmt: skip
-            except StoreError as exc:
-                raise as_http(exc) from None
+            result = await asyncio.to_thread(
+                store.upsert, documents, self.embedder, chunker=chunker, files=extras,
+                replace_ids=stale,
+            )  # fmt: skip
         log.info(
             "vector store %s: file %s -> version %d (%d added, %d updated, %d unchanged, "
             "%d chunks, %.2fs)",
@@ -271,30 +246,24 @@ class RagService:
                 code="file_not_found",
             )
         async with self._locks.setdefault(store.id, asyncio.Lock()):
-            try:
-                return await asyncio.to_thread(store.delete, docs)
-            except StoreError as exc:
-                raise as_http(exc) from None
+            return await asyncio.to_thread(store.delete, docs)
 
-    def parse(
+    async def parse(
         self, filename: str, data: bytes, *, doc_id: str, attributes: dict[str, Any]
     ) -> list[Document]:
-        try:
-            check_suffix(filename)
-            docs = load_bytes(filename, data, doc_id=doc_id, metadata=attributes)
-        except LoaderError as exc:
-            raise as_http(exc) from None
-        return docs
+        """The documents in an uploaded file, parsed in a worker thread (never on the event
+        loop); raises ``LoaderError`` (a 400, mapped in ``gateway.errors``)."""
+        check_suffix(filename)
+        return await asyncio.to_thread(
+            load_bytes, filename, data, doc_id=doc_id, metadata=attributes
+        )
 
     # -- reading --------------------------------------------------------------------------------
 
     async def search(self, store: VectorStore, query: str, options: SearchOptions) -> list[Hit]:
         started = time.perf_counter()
-        try:
-            store.check_embedder(self.embedder)
-            hits = await asyncio.to_thread(search, store.snapshot, query, self.embedder, options)
-        except StoreError as exc:
-            raise as_http(exc) from None
+        store.check_embedder(self.embedder)
+        hits = await asyncio.to_thread(search, store.snapshot, query, self.embedder, options)
         self.metrics.retrieval.labels(store.id).observe(time.perf_counter() - started)
         return hits
 

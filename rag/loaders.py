@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from html.parser import HTMLParser
@@ -126,33 +127,63 @@ class _HtmlText(HTMLParser):
         self.parts: list[str] = []
         self.title: list[str] = []
         self._stack: list[str] = []
+        self._open: Counter[str] = Counter()  # open tags by name: no scan of the stack
 
     def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
         self._stack.append(tag)
+        self._open[tag] += 1
         if tag in self._BLOCK:
             self.parts.append("\n")
 
     def handle_endtag(self, tag: str) -> None:
-        if tag in self._stack:
-            while self._stack and self._stack.pop() != tag:
-                pass
+        if self._open[tag]:
+            while self._stack:
+                closed = self._stack.pop()
+                self._open[closed] -= 1
+                if closed == tag:
+                    break
         if tag in self._BLOCK:
             self.parts.append("\n")
 
     def handle_data(self, data: str) -> None:
-        if "title" in self._stack:
+        if self._open["title"]:
             self.title.append(data)
-        elif not self._SKIP.intersection(self._stack):
+        elif not any(self._open[tag] for tag in self._SKIP):
             self.parts.append(data)
+
+
+# a "<" with no ">" before the next "<" (or the end) opens no tag: it is text. Left to
+# HTMLParser, each such "<" is re-scanned to the end of the input: quadratic.
+_UNCLOSED = re.compile(r"<(?=[^<>]*(?:<|$))")
+
+
+def _defused(raw: str) -> str:
+    """``raw`` without the constructs ``HTMLParser`` parses in quadratic time: stray ``<``s
+    become ``&lt;`` and an unterminated comment ends the document (as it does in a browser)."""
+    raw = _UNCLOSED.sub("&lt;", raw)
+    pos = 0
+    while (start := raw.find("<!--", pos)) >= 0:
+        end = raw.find("-->", start + 4)
+        if end < 0:
+            return raw[:start]
+        pos = end + 3
+    return raw
 
 
 def _html(raw: str) -> tuple[str, str]:
     parser = _HtmlText()
-    parser.feed(raw)
+    parser.feed(_defused(raw))
     parser.close()
     text = re.sub(r"[ \t]+", " ", "".join(parser.parts))
     text = "\n".join(line.strip() for line in text.splitlines())
     return " ".join("".join(parser.title).split()), text
+
+
+MAX_PDF_PAGES = 2000
+
+
+class _TooManyPages(Exception):
+    pass
 
 
 def _pdf(filename: str, data: bytes) -> tuple[str, str]:
@@ -161,9 +192,18 @@ def _pdf(filename: str, data: bytes) -> tuple[str, str]:
 
     try:
         reader = PdfReader(BytesIO(data), strict=False)
+        count = len(reader.pages)
+        if count > MAX_PDF_PAGES:
+            raise _TooManyPages(count)
         pages = [page.extract_text() or "" for page in reader.pages]
         info: Any = reader.metadata or {}
         title = str(info.get("/Title") or "")
+    except _TooManyPages as exc:
+        raise LoaderError(
+            f"{filename!r} has {exc.args[0]} pages; at most {MAX_PDF_PAGES} are read per file "
+            "(split it).",
+            "file_too_large",
+        ) from None
     except (PdfReadError, ValueError, KeyError, TypeError, OSError) as exc:
         raise LoaderError(
             f"{filename!r} is not a readable PDF: {exc}", "file_parse_error"

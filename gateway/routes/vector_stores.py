@@ -167,7 +167,7 @@ async def _form_file(request: Request) -> tuple[str, bytes, dict[str, str]]:
 async def create_file(request: Request) -> dict[str, Any]:
     filename, data, fields = await _form_file(request)
     rag = _service(request)
-    rag.parse(filename, data, doc_id="probe", attributes={})  # bad files fail here, with a 400
+    await rag.parse(filename, data, doc_id="probe", attributes={})  # bad files fail here: 400
     owner = principal_of(request.state)
     return rag.files.create(filename, data, fields.get("purpose", "assistants"), owner)
 
@@ -233,7 +233,7 @@ async def add_file(request: Request, store_id: str) -> dict[str, Any]:
     store = rag.get(store_id, principal)
     if request.headers.get("content-type", "").startswith("multipart/form-data"):
         filename, data, fields = await _form_file(request)
-        rag.parse(filename, data, doc_id="probe", attributes={})  # bad files fail before storing
+        await rag.parse(filename, data, doc_id="probe", attributes={})  # bad files: no storing
         obj = rag.files.create(filename, data, "assistants", principal)
         document_id = fields.get("document_id")
         return await _attach(rag, store, obj["id"], {}, None, principal, document_id=document_id)
@@ -245,7 +245,7 @@ async def add_file(request: Request, store_id: str) -> dict[str, Any]:
             raise InvalidRequest(
                 "Send either `file_id`, or `text` with a `document_id`.", param="document_id"
             )
-        docs = rag.parse(
+        docs = await rag.parse(
             f"{body.document_id}.txt", body.text.encode(), doc_id=body.document_id,
             attributes=attributes,
         )  # fmt: skip
@@ -272,7 +272,9 @@ async def _attach(
 ) -> dict[str, Any]:
     meta = rag.files.get(file_id, principal)  # only one's own files
     data = rag.files.content(file_id, principal)
-    docs = rag.parse(meta["filename"], data, doc_id=document_id or file_id, attributes=attributes)
+    docs = await rag.parse(
+        meta["filename"], data, doc_id=document_id or file_id, attributes=attributes
+    )
     result = await rag.add_documents(
         store, docs, file_id=file_id, filename=meta["filename"], chunking=chunking
     )

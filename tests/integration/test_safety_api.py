@@ -146,7 +146,9 @@ def test_run_time_keys_name_a_configured_policy(gw: Gateway) -> None:
     admin = httpx.Client(base_url=gw.url, headers={"Authorization": f"Bearer {ADMIN}"})
     bad = admin.post("/admin/keys", json={"name": "x", "policy": {"safety_policy": "nope"}})
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "policy.safety_policy"
-    made = admin.post("/admin/keys", json={"name": "y", "policy": {"safety_policy": "strict"}})
+    made = admin.post(
+        "/admin/keys", json={"name": "y", "policy": {"safety_policy": "strict", "models": ["*"]}}
+    )
     assert made.status_code == 201, made.text
     with pytest.raises(openai.BadRequestError) as err:
         ask(sdk(gw, made.json()["key"]), "call +1 415-555-0132 now")

@@ -365,3 +365,33 @@ def test_a_store_refuses_another_embedding_model(
         store.upsert([Document("b", "more text")], other)
     assert err.value.code == "embedding_model_mismatch" and "another-model" in err.value.message
     assert sorted(store.snapshot.documents) == ["a"]
+
+
+def test_html_text_takes_linear_time_on_hostile_markup() -> None:
+    """Unclosed tags, unterminated comments and deep nesting, which Python's HTMLParser handled
+    in quadratic time (100 kB of `<a`: seconds, on the event loop). A ratio within one run."""
+    import time
+
+    from rag.loaders import _html
+
+    title, text = _html("<title>T</title><p>x < y and a<b</p><!-- c --><p>Hi &amp; bye</p>")
+    assert (title, text.strip()) == ("T", "x < y and a<b\n\nHi & bye")
+    for unit in ("<a", "<!--", "<p>", "</p>", "<a href=", "<br>"):
+        seconds = []
+        for size in (20_000, 80_000):
+            text = unit * (size // len(unit))
+            start = time.perf_counter()
+            _html(text)
+            seconds.append(time.perf_counter() - start)
+        assert seconds[1] / max(seconds[0], 1e-4) < 10, (unit, seconds)
+
+
+def test_a_pdf_with_too_many_pages_is_refused(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    from rag import loaders
+    from rag.loaders import LoaderError, load_bytes
+    from tests.rag.helpers import minimal_pdf
+
+    monkeypatch.setattr(loaders, "MAX_PDF_PAGES", 0)
+    with pytest.raises(LoaderError) as err:
+        load_bytes("big.pdf", minimal_pdf("hello"))
+    assert err.value.code == "file_too_large" and "pages" in err.value.message
