@@ -21,8 +21,14 @@ COPY benchmarks ./benchmarks
 
 # The CPU build of torch first, so the pinned torch below is not resolved to a CUDA build.
 RUN pip install --index-url https://download.pytorch.org/whl/cpu torch==2.13.0 \
- && pip install . \
- && ragline models pull
+ && pip install .
+
+# Not root: the model, stores and caches belong to an unprivileged user.
+RUN useradd --create-home --uid 10001 ragline \
+ && mkdir -p /models \
+ && chown ragline:ragline /models
+USER ragline
+RUN ragline models pull
 
 EXPOSE 8000
 HEALTHCHECK --interval=10s --timeout=3s CMD python -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/ready')"

