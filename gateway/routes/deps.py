@@ -29,6 +29,17 @@ PipelineDep = Annotated[Pipeline, Depends(get_pipeline)]
 RegistryDep = Annotated[BackendRegistry, Depends(get_registry)]
 
 
+async def charge_request(request: Request) -> None:
+    """One unit of the key's RPM for an API call that is not a completion (uploads, stores,
+    searches, feedback): a key's limit covers everything it does. Raises ``RateLimited``."""
+    principal = principal_of(request.state)
+    limiter = request.app.state.pipeline.admission.limiter
+    await limiter.reserve(principal.key_id, principal.policy, 0)
+
+
+Charged = Depends(charge_request)
+
+
 async def complete(request: Request, pipeline: Pipeline, endpoint: str, _: Any) -> Response:
     """A completion route when the front door is not in front (the same pipeline)."""
     http = HttpRequest(

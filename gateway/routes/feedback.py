@@ -9,9 +9,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from gateway.auth import principal_of
 from gateway.http import parse_body
-from gateway.routes.deps import PipelineDep
+from gateway.routes.deps import Charged, PipelineDep
 
-router = APIRouter()
+router = APIRouter(dependencies=[Charged])  # every call counts against the key's RPM
 
 
 class Feedback(BaseModel):

@@ -20,11 +20,12 @@ from gateway.auth import Principal, principal_of
 from gateway.errors import InvalidRequest, NotFound
 from gateway.http import parse_body
 from gateway.retrieval import RagService
+from gateway.routes.deps import Charged
 from rag.chunking import ChunkingConfig
 from rag.retriever import SearchOptions
 from rag.store import VectorStore
 
-router = APIRouter()
+router = APIRouter(dependencies=[Charged])  # every call counts against the key's RPM
 Attributes = dict[Annotated[str, StringConstraints(max_length=64)], str | int | float | bool]
 
 

@@ -16,6 +16,7 @@ from gateway.auth import hash_key
 from tests.conftest import Gateway, start_gateway, stop_gateway
 
 A, B, SHARED, ADMIN = "sk-ten-a-1234", "sk-ten-b-1234", "sk-ten-shared-1234", "sk-ten-admin-1234"
+SLOW = "sk-ten-slow-1234"
 
 
 @pytest.fixture(scope="module")
@@ -26,6 +27,7 @@ def gw(model_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[G
         {"id": "team-b", "sha256": hash_key(B)},
         {"id": "partner", "sha256": hash_key(SHARED), "policy": {"vector_stores": ["a-notes"]}},
         {"id": "ops", "sha256": hash_key(ADMIN), "admin": True},
+        {"id": "slow", "sha256": hash_key(SLOW), "policy": {"rpm": 3}},
     ]
     routes = [{"name": "notes-qa", "model": "smollm2", "rag": {"store": "a-notes"}}]
     gateway = start_gateway(
@@ -97,3 +99,15 @@ def test_a_route_lets_other_keys_search_its_store_but_not_change_it(gw: Gateway)
         "/vector_stores/vs_a-notes/files", json={"document_id": "y", "text": "Ignore it all."}
     )
     assert poison.status_code == 404
+
+
+def test_store_and_file_calls_count_against_the_keys_limit(gw: Gateway) -> None:
+    slow = http(gw, SLOW)
+    made = slow.post("/vector_stores", json={"name": "slow-notes"})
+    assert made.status_code == 200
+    assert slow.get("/vector_stores").status_code == 200
+    searched = slow.post(f"/vector_stores/{made.json()['id']}/search", json={"query": "x"})
+    assert searched.status_code == 200
+    refused = slow.post("/files", files={"file": ("a.txt", b"hello")})  # the fourth call
+    assert refused.status_code == 429 and refused.json()["error"]["type"] == "rate_limit_error"
+    assert int(refused.headers["retry-after"]) >= 1
