@@ -12,10 +12,14 @@ the config file's ``adapters`` and appear in ``/v1/models``.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import re
+import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -152,11 +156,37 @@ class AdapterRegistry:
             raise AdapterError(f"{self.path}: the adapter registry is corrupt: {exc.msg}") from None
         return dict(data.get("adapters", {}))
 
-    def _write(self, entries: dict[str, dict[str, Any]]) -> None:
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        """One writer at a time, across processes (``ragline adapters register`` in two
+        shells): each reads, changes and writes the registry under this lock."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"adapters": entries}, indent=2, sort_keys=True))
-        tmp.replace(self.path)  # readers see the old file or the new one
+        with open(self.path.with_name(self.path.name + ".lock"), "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+    def _write(self, entries: dict[str, dict[str, Any]]) -> None:
+        """A new file under a unique name, on disk (fsync) before it replaces the old one,
+        and the rename on disk too: readers and a crash see the old registry or the new."""
+        fd, name = tempfile.mkstemp(prefix=f".{self.path.name}.", dir=self.path.parent)
+        try:
+            with os.fdopen(fd, "w") as out:
+                out.write(json.dumps({"adapters": entries}, indent=2, sort_keys=True))
+                out.flush()
+                os.fsync(out.fileno())
+            os.replace(name, self.path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(name)
+            raise
+        directory = os.open(self.path.parent, os.O_RDONLY)
+        try:
+            os.fsync(directory)
+        finally:
+            os.close(directory)
 
     def register(
         self,
@@ -170,9 +200,6 @@ class AdapterRegistry:
     ) -> dict[str, Any]:
         if not NAME.match(name):
             raise AdapterError(f"adapter name {name!r} must match {NAME.pattern}")
-        entries = self.entries()
-        if name in entries and not replace:
-            raise AdapterError(f"an adapter named {name!r} is registered; pass --replace")
         record = inspect(adapter.resolve(), base_path, check_checksum=not force)
         record.update(
             name=name,
@@ -181,14 +208,19 @@ class AdapterRegistry:
             base_path=str(base_path),
             registered=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         )
-        entries[name] = record
-        self._write(entries)
+        with self._locked():
+            entries = self.entries()
+            if name in entries and not replace:
+                raise AdapterError(f"an adapter named {name!r} is registered; pass --replace")
+            entries[name] = record
+            self._write(entries)
         return record
 
     def remove(self, name: str) -> dict[str, Any]:
-        entries = self.entries()
-        if name not in entries:
-            raise AdapterError(f"no adapter named {name!r} is registered")
-        record = entries.pop(name)
-        self._write(entries)
+        with self._locked():
+            entries = self.entries()
+            if name not in entries:
+                raise AdapterError(f"no adapter named {name!r} is registered")
+            record = entries.pop(name)
+            self._write(entries)
         return record

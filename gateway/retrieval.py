@@ -10,6 +10,7 @@ the hits become the template's numbered ``context`` and the response's ``ragline
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fnmatch
 import hashlib
 import json
@@ -47,10 +48,25 @@ class Retrieved:
 
 
 class FileStore:
-    """Uploaded files (``POST /v1/files``): the bytes and an OpenAI file object per id."""
+    """Uploaded files (``POST /v1/files``): the bytes and an OpenAI file object per id.
+
+    A file is written into a temporary directory, flushed to disk, and renamed into place (a
+    crash leaves it whole or absent); temporary directories a crash left are swept at start."""
+
+    STALE_SECONDS = 3600.0
 
     def __init__(self, root: Path) -> None:
         self.root = root
+        self._sweep()
+
+    def _sweep(self) -> None:
+        if not self.root.exists():
+            return
+        now = time.time()
+        for debris in self.root.glob(".tmp-*"):
+            with contextlib.suppress(OSError):
+                if now - debris.stat().st_mtime > self.STALE_SECONDS:
+                    shutil.rmtree(debris, ignore_errors=True)
 
     def create(self, filename: str, data: bytes, purpose: str, owner: Principal) -> dict[str, Any]:
         file_id = f"file-{secrets.token_hex(12)}"
@@ -66,9 +82,11 @@ class FileStore:
         }
         tmp = self.root / f".tmp-{file_id}"
         tmp.mkdir(parents=True)
-        (tmp / "content").write_bytes(data)
-        (tmp / "file.json").write_text(json.dumps({**obj, _OWNER: owner.key_id}))
+        _durable(tmp / "content", data)
+        _durable(tmp / "file.json", json.dumps({**obj, _OWNER: owner.key_id}).encode())
+        _fsync_dir(tmp)
         os.rename(tmp, self.root / file_id)
+        _fsync_dir(self.root)
         return obj
 
     def get(self, file_id: str, principal: Principal) -> dict[str, Any]:
@@ -99,6 +117,21 @@ class FileStore:
 
 
 _OWNER = "_ragline_owner"  # in file.json only; never in a response
+
+
+def _durable(path: Path, data: bytes) -> None:
+    with open(path, "wb") as out:
+        out.write(data)
+        out.flush()
+        os.fsync(out.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _no_file(file_id: str) -> NotFound:

@@ -59,6 +59,7 @@ log = logging.getLogger("ragline.rag")
 
 FORMAT = 1
 KEEP_VERSIONS = 2
+PRUNE_GRACE = 300.0  # seconds a version stays on disk after it stopped being current
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
@@ -364,6 +365,7 @@ class VectorStore:
         if final.exists():  # left by a writer killed between the rename and CURRENT
             shutil.rmtree(final)
         os.rename(tmp, final)
+        _fsync(self.path / "versions")  # the rename itself, durable before CURRENT names it
         pointer = self.path / f".CURRENT-{secrets.token_hex(4)}"
         pointer.write_text(name + "\n")
         _fsync(pointer)
@@ -372,9 +374,18 @@ class VectorStore:
         self._prune(version)
 
     def _prune(self, version: int) -> None:
+        """Remove versions ``KEEP_VERSIONS`` behind that have not been current for
+        ``PRUNE_GRACE`` seconds: a reader in another process that read ``CURRENT`` just before
+        a write still finds the version it is loading."""
+        now = time.time()
         for old in (self.path / "versions").glob("v*"):
-            with contextlib.suppress(ValueError):
-                if int(old.name[1:]) <= version - KEEP_VERSIONS:
+            with contextlib.suppress(ValueError, OSError):
+                number = int(old.name[1:])
+                if number > version - KEEP_VERSIONS:
+                    continue
+                successor = self.path / "versions" / f"v{number + 1:06d}"
+                superseded = successor.stat().st_mtime if successor.exists() else 0.0
+                if now - superseded >= PRUNE_GRACE:
                     shutil.rmtree(old, ignore_errors=True)
 
 

@@ -125,3 +125,30 @@ def test_training_settings_are_checked_before_anything_loads(
     if not torch.cuda.is_available():
         with pytest.raises(FinetuneError, match="needs a CUDA GPU"):
             check(TrainConfig(**{**base.__dict__, "qlora": True}))
+
+
+def test_concurrent_registrations_are_all_kept_and_a_failed_write_changes_nothing(
+    good: Path, model_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    path = tmp_path / "adapters.json"
+    registry = AdapterRegistry(path)
+    names = [f"team-{i}" for i in range(8)]
+    with ThreadPoolExecutor(8) as pool:  # each its own AdapterRegistry, as separate commands
+        list(
+            pool.map(
+                lambda n: AdapterRegistry(path).register(n, good, "smollm2", model_path), names
+            )
+        )
+    assert sorted(registry.entries()) == names  # none lost to a concurrent read-modify-write
+    before = path.read_bytes()
+
+    def crash(fd: int) -> None:
+        raise OSError("disk full")
+
+    monkeypatch.setattr("finetune.adapters.os.fsync", crash)
+    with pytest.raises(OSError):
+        registry.register("late", good, "smollm2", model_path)
+    assert path.read_bytes() == before  # the registry is the old one, whole
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no debris
