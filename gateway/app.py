@@ -75,7 +75,7 @@ def create_app(settings: Settings | None = None, config: FileConfig | None = Non
         embedder = settings.embedder()  # one model for few-shot selection and retrieval
         prompts = PromptStage(config, metrics, redis, embedder)
         app.state.rag = RagService(settings, embedder, metrics)
-        safety = SafetyStage(config, embedder, metrics)
+        safety = SafetyStage(config, embedder, metrics, prompts.chat_format)
         await asyncio.to_thread(safety.warm)  # policies' models load before serving
         app.state.pipeline = Pipeline(
             settings, registry, admission, prompts, app.state.rag, safety, metrics

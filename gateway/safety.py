@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -59,7 +59,14 @@ class Screened:
 
 
 class SafetyStage:
-    def __init__(self, config: FileConfig, embedder: Any, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        config: FileConfig,
+        embedder: Any,
+        metrics: Metrics,
+        tokenizer_for: Callable[[Target], Awaitable[Any]] | None = None,
+    ) -> None:
+        self.tokenizer_for = tokenizer_for  # decodes token-id prompts, so they are scanned too
         self.enabled = config.safety.enabled
         self.metrics = metrics
         self.routes = {r.name: r for r in config.routes}
@@ -151,10 +158,43 @@ class SafetyStage:
                 texts = [
                     await self._scan(policy, p, context, f"prompt[{i}]", screened)
                     for i, p in enumerate(prompt)
-                ]  # token-id prompts are not text: nothing to scan
+                ]
                 body = call.with_body(prompt=texts) if texts != prompt else body
+            elif prompt:
+                await self._scan_token_ids(call, policy, context, screened)
         options = await self._screen_options(call.options, policy, context, screened)
         return call.evolve(body=body, screened=screened, options=options)
+
+    async def _scan_token_ids(
+        self, call: Call, policy: Policy, context: ScanContext, screened: Screened
+    ) -> None:
+        """Token-id prompts are scanned as the text they decode to. Ids cannot be redacted
+        in place, so what the policy would redact is refused."""
+        assert call.target is not None
+        prompt = call.body["prompt"]
+        single = isinstance(prompt[0], int)
+        batches = [prompt] if single else prompt
+        if self.tokenizer_for is None:
+            raise ContentFiltered(
+                "Token-id prompts cannot be scanned here; send text.", param="prompt"
+            )
+        try:
+            tokenizer = (await self.tokenizer_for(call.target)).tokenizer
+        except InvalidRequest:
+            raise ContentFiltered(
+                f"Token-id prompts need the tokenizer of model {call.target.base!r} to be "
+                "scanned by the safety policy; send text, or set `tokenizer` on the model.",
+                param="prompt",
+            ) from None
+        for i, ids in enumerate(batches):
+            param = "prompt" if single else f"prompt[{i}]"
+            text = tokenizer.decode(list(ids), skip_special_tokens=False)
+            if await self._scan(policy, text, context, param, screened) != text:
+                raise ContentFiltered(
+                    f"The token-id prompt holds what safety policy '{policy.name}' redacts; "
+                    "send it as text to have it redacted.",
+                    param=param,
+                )
 
     async def _screen_options(
         self,

@@ -393,3 +393,15 @@ def test_every_role_and_every_supplied_text_is_scanned(gw: Gateway) -> None:
         refused([ask_], extra_body={"ragline": {**grounded, "variables": {"note": f"key {AWS}"}}})
         == "ragline.variables.note"
     )
+
+
+def test_token_id_prompts_are_scanned_as_the_text_they_decode_to(gw: Gateway, tokenizer) -> None:  # type: ignore[no-untyped-def]
+    ids = tokenizer.encode(f"deploy with {AWS} please", add_special_tokens=False)
+    with pytest.raises(openai.BadRequestError) as err:
+        sdk(gw).completions.create(model="smollm2", prompt=ids, max_tokens=2)
+    assert err.value.code == "content_filter" and err.value.body["param"] == "prompt"
+    with pytest.raises(openai.BadRequestError) as err:
+        sdk(gw).completions.create(model="smollm2", prompt=[[1, 2, 3], ids], max_tokens=2)
+    assert err.value.body["param"] == "prompt[1]"
+    clean = tokenizer.encode("The capital of France is", add_special_tokens=False)
+    assert sdk(gw).completions.create(model="smollm2", prompt=clean, max_tokens=2).choices
