@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import re
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -39,8 +40,9 @@ log = logging.getLogger("ragline")
 
 _ID_PREFIX = uuid.uuid4().hex[:12]  # unique per process; the counter makes ids unique within it
 _FAST = {CHAT, COMPLETIONS}
-# paths that take multipart file uploads (the larger upload limit applies to them alone)
-_UPLOADS = ("/v1/files",)
+# the routes that take multipart file uploads: the larger upload limit applies to their
+# multipart bodies alone (a multipart header elsewhere buys nothing)
+_UPLOADS = re.compile(r"^/v1/(files|vector_stores/[^/]+/files)$")
 
 
 class Bookkeeping:
@@ -110,6 +112,7 @@ class FrontDoor:
             return
         started = time.perf_counter()
         request_id, cache_control, length, authorization = "", b"", -1, b""
+        multipart = False
         for name, value in scope["headers"]:
             if name == b"x-request-id":
                 request_id = value.decode("latin-1")[:128]
@@ -119,6 +122,8 @@ class FrontDoor:
                 authorization = value
             elif name == b"cache-control":
                 cache_control = value
+            elif name == b"content-type":
+                multipart = value.startswith(b"multipart/form-data")
         request_id = request_id or f"{_ID_PREFIX}{next(self._ids):012x}"
         state = scope.setdefault("state", {})
         state["request_id"] = request_id
@@ -133,7 +138,7 @@ class FrontDoor:
             await send(message)
 
         path = scope["path"]
-        limit = self.upload_bytes if path.startswith(_UPLOADS) else self.max_bytes
+        limit = self.upload_bytes if multipart and _UPLOADS.match(path) else self.max_bytes
         app_state = self.api.state
         app_state.in_flight += 1
         try:

@@ -201,3 +201,14 @@ def test_request_id_is_echoed(gateway) -> None:  # type: ignore[no-untyped-def]
     r = httpx.get(gateway.base_url + "/models", headers={"X-Request-Id": "abc-123"})
     assert r.headers["x-request-id"] == "abc-123"
     assert httpx.get(gateway.base_url + "/models").headers["x-request-id"]
+
+
+def test_a_multipart_header_buys_the_upload_limit_on_upload_routes_only(gateway) -> None:  # type: ignore[no-untyped-def]
+    body = b"x" * (5 << 20)  # over the 4 MiB request limit, under the 32 MiB upload limit
+    multipart = {"content-type": "multipart/form-data; boundary=zz"}
+    r = httpx.post(gateway.base_url + "/chat/completions", content=body, headers=multipart)
+    assert r.status_code == 413  # not an upload route: the request limit
+    r = httpx.post(gateway.base_url + "/vector_stores", content=body, headers=multipart)
+    assert r.status_code == 413
+    r = httpx.post(gateway.base_url + "/files", content=body, headers=multipart, timeout=60)
+    assert r.status_code == 400  # read whole (the upload limit), then refused as a bad form
