@@ -432,6 +432,9 @@ class Settings(BaseSettings):
         default=4 * 1024 * 1024, ge=1024, description="Larger request bodies get 413."
     )
     max_n: int = Field(default=8, ge=1, description="Largest `n` (choices per request).")
+    max_completion_tokens: int = Field(
+        default=32768, ge=1, description="Largest n × max_tokens (× prompts) of one request."
+    )
     redis_url: str | None = Field(
         default=None,
         validation_alias=AliasChoices("RAGLINE_REDIS_URL", "REDIS_URL"),

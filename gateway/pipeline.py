@@ -29,7 +29,13 @@ from gateway.admission import Admission, Ticket
 from gateway.backends.base import CHAT, Backend, Chunk, Event, Generation, Usage
 from gateway.backends.registry import BackendRegistry, not_ready
 from gateway.cache import CachedResponse
-from gateway.call import Call, check_supported, generation_request, message_text
+from gateway.call import (
+    Call,
+    check_supported,
+    generation_request,
+    message_text,
+    requested_max_tokens,
+)
 from gateway.config import RagConfig, Settings
 from gateway.errors import BackendError, InvalidRequest, PermissionDenied, RaglineError
 from gateway.http import ClientDisconnected, HttpRequest, Reply, until_disconnect, validate_body
@@ -123,6 +129,17 @@ class Pipeline:
             raise InvalidRequest(
                 f"n={call.request.n} is larger than this server allows ({self.settings.max_n}).",
                 param="n",
+            )
+        request = call.request
+        wanted = requested_max_tokens(call.body) or 0
+        prompts = len(request.prompts()) if isinstance(request, CompletionRequest) else 1
+        total = (request.n or 1) * wanted * prompts
+        if total > self.settings.max_completion_tokens:
+            raise InvalidRequest(
+                f"This request asks for up to {total} completion tokens (n × max_tokens"
+                f"{' × prompts' if prompts > 1 else ''}); this server allows "
+                f"{self.settings.max_completion_tokens} per request.",
+                param="max_tokens",
             )
         if not call.principal.may_use(call.model):
             raise PermissionDenied(

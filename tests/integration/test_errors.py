@@ -93,7 +93,7 @@ def test_context_length_exceeded(client) -> None:  # type: ignore[no-untyped-def
         client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": long}])
     assert info.value.code == "context_length_exceeded"
     with pytest.raises(openai.BadRequestError) as info:
-        client.chat.completions.create(model=MODEL, messages=MSG, max_tokens=100_000)
+        client.chat.completions.create(model=MODEL, messages=MSG, max_tokens=5000)
     assert info.value.code == "context_length_exceeded"
 
 
@@ -212,3 +212,9 @@ def test_a_multipart_header_buys_the_upload_limit_on_upload_routes_only(gateway)
     assert r.status_code == 413
     r = httpx.post(gateway.base_url + "/files", content=body, headers=multipart, timeout=60)
     assert r.status_code == 400  # read whole (the upload limit), then refused as a bad form
+
+
+def test_n_times_max_tokens_is_bounded(client) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(openai.BadRequestError) as info:  # 8 × 5,000 > 32,768
+        client.chat.completions.create(model=MODEL, messages=MSG, n=8, max_tokens=5000)
+    assert info.value.body["param"] == "max_tokens" and "32768" in info.value.body["message"]

@@ -99,8 +99,10 @@ def test_a_client_error_does_not_fall_back(model_path, tmp_path: Path) -> None: 
     spare = start_mock(tmp_path, reply="from the spare")
     gw = start_gateway(tmp_path, models=models(upstream.base_url, spare.url))
     try:
-        with pytest.raises(openai.BadRequestError) as info:  # too long for the model's context
-            sdk(gw).chat.completions.create(model="primary", messages=MSG, max_tokens=100_000)
+        with pytest.raises(
+            openai.BadRequestError
+        ) as info:  # too long for the context (2,048 tokens)
+            sdk(gw).chat.completions.create(model="primary", messages=MSG, max_tokens=5000)
         assert info.value.body["code"] == "context_length_exceeded"  # the upstream's own error
         assert served_requests(spare) == 0 and fallbacks_counted(gw) == 0
         ok = sdk(gw).chat.completions.create(model="primary", messages=MSG, max_tokens=4)
