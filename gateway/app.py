@@ -39,6 +39,7 @@ from gateway.retrieval import RagService
 from gateway.routes import admin, chat, completions, feedback, health, models, vector_stores
 from gateway.routes import metrics as metrics_route
 from gateway.safety import SafetyStage
+from gateway.workers import WorkerPool
 
 log = logging.getLogger("ragline")
 
@@ -74,9 +75,11 @@ def create_app(settings: Settings | None = None, config: FileConfig | None = Non
         admission = Admission(settings, limiter, cache, metrics)
         embedder = settings.embedder()  # one model for few-shot selection and retrieval
         prompts = PromptStage(config, metrics, redis, embedder)
-        app.state.rag = RagService(settings, embedder, metrics)
+        workers = WorkerPool(settings.parse_workers, settings.parse_timeout)
+        app.state.rag = RagService(settings, embedder, metrics, workers)
         safety = SafetyStage(config, embedder, metrics, prompts.chat_format)
         await asyncio.to_thread(safety.warm)  # policies' models load before serving
+        await workers.warm()
         app.state.pipeline = Pipeline(
             settings, registry, admission, prompts, app.state.rag, safety, metrics
         )
@@ -105,6 +108,7 @@ def create_app(settings: Settings | None = None, config: FileConfig | None = Non
             await app.state.bookkeeping.flush()
             await limiter.aclose()  # settlements still queued
             await registry.aclose()
+            await asyncio.to_thread(workers.close)
             if redis is not None:
                 await redis.aclose()
 

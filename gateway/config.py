@@ -478,6 +478,12 @@ class Settings(BaseSettings):
         description="Ingestion embeds documents with an int8 copy of the model (~1.7x the "
         "rate, cosine ~0.996 to float32); queries are always float32.",
     )
+    parse_workers: int = Field(
+        default=1, ge=1, description="Processes that parse uploaded files (a time limit each)."
+    )
+    parse_timeout: float = Field(
+        default=60.0, gt=0, description="Seconds one uploaded file may take to parse (400 after)."
+    )
     max_upload_bytes: int = Field(
         default=32 * 1024 * 1024, ge=1024, description="Larger file uploads get 413."
     )

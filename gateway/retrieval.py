@@ -29,9 +29,10 @@ from gateway.auth import Principal
 from gateway.config import RagConfig, Settings
 from gateway.errors import InvalidRequest, NotFound, PermissionDenied
 from gateway.metrics import Metrics
+from gateway.workers import WorkerPool, WorkTimedOut
 from rag.chunking import Chunker, ChunkingConfig
 from rag.embeddings import Embedder
-from rag.loaders import Document, check_suffix, load_bytes
+from rag.loaders import Document, LoaderError, check_suffix, load_bytes
 from rag.retriever import Hit, SearchOptions, search
 from rag.store import VectorStore, WriteResult
 
@@ -139,7 +140,14 @@ def _no_file(file_id: str) -> NotFound:
 
 
 class RagService:
-    def __init__(self, settings: Settings, embedder: Embedder, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        embedder: Embedder,
+        metrics: Metrics,
+        workers: WorkerPool | None = None,
+    ) -> None:
+        self.workers = workers  # parses uploads in processes a time limit can stop
         self.root = settings.rag_dir / "stores"
         self.files = FileStore(settings.rag_dir / "files")
         self.embedder = embedder
@@ -284,12 +292,24 @@ class RagService:
     async def parse(
         self, filename: str, data: bytes, *, doc_id: str, attributes: dict[str, Any]
     ) -> list[Document]:
-        """The documents in an uploaded file, parsed in a worker thread (never on the event
-        loop); raises ``LoaderError`` (a 400, mapped in ``gateway.errors``)."""
+        """The documents in an uploaded file, parsed in a worker process with a time limit
+        (a thread without workers): never on the event loop. Raises ``LoaderError`` (a 400,
+        mapped in ``gateway.errors``), ``file_parse_timeout`` when the limit stopped it."""
         check_suffix(filename)
-        return await asyncio.to_thread(
-            load_bytes, filename, data, doc_id=doc_id, metadata=attributes
-        )
+        if self.workers is None:
+            return await asyncio.to_thread(
+                load_bytes, filename, data, doc_id=doc_id, metadata=attributes
+            )
+        try:
+            return await self.workers.run(
+                load_bytes, filename, data, doc_id=doc_id, metadata=attributes
+            )
+        except WorkTimedOut:
+            raise LoaderError(
+                f"{filename!r} took longer than {self.workers.timeout:g} s to parse and was "
+                "given up (split it, or send its text).",
+                "file_parse_timeout",
+            ) from None
 
     # -- reading --------------------------------------------------------------------------------
 

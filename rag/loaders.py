@@ -27,6 +27,9 @@ class LoaderError(ValueError):
         self.message = message
         self.code = code
 
+    def __reduce__(self) -> tuple[type[LoaderError], tuple[str, str]]:
+        return LoaderError, (self.message, self.code)  # whole across a process boundary
+
 
 @dataclass
 class Document:

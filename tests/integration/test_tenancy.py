@@ -111,3 +111,33 @@ def test_store_and_file_calls_count_against_the_keys_limit(gw: Gateway) -> None:
     refused = slow.post("/files", files={"file": ("a.txt", b"hello")})  # the fourth call
     assert refused.status_code == 429 and refused.json()["error"]["type"] == "rate_limit_error"
     assert int(refused.headers["retry-after"]) >= 1
+
+
+def test_a_file_that_parses_too_long_is_stopped_and_the_next_one_served(
+    model_path: Path, tmp_path: Path
+) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tests.rag.helpers import many_pages_pdf
+
+    gw = start_gateway(
+        tmp_path,
+        models=[{"name": "smollm2"}],
+        env={"RAGLINE_RAG_DIR": str(tmp_path / "rag"), "RAGLINE_PARSE_TIMEOUT": "0.3"},
+    )
+    try:
+        big = many_pages_pdf(1900, "word " * 100)  # seconds of text extraction
+        with ThreadPoolExecutor(1) as pool:
+            upload = pool.submit(
+                httpx.post, gw.base_url + "/files", files={"file": ("big.pdf", big)}, timeout=120
+            )
+            answered = 0
+            while not upload.done():  # the server keeps answering while the worker parses
+                answered += httpx.get(gw.url + "/health", timeout=30).status_code == 200
+        refused = upload.result()
+        assert refused.status_code == 400 and answered >= 1
+        assert refused.json()["error"]["code"] == "file_parse_timeout"
+        small = httpx.post(gw.base_url + "/files", files={"file": ("a.txt", b"hello")})
+        assert small.status_code == 200  # a fresh worker took over
+    finally:
+        stop_gateway(gw)
