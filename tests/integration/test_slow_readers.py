@@ -31,7 +31,11 @@ def test_a_stalled_reader_is_cut_off_and_never_ejects_the_replica(tmp_path: Path
         "timeouts": {"pool_wait": 0.5},
         "health": {"interval": 0.2, "max_failures": 1},
     }
-    gw = start_gateway(tmp_path, models=[model], env={"RAGLINE_SEND_TIMEOUT": "3"})
+    gw = start_gateway(
+        tmp_path,
+        models=[model],
+        env={"RAGLINE_SEND_TIMEOUT": "3", "RAGLINE_MAX_COMPLETION_TOKENS": "400000"},
+    )
     stalled = socket.create_connection(("127.0.0.1", int(gw.url.rsplit(":", 1)[1])))
     try:
         body = (
