@@ -103,8 +103,11 @@ def validation_error(exc: ValidationError) -> InvalidRequest:
     if kind in ("model_type", "model_attributes_type", "dict_type") and not loc:
         return InvalidRequest("The request body must be a JSON object.", code="invalid_json")
     if kind == "extra_forbidden":
+        # the last part is the client's own key, whatever it looks like (never a union tag)
+        parent, key = param_path(loc[:-1]), str(loc[-1])
+        param = f"{parent}.{key}" if parent else key
         return InvalidRequest(
-            f"Unrecognized request argument supplied: {param}",
+            f"Unrecognized request argument supplied: {param or repr(param)}",
             param=param,
             code="unrecognized_argument",
         )

@@ -23,8 +23,6 @@ from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-import orjson
-
 from gateway.admission import Admission, Ticket
 from gateway.backends.base import CHAT, Backend, Chunk, Event, Generation, Usage
 from gateway.backends.registry import BackendRegistry, not_ready
@@ -110,7 +108,9 @@ class Pipeline:
             request = validate_body(http.body, ChatCompletionRequest)
         else:
             request = validate_body(http.body, CompletionRequest)
-        body = orjson.loads(http.body)
+        # the body as validated, not as sent: `"n": "2"` or `"prompt": [5.0]` pass validation
+        # (lax, as OpenAI's and vLLM's servers) and every later step reads them as the numbers
+        body = request.model_dump(exclude_unset=True)
         body.pop("ragline", None)
         return Call(
             endpoint=endpoint,

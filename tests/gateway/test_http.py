@@ -41,3 +41,20 @@ def test_unknown_field_is_named() -> None:
     err = validation_error(info.value)
     assert err.param == "functions"
     assert "Unrecognized" in err.message
+
+
+@pytest.mark.parametrize(
+    ("extra", "want"),
+    [
+        ('"function-call": 1', "function-call"),  # a dash is not a union tag here
+        ('"": 1', ""),
+        ('"messages": [{"role": "user", "content": "x", "x-trace": 1}]', "messages[0].x-trace"),
+    ],
+)
+def test_unknown_field_named_as_sent(extra: str, want: str) -> None:
+    body = '{"model": "m", "messages": [{"role": "user", "content": "y"}], ' + extra + "}"
+    with pytest.raises(ValidationError) as info:
+        ChatCompletionRequest.model_validate_json(body)
+    err = validation_error(info.value)
+    assert err.param == want
+    assert err.message == f"Unrecognized request argument supplied: {want or repr(want)}"

@@ -187,6 +187,11 @@ def test_completions_bad_input(client) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(openai.BadRequestError) as info:
         client.completions.create(model=MODEL, prompt=[10**9])
     assert info.value.body["param"] == "prompt"
+    # negative or wider than 32 bits: refused before any tokenizer sees them (found by fuzzing)
+    for prompt in ([-1], [[5], [7, -8284791]], [[1, 2**40]]):
+        with pytest.raises(openai.BadRequestError) as info:
+            client.completions.create(model=MODEL, prompt=prompt)
+        assert info.value.body["param"].startswith("prompt")
     with pytest.raises(openai.BadRequestError) as info:
         client.completions.create(model=MODEL, prompt="x", logprobs=9)
     assert info.value.body["param"] == "logprobs"
@@ -218,3 +223,17 @@ def test_n_times_max_tokens_is_bounded(client) -> None:  # type: ignore[no-untyp
     with pytest.raises(openai.BadRequestError) as info:  # 8 × 5,000 > 32,768
         client.chat.completions.create(model=MODEL, messages=MSG, n=8, max_tokens=5000)
     assert info.value.body["param"] == "max_tokens" and "32768" in info.value.body["message"]
+
+
+def test_numbers_sent_as_strings_or_floats_are_read_as_validated(client) -> None:  # type: ignore[no-untyped-def]
+    # accepted as OpenAI's and vLLM's servers accept them; every step after validation sees the
+    # numbers (a string max_tokens once reached the limits and the engine as a string)
+    r = client.chat.completions.create(
+        model=MODEL,
+        messages=MSG,
+        extra_body={"n": "2", "max_tokens": "3", "seed": 7.0, "temperature": "0"},
+    )
+    assert len(r.choices) == 2
+    assert r.usage.completion_tokens <= 6
+    completion = client.completions.create(model=MODEL, prompt=[[504.0, 2.0]], max_tokens=2)
+    assert completion.usage.prompt_tokens == 2
