@@ -31,8 +31,10 @@ from gateway.errors import (
 from gateway.frontdoor import FrontDoor
 from gateway.http import ClientDisconnected, param_path
 from gateway.metrics import Metrics
+from gateway.openapi import BODIES
 from gateway.pipeline import Pipeline
 from gateway.prompting import PromptStage
+from gateway.quotas import Quotas
 from gateway.ratelimit import MemoryRateLimiter, RateLimiter, RedisRateLimiter
 from gateway.resp import RespConnection
 from gateway.retrieval import RagService
@@ -77,6 +79,7 @@ def create_app(settings: Settings | None = None, config: FileConfig | None = Non
         prompts = PromptStage(config, metrics, redis, embedder)
         workers = WorkerPool(settings.parse_workers, settings.parse_timeout)
         app.state.rag = RagService(settings, embedder, metrics, workers)
+        app.state.quotas = Quotas(settings, redis)
         safety = SafetyStage(config, embedder, metrics, prompts.chat_format)
         await asyncio.to_thread(safety.warm)  # policies' models load before serving
         await workers.warm()
@@ -131,6 +134,7 @@ def create_app(settings: Settings | None = None, config: FileConfig | None = Non
     for router in routers:
         app.include_router(router)
     _install_error_handlers(app)
+    BODIES.install(app)
     app.state.in_flight = 0
     return FrontDoor(app, settings)
 

@@ -277,6 +277,12 @@ class KeyPolicy(BaseModel):
     metrics: bool = Field(
         default=False, description="May read /metrics (which names every key id); admins may."
     )
+    upload_bytes_per_day: int | None = Field(
+        default=None, ge=0, description="Upload quota per UTC day; default: the server's."
+    )
+    max_vector_stores: int | None = Field(
+        default=None, ge=0, description="Vector stores this key may own; default: the server's."
+    )
 
 
 class KeyConfig(BaseModel):
@@ -486,6 +492,15 @@ class Settings(BaseSettings):
     )
     max_upload_bytes: int = Field(
         default=32 * 1024 * 1024, ge=1024, description="Larger file uploads get 413."
+    )
+    upload_bytes_per_day: int = Field(
+        default=1024**3,
+        ge=0,
+        description="Bytes a key may upload per UTC day (files and store text), unless its "
+        "policy says otherwise; over it: 429 insufficient_quota.",
+    )
+    max_vector_stores: int = Field(
+        default=100, ge=0, description="Vector stores a key may own, unless its policy says."
     )
     workers: int = Field(default=1, ge=1, description="Gateway processes (needs Redis if > 1).")
     log_format: Literal["json", "text"] = "json"

@@ -25,6 +25,14 @@ class TextContentPart(_Request):
 
 
 class ChatMessage(_Request):
+    # the schema says what ``_content_required`` checks: only an assistant message may omit it
+    model_config = ConfigDict(
+        json_schema_extra={
+            "if": {"properties": {"role": {"const": "assistant"}}},
+            "else": {"required": ["content"], "properties": {"content": {"not": {"type": "null"}}}},
+        }
+    )
+
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[TextContentPart] | None = None
     name: str | None = None
@@ -221,7 +229,9 @@ class ChatCompletionChunk(BaseModel):
 
 # --- completions -----------------------------------------------------------------------------
 
-Prompt = str | list[str] | Annotated[list[int], Field(min_length=1)] | list[list[int]]
+# token ids are non-negative 32-bit integers (each model checks its own vocabulary)
+PromptId = Annotated[int, Field(ge=0, le=2**31 - 1)]
+Prompt = str | list[str] | Annotated[list[PromptId], Field(min_length=1)] | list[list[PromptId]]
 
 
 class CompletionRequest(_SamplingFields):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import fnmatch
 import hashlib
 import json
@@ -215,20 +216,47 @@ class RagService:
         chunking: ChunkingConfig,
         index: str,
         principal: Principal,
+        check_quota: Callable[[Principal, int], None] | None = None,
     ) -> VectorStore:
+        """A new store owned by ``principal``; ``check_quota(principal, owned)`` may refuse it.
+        Check and creation run under the stores' lock (a file lock: every process)."""
         dim = await asyncio.to_thread(self._dim)
         label = name or f"store-{secrets.token_hex(4)}"
         if not any(fnmatch.fnmatchcase(label, p) for p in principal.policy.vector_stores):
             raise PermissionDenied(f"This key may not create vector store {label!r}.", param="name")
-        if name is not None and any(s.name == name for s in self.list_stores(principal)):
-            raise InvalidRequest(
-                f"A vector store named {name!r} exists already.", param="name", code="store_exists"
-            )
-        store = VectorStore.create(
-            self.root, label, dim=dim, embedder_name=self._embedder_name(),
-            index=index, chunking=chunking, metadata=metadata,  # type: ignore[arg-type]
-            owner=principal.key_id,
-        )  # fmt: skip
+        return await asyncio.to_thread(
+            self._create, label, name, metadata, chunking, index, principal, dim, check_quota
+        )
+
+    def _create(
+        self,
+        label: str,
+        name: str | None,
+        metadata: dict[str, Any],
+        chunking: ChunkingConfig,
+        index: str,
+        principal: Principal,
+        dim: int,
+        check_quota: Callable[[Principal, int], None] | None,
+    ) -> VectorStore:
+        self.root.mkdir(parents=True, exist_ok=True)
+        with open(self.root / ".create.lock", "a+b") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+            visible = self.list_stores(principal)
+            if name is not None and any(s.name == name for s in visible):
+                raise InvalidRequest(
+                    f"A vector store named {name!r} exists already.",
+                    param="name",
+                    code="store_exists",
+                )
+            if check_quota is not None:
+                owned = sum(s.info.get("owner") == principal.key_id for s in visible)
+                check_quota(principal, owned)
+            store = VectorStore.create(
+                self.root, label, dim=dim, embedder_name=self._embedder_name(),
+                index=index, chunking=chunking, metadata=metadata,  # type: ignore[arg-type]
+                owner=principal.key_id,
+            )  # fmt: skip
         self._stores[store.id] = store
         return store
 

@@ -15,6 +15,7 @@ from gateway.config import AdapterConfig, KeyPolicy
 from gateway.errors import InvalidRequest, NotFound
 from gateway.http import parse_body
 from gateway.logs import audit_event
+from gateway.openapi import BODIES
 from gateway.routes.deps import PipelineDep, RegistryDep
 from prompts.template import PromptError
 
@@ -42,7 +43,7 @@ def _keys(request: Request) -> KeyStore:
     return store
 
 
-@router.post("/keys", status_code=201)
+@router.post("/keys", status_code=201, openapi_extra=BODIES.json(NewKey))
 async def create_key(request: Request) -> dict[str, object]:
     """Create a run-time key; the plain key is in this response and nowhere else."""
     spec = await parse_body(request, NewKey)

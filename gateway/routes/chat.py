@@ -10,12 +10,13 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
 from gateway.backends.base import CHAT
+from gateway.openapi import BODIES
 from gateway.protocol import ChatCompletion, ChatCompletionRequest
 from gateway.routes.deps import PipelineDep, complete
 
 router = APIRouter()
 
 
-@router.post(CHAT, response_model=ChatCompletion)
+@router.post(CHAT, response_model=ChatCompletion, openapi_extra=BODIES.json(ChatCompletionRequest))
 async def create_chat_completion(request: Request, pipeline: PipelineDep) -> Response:
     return await complete(request, pipeline, CHAT, ChatCompletionRequest)

@@ -9,6 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from gateway.auth import principal_of
 from gateway.http import parse_body
+from gateway.openapi import BODIES
 from gateway.routes.deps import Charged, PipelineDep
 
 router = APIRouter(dependencies=[Charged])  # every call counts against the key's RPM
@@ -23,7 +24,7 @@ class Feedback(BaseModel):
     score: float = Field(ge=-1e6, le=1e6, description="Your scale: thumbs 0/1, stars 1-5, ...")
 
 
-@router.post("/v1/feedback")
+@router.post("/v1/feedback", openapi_extra=BODIES.json(Feedback))
 async def create_feedback(request: Request, pipeline: PipelineDep) -> dict[str, Any]:
     body = await parse_body(request, Feedback)
     principal = principal_of(request.state)

@@ -19,6 +19,8 @@ from starlette.datastructures import UploadFile
 from gateway.auth import Principal, principal_of
 from gateway.errors import InvalidRequest, NotFound
 from gateway.http import parse_body
+from gateway.openapi import BODIES, BodySchemas
+from gateway.quotas import Quotas
 from gateway.retrieval import RagService
 from gateway.routes.deps import Charged
 from rag.chunking import ChunkingConfig
@@ -87,6 +89,12 @@ def _service(request: Request) -> RagService:
     return rag
 
 
+async def _charge(request: Request, nbytes: int) -> None:
+    """Count an upload against the key's bytes-per-day quota (429 when it does not fit)."""
+    quotas: Quotas = request.app.state.quotas
+    await quotas.charge_upload(principal_of(request.state), nbytes)
+
+
 def _chunking(spec: StaticChunking | AutoChunking | None) -> ChunkingConfig | None:
     return spec.static if isinstance(spec, StaticChunking) else None
 
@@ -149,6 +157,14 @@ def file_object(store: VectorStore, file_id: str, extra: dict[str, Any] | None =
     }
 
 
+def _attach_body() -> dict[str, Any]:
+    """A store's files take JSON (a file id, or text) or a multipart upload."""
+    extra = BODIES.json(AttachFile)
+    upload = BodySchemas.upload("document_id")["requestBody"]["content"]
+    extra["requestBody"]["content"].update(upload)
+    return extra
+
+
 # -- files ----------------------------------------------------------------------------------------
 
 
@@ -164,9 +180,10 @@ async def _form_file(request: Request) -> tuple[str, bytes, dict[str, str]]:
     return upload.filename or "upload.txt", data, fields
 
 
-@router.post("/v1/files")
+@router.post("/v1/files", openapi_extra=BodySchemas.upload("purpose"))
 async def create_file(request: Request) -> dict[str, Any]:
     filename, data, fields = await _form_file(request)
+    await _charge(request, len(data))
     rag = _service(request)
     await rag.parse(filename, data, doc_id="probe", attributes={})  # bad files fail here: 400
     owner = principal_of(request.state)
@@ -187,7 +204,7 @@ async def delete_file(request: Request, file_id: str) -> dict[str, Any]:
 # -- vector stores --------------------------------------------------------------------------------
 
 
-@router.post("/v1/vector_stores")
+@router.post("/v1/vector_stores", openapi_extra=BODIES.json(CreateStore))
 async def create_store(request: Request) -> dict[str, Any]:
     body = await parse_body(request, CreateStore)
     rag = _service(request)
@@ -195,7 +212,10 @@ async def create_store(request: Request) -> dict[str, Any]:
     chunking = _chunking(body.chunking_strategy) or ChunkingConfig()
     for file_id in body.file_ids or []:
         rag.files.get(file_id, principal)  # unknown ids fail before anything is created
-    store = await rag.create(body.name, body.metadata or {}, chunking, body.index, principal)
+    quotas: Quotas = request.app.state.quotas
+    store = await rag.create(
+        body.name, body.metadata or {}, chunking, body.index, principal, quotas.check_stores
+    )
     for file_id in body.file_ids or []:
         await _attach(rag, store, file_id, {}, None, principal)
     return store_object(store)
@@ -227,13 +247,14 @@ async def delete_store(request: Request, store_id: str) -> dict[str, Any]:
     return {"id": store.id, "object": "vector_store.deleted", "deleted": True}
 
 
-@router.post("/v1/vector_stores/{store_id}/files")
+@router.post("/v1/vector_stores/{store_id}/files", openapi_extra=_attach_body())
 async def add_file(request: Request, store_id: str) -> dict[str, Any]:
     rag = _service(request)
     principal = principal_of(request.state)
     store = rag.get(store_id, principal)
     if request.headers.get("content-type", "").startswith("multipart/form-data"):
         filename, data, fields = await _form_file(request)
+        await _charge(request, len(data))
         await rag.parse(filename, data, doc_id="probe", attributes={})  # bad files: no storing
         obj = rag.files.create(filename, data, "assistants", principal)
         document_id = fields.get("document_id")
@@ -246,8 +267,10 @@ async def add_file(request: Request, store_id: str) -> dict[str, Any]:
             raise InvalidRequest(
                 "Send either `file_id`, or `text` with a `document_id`.", param="document_id"
             )
+        text = body.text.encode()
+        await _charge(request, len(text))
         docs = await rag.parse(
-            f"{body.document_id}.txt", body.text.encode(), doc_id=body.document_id,
+            f"{body.document_id}.txt", text, doc_id=body.document_id,
             attributes=attributes,
         )  # fmt: skip
         if body.title:
@@ -315,7 +338,7 @@ class UpdateFile(_Body):
     attributes: Attributes | None = Field(max_length=16)
 
 
-@router.post("/v1/vector_stores/{store_id}/files/{file_id}")
+@router.post("/v1/vector_stores/{store_id}/files/{file_id}", openapi_extra=BODIES.json(UpdateFile))
 async def update_store_file(request: Request, store_id: str, file_id: str) -> dict[str, Any]:
     """Replace a file's attributes (its documents are re-indexed with them)."""
     body = await parse_body(request, UpdateFile)
@@ -345,7 +368,7 @@ async def delete_store_file(request: Request, store_id: str, file_id: str) -> di
     return {"id": file_id, "object": "vector_store.file.deleted", "deleted": True}
 
 
-@router.post("/v1/vector_stores/{store_id}/search")
+@router.post("/v1/vector_stores/{store_id}/search", openapi_extra=BODIES.json(SearchBody))
 async def search_store(request: Request, store_id: str) -> dict[str, Any]:
     body = await parse_body(request, SearchBody)
     rag = _service(request)
