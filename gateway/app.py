@@ -82,6 +82,7 @@ def create_app(settings: Settings | None = None, config: FileConfig | None = Non
         app.state.quotas = Quotas(settings, redis)
         safety = SafetyStage(config, embedder, metrics, prompts.chat_format)
         await asyncio.to_thread(safety.warm)  # policies' models load before serving
+        await prompts.warm()  # and the tokenizers templates fit budgets with
         await workers.warm()
         app.state.pipeline = Pipeline(
             settings, registry, admission, prompts, app.state.rag, safety, metrics

@@ -193,21 +193,31 @@ class PromptStage:
                 self._formats[target.base] = fmt
         return fmt
 
+    async def warm(self) -> None:
+        """Load the tokenizers that the config names for HTTP models now, at start-up: loading
+        one inside the first templated request holds the GIL (imports) for most of a second."""
+        for name, model in self.models.items():
+            if isinstance(model, HttpModelConfig) and model.tokenizer is not None:
+                self._formats[name] = await self._http_format(model)
+
     async def _load_format(self, target: Target) -> ChatFormat:
         model = self.models[target.base]
         if not isinstance(model, HttpModelConfig):  # the embedded engine's own tokenizer
             tokenizer, max_len = target.backend.chat_tokenizer()  # type: ignore[attr-defined]
             return await asyncio.to_thread(ChatFormat, tokenizer, max_len)
-        path = model.tokenizer
-        if path is None:
+        if model.tokenizer is None:
             raise InvalidRequest(
                 f"prompt templates need the tokenizer of model {target.base!r}; set `tokenizer` "
                 "on it in the config file",
                 param="ragline.template",
             )
+        return await self._http_format(model)
+
+    @staticmethod
+    async def _http_format(model: HttpModelConfig) -> ChatFormat:
         from transformers import AutoTokenizer
 
-        tokenizer = await asyncio.to_thread(AutoTokenizer.from_pretrained, str(path))
+        tokenizer = await asyncio.to_thread(AutoTokenizer.from_pretrained, str(model.tokenizer))
         max_len = getattr(model, "max_model_len", None) or int(tokenizer.model_max_length)
         return await asyncio.to_thread(ChatFormat, tokenizer, max_len)
 
