@@ -11,7 +11,7 @@ ENV PIP_NO_CACHE_DIR=1 \
     RAGLINE_MODELS_DIR=/models
 
 WORKDIR /app
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md requirements.lock ./
 COPY gateway ./gateway
 COPY rag ./rag
 COPY safety ./safety
@@ -19,9 +19,11 @@ COPY prompts ./prompts
 COPY finetune ./finetune
 COPY benchmarks ./benchmarks
 
-# The CPU build of torch first, so the pinned torch below is not resolved to a CUDA build.
-RUN pip install --index-url https://download.pytorch.org/whl/cpu torch==2.13.0 \
- && pip install .
+# Every dependency pinned with its hashes (torch's CPU build from PyTorch's index), then the
+# project itself.
+RUN pip install --require-hashes --extra-index-url https://download.pytorch.org/whl/cpu \
+        -r requirements.lock \
+ && pip install --no-deps .
 
 # Not root: the model, stores and caches belong to an unprivileged user.
 RUN useradd --create-home --uid 10001 ragline \

@@ -12,17 +12,32 @@ VLLM_STAMP := $(VLLM_VENV)/.ragline-installed
 VLLM_PORT  ?= 8100
 MODEL_DIR   = $(shell $(BIN)/ragline models path)
 
-.PHONY: setup install models serve test lint format bench bench-crosscheck clean vllm vllm-install
+.PHONY: setup install lock models serve test lint format bench bench-crosscheck clean vllm vllm-install
 
 setup: install models
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
+# Every dependency comes from a lock, pinned with its SHA-256 hashes (requirements.lock: what
+# the server needs, which the image installs; requirements-dev.lock: that and the test tools);
+# only the project itself is installed without them. `make lock` writes both again.
+$(STAMP): pyproject.toml requirements-dev.lock
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --disable-pip-version-check -U pip
-	$(BIN)/python -m pip install -q --disable-pip-version-check -e '.[dev]'
+	$(BIN)/python -m pip install -q --disable-pip-version-check --require-hashes -r requirements-dev.lock
+	$(BIN)/python -m pip install -q --disable-pip-version-check --no-deps -e .
 	@touch $(STAMP)
+
+# The lock: Python 3.11 on x86-64 Linux, torch's CPU build (from PyTorch's index; on a machine
+# with the wheel on disk: make lock LOCK_TORCH='--find-links /opt/wheels').
+LOCK_TORCH ?= --extra-index-url https://download.pytorch.org/whl/cpu --index-strategy unsafe-best-match
+LOCK_FOR   := --generate-hashes --python-version 3.11 --python-platform x86_64-manylinux_2_28
+lock:
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@test -x $(BIN)/uv || $(BIN)/python -m pip install -q --disable-pip-version-check 'uv>=0.5'
+	$(BIN)/uv pip compile -q pyproject.toml $(LOCK_FOR) $(LOCK_TORCH) -o requirements.lock
+	$(BIN)/uv pip compile -q pyproject.toml --extra dev -c requirements.lock $(LOCK_FOR) \
+		$(LOCK_TORCH) -o requirements-dev.lock
 
 models: install
 	$(BIN)/ragline models pull
