@@ -197,6 +197,19 @@ class RagService:
             )
         return store
 
+    async def open(
+        self, ref: str, principal: Principal | None = None, by_route: bool = False
+    ) -> VectorStore:
+        """``get``, with the store's serving version loaded (or found current) in a worker
+        thread: loading a version reads its index and chunks, which must not hold the loop."""
+
+        def opened() -> VectorStore:
+            store = self.get(ref, principal, by_route)
+            store.snapshot  # noqa: B018 - loads it when CURRENT changed
+            return store
+
+        return await asyncio.to_thread(opened)
+
     def _open(self, store_id: str) -> VectorStore | None:
         store = self._stores.get(store_id)
         if store is not None and store.path.exists():
@@ -344,7 +357,9 @@ class RagService:
     async def search(self, store: VectorStore, query: str, options: SearchOptions) -> list[Hit]:
         started = time.perf_counter()
         store.check_embedder(self.embedder)
-        hits = await asyncio.to_thread(search, store.snapshot, query, self.embedder, options)
+        hits = await asyncio.to_thread(
+            lambda: search(store.snapshot, query, self.embedder, options)  # loads off the loop
+        )
         self.metrics.retrieval.labels(store.id).observe(time.perf_counter() - started)
         return hits
 
@@ -359,7 +374,7 @@ class RagService:
         """Search for ``query``; ``screen`` (the safety policy) may rewrite or drop each chunk.
         ``by_route``: the operator put this store behind a route the key may use, which lets
         the key search it (read only) whoever owns it."""
-        store = self.get(config.store, principal, by_route)
+        store = await self.open(config.store, principal, by_route)
         options = SearchOptions(
             top_k=config.top_k,
             mode=config.mode,

@@ -9,6 +9,7 @@ or the request fails with a 4xx and the store is unchanged.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Annotated, Any, Literal
 
@@ -223,7 +224,10 @@ async def create_store(request: Request) -> dict[str, Any]:
 
 @router.get("/v1/vector_stores")
 async def list_stores(request: Request) -> dict[str, Any]:
-    stores = [store_object(s) for s in _service(request).list_stores(principal_of(request.state))]
+    rag, principal = _service(request), principal_of(request.state)
+    stores = await asyncio.to_thread(  # reads every store's serving version: off the loop
+        lambda: [store_object(s) for s in rag.list_stores(principal)]
+    )
     stores.sort(key=lambda s: -s["created_at"])
     return {
         "object": "list",
@@ -236,13 +240,13 @@ async def list_stores(request: Request) -> dict[str, Any]:
 
 @router.get("/v1/vector_stores/{store_id}")
 async def get_store(request: Request, store_id: str) -> dict[str, Any]:
-    return store_object(_service(request).get(store_id, principal_of(request.state)))
+    return store_object(await _service(request).open(store_id, principal_of(request.state)))
 
 
 @router.delete("/v1/vector_stores/{store_id}")
 async def delete_store(request: Request, store_id: str) -> dict[str, Any]:
     rag = _service(request)
-    store = rag.get(store_id, principal_of(request.state))
+    store = await rag.open(store_id, principal_of(request.state))
     rag.delete(store)
     return {"id": store.id, "object": "vector_store.deleted", "deleted": True}
 
@@ -251,7 +255,7 @@ async def delete_store(request: Request, store_id: str) -> dict[str, Any]:
 async def add_file(request: Request, store_id: str) -> dict[str, Any]:
     rag = _service(request)
     principal = principal_of(request.state)
-    store = rag.get(store_id, principal)
+    store = await rag.open(store_id, principal)
     if request.headers.get("content-type", "").startswith("multipart/form-data"):
         filename, data, fields = await _form_file(request)
         await _charge(request, len(data))
@@ -316,7 +320,7 @@ def _outcome(result: Any) -> dict[str, Any]:
 
 @router.get("/v1/vector_stores/{store_id}/files")
 async def list_files(request: Request, store_id: str) -> dict[str, Any]:
-    store = _service(request).get(store_id, principal_of(request.state))
+    store = await _service(request).open(store_id, principal_of(request.state))
     ids = sorted({str(d.get("file_id")) for d in store.snapshot.documents.values()})
     data = [file_object(store, i) for i in ids]
     return {
@@ -330,7 +334,7 @@ async def list_files(request: Request, store_id: str) -> dict[str, Any]:
 
 @router.get("/v1/vector_stores/{store_id}/files/{file_id}")
 async def get_store_file(request: Request, store_id: str, file_id: str) -> dict[str, Any]:
-    store = _service(request).get(store_id, principal_of(request.state))
+    store = await _service(request).open(store_id, principal_of(request.state))
     return file_object(store, file_id)
 
 
@@ -344,7 +348,7 @@ async def update_store_file(request: Request, store_id: str, file_id: str) -> di
     body = await parse_body(request, UpdateFile)
     rag = _service(request)
     principal = principal_of(request.state)
-    store = rag.get(store_id, principal)
+    store = await rag.open(store_id, principal)
     current = file_object(store, file_id)
     if not file_id.startswith("file-"):
         raise InvalidRequest(
@@ -363,7 +367,7 @@ async def update_store_file(request: Request, store_id: str, file_id: str) -> di
 @router.delete("/v1/vector_stores/{store_id}/files/{file_id}")
 async def delete_store_file(request: Request, store_id: str, file_id: str) -> dict[str, Any]:
     rag = _service(request)
-    store = rag.get(store_id, principal_of(request.state))
+    store = await rag.open(store_id, principal_of(request.state))
     await rag.remove_file(store, file_id)
     return {"id": file_id, "object": "vector_store.file.deleted", "deleted": True}
 
@@ -372,7 +376,7 @@ async def delete_store_file(request: Request, store_id: str, file_id: str) -> di
 async def search_store(request: Request, store_id: str) -> dict[str, Any]:
     body = await parse_body(request, SearchBody)
     rag = _service(request)
-    store = rag.get(store_id, principal_of(request.state))
+    store = await rag.open(store_id, principal_of(request.state))
     query = body.query if isinstance(body.query, str) else " ".join(body.query)
     ranking = body.ranking_options
     options = SearchOptions(
