@@ -21,6 +21,7 @@ from gateway.backends.registry import BackendRegistry
 from gateway.cache import MemoryResponseCache, RedisResponseCache, ResponseCache
 from gateway.config import FileConfig, Settings
 from gateway.config_file import load_file_config
+from gateway.embeddings import EmbeddingService
 from gateway.errors import (
     InvalidRequest,
     RaglineError,
@@ -38,7 +39,16 @@ from gateway.quotas import Quotas
 from gateway.ratelimit import MemoryRateLimiter, RateLimiter, RedisRateLimiter
 from gateway.resp import RespConnection
 from gateway.retrieval import RagService
-from gateway.routes import admin, chat, completions, feedback, health, models, vector_stores
+from gateway.routes import (
+    admin,
+    chat,
+    completions,
+    embeddings,
+    feedback,
+    health,
+    models,
+    vector_stores,
+)
 from gateway.routes import metrics as metrics_route
 from gateway.safety import SafetyStage
 from gateway.workers import WorkerPool
@@ -84,6 +94,7 @@ def create_app(settings: Settings | None = None, config: FileConfig | None = Non
         await asyncio.to_thread(safety.warm)  # policies' models load before serving
         await prompts.warm()  # and the tokenizers templates fit budgets with
         await workers.warm()
+        app.state.embeddings = EmbeddingService(settings, embedder, admission)
         app.state.pipeline = Pipeline(
             settings, registry, admission, prompts, app.state.rag, safety, metrics
         )
@@ -125,6 +136,7 @@ def create_app(settings: Settings | None = None, config: FileConfig | None = Non
     routers = (
         chat.router,
         completions.router,
+        embeddings.router,
         feedback.router,
         vector_stores.router,
         models.router,

@@ -484,6 +484,25 @@ class Settings(BaseSettings):
         description="Ingestion embeds documents with an int8 copy of the model (~1.7x the "
         "rate, cosine ~0.996 to float32); queries are always float32.",
     )
+    embedding_model_name: str = Field(
+        default="all-MiniLM-L6-v2",
+        min_length=1,
+        description="The id /v1/embeddings and /v1/models serve the embedding model as.",
+    )
+    embedding_token_ids: Literal["cl100k_base", "native"] = Field(
+        default="cl100k_base",
+        description="How /v1/embeddings reads token-id input: cl100k_base (what OpenAI clients "
+        "such as LangChain send) or the model's own vocabulary (as vLLM does).",
+    )
+    max_embedding_inputs: int = Field(
+        default=2048, ge=1, description="Most inputs in one /v1/embeddings request."
+    )
+    max_embedding_tokens: int = Field(
+        default=300_000, ge=1, description="Most tokens in one /v1/embeddings request."
+    )
+    embedding_concurrency: int = Field(
+        default=1, ge=1, description="/v1/embeddings requests computed at once (worker threads)."
+    )
     parse_workers: int = Field(
         default=1, ge=1, description="Processes that parse uploaded files (a time limit each)."
     )

@@ -126,6 +126,25 @@ class SentenceTransformerEmbedder:
             return np.zeros((0, self.dim), dtype=np.float32)
         return self._documents.encode(list(texts), self.batch_size)
 
+    @property
+    def tokenizer(self) -> Any:
+        """The model's own (Hugging Face) tokenizer."""
+        return self._load().tokenizer
+
+    @property
+    def max_length(self) -> int:
+        """The most tokens one text is embedded with (special tokens included); longer texts are
+        truncated by ``embed``, as sentence-transformers does."""
+        return int(self._load().max_length)
+
+    def embed_ids(self, ids: Sequence[Sequence[int]]) -> np.ndarray:
+        """Float32 vectors of texts tokenised by ``tokenizer`` (special tokens included, each at
+        most ``max_length`` ids): what ``embed`` computes, without tokenising again."""
+        model = self._load()
+        if not ids:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        return model.encode_ids([list(row) for row in ids], self.batch_size)
+
     def clear_cache(self) -> None:
         with self._lock:
             self._cache.clear()
@@ -153,6 +172,18 @@ class _TorchModel:
             self.model.get_sentence_embedding_dimension
         )
         self.dim = int(dim() or 0)
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.model.tokenizer
+
+    @property
+    def max_length(self) -> int:
+        return int(self.model.max_seq_length or self.tokenizer.model_max_length)
+
+    def encode_ids(self, ids: list[list[int]], batch_size: int) -> np.ndarray:
+        texts = self.tokenizer.batch_decode(ids, skip_special_tokens=True)
+        return self.encode(texts, batch_size)
 
     def encode(self, texts: list[str], batch_size: int) -> np.ndarray:
         vectors = self.model.encode(

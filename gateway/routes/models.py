@@ -29,7 +29,7 @@ def _visible(request: Request, registry: BackendRegistry) -> list[ModelCard]:
     """What the caller may use; where things live on disk (adapter paths) only for admins."""
     principal = principal_of(request.state)
     cards = []
-    for info in registry.models():
+    for info in registry.models() + request.app.state.embeddings.models():
         if not principal.may_use(info.id):
             continue
         card = _card(info)

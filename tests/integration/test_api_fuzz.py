@@ -30,6 +30,7 @@ from tests.conftest import REPO, Gateway, Upstream, start_gateway, start_mock, s
 
 ADMIN, TENANT = "sk-fuzz-admin-1234", "sk-fuzz-tenant-1234"
 ADAPTER = "fuzz-lora"
+EMBEDDING = "all-MiniLM-L6-v2"
 # a few examples per operation and mode keep the run to under a minute while still reaching
 # every operation with valid and invalid input; RAGLINE_FUZZ_EXAMPLES=500 for a long run
 EXAMPLES = int(os.environ.get("RAGLINE_FUZZ_EXAMPLES", "12"))
@@ -166,7 +167,7 @@ def test_no_input_gets_a_server_error(case: Any, fuzzed: Fuzzed) -> None:
         exists = fuzzed.fresh(case.path) if case.method == "DELETE" else fuzzed.ids
         case.path_parameters = {name: exists[name] for name in case.path_parameters}
     if isinstance(case.body, dict):
-        case.body = {**case.body, **existing(case.body, fuzzed.ids)}
+        case.body = {**case.body, **existing(case.path, case.body, fuzzed.ids)}
     response = case.call_and_validate(base_url=url, headers=auth(TENANT), checks=CHECKS, timeout=60)
     if answered(response):
         REACHED[label].add(response.status_code)
@@ -175,9 +176,9 @@ def test_no_input_gets_a_server_error(case: Any, fuzzed: Fuzzed) -> None:
         REACHED[label].add(response.status_code)
 
 
-def existing(body: dict[str, Any], ids: dict[str, str]) -> dict[str, Any]:
+def existing(path: str, body: dict[str, Any], ids: dict[str, str]) -> dict[str, Any]:
     """The fields of a JSON body that name something, set to something that exists."""
-    named: dict[str, Any] = {"model": "smollm2"}
+    named: dict[str, Any] = {"model": EMBEDDING if path == "/v1/embeddings" else "smollm2"}
     named.update({name: ids[name] for name in ("file_id", "request_id")})
     named["file_ids"] = [ids["file_id"]]
     return {name: value for name, value in named.items() if isinstance(body.get(name), str | list)}
