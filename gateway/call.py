@@ -18,6 +18,7 @@ from gateway.auth import Principal
 from gateway.backends.base import CHAT, Capabilities, GenerationParams, GenerationRequest
 from gateway.errors import InvalidRequest, UnsupportedParameter
 from gateway.protocol import ChatCompletionRequest, CompletionRequest, RaglineOptions
+from gateway.structured import check, format_key
 
 if TYPE_CHECKING:
     from gateway.admission import Ticket
@@ -94,12 +95,14 @@ def check_supported(call: Call, caps: Capabilities) -> None:
     req = call.request
     if isinstance(req, ChatCompletionRequest):
         fmt = req.response_format
-        if fmt is not None and fmt.type != "text" and not caps.json_mode:
-            raise UnsupportedParameter(
-                f"response_format {fmt.type!r} is not supported by model {req.model!r} on the "
-                "embedded engine; use 'text', or serve it through vLLM.",
-                param="response_format",
-            )
+        if fmt is not None and fmt.type != "text":
+            if not caps.json_mode:
+                raise UnsupportedParameter(
+                    f"response_format {fmt.type!r} is not supported by model {req.model!r}; "
+                    "use 'text'.",
+                    param="response_format",
+                )
+            check(format_key(call.body.get("response_format")) or "")
         if not caps.message_names:
             for i, message in enumerate(req.messages):
                 if message.name is not None:
@@ -206,4 +209,5 @@ def params_of(body: Mapping[str, Any], chat: bool) -> GenerationParams:
         top_logprobs=top,
         ignore_eos=bool(body.get("ignore_eos")),
         min_tokens=int(body.get("min_tokens") or 0),
+        response_format=format_key(body.get("response_format")),
     )

@@ -110,7 +110,7 @@ class Pipeline:
             request = validate_body(http.body, CompletionRequest)
         # the body as validated, not as sent: `"n": "2"` or `"prompt": [5.0]` pass validation
         # (lax, as OpenAI's and vLLM's servers) and every later step reads them as the numbers
-        body = request.model_dump(exclude_unset=True)
+        body = request.model_dump(exclude_unset=True, by_alias=True)
         body.pop("ragline", None)
         return Call(
             endpoint=endpoint,

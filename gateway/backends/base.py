@@ -52,6 +52,7 @@ class GenerationParams:
     top_logprobs: int = 0
     ignore_eos: bool = False
     min_tokens: int = 0
+    response_format: str | None = None  # canonical JSON of a json_object / json_schema format
 
 
 @dataclass(frozen=True)

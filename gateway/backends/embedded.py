@@ -27,6 +27,7 @@ from gateway.backends.base import (
     collect,
     merge,
 )
+from gateway.backends.grammar import Grammar, Grammars
 from gateway.backends.llama import LlamaRunner
 from gateway.backends.scheduler import Job, Scheduler, on_cpu_with_bf16
 from gateway.config import AdapterConfig, EmbeddedModelConfig
@@ -55,7 +56,6 @@ def choose_dtype(name: str, device: torch.device) -> torch.dtype:
 class EmbeddedBackend:
     # what the chat template and the scheduler do not do
     capabilities = Capabilities(
-        json_mode=False,
         message_names=False,
         best_of=False,
         suffix=False,
@@ -79,6 +79,7 @@ class EmbeddedBackend:
         self._scheduler: Scheduler | None = None
         self._max_len = config.max_model_len
         self._vocab_size = 0
+        self._grammars: Grammars | None = None
         self.load_error: str | None = None
 
     # -- lifecycle -----------------------------------------------------------------------------
@@ -172,6 +173,7 @@ class EmbeddedBackend:
         eos_ids = frozenset([eos] if isinstance(eos, int) else eos or [])
         if self._tokenizer.eos_token_id is not None:
             eos_ids |= {self._tokenizer.eos_token_id}
+        self._grammars = Grammars(self._tokenizer, runner.shape.vocab_size, eos_ids)
         self._scheduler = Scheduler(
             runner,
             engine_tokenizer,
@@ -225,6 +227,7 @@ class EmbeddedBackend:
         if request.batch:
             raise InvalidRequest("streaming supports one prompt per request.", param="prompt")
         prompt_ids = await self.prompt_ids(request)
+        grammar = await self._grammar(request.params.response_format)
         job = Job(
             prompt_ids=prompt_ids,
             params=request.params,
@@ -232,6 +235,7 @@ class EmbeddedBackend:
             max_tokens=self._max_tokens(request, len(prompt_ids)),
             queue=asyncio.Queue(),
             adapter=self._adapter_index(request.adapter),
+            grammar=grammar,
         )
         self._check_logit_bias(request)
         scheduler.submit(job)
@@ -266,6 +270,17 @@ class EmbeddedBackend:
         ]
         generations = await asyncio.gather(*(collect(self.stream(r), r.n) for r in singles))
         return merge(list(generations))
+
+    async def _grammar(self, key: str | None) -> Grammar | None:
+        """The compiled grammar of a structured-output request (built off the event loop the
+        first time a format is seen, then cached). Raises ``InvalidRequest``."""
+        if key is None:
+            return None
+        assert self._grammars is not None
+        grammar = self._grammars.cached(key)
+        if grammar is None:
+            grammar = await asyncio.to_thread(self._grammars.compile, key)
+        return grammar
 
     def _adapter_index(self, name: str | None) -> int:
         if name is None:

@@ -8,7 +8,9 @@ Semantics follow OpenAI's documentation (and vLLM's implementation of it):
 - a ``seed`` makes sampling repeatable: each choice ``i`` of a request samples from its own
   generator seeded with ``seed + i``;
 - log-probabilities are those of the model's own distribution (before penalties, bias and
-  temperature), as vLLM reports them by default.
+  temperature), as vLLM reports them by default;
+- a ``grammar`` (structured output) masks the logits to the tokens it allows next, after
+  penalties and bias and before temperature and top-p.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from gateway.backends.base import GenerationParams
+from gateway.backends.grammar import Grammar
 
 
 @dataclass
@@ -31,9 +34,18 @@ class TokenChoice:
 class Sampler:
     """Sampling state of one sequence."""
 
-    def __init__(self, params: GenerationParams, *, index: int, eos_ids: frozenset[int]) -> None:
+    def __init__(
+        self,
+        params: GenerationParams,
+        *,
+        index: int,
+        eos_ids: frozenset[int],
+        grammar: Grammar | None = None,
+    ) -> None:
         self.params = params
         self.eos_ids = eos_ids
+        # structured output: the grammar's parser state for this sequence
+        self.matcher = grammar.matcher() if grammar is not None else None
         seed = params.seed + index if params.seed is not None else secrets.randbits(62)
         self.generator = torch.Generator().manual_seed(seed)
         self.counts: dict[int, int] = {}
@@ -49,6 +61,7 @@ class Sampler:
             and not p.frequency_penalty
             and not p.logit_bias
             and not self._eos_masked()
+            and self.matcher is None
         )
 
     def _eos_masked(self) -> bool:
@@ -65,6 +78,8 @@ class Sampler:
             logits.index_add_(0, ids, -(p.frequency_penalty * counts + p.presence_penalty))
         if self._eos_masked():
             logits[list(self.eos_ids)] = float("-inf")
+        if self.matcher is not None:
+            self.matcher.mask(logits)
         return logits
 
     def choose(self, logits: torch.Tensor) -> int:
@@ -85,6 +100,8 @@ class Sampler:
         return int(torch.multinomial(probs, 1, generator=self.generator))
 
     def record(self, token_id: int) -> None:
+        if self.matcher is not None:
+            self.matcher.consume(token_id)
         self.generated += 1
         self.counts[token_id] = self.counts.get(token_id, 0) + 1
 

@@ -22,6 +22,7 @@ from typing import Any
 
 from gateway.backends.base import Chunk, GenerationParams, TokenInfo, Usage
 from gateway.backends.detokenize import IncrementalDetokenizer, StopStrings
+from gateway.backends.grammar import Grammar
 from gateway.backends.llama import LlamaRunner
 from gateway.backends.sampling import Sampler, TokenChoice, sample_batch
 from gateway.errors import BackendError, InvalidRequest, Overloaded
@@ -45,6 +46,7 @@ class Job:
     max_tokens: int
     queue: asyncio.Queue[Event]
     adapter: int = 0  # the runner's adapter index; 0: the base model
+    grammar: Grammar | None = None  # structured output: every choice follows it
     cancelled: bool = False
     completion_tokens: int = 0
     unfinished: int = 0
@@ -162,7 +164,7 @@ class Scheduler:
         sampler refuses fails alone, with a 400, instead of failing the step for everyone."""
         try:
             for index in range(job.n):
-                Sampler(job.params, index=index, eos_ids=self._eos_ids)
+                Sampler(job.params, index=index, eos_ids=self._eos_ids, grammar=job.grammar)
         except (ValueError, RuntimeError, OverflowError) as exc:
             events.append((job, InvalidRequest(f"Invalid sampling settings: {exc}")))
             return False
@@ -214,7 +216,7 @@ class Scheduler:
         seq = _Sequence(
             job=job,
             index=index,
-            sampler=Sampler(job.params, index=index, eos_ids=self._eos_ids),
+            sampler=Sampler(job.params, index=index, eos_ids=self._eos_ids, grammar=job.grammar),
             detokenizer=IncrementalDetokenizer(self._tokenizer),
             stops=StopStrings(job.params.stop),
             position=len(job.prompt_ids),

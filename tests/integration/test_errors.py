@@ -31,7 +31,15 @@ def assert_error_shape(body: dict, status_type: str | None = None) -> dict:  # t
         ({"top_p": 0}, "top_p"),
         ({"presence_penalty": -9}, "presence_penalty"),
         ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
-        ({"response_format": {"type": "json_object"}}, "response_format"),
+        (
+            {
+                "response_format": {
+                    "type": "json_schema",
+                    "json_schema": {"name": "x", "schema": {"type": "frobnicate"}},
+                }
+            },
+            "response_format",
+        ),
         ({"top_logprobs": 3}, None),
         ({"logit_bias": {"not-a-token": 1}}, "logit_bias"),
         ({"logit_bias": {"99999999": 1}}, "logit_bias"),
