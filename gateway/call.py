@@ -9,6 +9,7 @@ no stage changes what another already looked at, and the client's validated requ
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -17,8 +18,13 @@ from typing import TYPE_CHECKING, Any
 from gateway.auth import Principal
 from gateway.backends.base import CHAT, Capabilities, GenerationParams, GenerationRequest
 from gateway.errors import InvalidRequest, UnsupportedParameter
-from gateway.protocol import ChatCompletionRequest, CompletionRequest, RaglineOptions
-from gateway.structured import check, format_key
+from gateway.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    NamedToolChoice,
+    RaglineOptions,
+)
+from gateway.structured import check, check_tools, format_key, tools_key
 
 if TYPE_CHECKING:
     from gateway.admission import Ticket
@@ -103,6 +109,13 @@ def check_supported(call: Call, caps: Capabilities) -> None:
                     param="response_format",
                 )
             check(format_key(call.body.get("response_format")) or "")
+        _check_tool_choice(req)
+        if req.tools:
+            if not caps.tools:
+                raise UnsupportedParameter(
+                    f"tools are not supported by model {req.model!r}.", param="tools"
+                )
+            check_tools(call.body["tools"])
         if not caps.message_names:
             for i, message in enumerate(req.messages):
                 if message.name is not None:
@@ -125,6 +138,20 @@ def check_supported(call: Call, caps: Capabilities) -> None:
         raise UnsupportedParameter("echo needs text prompts.", param="echo")
 
 
+def _check_tool_choice(req: ChatCompletionRequest) -> None:
+    choice = req.tool_choice
+    names = [t.function.name for t in req.tools or ()]
+    if choice is not None and choice != "none" and not names:
+        raise InvalidRequest("tool_choice needs tools.", param="tool_choice")
+    if len(set(names)) != len(names):
+        raise InvalidRequest("tools must have distinct function names.", param="tools")
+    if isinstance(choice, NamedToolChoice) and choice.function.name not in names:
+        raise InvalidRequest(
+            f"tool_choice names the function {choice.function.name!r}, which is not in tools.",
+            param="tool_choice",
+        )
+
+
 def generation_request(
     call: Call, request_id: str, adapter: str | None, typed: bool = True
 ) -> GenerationRequest:
@@ -140,14 +167,11 @@ def generation_request(
     prompt: str | None = None
     prompt_ids: tuple[int, ...] | None = None
     batch: tuple[str | tuple[int, ...], ...] = ()
+    tools: tuple[dict[str, Any], ...] = ()
     if call.chat:
-        messages = tuple(
-            {
-                "role": "system" if m["role"] == "developer" else m["role"],
-                "content": message_text(m),
-            }
-            for m in body["messages"]
-        )
+        messages = tuple(_template_message(i, m) for i, m in enumerate(body["messages"]))
+        if body.get("tools") and body.get("tool_choice") != "none":
+            tools = tuple({"type": "function", "function": t["function"]} for t in body["tools"])
     else:
         raw = body["prompt"]
         prompts: list[Any] = [raw] if isinstance(raw, str) or _is_ids(raw) else list(raw)
@@ -163,6 +187,7 @@ def generation_request(
         params=params_of(body, call.chat),
         n=int(body.get("n") or 1),
         messages=messages,
+        tools=tools,
         prompt=prompt,
         prompt_ids=prompt_ids,
         batch=batch,
@@ -210,4 +235,30 @@ def params_of(body: Mapping[str, Any], chat: bool) -> GenerationParams:
         ignore_eos=bool(body.get("ignore_eos")),
         min_tokens=int(body.get("min_tokens") or 0),
         response_format=format_key(body.get("response_format")),
+        tools=tools_key(body) if chat else None,
     )
+
+
+def _template_message(i: int, m: Mapping[str, Any]) -> dict[str, Any]:
+    """A message as chat templates take it: developer as system; an assistant's tool calls
+    with their arguments parsed (templates print them as JSON); a tool result with its id."""
+    out: dict[str, Any] = {
+        "role": "system" if m["role"] == "developer" else m["role"],
+        "content": message_text(m),
+    }
+    if m.get("tool_calls"):
+        calls = []
+        for j, c in enumerate(m["tool_calls"]):
+            try:
+                arguments = json.loads(c["function"]["arguments"] or "{}")
+            except ValueError:
+                raise InvalidRequest(
+                    "The arguments of a tool call must be a JSON object.",
+                    param=f"messages[{i}].tool_calls[{j}].function.arguments",
+                ) from None
+            function = {"name": c["function"]["name"], "arguments": arguments}
+            calls.append({"id": c["id"], "type": "function", "function": function})
+        out["tool_calls"] = calls
+    if m.get("tool_call_id") is not None:
+        out["tool_call_id"] = m["tool_call_id"]
+    return out

@@ -58,6 +58,11 @@ class EmbeddedModelConfig(BaseModel):
     cuda_graphs: bool = Field(
         default=True, description="On CUDA, replay the decode step as graphs."
     )
+    tool_template: Path | None = Field(
+        default=None,
+        description="A Jinja chat template that renders `tools` (default: the model's own if it "
+        "does, else ragline's ChatML template with Hermes-style <tool_call> blocks).",
+    )
     owned_by: str = "ragline"
     fallbacks: list[str] = Field(default_factory=list, description=_FALLBACKS)
 

@@ -24,6 +24,20 @@ class TextContentPart(_Request):
     text: str
 
 
+FunctionName = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")]
+
+
+class FunctionCall(_Request):
+    name: FunctionName
+    arguments: str = Field(max_length=1 << 20, description="The arguments, as a JSON object.")
+
+
+class ToolCall(_Request):
+    id: str = Field(min_length=1, max_length=128)
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(_Request):
     # the schema says what ``_content_required`` checks: only an assistant message may omit it
     model_config = ConfigDict(
@@ -33,14 +47,22 @@ class ChatMessage(_Request):
         }
     )
 
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextContentPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = Field(default=None, max_length=128)  # assistant
+    tool_call_id: str | None = Field(default=None, max_length=128)  # tool
 
     @model_validator(mode="after")
     def _content_required(self) -> ChatMessage:
         if self.content is None and self.role != "assistant":
             raise ValueError(f"content is required for a {self.role} message")
+        if self.tool_calls is not None and self.role != "assistant":
+            raise ValueError("tool_calls are only allowed on assistant messages")
+        if self.role == "tool" and not self.tool_call_id:
+            raise ValueError("a tool message needs the tool_call_id it answers")
+        if self.tool_call_id is not None and self.role != "tool":
+            raise ValueError("tool_call_id is only allowed on tool messages")
         return self
 
     def text(self) -> str:
@@ -65,6 +87,27 @@ class JsonSchemaFormat(_Request):
     description: str | None = Field(default=None, max_length=4096)
     schema_: dict[str, Any] | None = Field(default=None, alias="schema")
     strict: bool | None = None
+
+
+class FunctionDefinition(_Request):
+    name: FunctionName
+    description: str | None = Field(default=None, max_length=4096)
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class Tool(_Request):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(_Request):
+    name: FunctionName
+
+
+class NamedToolChoice(_Request):
+    type: Literal["function"]
+    function: NamedFunction
 
 
 class ResponseFormat(_Request):
@@ -163,7 +206,10 @@ class ChatCompletionRequest(_SamplingFields):
     logprobs: bool | None = False
     max_completion_tokens: int | None = Field(default=None, ge=1)
     max_tokens: int | None = Field(default=None, ge=1)
+    parallel_tool_calls: bool | None = None
     response_format: ResponseFormat | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    tools: list[Tool] | None = Field(default=None, max_length=128)
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
 
     @model_validator(mode="after")

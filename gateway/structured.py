@@ -16,6 +16,7 @@ from gateway.errors import InvalidRequest
 # compact JSON with the spaces a model has seen most: {"a": 1, "b": [2, 3]}
 JSON_OPTIONS: Any = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 ANY_OBJECT: dict[str, Any] = {"type": "object"}
+NO_ARGUMENTS: dict[str, Any] = {"type": "object", "properties": {}, "additionalProperties": False}
 
 
 def format_key(response_format: Mapping[str, Any] | None) -> str | None:
@@ -23,6 +24,74 @@ def format_key(response_format: Mapping[str, Any] | None) -> str | None:
     if not response_format or response_format.get("type", "text") == "text":
         return None
     return json.dumps(response_format, sort_keys=True, separators=(",", ":"))
+
+
+def tools_key(body: Mapping[str, Any]) -> str | None:
+    """The canonical JSON of what a request's tools constrain: the functions, the choice
+    (``auto``, ``required`` or a function's name) and whether calls may come in parallel; None
+    when there are no tools or ``tool_choice`` is ``none``."""
+    tools = body.get("tools")
+    choice = body.get("tool_choice") or "auto"
+    if not tools or choice == "none":
+        return None
+    if isinstance(choice, Mapping):
+        choice = choice["function"]["name"]
+    functions = [
+        {"name": t["function"]["name"], "parameters": t["function"].get("parameters")}
+        for t in tools
+    ]
+    parallel = body.get("parallel_tool_calls")
+    spec = {"functions": functions, "choice": choice, "parallel": parallel is not False}
+    return json.dumps(spec, sort_keys=True, separators=(",", ":"))
+
+
+def call_schema(functions: list[dict[str, Any]], choice: str) -> dict[str, Any]:
+    """The JSON schema of one call, ``{"name": ..., "arguments": {...}}``, over the functions
+    the choice allows: arguments always validate against the chosen function's parameters."""
+    allowed = [f for f in functions if choice in ("auto", "required") or f["name"] == choice]
+    options = [
+        {
+            "type": "object",
+            "properties": {"name": {"const": f["name"]}, "arguments": _closed(f["parameters"])},
+            "required": ["name", "arguments"],
+            "additionalProperties": False,
+        }
+        for f in allowed
+    ]
+    schema = options[0] if len(options) == 1 else {"anyOf": options}
+    return {**schema, "x-guidance": JSON_OPTIONS}
+
+
+def _closed(parameters: dict[str, Any] | None) -> dict[str, Any]:
+    """The parameters a call is generated under: an object schema that does not say otherwise
+    gets no properties beyond its own (a small model otherwise invents some; what it generates
+    still validates against the schema as given)."""
+    if parameters is None:
+        return NO_ARGUMENTS
+    if parameters.get("type") == "object" and "additionalProperties" not in parameters:
+        return {**parameters, "additionalProperties": False}
+    return parameters
+
+
+def check_tools(tools: list[dict[str, Any]]) -> None:
+    """Each function's parameters must be an enforceable JSON schema. Raises ``InvalidRequest``
+    naming ``tools[i].function.parameters``."""
+    for i, tool in enumerate(tools):
+        parameters = tool["function"].get("parameters")
+        if parameters is None:
+            continue
+        key = json.dumps(
+            {"type": "json_schema", "json_schema": {"schema": parameters}}, sort_keys=True
+        )
+        try:
+            check(key)
+        except InvalidRequest as exc:
+            reason = exc.message.removeprefix("response_format cannot be enforced: ")
+            raise InvalidRequest(
+                f"tools[{i}].function.parameters cannot be enforced: {reason}",
+                param=f"tools[{i}].function.parameters",
+                code="invalid_function_parameters",
+            ) from None
 
 
 @functools.lru_cache(maxsize=256)

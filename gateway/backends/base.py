@@ -53,6 +53,7 @@ class GenerationParams:
     ignore_eos: bool = False
     min_tokens: int = 0
     response_format: str | None = None  # canonical JSON of a json_object / json_schema format
+    tools: str | None = None  # canonical JSON of the tools a call must use (structured.tools_key)
 
 
 @dataclass(frozen=True)
@@ -70,7 +71,8 @@ class GenerationRequest:
     model: str  # the public name the client used; responses carry it
     params: GenerationParams
     n: int = 1
-    messages: tuple[dict[str, str], ...] | None = None
+    messages: tuple[dict[str, Any], ...] | None = None  # role, content; tool_calls, tool_call_id
+    tools: tuple[dict[str, Any], ...] = ()  # the functions the chat template shows the model
     prompt: str | None = None
     prompt_ids: tuple[int, ...] | None = None
     batch: tuple[str | tuple[int, ...], ...] = ()  # several completion prompts (prompt unset)
@@ -153,6 +155,7 @@ class Capabilities:
     """Request features a backend honours; the others are a 400 naming the parameter."""
 
     json_mode: bool = True  # response_format json_object
+    tools: bool = True  # tools and tool_choice
     message_names: bool = True  # messages[].name
     best_of: bool = True
     suffix: bool = True
@@ -197,12 +200,40 @@ async def collect(events: AsyncIterator[Event], n: int) -> Generation:
         if event.tokens is not None:
             choice.tokens = (choice.tokens or []) + event.tokens
         if event.fields:
-            choice.fields = {**(choice.fields or {}), **event.fields}
+            calls = event.fields.get("tool_calls")
+            merged = {**(choice.fields or {}), **event.fields}
+            if calls and choice.fields and choice.fields.get("tool_calls"):
+                merged["tool_calls"] = merge_tool_calls(choice.fields["tool_calls"], calls)
+            elif calls:
+                merged["tool_calls"] = merge_tool_calls([], calls)
+            choice.fields = merged
         if event.extra:
             choice.extra = {**(choice.extra or {}), **event.extra}
         if event.finish_reason is not None:
             choice.finish_reason = event.finish_reason
     return Generation(choices=[choices[i] for i in sorted(choices)], usage=usage)
+
+
+def merge_tool_calls(calls: list[dict[str, Any]], deltas: list[dict[str, Any]]) -> list[Any]:
+    """Stream deltas of ``tool_calls`` folded into whole calls (the arguments concatenated), as
+    a non-streamed message carries them."""
+    out = [dict(c, function=dict(c.get("function") or {})) for c in calls]
+    for delta in deltas:
+        index = delta.get("index", len(out))
+        while len(out) <= index:
+            out.append({"function": {"name": "", "arguments": ""}})
+        call, function = out[index], delta.get("function") or {}
+        for key in ("id", "type"):
+            if key in delta:
+                call[key] = delta[key]
+        if function.get("name"):
+            call["function"]["name"] = function["name"]
+        call["function"]["arguments"] = call["function"].get("arguments", "") + (
+            function.get("arguments") or ""
+        )
+    for call in out:
+        call.pop("index", None)
+    return out
 
 
 def merge(generations: list[Generation]) -> Generation:

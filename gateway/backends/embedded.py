@@ -30,6 +30,7 @@ from gateway.backends.base import (
 from gateway.backends.grammar import Grammar, Grammars
 from gateway.backends.llama import LlamaRunner
 from gateway.backends.scheduler import Job, Scheduler, on_cpu_with_bf16
+from gateway.backends.tool_calls import TOOLS_TEMPLATE, ToolParsers, uses_tools
 from gateway.config import AdapterConfig, EmbeddedModelConfig
 from gateway.errors import ContextLengthExceeded, InvalidRequest, Overloaded
 
@@ -80,6 +81,7 @@ class EmbeddedBackend:
         self._max_len = config.max_model_len
         self._vocab_size = 0
         self._grammars: Grammars | None = None
+        self._tool_template: str | None = None
         self.load_error: str | None = None
 
     # -- lifecycle -----------------------------------------------------------------------------
@@ -174,6 +176,12 @@ class EmbeddedBackend:
         if self._tokenizer.eos_token_id is not None:
             eos_ids |= {self._tokenizer.eos_token_id}
         self._grammars = Grammars(self._tokenizer, runner.shape.vocab_size, eos_ids)
+        if self.config.tool_template is not None:
+            self._tool_template = self.config.tool_template.expanduser().read_text()
+        elif uses_tools(getattr(self._tokenizer, "chat_template", None)):
+            self._tool_template = None  # the model's own template renders tools
+        else:
+            self._tool_template = TOOLS_TEMPLATE
         self._scheduler = Scheduler(
             runner,
             engine_tokenizer,
@@ -214,8 +222,16 @@ class EmbeddedBackend:
     def _encode(self, request: GenerationRequest) -> list[int]:
         tok = self._tokenizer
         if request.messages is not None:
+            messages = list(request.messages)
+            tooled = request.tools or any(
+                m.get("tool_calls") or m["role"] == "tool" for m in messages
+            )
             text = tok.apply_chat_template(
-                list(request.messages), tokenize=False, add_generation_prompt=True
+                messages,
+                tools=list(request.tools) or None,
+                chat_template=self._tool_template if tooled else None,
+                tokenize=False,
+                add_generation_prompt=True,
             )
             return list(tok.encode(text, add_special_tokens=False))
         return list(tok.encode(request.prompt or ""))
@@ -227,7 +243,7 @@ class EmbeddedBackend:
         if request.batch:
             raise InvalidRequest("streaming supports one prompt per request.", param="prompt")
         prompt_ids = await self.prompt_ids(request)
-        grammar = await self._grammar(request.params.response_format)
+        grammar = await self._grammar(request.params.response_format, request.params.tools)
         job = Job(
             prompt_ids=prompt_ids,
             params=request.params,
@@ -244,11 +260,16 @@ class EmbeddedBackend:
             if request.echo:  # the prompt leads each choice's text
                 for i in range(request.n):
                     yield Chunk(i, request.prompt or "")
+            parsers = ToolParsers(request.n) if request.params.tools else None
             while True:
                 event = await job.queue.get()
                 if isinstance(event, Exception):
                     raise event
-                yield event
+                if parsers is not None and isinstance(event, Chunk):
+                    for out in parsers.feed(event):
+                        yield out
+                else:
+                    yield event
                 if not isinstance(event, Chunk):
                     done = True
                     return
@@ -271,15 +292,15 @@ class EmbeddedBackend:
         generations = await asyncio.gather(*(collect(self.stream(r), r.n) for r in singles))
         return merge(list(generations))
 
-    async def _grammar(self, key: str | None) -> Grammar | None:
-        """The compiled grammar of a structured-output request (built off the event loop the
-        first time a format is seen, then cached). Raises ``InvalidRequest``."""
-        if key is None:
+    async def _grammar(self, response_format: str | None, tools: str | None) -> Grammar | None:
+        """The compiled grammar of a structured-output or tool-calling request (built off the
+        event loop the first time a format is seen, then cached). Raises ``InvalidRequest``."""
+        if response_format is None and tools is None:
             return None
         assert self._grammars is not None
-        grammar = self._grammars.cached(key)
+        grammar = self._grammars.cached(f"{response_format}\n{tools}")
         if grammar is None:
-            grammar = await asyncio.to_thread(self._grammars.compile, key)
+            grammar = await asyncio.to_thread(self._grammars.compile, response_format, tools)
         return grammar
 
     def _adapter_index(self, name: str | None) -> int:

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from gateway.structured import JSON_OPTIONS, invalid, schema_of
+from gateway.structured import JSON_OPTIONS, call_schema, invalid, schema_of
 
 
 @dataclass(frozen=True)
@@ -99,16 +99,23 @@ class Grammars:
                 self._cache.move_to_end(key)
             return grammar
 
-    def compile(self, key: str) -> Grammar:
-        """``key``: the canonical JSON of ``response_format``. Raises ``InvalidRequest``."""
+    def compile(self, response_format: str | None, tools: str | None = None) -> Grammar:
+        """``response_format``: the canonical JSON of a json_object / json_schema format;
+        ``tools``: ``gateway.structured.tools_key``'s. Raises ``InvalidRequest``."""
+        key = f"{response_format}\n{tools}"
         grammar = self.cached(key)
         if grammar is not None:
             return grammar
         import llguidance
 
-        schema = schema_of(json.loads(key))
+        fmt = json.loads(response_format) if response_format else None
         try:
-            text = llguidance.LLMatcher.grammar_from_json_schema(schema, defaults=JSON_OPTIONS)
+            if tools is not None:
+                text = llguidance.LLMatcher.grammar_from_lark(tools_lark(json.loads(tools), fmt))
+            else:
+                text = llguidance.LLMatcher.grammar_from_json_schema(
+                    schema_of(fmt or {}), defaults=JSON_OPTIONS
+                )
         except ValueError as exc:
             raise invalid(str(exc)) from None
         tokenizer = self._ll_tokenizer()
@@ -122,3 +129,30 @@ class Grammars:
             while len(self._cache) > self._size:
                 self._cache.popitem(last=False)
         return grammar
+
+
+def tools_lark(spec: dict[str, Any], response_format: dict[str, Any] | None) -> str:
+    """A Lark grammar (llguidance's dialect, JSON schemas inline) for a tool-calling answer:
+    ``<tool_call>\n{"name": ..., "arguments": {...}}\n</tool_call>``, one or several, and for
+    ``auto`` the alternative of a plain answer (any text not starting with ``<``, or JSON under
+    the response format when the request has one)."""
+    call = json.dumps(call_schema(spec["functions"], spec["choice"]))
+    calls = 'call ("\\n" call)*' if spec["parallel"] else "call"
+    rules = [
+        f"calls: {calls}",
+        'call: "<tool_call>\\n" body "\\n</tool_call>"',
+        f"body: %json {call}",
+    ]
+    if spec["choice"] != "auto":
+        return "\n".join(["start: calls", *rules])
+    if response_format is not None:
+        answer = json.dumps({**_as_object(schema_of(response_format)), "x-guidance": JSON_OPTIONS})
+        rules.append(f"text: %json {answer}")
+    else:
+        rules.append("text: TEXT")
+        rules.append(r"TEXT: /[^<][\s\S]*/")
+    return "\n".join(["start: calls | text", *rules])
+
+
+def _as_object(schema: dict[str, Any] | bool) -> dict[str, Any]:
+    return schema if isinstance(schema, dict) else {}

@@ -248,7 +248,7 @@ def test_developer_and_assistant_roles(client) -> None:  # type: ignore[no-untyp
 
 def test_models_list_and_retrieve(client) -> None:  # type: ignore[no-untyped-def]
     ids = [m.id for m in client.models.list()]
-    assert ids == [MODEL]
+    assert ids == [MODEL, "all-MiniLM-L6-v2"]  # the chat model, then the embedding model
     m = client.models.retrieve(MODEL)
     assert m.id == MODEL and m.object == "model" and m.owned_by == "ragline"
     with pytest.raises(openai.NotFoundError):

@@ -56,9 +56,9 @@ def test_bad_parameters_name_the_param(client, kwargs, param) -> None:  # type: 
 def test_unknown_field_is_refused_not_ignored(client) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(openai.BadRequestError) as info:
         client.chat.completions.create(
-            model=MODEL, messages=MSG, tools=[{"type": "function", "function": {"name": "f"}}]
+            model=MODEL, messages=MSG, audio={"voice": "alloy", "format": "wav"}
         )
-    assert info.value.body["param"] == "tools"
+    assert info.value.body["param"] == "audio"
     assert "Unrecognized request argument" in info.value.body["message"]
 
 

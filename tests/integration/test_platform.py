@@ -115,7 +115,10 @@ def test_model_restrictions_and_max_tokens(pair) -> None:  # type: ignore[no-unt
     assert client(pair[0], NARROW_KEY).models.list().data == []
     with pytest.raises(openai.NotFoundError):
         client(pair[0], NARROW_KEY).models.retrieve(MODEL)
-    assert [m.id for m in client(pair[0], USER_KEY).models.list().data] == [MODEL]
+    assert [m.id for m in client(pair[0], USER_KEY).models.list().data] == [
+        MODEL,
+        "all-MiniLM-L6-v2",
+    ]
 
 
 def test_metrics_need_an_admin_or_the_metrics_scope(pair) -> None:  # type: ignore[no-untyped-def]

@@ -108,7 +108,7 @@ def test_upstream_errors_pass_through(via) -> None:  # type: ignore[no-untyped-d
 
 def test_models_list_shows_adapters_with_parent(via) -> None:  # type: ignore[no-untyped-def]
     models = {m.id: m for m in via.models.list()}
-    assert set(models) == {MODEL, ADAPTER, "broken"}
+    assert set(models) == {MODEL, ADAPTER, "broken", "all-MiniLM-L6-v2"}
     assert models[ADAPTER].parent == MODEL
     assert models[MODEL].parent is None
 
