@@ -112,14 +112,16 @@ def check(key: str) -> None:
         raise invalid(messages[0] if messages else "the schema cannot be enforced")
 
 
-def schema_of(response_format: dict[str, Any]) -> dict[str, Any] | bool:
+def schema_of(response_format: dict[str, Any]) -> dict[str, Any]:
     if response_format.get("type") == "json_object":
         return ANY_OBJECT
     spec = response_format.get("json_schema") or {}
     schema = spec.get("schema")
     if schema is None:
         return ANY_OBJECT
-    if not isinstance(schema, dict | bool):
+    if schema is True:
+        return {}
+    if not isinstance(schema, dict):
         raise invalid("the schema must be a JSON object")
     return schema
 

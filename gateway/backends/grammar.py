@@ -146,13 +146,9 @@ def tools_lark(spec: dict[str, Any], response_format: dict[str, Any] | None) -> 
     if spec["choice"] != "auto":
         return "\n".join(["start: calls", *rules])
     if response_format is not None:
-        answer = json.dumps({**_as_object(schema_of(response_format)), "x-guidance": JSON_OPTIONS})
+        answer = json.dumps({**schema_of(response_format), "x-guidance": JSON_OPTIONS})
         rules.append(f"text: %json {answer}")
     else:
         rules.append("text: TEXT")
         rules.append(r"TEXT: /[^<][\s\S]*/")
     return "\n".join(["start: calls | text", *rules])
-
-
-def _as_object(schema: dict[str, Any] | bool) -> dict[str, Any]:
-    return schema if isinstance(schema, dict) else {}
