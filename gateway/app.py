@@ -47,6 +47,7 @@ from gateway.routes import (
     feedback,
     health,
     models,
+    responses,
     vector_stores,
 )
 from gateway.routes import metrics as metrics_route
@@ -137,6 +138,7 @@ def create_app(settings: Settings | None = None, config: FileConfig | None = Non
         chat.router,
         completions.router,
         embeddings.router,
+        responses.router,
         feedback.router,
         vector_stores.router,
         models.router,

@@ -21,7 +21,7 @@ from typing import Any
 
 from starlette.types import Message, Receive, Scope, Send
 
-from gateway import logs
+from gateway import logs, responses_api
 from gateway.auth import PUBLIC_PATHS, authenticate
 from gateway.backends.base import CHAT, COMPLETIONS
 from gateway.config import Settings
@@ -35,11 +35,12 @@ from gateway.http import (
     wait_disconnect,
 )
 from gateway.logs import access_log
+from gateway.responses_api import RESPONSES
 
 log = logging.getLogger("ragline")
 
 _ID_PREFIX = uuid.uuid4().hex[:12]  # unique per process; the counter makes ids unique within it
-_FAST = {CHAT, COMPLETIONS}
+_FAST = {CHAT, COMPLETIONS, RESPONSES}
 # the routes that take multipart file uploads: the larger upload limit applies to their
 # multipart bodies alone (a multipart header elsewhere buys nothing)
 _UPLOADS = re.compile(r"^/v1/(files|vector_stores/[^/]+/files)$")
@@ -183,8 +184,8 @@ class FrontDoor:
         cache_control: bytes,
         id_header: tuple[bytes, bytes],
     ) -> int:
-        """``POST /v1/chat/completions`` and ``/v1/completions``: straight to the pipeline.
-        Returns the status sent."""
+        """``POST /v1/chat/completions``, ``/v1/completions`` and ``/v1/responses``: straight to
+        the pipeline. Returns the status sent."""
         body = await _read_body(receive, limit)
         request = HttpRequest(
             request_id=scope["state"]["request_id"],
@@ -194,7 +195,10 @@ class FrontDoor:
             no_cache=b"no-cache" in cache_control.lower(),
         )
         try:
-            reply = await self.state.pipeline.handle(path, request)
+            if path == RESPONSES:
+                reply = await responses_api.handle(self.state.pipeline, request)
+            else:
+                reply = await self.state.pipeline.handle(path, request)
         except Exception as exc:
             mapped = as_ragline_error(exc)
             if mapped is None:

@@ -40,8 +40,9 @@ async def charge_request(request: Request) -> None:
 Charged = Depends(charge_request)
 
 
-async def complete(request: Request, pipeline: Pipeline, endpoint: str, _: Any) -> Response:
-    """A completion route when the front door is not in front (the same pipeline)."""
+async def complete(request: Request, pipeline: Pipeline, endpoint: str, handler: Any) -> Response:
+    """A completion route when the front door is not in front (the same pipeline, or
+    ``handler(pipeline, http)`` when it is a function: the Responses API)."""
     http = HttpRequest(
         request_id=getattr(request.state, "request_id", ""),
         principal=principal_of(request.state),
@@ -49,7 +50,10 @@ async def complete(request: Request, pipeline: Pipeline, endpoint: str, _: Any) 
         receive=request.receive,
         no_cache="no-cache" in request.headers.get("cache-control", "").lower(),
     )
-    reply = await pipeline.handle(endpoint, http)
+    if callable(handler) and not isinstance(handler, type):
+        reply = await handler(pipeline, http)
+    else:
+        reply = await pipeline.handle(endpoint, http)
     request.state.log_fields = reply.log_fields() if reply.log_fields else {}
     if reply.stream is None:
         return Response(reply.body, reply.status, reply.headers, background=_task(reply))
