@@ -62,7 +62,9 @@ vllm: setup vllm-install
 	VLLM_CPU_KVCACHE_SPACE=1 HF_HUB_OFFLINE=1 VLLM_ALLOW_RUNTIME_LORA_UPDATING=True \
 	$(VLLM_VENV)/bin/python -m vllm.entrypoints.openai.api_server --model $(MODEL_DIR) \
 	  --served-model-name smollm2 --host 127.0.0.1 --port $(VLLM_PORT) --max-model-len 2048 \
-	  --enable-lora --max-lora-rank 16 --max-loras 4
+	  --enable-lora --max-lora-rank 16 --max-loras 4 \
+	  --chat-template gateway/backends/chatml_tools.jinja --enable-auto-tool-choice \
+	  --tool-call-parser hermes
 
 lint: install
 	$(BIN)/ruff check .

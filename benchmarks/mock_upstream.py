@@ -34,6 +34,7 @@ class MockConfig:
     prompt_tokens: int = 10
     reply: str | None = None  # answer this text (in 6-character pieces when streaming)
     echo: bool = False  # answer the last message (the prompt) back, in 6-character pieces
+    finish: str = "length"  # the finish_reason of every answer
 
     def pieces(self, n_tokens: int, data: dict[str, Any] | None = None) -> list[str]:
         reply = self.reply
@@ -137,10 +138,15 @@ class MockUpstream:
                         "index": 0,
                         "message": {"role": "assistant", "content": text},
                         "logprobs": None,
-                        "finish_reason": "length",
+                        "finish_reason": self.config.finish,
                     }
                     if chat
-                    else {"index": 0, "text": text, "logprobs": None, "finish_reason": "length"}
+                    else {
+                        "index": 0,
+                        "text": text,
+                        "logprobs": None,
+                        "finish_reason": self.config.finish,
+                    }
                 )
                 body = {
                     "id": _id(chat),
@@ -211,7 +217,7 @@ class MockUpstream:
             if i:
                 await self._wait(gap)
             last = i == n_tokens - 1
-            finish = "length" if last else None
+            finish = self.config.finish if last else None
             choice = (
                 {
                     "index": 0,
@@ -275,6 +281,7 @@ def main() -> None:
     parser.add_argument("--output-tokens", type=int, default=16)
     parser.add_argument("--reply", default=None, help="Answer this text instead of ` tok`s.")
     parser.add_argument("--echo", type=int, default=0, help="1: answer the last message back.")
+    parser.add_argument("--finish", default="length", help="The finish_reason of every answer.")
     args = parser.parse_args()
     import uvicorn
 
@@ -286,6 +293,7 @@ def main() -> None:
             output_tokens=args.output_tokens,
             reply=args.reply,
             echo=bool(args.echo),
+            finish=args.finish,
         )
     )
     uvicorn.run(

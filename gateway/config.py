@@ -159,6 +159,12 @@ class VllmModelConfig(HttpModelConfig):
     backend: Literal["vllm"]
     owned_by: str = "vllm"
     default_health_path: ClassVar[str | None] = "/health"
+    constrain_tool_calls: bool = Field(
+        default=True,
+        description="Send required and named tool choices to vLLM as a json_schema response "
+        "format of the calls (vLLM on CPU does not constrain them), and turn the JSON back "
+        "into tool_calls.",
+    )
 
 
 def _backend_of(value: object) -> str:

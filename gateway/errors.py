@@ -12,6 +12,7 @@
     ├── RateLimited                   429 rate_limit_error (+ Retry-After)
     ├── Overloaded                    503 server_overloaded (+ Retry-After): queue full, not ready
     ├── BackendError                  502 upstream failure (a 5xx, a broken connection, a timeout)
+    ├── InvalidOutput                 502 code=invalid_model_output: an answer off its schema
     ├── UpstreamError                 the upstream's own 4xx, its status, type, param and code
     └── ModelAssetError               (command line only) fetching or converting a model failed
 
@@ -119,6 +120,15 @@ class BackendError(RaglineError):
     error_type = "server_error"
     default_code = "backend_error"
     retryable = True
+
+
+class InvalidOutput(RaglineError):
+    """The model's answer breaks the request's contract (a tool call's arguments or a
+    ``json_schema`` answer that does not validate): not passed on to the client."""
+
+    status_code = 502
+    error_type = "server_error"
+    default_code = "invalid_model_output"
 
 
 class UpstreamError(RaglineError):

@@ -24,7 +24,14 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from gateway.admission import Admission, Ticket
-from gateway.backends.base import CHAT, Backend, Chunk, Event, Generation, Usage
+from gateway.backends.base import (
+    CHAT,
+    Backend,
+    Chunk,
+    Event,
+    Generation,
+    Usage,
+)
 from gateway.backends.registry import BackendRegistry, not_ready
 from gateway.cache import CachedResponse
 from gateway.call import (
@@ -35,7 +42,12 @@ from gateway.call import (
     requested_max_tokens,
 )
 from gateway.config import RagConfig, Settings
-from gateway.errors import BackendError, InvalidRequest, PermissionDenied, RaglineError
+from gateway.errors import (
+    BackendError,
+    InvalidRequest,
+    PermissionDenied,
+    RaglineError,
+)
 from gateway.http import ClientDisconnected, HttpRequest, Reply, until_disconnect, validate_body
 from gateway.metrics import Metrics
 from gateway.prompting import PromptStage
@@ -43,6 +55,7 @@ from gateway.protocol import ChatCompletionRequest, CompletionRequest
 from gateway.responses import Meta, guarded, new_id, render_json, render_sse
 from gateway.retrieval import RagService
 from gateway.safety import SafetyStage
+from gateway.structured import OutputContract
 
 log = logging.getLogger("ragline.pipeline")
 T = TypeVar("T")
@@ -293,10 +306,15 @@ class Pipeline:
         )
         ticket.response_id = meta.id
         guard = call.screened.output if call.screened is not None else None
+        contract = OutputContract.of(call.body)
         if not request.stream:
             generation = await until_disconnect(http.receive, self._first(call, meta.id, _generate))
             ticket.prompt_tokens = generation.usage.prompt_tokens
             ticket.completion_tokens = generation.usage.completion_tokens
+            if contract is not None:
+                for c in generation.choices:
+                    calls = (c.fields or {}).get("tool_calls") or []
+                    contract.hold(c.text, calls, c.finish_reason, ticket.served_by)
             if guard is not None:
                 generation = guard.generation(generation)
             payload = render_json(meta, generation, self.info(call))
@@ -307,6 +325,8 @@ class Pipeline:
             )  # fmt: skip
         events = await until_disconnect(http.receive, self._first(call, meta.id, _open_stream))
         end = StreamEnd()
+        if contract is not None:
+            events = contract.held(events, ticket)
         if guard is not None:
             events = guard.events(events)
         events = _observe(events, ticket, end)

@@ -212,6 +212,12 @@ def start_vllm(model_path: Path, tmp: Path, port: int | None = None) -> Upstream
         "16",
         "--max-loras",
         "4",
+        # tools as ragline's embedded engine renders and parses them (make vllm does the same)
+        "--chat-template",
+        str(REPO / "gateway" / "backends" / "chatml_tools.jinja"),
+        "--enable-auto-tool-choice",
+        "--tool-call-parser",
+        "hermes",
     ]
     proc = subprocess.Popen(cmd, stdout=log.open("wb"), stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"

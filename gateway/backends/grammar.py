@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from gateway.structured import JSON_OPTIONS, call_schema, invalid, schema_of
+from gateway.structured import JSON_OPTIONS, call_schema, check_schema, invalid, schema_of
 
 
 @dataclass(frozen=True)
@@ -113,9 +113,9 @@ class Grammars:
             if tools is not None:
                 text = llguidance.LLMatcher.grammar_from_lark(tools_lark(json.loads(tools), fmt))
             else:
-                text = llguidance.LLMatcher.grammar_from_json_schema(
-                    schema_of(fmt or {}), defaults=JSON_OPTIONS
-                )
+                schema = schema_of(fmt or {})
+                check_schema(schema)
+                text = llguidance.LLMatcher.grammar_from_json_schema(schema, defaults=JSON_OPTIONS)
         except ValueError as exc:
             raise invalid(str(exc)) from None
         tokenizer = self._ll_tokenizer()

@@ -6,8 +6,8 @@ have seen) to answer a call as ``<tool_call>\\n{"name": ..., "arguments": {...}}
 the grammar (``gateway.backends.grammar.tools_lark``) makes it do exactly that when a call is
 required, and lets it choose between that and plain text under ``auto``. Tool results come back
 as ``<tool_response>`` blocks in a user turn. A model whose own chat template handles ``tools``
-keeps it; others (SmolLM2's) get ``TOOLS_TEMPLATE``, or the template file the model's config
-names (``tool_template``).
+keeps it; others (SmolLM2's) get ``chatml_tools.jinja`` beside this file (``make vllm`` gives it
+to vLLM too), or the template file the model's config names (``tool_template``).
 
 ``ToolCallParser`` reads one choice's text as it streams and emits OpenAI's deltas: the first
 for a call carries its ``index``, a ``call_…`` id, ``type`` and the function's name with empty
@@ -19,44 +19,17 @@ from __future__ import annotations
 import json
 import re
 import secrets
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-from gateway.backends.base import Chunk
+from gateway.backends.base import Chunk, Event, Generation
+from gateway.structured import call_schema
 
-TOOLS_TEMPLATE = (
-    "{%- set system = messages[0].content if messages and messages[0].role == 'system' "
-    "else 'You are a helpful assistant.' -%}"
-    "{{ '<|im_start|>system\\n' + system }}"
-    "{%- if tools -%}"
-    "{{ '\\n\\n# Tools\\n\\nYou may call one or more functions to assist with the user query."
-    "\\n\\nYou are provided with function signatures within <tools></tools> XML tags:\\n<tools>' }}"
-    "{%- for tool in tools -%}{{ '\\n' + (tool | tojson) }}{%- endfor -%}"
-    "{{ '\\n</tools>\\n\\nFor each function call, return a json object with function name and "
-    'arguments within <tool_call></tool_call> XML tags:\\n<tool_call>\\n{"name": '
-    '<function-name>, "arguments": <args-json-object>}\\n</tool_call>\' }}'
-    "{%- endif -%}"
-    "{{ '<|im_end|>\\n' }}"
-    "{%- for message in messages -%}"
-    "{%- if message.role == 'system' and loop.first -%}"
-    "{%- elif message.role == 'assistant' -%}"
-    "{{ '<|im_start|>assistant\\n' + (message.content or '') }}"
-    "{%- for call in message.tool_calls or [] -%}"
-    "{%- if message.content or not loop.first -%}{{ '\\n' }}{%- endif -%}"
-    "{{ '<tool_call>\\n{\"name\": ' + (call.function.name | tojson) + ', \"arguments\": ' "
-    "+ (call.function.arguments | tojson) + '}\\n</tool_call>' }}"
-    "{%- endfor -%}"
-    "{{ '<|im_end|>\\n' }}"
-    "{%- elif message.role == 'tool' -%}"
-    "{%- if loop.first or loop.previtem.role != 'tool' -%}{{ '<|im_start|>user' }}{%- endif -%}"
-    "{{ '\\n<tool_response>\\n' + message.content + '\\n</tool_response>' }}"
-    "{%- if loop.last or loop.nextitem.role != 'tool' -%}{{ '<|im_end|>\\n' }}{%- endif -%}"
-    "{%- else -%}"
-    "{{ '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>\\n' }}"
-    "{%- endif -%}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\\n' }}{%- endif -%}"
-)
+# a file, so that vLLM can be started with the same template (make vllm: --chat-template)
+TEMPLATE_FILE = Path(__file__).with_name("chatml_tools.jinja")
+TOOLS_TEMPLATE = TEMPLATE_FILE.read_text()
 
 OPEN, CLOSE = "<tool_call>\n", "\n</tool_call>"
 _HEAD = re.compile(r'\{"name": "((?:[^"\\]|\\.)*)", "arguments": ')
@@ -199,3 +172,93 @@ class ToolParsers:
         if finish is not None:
             out.append(Chunk(chunk.index, "", finish_reason=finish))
         return out
+
+
+@dataclass
+class ForcedCalls:
+    """A required or named ``tool_choice`` sent to an upstream as a ``json_schema`` response
+    format of the calls (``{"name", "arguments"}``, an array when calls may be parallel), with
+    ``tool_choice: none`` so that its own parser stays out of the way; the JSON it answers is
+    turned back into ``tool_calls``. For upstreams that do not constrain tool calls themselves
+    (vLLM on CPU: a required call came back as free text, measured), so that the arguments
+    validate."""
+
+    body: dict[str, Any]
+    parallel: bool
+
+    @classmethod
+    def of(cls, body: Mapping[str, Any] | None) -> ForcedCalls | None:
+        if body is None or not body.get("tools") or body.get("response_format"):
+            return None
+        choice = body.get("tool_choice")
+        if choice is None or choice in ("auto", "none"):
+            return None
+        name = choice["function"]["name"] if isinstance(choice, Mapping) else "required"
+        functions = [
+            {"name": t["function"]["name"], "parameters": t["function"].get("parameters")}
+            for t in body["tools"]
+        ]
+        one = call_schema(functions, name)
+        one.pop("x-guidance", None)
+        parallel = body.get("parallel_tool_calls") is not False
+        schema = {"type": "array", "items": one, "minItems": 1} if parallel else one
+        forced = {
+            **body,
+            "tool_choice": "none",
+            "response_format": {
+                "type": "json_schema",
+                "json_schema": {"name": "tool_calls", "schema": schema, "strict": True},
+            },
+        }
+        forced.pop("parallel_tool_calls", None)
+        return cls(forced, parallel)
+
+    def calls(self, text: str) -> list[dict[str, Any]] | None:
+        """The calls in an answer, OpenAI-shaped, or None when it is not (cut) JSON."""
+        try:
+            value = json.loads(text)
+        except ValueError:
+            return None
+        items = value if isinstance(value, list) else [value]
+        out = []
+        for item in items:
+            if not isinstance(item, dict) or "name" not in item:
+                return None
+            arguments = json.dumps(item.get("arguments", {}), ensure_ascii=False)
+            function = {"name": item["name"], "arguments": arguments}
+            out.append({"id": new_call_id(), "type": "function", "function": function})
+        return out
+
+    def generation(self, generation: Generation) -> Generation:
+        for choice in generation.choices:
+            calls = self.calls(choice.text)
+            if calls is not None:
+                choice.text = ""
+                choice.fields = {**(choice.fields or {}), "tool_calls": calls}
+                if choice.finish_reason in (None, "stop"):
+                    choice.finish_reason = "tool_calls"
+        return generation
+
+    async def events(self, events: AsyncIterator[Event]) -> AsyncGenerator[Event, None]:
+        """The upstream's JSON stream held per choice and sent as tool-call deltas once the
+        choice finishes (a header delta, then the arguments), as OpenAI's stream carries them."""
+        texts: dict[int, str] = {}
+        async for event in events:
+            if not isinstance(event, Chunk):
+                yield event
+                continue
+            texts[event.index] = texts.get(event.index, "") + event.text
+            if event.finish_reason is None:
+                continue
+            text = texts.pop(event.index)
+            calls = self.calls(text)
+            if calls is None:  # cut short: passed on as it came, with its finish reason
+                yield Chunk(event.index, text, finish_reason=event.finish_reason)
+                continue
+            for i, call in enumerate(calls):
+                head = {**call, "index": i, "function": {**call["function"], "arguments": ""}}
+                yield Chunk(event.index, "", fields={"tool_calls": [head]})
+                piece = {"index": i, "function": {"arguments": call["function"]["arguments"]}}
+                yield Chunk(event.index, "", fields={"tool_calls": [piece]})
+            finish = "tool_calls" if event.finish_reason == "stop" else event.finish_reason
+            yield Chunk(event.index, "", finish_reason=finish)

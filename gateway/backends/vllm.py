@@ -5,19 +5,26 @@ it lands there; the placement is remembered (in Redis when configured, so every 
 agrees) and later requests prefer replicas that already hold it. A replica that restarted is
 detected (a 404 for the adapter, or its re-admission after a failed health check) and the
 adapter is loaded again. Requests for an adapter are sent with the adapter's name as ``model``.
+
+A required or named ``tool_choice`` is sent as a ``json_schema`` response format of the calls
+(``tool_calls.ForcedCalls``): vLLM on CPU does not constrain tool calls, but does constrain
+JSON schemas.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import AsyncGenerator
+from dataclasses import replace
 
 import orjson
 
-from gateway.backends.base import GenerationRequest, ModelInfo
+from gateway.backends.base import Event, Generation, GenerationRequest, ModelInfo
 from gateway.backends.lora import MemoryPlacements, Placements
 from gateway.backends.openai import OpenAIBackend, upstream_error
 from gateway.backends.replicas import Replica
+from gateway.backends.tool_calls import ForcedCalls
 from gateway.config import AdapterConfig, VllmModelConfig
 from gateway.errors import BackendError
 
@@ -57,6 +64,32 @@ class VllmBackend(OpenAIBackend):
             )
             for a in self.adapters.values()
         ]
+
+    # -- tool calls vLLM does not constrain ------------------------------------------------------
+
+    def _forced(self, request: GenerationRequest) -> ForcedCalls | None:
+        if not getattr(self.config, "constrain_tool_calls", True):
+            return None
+        return ForcedCalls.of(request.body)
+
+    async def generate(self, request: GenerationRequest) -> Generation:
+        forced = self._forced(request)
+        if forced is None:
+            return await super().generate(request)
+        generation = await super().generate(replace(request, body=forced.body))
+        return forced.generation(generation)
+
+    async def stream(self, request: GenerationRequest) -> AsyncGenerator[Event, None]:
+        forced = self._forced(request)
+        if forced is None:
+            events = super().stream(request)
+        else:
+            events = forced.events(super().stream(replace(request, body=forced.body)))
+        try:
+            async for event in events:
+                yield event
+        finally:
+            await events.aclose()
 
     # -- the openai backend's hooks ------------------------------------------------------------
 
