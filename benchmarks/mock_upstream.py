@@ -35,6 +35,7 @@ class MockConfig:
     reply: str | None = None  # answer this text (in 6-character pieces when streaming)
     echo: bool = False  # answer the last message (the prompt) back, in 6-character pieces
     finish: str = "length"  # the finish_reason of every answer
+    tool_call: str | None = None  # chat: answer as a call to this function, ``reply`` its arguments
 
     def pieces(self, n_tokens: int, data: dict[str, Any] | None = None) -> list[str]:
         reply = self.reply
@@ -133,10 +134,17 @@ class MockUpstream:
                 )
                 pieces = self.config.pieces(n_tokens, data)
                 text, n_tokens = "".join(pieces), len(pieces)
+                message: dict[str, Any] = {"role": "assistant", "content": text}
+                if self.config.tool_call:
+                    message = {
+                        "role": "assistant",
+                        "content": None,
+                        "tool_calls": [_call(self.config.tool_call, text)],
+                    }
                 choice: dict[str, Any] = (
                     {
                         "index": 0,
-                        "message": {"role": "assistant", "content": text},
+                        "message": message,
                         "logprobs": None,
                         "finish_reason": self.config.finish,
                     }
@@ -218,10 +226,16 @@ class MockUpstream:
                 await self._wait(gap)
             last = i == n_tokens - 1
             finish = self.config.finish if last else None
+            delta: dict[str, Any] = {"content": pieces[i]}
+            if self.config.tool_call:  # a header delta first, then the arguments in pieces
+                call = _call(self.config.tool_call, "") if i == 0 else {}
+                delta = {"tool_calls": [{"index": 0, **call, "function": {"arguments": pieces[i]}}]}
+                if i == 0:
+                    delta["tool_calls"][0]["function"]["name"] = self.config.tool_call
             choice = (
                 {
                     "index": 0,
-                    "delta": {"content": pieces[i]},
+                    "delta": delta,
                     "logprobs": None,
                     "finish_reason": finish,
                 }
@@ -271,6 +285,11 @@ async def _respond(
     await send({"type": "http.response.body", "body": body})
 
 
+def _call(name: str, arguments: str) -> dict[str, Any]:
+    function = {"name": name, "arguments": arguments}
+    return {"id": "call_mock0", "type": "function", "function": function}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description="A fast OpenAI-compatible fake upstream.")
     parser.add_argument("--host", default="127.0.0.1")
@@ -282,6 +301,7 @@ def main() -> None:
     parser.add_argument("--reply", default=None, help="Answer this text instead of ` tok`s.")
     parser.add_argument("--echo", type=int, default=0, help="1: answer the last message back.")
     parser.add_argument("--finish", default="length", help="The finish_reason of every answer.")
+    parser.add_argument("--tool-call", default=None, help="Answer as a call to this function.")
     args = parser.parse_args()
     import uvicorn
 
@@ -294,6 +314,7 @@ def main() -> None:
             reply=args.reply,
             echo=bool(args.echo),
             finish=args.finish,
+            tool_call=args.tool_call,
         )
     )
     uvicorn.run(

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from gateway.auth import Principal
-from gateway.backends.base import Chunk, Event, Generation, Usage
+from gateway.backends.base import Chunk, Event, Generation, Usage, merge_tool_calls
 from gateway.backends.registry import Target
 from gateway.call import Call
 from gateway.config import FileConfig
@@ -160,12 +160,16 @@ class SafetyStage:
         body = call.body
         if call.chat:  # every role: a key is a key anywhere
             messages = list(body["messages"])
-            items: list[tuple[int, int | None, Scan]] = []
+            items: list[tuple[int, int | tuple[str, int] | None, Scan]] = []
             roles: dict[str, ScanContext] = {}
             for i, message in enumerate(messages):
                 role = str(message.get("role"))
-                said = roles.get(role) or roles.setdefault(role, replace(context, role=role))
+                said = roles.get(role) or roles.setdefault(role, _said(context, role))
                 content = message.get("content")
+                for j, tool_call in enumerate(message.get("tool_calls") or ()):
+                    param = f"messages[{i}].tool_calls[{j}].function.arguments"
+                    arguments = tool_call["function"]["arguments"]
+                    items.append((i, ("call", j), (arguments, said, param)))
                 if isinstance(content, str):
                     items.append((i, None, (content, said, f"messages[{i}].content")))
                 elif isinstance(content, list):
@@ -181,6 +185,11 @@ class SafetyStage:
                 changed, message = True, messages[i]
                 if part is None:
                     messages[i] = {**message, "content": after}
+                elif isinstance(part, tuple):  # a tool call's arguments
+                    calls = [dict(c) for c in message["tool_calls"]]
+                    made = calls[part[1]]
+                    made["function"] = {**made["function"], "arguments": after}
+                    messages[i] = {**message, "tool_calls": calls}
                 else:
                     parts = list(message["content"])
                     parts[part] = {**parts[part], "text": after}
@@ -379,8 +388,47 @@ class OutputGuard:
             self.redactions += outcome.types()
             self.stage.audit("safety_redact", self.policy, outcome, self.context)
 
+    def _calls(self, calls: list[dict[str, Any]]) -> list[dict[str, Any]] | None:
+        """Tool calls with their arguments scanned (redactions keep the JSON valid: the
+        replacements hold no quotes); None when the policy blocks one."""
+        out = []
+        for call in calls:
+            function = call.get("function") or {}
+            arguments = function.get("arguments") or ""
+            if arguments:
+                outcome = self.policy.run(arguments, self.context)
+                self._noted(outcome, outcome.action == "block")
+                if outcome.action == "block":
+                    return None
+                arguments = outcome.text
+                if self.placeholders is not None:
+                    arguments = self.placeholders.restore(arguments)
+            out.append({**call, "function": {**function, "arguments": arguments}})
+        return out
+
+    def _release_calls(
+        self, index: int, text: Chunk | None, pending: dict[int, list[dict[str, Any]]]
+    ) -> list[Chunk]:
+        """A choice's held tool calls, scanned, after its text; a block ends the choice."""
+        out = [text] if text is not None else []
+        scanned = self._calls(pending.pop(index))
+        if scanned is None:
+            return [*out, Chunk(index, "", "content_filter")]
+        return out + _call_deltas(index, scanned)
+
     def generation(self, generation: Generation) -> Generation:
         for choice in generation.choices:
+            calls = (choice.fields or {}).get("tool_calls")
+            if calls:
+                scanned = self._calls(calls)
+                fields = dict(choice.fields or {})
+                if scanned is None:
+                    fields.pop("tool_calls")
+                    choice.fields, choice.finish_reason = fields or None, "content_filter"
+                    choice.text = ""
+                    continue
+                fields["tool_calls"] = scanned
+                choice.fields = fields
             if not choice.text:
                 continue
             outcome = self.policy.run(choice.text, self.context)
@@ -399,6 +447,7 @@ class OutputGuard:
     async def events(self, events: AsyncIterator[Event]) -> AsyncGenerator[Event, None]:
         guards: dict[int, StreamGuard] = {}
         restorers: dict[int, StreamRestorer] = {}
+        pending: dict[int, list[dict[str, Any]]] = {}  # tool calls, held until their choice ends
         stopped: set[int] = set()
         finished: set[int] = set()
 
@@ -454,16 +503,56 @@ class OutputGuard:
             index = event.index
             if index in stopped:
                 continue  # the rest of a blocked choice is dropped
+            deltas = (event.fields or {}).get("tool_calls")
+            if deltas:  # held until the choice ends: arguments are scanned whole
+                pending[index] = merge_tool_calls(pending.get(index, []), deltas)
+                rest = {k: v for k, v in (event.fields or {}).items() if k != "tool_calls"}
+                event = replace(event, fields=rest or None)
             guard = guards.setdefault(index, StreamGuard(self.policy, self.context))
             released = guard.feed(event.text) if event.text else None
             if event.finish_reason is not None and (released is None or not released.blocked):
                 released = _join(released, guard.finish())
                 finished.add(index)
+            if event.finish_reason is not None and index in pending:
+                for chunk in self._release_calls(
+                    index, emit(index, released, replace(event, finish_reason=None)), pending
+                ):
+                    if chunk.finish_reason == "content_filter":
+                        stopped.add(index)
+                    yield chunk
+                if index not in stopped:
+                    yield Chunk(index, "", event.finish_reason)
+                continue
             out = emit(index, released, event)
             if out is not None:
                 yield out
         for chunk in flush():
             yield chunk
+
+
+def _call_deltas(index: int, calls: list[dict[str, Any]]) -> list[Chunk]:
+    """Whole calls as OpenAI streams them: a delta naming each, then its arguments."""
+    out = []
+    for i, call in enumerate(calls):
+        function = call["function"]
+        head = {
+            "index": i,
+            "id": call.get("id"),
+            "type": "function",
+            "function": {"name": function.get("name", ""), "arguments": ""},
+        }
+        out.append(Chunk(index, "", fields={"tool_calls": [head]}))
+        piece = {"index": i, "function": {"arguments": function.get("arguments", "")}}
+        out.append(Chunk(index, "", fields={"tool_calls": [piece]}))
+    return out
+
+
+def _said(context: ScanContext, role: str) -> ScanContext:
+    """Whose words: a tool's result is content fetched from elsewhere, scanned as retrieved
+    content (an injection planted in a web page or a ticket arrives this way)."""
+    if role == "tool":
+        return replace(context, where="retrieved", role=role)
+    return replace(context, role=role)
 
 
 def _join(first: Released | None, second: Released) -> Released:

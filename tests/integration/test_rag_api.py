@@ -252,6 +252,33 @@ def test_grounded_chat_cites_the_ingested_documents(gw: Gateway, scifact: Any) -
     assert "citations" not in off.model_extra["ragline"]
 
 
+def test_grounded_answer_as_json_schema_with_citations(gw: Gateway, scifact: Any) -> None:
+    """A grounded route asked for structured output: the answer validates against the schema,
+    and its citations come beside it as usual."""
+    import jsonschema
+
+    schema = {
+        "type": "object",
+        "properties": {
+            "supported": {"type": "boolean"},
+            "sources": {"type": "array", "items": {"type": "integer", "minimum": 1}, "maxItems": 3},
+        },
+        "required": ["supported", "sources"],
+        "additionalProperties": False,
+    }
+    claim, _ = claims_for(frozenset(d["_id"] for d in corpus()[:SLICE]))[0]
+    r = sdk(gw).chat.completions.create(
+        model="scifact-qa",
+        messages=[{"role": "user", "content": claim}],
+        response_format={"type": "json_schema", "json_schema": {"name": "v", "schema": schema}},
+        temperature=0,
+        max_tokens=60,
+    )
+    assert r.choices[0].finish_reason == "stop"
+    jsonschema.validate(json.loads(r.choices[0].message.content or ""), schema)
+    assert 1 <= len(r.model_extra["ragline"]["citations"]) <= 3
+
+
 def test_store_permissions_follow_the_key(gw: Gateway, scifact: Any) -> None:
     team, reader = sdk(gw), sdk(gw, READER)
     handbook = team.vector_stores.create(name="handbook")
