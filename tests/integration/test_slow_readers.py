@@ -29,7 +29,9 @@ def test_a_stalled_reader_is_cut_off_and_never_ejects_the_replica(tmp_path: Path
         "upstreams": [mock.url],
         "max_connections": 1,
         "timeouts": {"pool_wait": 0.5},
-        "health": {"interval": 0.2, "max_failures": 1},
+        # one failed check ejects; a generous timeout, so that only a check that cannot get
+        # through (not a machine slowed by other work) could fail one
+        "health": {"interval": 0.2, "max_failures": 1, "timeout": 10},
     }
     gw = start_gateway(
         tmp_path,
