@@ -16,6 +16,7 @@ items, or the Responses event stream (``response.created``, ``response.in_progre
 
 from __future__ import annotations
 
+import json
 import re
 import time
 from collections.abc import AsyncGenerator, AsyncIterator
@@ -236,13 +237,24 @@ def responses_param(param: str | None) -> str | None:
 async def handle(pipeline: Pipeline, http: HttpRequest) -> Reply:
     """``POST /v1/responses``: validate, answer through the chat pipeline, render back."""
     request = validate_body(http.body, ResponsesRequest)
+    shape = Shape.of(request)
+    try:  # the response echoes the request: what cannot be written back is refused now
+        orjson.dumps(shape.request)
+    except TypeError as exc:
+        raise InvalidRequest(
+            f"The request holds a value that cannot be written back as JSON ({exc}): a lone "
+            "surrogate escape, or an integer beyond 64 bits.",
+            code="invalid_value",
+        ) from None
     chat = to_chat(request)
     try:
-        reply = await pipeline.handle(CHAT, replace(http, body=orjson.dumps(chat)))
+        # the stdlib writer: any integer (orjson stops at 64 bits) and lone surrogates escaped,
+        # for the chat validation to judge as it judges a chat request's
+        body = json.dumps(chat, separators=(",", ":")).encode()
+        reply = await pipeline.handle(CHAT, replace(http, body=body))
     except RaglineError as exc:
         exc.param = responses_param(exc.param)
         raise
-    shape = Shape.of(request)
     if reply.stream is None:
         if reply.status == 200:
             reply.body = orjson.dumps(shape.response(orjson.loads(reply.body)))

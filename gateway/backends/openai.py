@@ -20,6 +20,7 @@ ragline, a hosted API), as a pool of replicas.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from collections.abc import AsyncGenerator
@@ -180,7 +181,10 @@ class OpenAIBackend:
             body["stream_options"] = {"include_usage": True}
         else:
             body.pop("stream_options", None)
-        return orjson.dumps(body)
+        try:
+            return orjson.dumps(body)
+        except TypeError:  # an integer beyond 64 bits somewhere in a client's schema, say
+            return json.dumps(body, separators=(",", ":")).encode()
 
     async def _exchange(
         self, request: GenerationRequest, stream: bool

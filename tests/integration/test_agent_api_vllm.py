@@ -89,6 +89,33 @@ def test_streamed_required_call_assembles(via: openai.OpenAI) -> None:
         jsonschema.validate(json.loads(call["arguments"]), SCHEMAS[call["name"]])
 
 
+def test_the_conversation_continues_after_a_tool_result(via: openai.OpenAI) -> None:
+    first = create(via, tool_choice="required", parallel_tool_calls=False)
+    call = first.choices[0].message.tool_calls[0]
+    history = [
+        *ASK,
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {
+                    "id": call.id,
+                    "type": "function",
+                    "function": {"name": call.function.name, "arguments": call.function.arguments},
+                }
+            ],
+        },
+        {"role": "tool", "tool_call_id": call.id, "content": "18 degrees and sunny"},
+    ]
+    reply = create(via, messages=history, tool_choice="auto", max_tokens=60)
+    choice = reply.choices[0]
+    assert choice.message.content or choice.message.tool_calls
+    if choice.message.tool_calls:
+        check_calls(choice.message.tool_calls)
+    alone = create(via, tool_choice="auto", max_tokens=1)
+    assert reply.usage.prompt_tokens > alone.usage.prompt_tokens + 10  # the exchange was read
+
+
 def test_structured_output_and_a_schema_vllm_cannot_take(via: openai.OpenAI) -> None:
     reply = via.chat.completions.create(
         model="smollm2",
@@ -126,6 +153,15 @@ def test_responses_api_on_vllm(via: openai.OpenAI) -> None:
     assert calls
     for call in calls:
         jsonschema.validate(json.loads(call.arguments), SCHEMAS[call.name])
+    events = list(
+        via.responses.create(
+            model="smollm2", input="Say hello.", temperature=0, max_output_tokens=20, stream=True
+        )
+    )
+    assert events[0].type == "response.created"
+    assert events[-1].type in ("response.completed", "response.incomplete")
+    deltas = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+    assert deltas and deltas == events[-1].response.output_text  # type: ignore[union-attr]
 
 
 @pytest.fixture(scope="module")

@@ -105,7 +105,12 @@ def fuzzed(
         keys=keys,
         adapters=[{"name": ADAPTER, "path": str(tmp / "lora"), "base": "smollm2"}],
         extra={"prompts": {"dir": str(REPO / "prompts" / "templates")}},
-        env={"RAGLINE_RAG_DIR": str(tmp / "rag")},
+        env={
+            "RAGLINE_RAG_DIR": str(tmp / "rag"),
+            # a long run makes a store per DELETE: the quotas must not run out first
+            "RAGLINE_MAX_VECTOR_STORES": "1000000",
+            "RAGLINE_UPLOAD_BYTES_PER_DAY": str(1 << 40),
+        },
     )
     run = Fuzzed(gw, {"name": ADAPTER, "model_id": "smollm2"})
     tenant = run.http(TENANT)
