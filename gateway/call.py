@@ -24,7 +24,7 @@ from gateway.protocol import (
     NamedToolChoice,
     RaglineOptions,
 )
-from gateway.structured import check, check_tools, format_key, tools_key
+from gateway.structured import format_key, tools_key
 
 if TYPE_CHECKING:
     from gateway.admission import Ticket
@@ -101,21 +101,17 @@ def check_supported(call: Call, caps: Capabilities) -> None:
     req = call.request
     if isinstance(req, ChatCompletionRequest):
         fmt = req.response_format
-        if fmt is not None and fmt.type != "text":
-            if not caps.json_mode:
-                raise UnsupportedParameter(
-                    f"response_format {fmt.type!r} is not supported by model {req.model!r}; "
-                    "use 'text'.",
-                    param="response_format",
-                )
-            check(format_key(call.body.get("response_format")) or "")
+        if fmt is not None and fmt.type != "text" and not caps.json_mode:
+            raise UnsupportedParameter(
+                f"response_format {fmt.type!r} is not supported by model {req.model!r}; "
+                "use 'text'.",
+                param="response_format",
+            )
         _check_tool_choice(req)
-        if req.tools:
-            if not caps.tools:
-                raise UnsupportedParameter(
-                    f"tools are not supported by model {req.model!r}.", param="tools"
-                )
-            check_tools(call.body["tools"])
+        if req.tools and not caps.tools:
+            raise UnsupportedParameter(
+                f"tools are not supported by model {req.model!r}.", param="tools"
+            )
         if not caps.message_names:
             for i, message in enumerate(req.messages):
                 if message.name is not None:

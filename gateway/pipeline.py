@@ -55,7 +55,7 @@ from gateway.protocol import ChatCompletionRequest, CompletionRequest
 from gateway.responses import Meta, guarded, new_id, render_json, render_sse
 from gateway.retrieval import RagService
 from gateway.safety import SafetyStage
-from gateway.structured import OutputContract
+from gateway.structured import OutputContract, check_schemas
 
 log = logging.getLogger("ragline.pipeline")
 T = TypeVar("T")
@@ -101,6 +101,7 @@ class Pipeline:
         ticket = call.ticket
         assert ticket is not None
         try:
+            await check_schemas(call.body)  # a response format or tools that cannot be enforced
             call = await self.safety.screen_input(call)  # 4
             call = await self.retrieve(call)  # 5
             call = await self.render(call)  # 6

@@ -6,6 +6,7 @@ token (``gateway.backends.grammar``); vLLM and OpenAI-compatible upstreams get i
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import json
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping
@@ -25,6 +26,24 @@ def format_key(response_format: Mapping[str, Any] | None) -> str | None:
     if not response_format or response_format.get("type", "text") == "text":
         return None
     return json.dumps(response_format, sort_keys=True, separators=(",", ":"))
+
+
+async def check_schemas(body: Mapping[str, Any]) -> None:
+    """A chat request's schemas (its response format, its tools' parameters), checked in a
+    worker thread: compiling a large schema is CPU work the event loop must not wait for.
+    Each distinct schema is compiled once (cached). Raises ``InvalidRequest``."""
+    fmt = format_key(body.get("response_format"))
+    tools = body.get("tools")
+    if fmt is None and not tools:
+        return
+    await asyncio.to_thread(_check_all, fmt, tools)
+
+
+def _check_all(fmt: str | None, tools: list[dict[str, Any]] | None) -> None:
+    if fmt is not None:
+        check(fmt)
+    if tools:
+        check_tools(tools)
 
 
 def tools_key(body: Mapping[str, Any]) -> str | None:
