@@ -1,13 +1,14 @@
 """Pipeline stage 4, input safety (and the screening of retrieved chunks for stage 5).
 
 The policy of a request is its route's ``safety_policy``, else its key's (``default`` unless the
-key names another; ``off`` scans nothing). User and tool messages (a completion's prompt) are
-scanned before anything else sees them: a block is a 400 ``content_filter`` naming the policy,
+key names another; ``off`` scans nothing). Every message of every role (a completion's prompt)
+and the arguments of tool calls in the history are scanned before anything else sees them (a
+``tool`` message as retrieved content): a block is a 400 ``content_filter`` naming the policy,
 the scanner and the finding types, never the offending value; a redaction (invisible Unicode, a
 secret where the policy redacts) replaces the text that goes on. Retrieved chunks are scanned
 too, and a chunk a policy blocks (an injected document) is dropped from the prompt. Every block
 and redaction is an audit event with ids and types only. Output (stage 8) is scanned by
-``OutputGuard``: JSON responses whole, streams through the hold-back guard of ``safety/stream.py``.
+``gateway.output_guard.OutputGuard``.
 """
 
 from __future__ import annotations
@@ -15,23 +16,22 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 from gateway.auth import Principal
-from gateway.backends.base import Chunk, Event, Generation, Usage, merge_tool_calls
 from gateway.backends.registry import Target
 from gateway.call import Call
 from gateway.config import FileConfig
 from gateway.errors import InvalidRequest, PermissionDenied
 from gateway.logs import audit_event
 from gateway.metrics import Metrics
+from gateway.output_guard import OutputGuard
 from gateway.protocol import RaglineOptions
 from safety.base import ScanContext
 from safety.policy import Outcome, Policy, build_policy, default_policy
-from safety.scanners.pii import Placeholders, StreamRestorer
-from safety.stream import Released, StreamGuard
+from safety.scanners.pii import Placeholders
 
 log = logging.getLogger("ragline.safety")
 # a request's texts are scanned on the event loop up to this many characters in all (a
@@ -363,199 +363,9 @@ class SafetyStage:
 # -- stage 8: output ---------------------------------------------------------------------------
 
 
-@dataclass
-class OutputGuard:
-    """Stage 8 for one request: its policy's output scanners over the response, whichever
-    backend produced it. Redacted text replaces the original; a block empties the choice and
-    finishes it with ``content_filter``; logprobs go wherever text was changed (they would spell
-    out what was redacted) and from every scanned stream (they arrive before the text is
-    scanned)."""
-
-    stage: SafetyStage
-    policy: Policy
-    context: ScanContext
-    placeholders: Placeholders | None = None
-    redactions: list[str] = field(default_factory=list)
-    blocked: int = 0
-
-    def _noted(self, outcome: Outcome | None, blocked: bool) -> None:
-        if outcome is not None:
-            self.stage._count(outcome)
-        if blocked:
-            self.blocked += 1
-            self.stage.audit("safety_block", self.policy, outcome, self.context)
-        elif outcome is not None and outcome.action == "redact":
-            self.redactions += outcome.types()
-            self.stage.audit("safety_redact", self.policy, outcome, self.context)
-
-    def _calls(self, calls: list[dict[str, Any]]) -> list[dict[str, Any]] | None:
-        """Tool calls with their arguments scanned (redactions keep the JSON valid: the
-        replacements hold no quotes); None when the policy blocks one."""
-        out = []
-        for call in calls:
-            function = call.get("function") or {}
-            arguments = function.get("arguments") or ""
-            if arguments:
-                outcome = self.policy.run(arguments, self.context)
-                self._noted(outcome, outcome.action == "block")
-                if outcome.action == "block":
-                    return None
-                arguments = outcome.text
-                if self.placeholders is not None:
-                    arguments = self.placeholders.restore(arguments)
-            out.append({**call, "function": {**function, "arguments": arguments}})
-        return out
-
-    def _release_calls(
-        self, index: int, text: Chunk | None, pending: dict[int, list[dict[str, Any]]]
-    ) -> list[Chunk]:
-        """A choice's held tool calls, scanned, after its text; a block ends the choice."""
-        out = [text] if text is not None else []
-        scanned = self._calls(pending.pop(index))
-        if scanned is None:
-            return [*out, Chunk(index, "", "content_filter")]
-        return out + _call_deltas(index, scanned)
-
-    def generation(self, generation: Generation) -> Generation:
-        for choice in generation.choices:
-            calls = (choice.fields or {}).get("tool_calls")
-            if calls:
-                scanned = self._calls(calls)
-                fields = dict(choice.fields or {})
-                if scanned is None:
-                    fields.pop("tool_calls")
-                    choice.fields, choice.finish_reason = fields or None, "content_filter"
-                    choice.text = ""
-                    continue
-                fields["tool_calls"] = scanned
-                choice.fields = fields
-            if not choice.text:
-                continue
-            outcome = self.policy.run(choice.text, self.context)
-            self._noted(outcome, outcome.action == "block")
-            if outcome.action != "allow":
-                choice.tokens = None
-                if choice.extra:
-                    choice.extra.pop("logprobs", None)
-            if outcome.action == "block":
-                choice.text, choice.finish_reason = "", "content_filter"
-            else:
-                text = outcome.text
-                choice.text = self.placeholders.restore(text) if self.placeholders else text
-        return generation
-
-    async def events(self, events: AsyncIterator[Event]) -> AsyncGenerator[Event, None]:
-        guards: dict[int, StreamGuard] = {}
-        restorers: dict[int, StreamRestorer] = {}
-        pending: dict[int, list[dict[str, Any]]] = {}  # tool calls, held until their choice ends
-        stopped: set[int] = set()
-        finished: set[int] = set()
-
-        def emit(index: int, released: Released | None, source: Chunk | None) -> Chunk | None:
-            finish = source.finish_reason if source is not None else None
-            if released is not None and released.blocked:
-                stopped.add(index)
-                self._noted(released.outcome, True)
-                return Chunk(index, "", "content_filter")
-            text = released.text if released is not None else ""
-            if released is not None and released.outcome is not None:
-                self._noted(released.outcome, False)
-            if self.placeholders is not None:
-                restorer = restorers.setdefault(index, StreamRestorer(self.placeholders))
-                text = restorer.feed(text) + (restorer.flush() if finish else "")
-            fields = source.fields if source is not None else None
-            extra = source.extra if source is not None else None
-            if extra and "logprobs" in extra:
-                extra = {k: v for k, v in extra.items() if k != "logprobs"} or None
-            if not text and finish is None and not fields and not extra:
-                return None
-            return Chunk(index, text, finish, None, fields, extra)
-
-        def flush() -> list[Chunk]:
-            """Before the usage, or an upstream failure: what unfinished choices still hold."""
-            out = []
-            for index, guard in guards.items():
-                if index in stopped or index in finished:
-                    continue
-                finished.add(index)
-                held = emit(index, guard.finish(), None)
-                if held is not None:
-                    out.append(held)
-            return out
-
-        iterator = events.__aiter__()
-        while True:
-            try:
-                event = await iterator.__anext__()
-            except StopAsyncIteration:
-                break
-            except Exception:
-                # the upstream broke mid-stream: release what was held back, then let the error
-                # event that the stream's outer layer writes follow
-                for chunk in flush():
-                    yield chunk
-                raise
-            if isinstance(event, Usage):
-                for chunk in flush():
-                    yield chunk
-                yield event
-                continue
-            index = event.index
-            if index in stopped:
-                continue  # the rest of a blocked choice is dropped
-            deltas = (event.fields or {}).get("tool_calls")
-            if deltas:  # held until the choice ends: arguments are scanned whole
-                pending[index] = merge_tool_calls(pending.get(index, []), deltas)
-                rest = {k: v for k, v in (event.fields or {}).items() if k != "tool_calls"}
-                event = replace(event, fields=rest or None)
-            guard = guards.setdefault(index, StreamGuard(self.policy, self.context))
-            released = guard.feed(event.text) if event.text else None
-            if event.finish_reason is not None and (released is None or not released.blocked):
-                released = _join(released, guard.finish())
-                finished.add(index)
-            if event.finish_reason is not None and index in pending:
-                for chunk in self._release_calls(
-                    index, emit(index, released, replace(event, finish_reason=None)), pending
-                ):
-                    if chunk.finish_reason == "content_filter":
-                        stopped.add(index)
-                    yield chunk
-                if index not in stopped:
-                    yield Chunk(index, "", event.finish_reason)
-                continue
-            out = emit(index, released, event)
-            if out is not None:
-                yield out
-        for chunk in flush():
-            yield chunk
-
-
-def _call_deltas(index: int, calls: list[dict[str, Any]]) -> list[Chunk]:
-    """Whole calls as OpenAI streams them: a delta naming each, then its arguments."""
-    out = []
-    for i, call in enumerate(calls):
-        function = call["function"]
-        head = {
-            "index": i,
-            "id": call.get("id"),
-            "type": "function",
-            "function": {"name": function.get("name", ""), "arguments": ""},
-        }
-        out.append(Chunk(index, "", fields={"tool_calls": [head]}))
-        piece = {"index": i, "function": {"arguments": function.get("arguments", "")}}
-        out.append(Chunk(index, "", fields={"tool_calls": [piece]}))
-    return out
-
-
 def _said(context: ScanContext, role: str) -> ScanContext:
     """Whose words: a tool's result is content fetched from elsewhere, scanned as retrieved
     content (an injection planted in a web page or a ticket arrives this way)."""
     if role == "tool":
         return replace(context, where="retrieved", role=role)
     return replace(context, role=role)
-
-
-def _join(first: Released | None, second: Released) -> Released:
-    if first is None or second.blocked:
-        return second
-    return Released(first.text + second.text, False, second.outcome or first.outcome)
