@@ -125,6 +125,15 @@ def test_structured_output_and_a_schema_vllm_cannot_take(via: openai.OpenAI) -> 
         max_tokens=60,
     )
     jsonschema.validate(json.loads(reply.choices[0].message.content or ""), CITY)
+    obj = via.chat.completions.create(
+        model="smollm2",
+        messages=[{"role": "user", "content": "Describe a cat as JSON with name and age."}],
+        response_format={"type": "json_object"},
+        temperature=0,
+        max_tokens=150,
+    )
+    assert obj.choices[0].finish_reason == "stop"
+    assert isinstance(json.loads(obj.choices[0].message.content or ""), dict)
     tuple_items = {"type": "array", "items": [{"type": "string"}, {"type": "integer"}]}
     with pytest.raises(openai.BadRequestError) as info:  # vLLM itself answers this with a 500
         via.chat.completions.create(
