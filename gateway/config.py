@@ -25,6 +25,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 import prompts
 from prompts.experiments import Experiment
+from rag import HYBRID_WEIGHTS
 from safety.policy import PolicySpec
 
 DEFAULT_MODEL_NAME = "smollm2"
@@ -211,7 +212,7 @@ class RagConfig(BaseModel):
     top_k: int = Field(default=4, ge=1, le=50, description="Chunks put into the prompt.")
     mode: Literal["hybrid", "dense", "bm25"] = "hybrid"
     fusion: Literal["zscore", "rrf"] = "zscore"
-    weights: tuple[float, float] = Field(default=(0.5, 0.5), description="(bm25, dense).")
+    weights: tuple[float, float] = Field(default=HYBRID_WEIGHTS, description="(bm25, dense).")
     filters: dict[str, Any] | None = Field(default=None, description="OpenAI-style filter.")
     score_threshold: float | None = None
     mmr: float | None = Field(default=None, ge=0, le=1, description="MMR lambda; unset: off.")

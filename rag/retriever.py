@@ -19,6 +19,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from rag import HYBRID_WEIGHTS
 from rag.embeddings import Embedder
 from rag.filters import row_mask
 from rag.snapshot import Chunk, Snapshot, StoreError, stemmer
@@ -32,7 +33,7 @@ class SearchOptions:
     top_k: int = 10
     mode: Mode = "hybrid"
     fusion: Fusion = "zscore"
-    weights: tuple[float, float] = (0.4, 0.6)  # (bm25, dense)
+    weights: tuple[float, float] = HYBRID_WEIGHTS  # (bm25, dense)
     candidates: int = 100
     filters: dict[str, Any] | None = None
     mmr: float | None = None  # lambda in [0, 1]; 1 = pure relevance

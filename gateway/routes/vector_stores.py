@@ -24,6 +24,7 @@ from gateway.openapi import BODIES, BodySchemas
 from gateway.quotas import Quotas
 from gateway.retrieval import RagService
 from gateway.routes.deps import Charged
+from rag import HYBRID_WEIGHTS
 from rag.chunking import ChunkingConfig
 from rag.retriever import SearchOptions
 from rag.store import VectorStore
@@ -81,7 +82,7 @@ class SearchBody(_Body):
     # ragline extensions
     mode: Literal["hybrid", "dense", "bm25"] = "hybrid"
     fusion: Literal["zscore", "rrf"] = "zscore"
-    weights: tuple[float, float] = (0.5, 0.5)
+    weights: tuple[float, float] = HYBRID_WEIGHTS
     mmr: float | None = Field(default=None, ge=0, le=1)
 
 

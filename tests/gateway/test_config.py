@@ -82,3 +82,14 @@ def test_serve_refuses_broken_templates_and_dangling_refs_before_starting(tmp_pa
     assert "routes[r].template: template 'qa' has no version labelled 'canary'" in " ".join(
         (dangling.stdout + dangling.stderr).split()
     )
+
+
+def test_served_hybrid_weights_are_the_measured_ones() -> None:
+    """Routes and the vector-store search API default to the weights the library (and the
+    README's nDCG@10) use: what is served is what was measured."""
+    from gateway.config import RagConfig
+    from gateway.routes.vector_stores import SearchBody
+    from rag.retriever import SearchOptions
+
+    assert RagConfig(store="s").weights == SearchBody(query="q").weights == (0.4, 0.6)
+    assert SearchOptions().weights == (0.4, 0.6)
