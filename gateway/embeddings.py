@@ -237,7 +237,7 @@ class EmbeddingService:
     def _tokenise(self, inputs: list[Any], truncate: int | None) -> list[list[int]]:
         tokenizer = self.embedder.tokenizer
         window = int(self.embedder.max_length)
-        if truncate is not None and (truncate == 0 or truncate > window or truncate == 1):
+        if truncate is not None and truncate != -1 and not 2 <= truncate <= window:
             raise InvalidRequest(
                 f"truncate_prompt_tokens must be -1 or between 2 and {window} (the model's "
                 "window, special tokens included).",

@@ -31,7 +31,7 @@ from gateway.structured import call_schema
 TEMPLATE_FILE = Path(__file__).with_name("chatml_tools.jinja")
 TOOLS_TEMPLATE = TEMPLATE_FILE.read_text()
 
-OPEN, CLOSE = "<tool_call>\n", "\n</tool_call>"
+OPEN = "<tool_call>\n"
 _HEAD = re.compile(r'\{"name": "((?:[^"\\]|\\.)*)", "arguments": ')
 
 
@@ -109,8 +109,6 @@ class ToolCallParser:
                 self._state = "close"
             if self._state == "close":
                 rest = self.buffer.lstrip()
-                if len(rest) < len("}" + CLOSE.strip()):
-                    return deltas
                 end = rest.find("</tool_call>")
                 if end < 0:
                     return deltas

@@ -17,6 +17,7 @@ import openai
 import pytest
 
 from tests.conftest import Gateway, Upstream, start_gateway, start_mock, stop_gateway
+from tests.integration.agent_helpers import after_tool_result
 
 WEATHER = {
     "type": "object",
@@ -92,21 +93,7 @@ def test_streamed_required_call_assembles(via: openai.OpenAI) -> None:
 def test_the_conversation_continues_after_a_tool_result(via: openai.OpenAI) -> None:
     first = create(via, tool_choice="required", parallel_tool_calls=False)
     call = first.choices[0].message.tool_calls[0]
-    history = [
-        *ASK,
-        {
-            "role": "assistant",
-            "content": None,
-            "tool_calls": [
-                {
-                    "id": call.id,
-                    "type": "function",
-                    "function": {"name": call.function.name, "arguments": call.function.arguments},
-                }
-            ],
-        },
-        {"role": "tool", "tool_call_id": call.id, "content": "18 degrees and sunny"},
-    ]
+    history = after_tool_result(ASK, call, "18 degrees and sunny")
     reply = create(via, messages=history, tool_choice="auto", max_tokens=60)
     choice = reply.choices[0]
     assert choice.message.content or choice.message.tool_calls

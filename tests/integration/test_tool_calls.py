@@ -14,6 +14,7 @@ import openai
 import pytest
 
 from tests.conftest import Gateway
+from tests.integration.agent_helpers import after_tool_result
 
 WEATHER = {
     "type": "object",
@@ -113,21 +114,7 @@ def test_streamed_deltas_assemble_into_valid_calls(client: openai.OpenAI) -> Non
 def test_the_conversation_continues_after_a_tool_result(client: openai.OpenAI) -> None:
     first = create(client, tool_choice="required", parallel_tool_calls=False)
     call = first.choices[0].message.tool_calls[0]
-    history = [
-        *ASK,
-        {
-            "role": "assistant",
-            "content": None,
-            "tool_calls": [
-                {
-                    "id": call.id,
-                    "type": "function",
-                    "function": {"name": call.function.name, "arguments": call.function.arguments},
-                }
-            ],
-        },
-        {"role": "tool", "tool_call_id": call.id, "content": "18 degrees and sunny"},
-    ]
+    history = after_tool_result(ASK, call, "18 degrees and sunny")
     reply = create(client, messages=history, tool_choice="none", max_tokens=60)
     choice = reply.choices[0]
     assert choice.message.tool_calls is None and choice.message.content
