@@ -90,6 +90,9 @@ def create_app(settings: Settings | None = None, config: FileConfig | None = Non
         prompts = PromptStage(config, metrics, redis, embedder)
         workers = WorkerPool(settings.parse_workers, settings.parse_timeout)
         app.state.rag = RagService(settings, embedder, metrics, workers)
+        app.state.routes = config.routes
+        for route, problem in app.state.rag.route_problems(config.routes).items():
+            log.warning("route %s is not ready: %s", route, problem)
         app.state.quotas = Quotas(settings, redis)
         safety = SafetyStage(config, embedder, metrics, prompts.chat_format)
         await asyncio.to_thread(safety.warm)  # policies' models load before serving
@@ -173,33 +176,38 @@ def _redis_client(settings: Settings) -> Any:
 
 
 def _json_error(
-    status: int, body: dict[str, object], headers: dict[str, str] | None = None
+    request: Request,
+    status: int,
+    body: dict[str, Any],
+    headers: dict[str, str] | None = None,
 ) -> Response:
+    error = body["error"]
+    request.state.error_code = error.get("code") or error.get("type")  # metrics, access log
     return JSONResponse(body, status_code=status, headers=headers)
 
 
 def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RaglineError)
-    async def ragline_error(_: Request, exc: RaglineError) -> Response:
+    async def ragline_error(request: Request, exc: RaglineError) -> Response:
         if exc.status_code >= 500:
             log.warning("request failed: %s (%s)", exc.message, type(exc).__name__)
-        return _json_error(exc.status_code, exc.body(), exc.headers)
+        return _json_error(request, exc.status_code, exc.body(), exc.headers)
 
     @app.exception_handler(RequestValidationError)
-    async def request_validation(_: Request, exc: RequestValidationError) -> Response:
+    async def request_validation(request: Request, exc: RequestValidationError) -> Response:
         # Bodies are parsed by ``parse_body``; this covers path and query parameters.
         err = exc.errors()[0] if exc.errors() else {}
         loc = tuple(p for p in err.get("loc", ()) if p not in ("body", "query", "path"))
         param = param_path(loc)
         invalid = InvalidRequest(f"Invalid value for '{param}': {err.get('msg')}", param=param)
-        return _json_error(400, invalid.body())
+        return _json_error(request, 400, invalid.body())
 
     @app.exception_handler(StarletteHTTPException)
-    async def http_error(_: Request, exc: StarletteHTTPException) -> Response:
+    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
         kinds = {404: "not_found_error", 405: "invalid_request_error"}
         message = "Unknown request URL." if exc.status_code == 404 else str(exc.detail)
         body = error_body(message, kinds.get(exc.status_code, "invalid_request_error"))
-        return _json_error(exc.status_code, body, getattr(exc, "headers", None))
+        return _json_error(request, exc.status_code, body, getattr(exc, "headers", None))
 
     @app.exception_handler(ClientDisconnected)
     async def disconnected(_: Request, __: ClientDisconnected) -> Response:
@@ -214,8 +222,10 @@ def _install_error_handlers(app: FastAPI) -> None:
         app.add_exception_handler(kind, library_error)
 
     @app.exception_handler(Exception)
-    async def unexpected(_: Request, exc: Exception) -> Response:
+    async def unexpected(request: Request, exc: Exception) -> Response:
         log.exception("unhandled error", exc_info=exc)
         return _json_error(
-            500, error_body("The server had an error processing your request.", "server_error")
+            request,
+            500,
+            error_body("The server had an error processing your request.", "server_error"),
         )

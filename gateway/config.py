@@ -23,13 +23,12 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-import prompts
 from prompts.experiments import Experiment
+from prompts.registry import builtin_names
 from rag import HYBRID_WEIGHTS
 from safety.policy import PolicySpec
 
 DEFAULT_MODEL_NAME = "smollm2"
-BUILTIN_TEMPLATES = Path(prompts.__file__).resolve().parent / "templates"
 DEFAULT_MODEL_DIRNAME = "smollm2-135m-instruct"
 
 
@@ -391,8 +390,6 @@ class FileConfig(BaseModel):
         for route in self.routes:
             if route.rag is not None and route.template is None and route.experiment is None:
                 route.template = "grounded-qa"  # the built-in grounded template
-                if self.prompts.dir is None:
-                    self.prompts.dir = BUILTIN_TEMPLATES
             if route.name in models or route.name in adapters or route.name in seen:
                 raise ValueError(f"route name {route.name!r} is already taken")
             seen.add(route.name)
@@ -407,8 +404,15 @@ class FileConfig(BaseModel):
                     f"route {route.name!r}: experiment {route.experiment!r} is not declared"
                 )
             templated = route.template is not None or route.experiment is not None
-            if templated and self.prompts.dir is None:
-                raise ValueError(f"route {route.name!r} uses templates but prompts.dir is not set")
+            builtin = route.template is not None and _template_name(route.template) in (
+                builtin_names()
+            )
+            if templated and not builtin and self.prompts.dir is None:
+                raise ValueError(
+                    f"route {route.name!r} uses template {route.template or route.experiment!r}, "
+                    f"which is not built in ({', '.join(sorted(builtin_names()))}), and "
+                    "prompts.dir is not set"
+                )
             if templated and isinstance(base, HttpModelConfig) and base.tokenizer is None:
                 raise ValueError(
                     f"route {route.name!r}: templates count tokens with the served model's "
@@ -433,6 +437,10 @@ class FileConfig(BaseModel):
                 if v.template
             ]
         return refs
+
+
+def _template_name(ref: str) -> str:
+    return ref.split("@")[0].split(":")[0].strip()
 
 
 class Settings(BaseSettings):

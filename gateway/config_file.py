@@ -17,12 +17,26 @@ from gateway.config import (
     Settings,
     VllmModelConfig,
 )
+from gateway.config_errors import format_error, format_problems
 
 log = logging.getLogger("ragline.config")
 
 
 class ConfigError(Exception):
     """The YAML file is missing, unreadable or invalid; the message names the file."""
+
+
+def load_settings(**overrides: object) -> Settings:
+    """``Settings`` from the environment and the given (flag) values; unset (None) values are
+    left to the environment. Invalid values raise ``ConfigError`` naming the variable."""
+    values = {k: v for k, v in overrides.items() if v is not None}
+    try:
+        return Settings(**values)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        heading = "invalid settings (environment variables or flags)"
+        raise ConfigError(
+            format_error(exc, Settings, heading=heading, env_prefix="RAGLINE_")
+        ) from None
 
 
 def load_file_config(settings: Settings) -> FileConfig:
@@ -64,20 +78,29 @@ def _load_file_config(settings: Settings) -> FileConfig:
             try:
                 model = VllmModelConfig(name=DEFAULT_MODEL_NAME, backend="vllm", upstreams=urls)
             except ValidationError as exc:
-                raise ConfigError(f"--vllm {settings.vllm!r} is invalid:\n{exc}") from exc
+                problems = format_problems(exc, VllmModelConfig)
+                raise ConfigError(
+                    f"--vllm {settings.vllm!r} is invalid: {'; '.join(problems)}"
+                ) from None
             return FileConfig(models=[model])
         return FileConfig(models=[EmbeddedModelConfig(name=DEFAULT_MODEL_NAME)])
     path = settings.config.expanduser()
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        text = path.read_text()
+        raw = yaml.safe_load(text) or {}
     except OSError as exc:
         raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from exc
     except yaml.YAMLError as exc:
         raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file {path} must be a mapping (models:, routes:, ...)")
     try:
         config = FileConfig.model_validate(raw)
     except ValidationError as exc:
-        raise ConfigError(f"config file {path} is invalid:\n{exc}") from exc
+        message = format_error(
+            exc, FileConfig, heading=f"config file {path} is invalid", source=str(path), text=text
+        )
+        raise ConfigError(message) from None
     if not config.models:
         raise ConfigError(f"config file {path} declares no models")
     if config.prompts.dir is not None and not config.prompts.dir.expanduser().is_absolute():

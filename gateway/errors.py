@@ -115,6 +115,19 @@ class Overloaded(RaglineError):
         self.headers.setdefault("Retry-After", str(retry_after))
 
 
+class RouteUnavailable(RaglineError):
+    """A route's configuration names something that does not exist (a vector store not
+    ingested yet): the operator's problem, not the client's; ``/ready`` says so too."""
+
+    status_code = 503
+    error_type = "server_error"
+    default_code = "route_unavailable"
+
+    def __init__(self, message: str, **kwargs: Any) -> None:
+        super().__init__(message, **kwargs)
+        self.headers.setdefault("Retry-After", "30")
+
+
 class BackendError(RaglineError):
     status_code = 502
     error_type = "server_error"

@@ -19,6 +19,7 @@ import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import orjson
 from starlette.types import Message, Receive, Scope, Send
 
 from gateway import logs, responses_api
@@ -43,6 +44,7 @@ _ID_PREFIX = uuid.uuid4().hex[:12]  # unique per process; the counter makes ids 
 _FAST = {CHAT, COMPLETIONS, RESPONSES}
 # the routes that take multipart file uploads: the larger upload limit applies to their
 # multipart bodies alone (a multipart header elsewhere buys nothing)
+_METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"})
 _UPLOADS = re.compile(r"^/v1/(files|vector_stores/[^/]+/files)$")
 
 
@@ -144,7 +146,9 @@ class FrontDoor:
         app_state.in_flight += 1
         try:
             if length > limit:
-                await send_error(send_with_id, too_large(limit), close=True)
+                refused = too_large(limit)
+                state["error_code"] = refused.code or refused.error_type
+                await send_error(send_with_id, refused, close=True)
                 return
             try:
                 if path not in PUBLIC_PATHS:
@@ -157,22 +161,42 @@ class FrontDoor:
                     )
                     return
             except RaglineError as exc:
+                state["error_code"] = exc.code or exc.error_type
                 await send_error(send_with_id, exc)
                 return
             await self.api(scope, _limited(receive, limit), send_with_id)
         finally:
             app_state.in_flight -= 1
             principal = state.get("principal")
+            key_id = getattr(principal, "key_id", None)
+            code = state.get("error_code")
+            fields = state.get("log_fields")
+            if code is not None:
+                fields = {**(fields or {}), "error": code}
             line = (
                 request_id,
                 scope["method"],
                 path,
                 status,
                 (time.perf_counter() - started) * 1000,
-                getattr(principal, "key_id", None),
-                state.get("log_fields"),
+                key_id,
+                fields,
             )
-            self.bookkeeping.add(lambda: _log(*line))
+            self.bookkeeping.add(lambda: self._account(scope, line, code))
+
+    async def _account(self, scope: Scope, line: tuple[Any, ...], code: str | None) -> None:
+        """After a response, in a batch: the access line, and the response counted by route
+        template (never the raw path: a client choosing paths must not choose series)."""
+        access_log(*line)
+        metrics = getattr(self.api.state, "metrics", None)
+        if metrics is None:
+            return
+        route = scope.get("route")
+        template = getattr(route, "path", None) or _route_template(self.api.routes, scope)
+        _, method, _, status, _, key_id, _ = line
+        method = method if method in _METHODS else "OTHER"
+        labels = (template, method, str(status), code or "", key_id or "-")
+        metrics.child(metrics.responses, *labels).inc()
 
     async def _complete(
         self,
@@ -208,8 +232,11 @@ class FrontDoor:
                 mapped = RaglineError(_SERVER_ERROR)
             elif mapped.status_code >= 500:
                 log.warning("request failed: %s (%s)", mapped.message, type(mapped).__name__)
+            scope["state"]["error_code"] = mapped.code or mapped.error_type
             await send_error(send, mapped, extra=[id_header])
             return mapped.status_code
+        if reply.status >= 400 and reply.stream is None:
+            scope["state"]["error_code"] = _error_code(reply.body)
         try:
             await send_reply(send, receive, reply, id_header, timeout=self.send_timeout)
         finally:
@@ -243,8 +270,35 @@ async def send_reply(
         await _stream(send, receive, reply.stream, timeout)
 
 
-async def _log(*line: Any) -> None:
-    access_log(*line)
+def _route_template(routes: Any, scope: Scope) -> str:
+    """The path template of the route ``scope`` matches, for a response sent before routing
+    (a failed key, a body too large); ``unmatched`` for none (404)."""
+    path = str(scope["path"])
+    if path in _FAST:
+        return path
+    for route in _flat_routes(routes):
+        if route.path_regex.match(path):
+            return str(route.path)
+    return "unmatched"
+
+
+def _flat_routes(routes: Any) -> list[Any]:
+    """The app's routes, those of included routers in their place (none has a prefix)."""
+    out: list[Any] = []
+    for route in routes:
+        if hasattr(route, "path_regex"):
+            out.append(route)
+        elif hasattr(route, "original_router"):
+            out += _flat_routes(route.original_router.routes)
+    return out
+
+
+def _error_code(body: bytes) -> str:
+    try:
+        error = orjson.loads(body).get("error") or {}
+        return str(error.get("code") or error.get("type") or "error")
+    except (orjson.JSONDecodeError, AttributeError):
+        return "error"
 
 
 async def _stream(send: Send, receive: Receive, events: Any, timeout: float | None) -> None:

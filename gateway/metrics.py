@@ -6,9 +6,25 @@ collide.
 
 from __future__ import annotations
 
+import platform
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as dist_version
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Summary
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    Summary,
+    disable_created_metrics,
+)
+
+# no `_created` series beside every counter and histogram (they double what a scrape holds and
+# no dashboard reads them); a process-wide switch of prometheus_client's
+disable_created_metrics()
 
 _LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 30, 60, 120)
 _FAST = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1)
@@ -18,9 +34,26 @@ class Metrics:
     def __init__(self) -> None:
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         self.registry = r = CollectorRegistry()
+        ProcessCollector(registry=r)  # process_cpu_seconds_total, process_resident_memory_bytes
+        PlatformCollector(registry=r)  # python_info
+        self.build = Gauge(
+            "ragline_build_info",
+            "ragline's version and Python's (always 1).",
+            ["version", "python"],
+            registry=r,
+        )
+        self.build.labels(_version(), platform.python_version()).set(1)
+        self.responses = Counter(
+            "ragline_http_responses_total",
+            "Every HTTP response (401s, 404s and 413s included) by route template, method, "
+            "status and error code (empty on success), and key id (`-`: no key).",
+            ["route", "method", "status", "code", "key"],
+            registry=r,
+        )
         self.requests = Counter(
             "ragline_requests_total",
-            "Requests by route, model, key, status.",
+            "Admitted model requests (chat, completions, responses, embeddings) by route, "
+            "model, key, status.",
             ["route", "model", "key", "status"],
             registry=r,
         )
@@ -126,12 +159,40 @@ class Metrics:
             registry=r,
         )
         self.in_flight = Gauge("ragline_in_flight_requests", "Requests being served.", registry=r)
+        self.backend_running = Gauge(
+            "ragline_backend_running_sequences",
+            "Sequences being decoded (embedded) or requests outstanding (HTTP replicas).",
+            ["model"],
+            registry=r,
+        )
+        self.backend_waiting = Gauge(
+            "ragline_backend_waiting_requests",
+            "Requests queued for a batch slot (embedded engine).",
+            ["model"],
+            registry=r,
+        )
+        self.backend_slots = Gauge(
+            "ragline_backend_kv_slots",
+            "KV cache slots of the embedded engine (the most sequences in one batch).",
+            ["model"],
+            registry=r,
+        )
         self.backend_healthy = Gauge(
             "ragline_backend_healthy_replicas",
             "Healthy replicas (1 for a loaded embedded model).",
             ["model"],
             registry=r,
         )
+
+    def observe_backends(self, status: dict[str, dict[str, object]]) -> None:
+        """The gauges ``/ready`` reports in JSON, per model, for ``/metrics``."""
+        for model, load in status.items():
+            healthy = load.get("healthy", 1 if load["status"] == "ready" else 0)
+            self.backend_healthy.labels(model).set(float(healthy))  # type: ignore[arg-type]
+            self.backend_running.labels(model).set(float(load.get("running", 0)))  # type: ignore[arg-type]
+            self.backend_waiting.labels(model).set(float(load.get("waiting", 0)))  # type: ignore[arg-type]
+            if "slots" in load:
+                self.backend_slots.labels(model).set(float(load["slots"]))  # type: ignore[arg-type]
 
     def child(self, metric: Any, *labels: str) -> Any:
         """``metric.labels(*labels)``, remembered: prometheus_client validates and locks on
@@ -141,3 +202,10 @@ class Metrics:
         if found is None:
             found = self._children[key] = metric.labels(*labels)
         return found
+
+
+def _version() -> str:
+    try:
+        return dist_version("ragline")
+    except PackageNotFoundError:
+        return "unknown"

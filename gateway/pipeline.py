@@ -225,7 +225,8 @@ class Pipeline:
                 return self.safety.screen_chunk(policy, text, principal)
 
         by_route = opts is None or opts.store is None  # the store is the route's, not the key's
-        retrieved = await self.rag.retrieve(principal, config, query, screen, by_route)
+        route = target.route.name if target.route is not None else ""
+        retrieved = await self.rag.retrieve(principal, config, query, screen, by_route, route)
         return call.evolve(retrieved=retrieved)
 
     async def render(self, call: Call) -> Call:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import difflib
 import fcntl
 import fnmatch
 import hashlib
@@ -27,8 +28,8 @@ from pathlib import Path
 from typing import Any
 
 from gateway.auth import Principal
-from gateway.config import RagConfig, Settings
-from gateway.errors import InvalidRequest, NotFound, PermissionDenied
+from gateway.config import RagConfig, RouteConfig, Settings
+from gateway.errors import InvalidRequest, NotFound, PermissionDenied, RouteUnavailable
 from gateway.metrics import Metrics
 from gateway.workers import WorkerPool, WorkTimedOut
 from rag.chunking import Chunker, ChunkingConfig
@@ -196,6 +197,28 @@ class RagService:
                 f"No vector store {ref!r}.", param="vector_store_id", code="vector_store_not_found"
             )
         return store
+
+    def names(self) -> list[str]:
+        """The names of every store (for start-up checks and "did you mean")."""
+        if not self.root.exists():
+            return []
+        found = (self._open(p.name) for p in self.root.iterdir() if p.name.startswith("vs_"))
+        return sorted(s.name for s in found if s is not None)
+
+    def route_problems(self, routes: list[RouteConfig]) -> dict[str, str]:
+        """Per route whose store does not exist (yet): what is wrong. Checked by ``/ready`` on
+        every call, so a store ingested later is picked up without a restart."""
+        problems: dict[str, str] = {}
+        for route in routes:
+            if route.rag is None:
+                continue
+            try:
+                self.get(route.rag.store)
+            except NotFound:
+                problems[route.name] = missing_store_message(
+                    route.name, route.rag.store, self.names()
+                )
+        return problems
 
     async def open(
         self, ref: str, principal: Principal | None = None, by_route: bool = False
@@ -370,11 +393,18 @@ class RagService:
         query: str,
         screen: Callable[[str], str | None] | None = None,
         by_route: bool = False,
+        route: str = "",
     ) -> Retrieved:
         """Search for ``query``; ``screen`` (the safety policy) may rewrite or drop each chunk.
         ``by_route``: the operator put this store behind a route the key may use, which lets
         the key search it (read only) whoever owns it."""
-        store = await self.open(config.store, principal, by_route)
+        try:
+            store = await self.open(config.store, principal, by_route)
+        except NotFound:
+            if not by_route:
+                raise
+            names = await asyncio.to_thread(self.names)
+            raise RouteUnavailable(missing_store_message(route, config.store, names)) from None
         options = SearchOptions(
             top_k=config.top_k,
             mode=config.mode,
@@ -425,6 +455,16 @@ class RagService:
         if screen is not None:
             info["dropped"] = dropped
         return Retrieved(context, citations, info)
+
+
+def missing_store_message(route: str, store: str, names: list[str]) -> str:
+    close = difflib.get_close_matches(store, names, n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return (
+        f"Route {route!r} searches vector store {store!r}, which does not exist on this "
+        f"gateway{hint} Create it (`ragline ingest --store {store} FILES`) or fix the route's "
+        "`rag.store`."
+    )
 
 
 def _named(principal: Principal, store: VectorStore) -> bool:

@@ -32,6 +32,13 @@ from prompts.template import (
 log = logging.getLogger("ragline.prompts")
 _REF = re.compile(r"^(?P<name>[^@:]+)(?:@(?P<version>\d+)|:(?P<label>[^@:]+))?$")
 DEFAULT_LABEL = "production"
+# templates shipped with ragline (grounded-qa, capital-qa): always served, under any prompts.dir
+# that does not define a template of the same name
+BUILTIN_DIR = Path(__file__).resolve().parent / "templates"
+
+
+def builtin_names() -> set[str]:
+    return {p.stem for p in BUILTIN_DIR.glob("*.yaml")}
 
 
 class PromptLoadError(PromptError):
@@ -50,7 +57,20 @@ class PromptRegistry:
             self._by_name.setdefault(t.spec.name, {})[t.spec.version] = t
 
     @classmethod
-    def load(cls, directory: Path) -> PromptRegistry:
+    def load(cls, directory: Path | None) -> PromptRegistry:
+        """The templates under ``directory`` and the built-in ones it does not override (a
+        name defined there replaces the built-in template of that name, every version)."""
+        own = cls._load_dir(directory) if directory is not None else []
+        names = {t.spec.name for t in own}
+        builtin = (
+            []
+            if directory is not None and directory.resolve() == BUILTIN_DIR
+            else ([t for t in cls._load_dir(BUILTIN_DIR) if t.spec.name not in names])
+        )
+        return cls([*own, *builtin], directory)
+
+    @classmethod
+    def _load_dir(cls, directory: Path) -> list[Template]:
         if not directory.is_dir():
             raise PromptLoadError([f"{directory}: not a directory"])
         errors: list[str] = []
@@ -77,7 +97,7 @@ class PromptRegistry:
                 templates.append(template)
         if errors:
             raise PromptLoadError(errors)
-        return cls(templates, directory)
+        return templates
 
     def resolve(self, ref: str) -> Template:
         match = _REF.match(ref.strip())
@@ -148,8 +168,6 @@ class PromptCatalog:
         self.current = self._build()
 
     def _build(self) -> PromptRegistry:
-        if self.directory is None:
-            return PromptRegistry()
         registry = PromptRegistry.load(self.directory)
         registry.check_refs(self.refs)
         return registry

@@ -61,10 +61,13 @@ def start_gateway(
     keys: list[dict[str, object]] | None = None,
     extra: dict[str, object] | None = None,
     args: list[str] | None = None,
+    until: str = "ready",
 ) -> Gateway:
     """Run ``ragline serve`` in a subprocess on a free port and wait until ``/ready``.
 
     ``extra`` adds top-level sections to the config file (prompts, routes, experiments).
+    ``until="models"``: wait for the models only, for routes whose vector stores the test
+    creates through the API after start (``/ready`` stays 503 until they exist).
     """
     port = free_port()
     cmd = [sys.executable, "-m", "gateway.cli", "serve", "--port", str(port), *(args or [])]
@@ -87,7 +90,11 @@ def start_gateway(
         if proc.poll() is not None:
             raise RuntimeError(f"gateway exited with {proc.returncode}:\n{gw.logs()}")
         try:
-            if httpx.get(gw.url + "/ready", timeout=1).status_code == 200:
+            ready = httpx.get(gw.url + "/ready", timeout=1)
+            if ready.status_code == 200:
+                return gw
+            models = ready.json().get("models", {}).values()
+            if until == "models" and all(m.get("status") == "ready" for m in models):
                 return gw
         except httpx.TransportError:
             pass

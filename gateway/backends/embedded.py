@@ -120,10 +120,11 @@ class EmbeddedBackend:
         return self._tokenizer, self._max_len
 
     def stats(self) -> dict[str, int]:
+        slots = self.config.max_batch
         if self._scheduler is None:
-            return {"running": 0, "waiting": 0}
+            return {"running": 0, "waiting": 0, "slots": slots}
         running, waiting = self._scheduler.load
-        return {"running": running, "waiting": waiting}
+        return {"running": running, "waiting": waiting, "slots": slots}
 
     async def start(self) -> None:
         """Load tokenizer and weights (seconds), then start the engine thread."""

@@ -12,6 +12,7 @@ import importlib
 from typing import Any
 
 import typer
+from rich.markup import escape
 from typer.core import TyperGroup
 
 from gateway.cli.serve import keys_app, models_app, serve, version
@@ -52,3 +53,28 @@ app.command()(serve)
 app.command()(version)
 app.add_typer(models_app, name="models")
 app.add_typer(keys_app, name="keys")
+
+
+def main() -> None:
+    """The ``ragline`` entry point: configuration errors from any command are printed by one
+    formatter (file:line, path, what was expected; secrets never echoed), exit status 2."""
+    from pydantic import ValidationError
+
+    from gateway.cli.serve import console
+    from gateway.config import Settings
+    from gateway.config_errors import format_error
+    from gateway.config_file import ConfigError
+
+    try:
+        app()
+    except ConfigError as exc:
+        message = str(exc)
+    except ValidationError as exc:
+        if exc.title != Settings.__name__:
+            raise
+        heading = "invalid settings (environment variables or flags)"
+        message = format_error(exc, Settings, heading=heading, env_prefix="RAGLINE_")
+    else:
+        return
+    console.print(f"[red]error:[/] {escape(message)}", soft_wrap=True, highlight=False)
+    raise SystemExit(2)

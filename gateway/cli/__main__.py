@@ -1,3 +1,3 @@
-from gateway.cli import app
+from gateway.cli import main
 
-app()
+main()

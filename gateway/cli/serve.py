@@ -4,6 +4,7 @@ needs, and nothing that trains, evaluates or benchmarks."""
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -12,7 +13,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from gateway.config import FileConfig, Settings
-from gateway.config_file import ConfigError, load_file_config
+from gateway.config_file import ConfigError, load_file_config, load_settings
 from gateway.errors import ModelAssetError
 from gateway.logs import configure as configure_logging
 
@@ -23,8 +24,7 @@ console = Console(stderr=True)
 
 
 def _settings(**overrides: object) -> Settings:
-    values = {k: v for k, v in overrides.items() if v is not None}
-    return Settings(**values)  # type: ignore[arg-type]
+    return load_settings(**overrides)
 
 
 def serve(
@@ -97,17 +97,12 @@ def serve(
     )
     configure_logging(settings.log_level, settings.log_format)
     if settings.workers > 1 and not settings.redis_url:
-        console.print(
-            f"[red]error:[/] --workers {settings.workers} needs Redis (set REDIS_URL): each "
+        raise ConfigError(
+            f"--workers {settings.workers} needs Redis (set REDIS_URL): each "
             "process would otherwise keep its own limits, cache and run-time keys."
         )
-        raise typer.Exit(2)
-    try:
-        file_config = load_file_config(settings)
-        _check_prompts(file_config)
-    except ConfigError as exc:
-        console.print(f"[red]error:[/] {escape(str(exc))}", soft_wrap=True)
-        raise typer.Exit(2) from None
+    file_config = load_file_config(settings)  # a ConfigError is printed by the entry point
+    _check_prompts(file_config)
     if (
         settings.config is None
         and not settings.vllm
@@ -120,22 +115,17 @@ def serve(
             console.print(f"[red]error:[/] {escape(str(exc))}", soft_wrap=True)
             raise typer.Exit(1) from None
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    console.print(
-        f"ragline serving on http://{settings.host}:{settings.port}/v1 "
-        f"(models: {', '.join(m.name for m in file_config.models)})"
-    )
     open_gateway = not file_config.keys and not settings.admin_key
     from gateway.auth import LOOPBACK_HOSTS
 
     if open_gateway and settings.host not in LOOPBACK_HOSTS:
-        console.print(
-            f"[red]error:[/] no API keys are configured, so the gateway would accept anyone on "
+        raise ConfigError(
+            f"no API keys are configured, so the gateway would accept anyone on "
             f"{settings.host}. Declare keys in the config file or set RAGLINE_ADMIN_KEY, or "
             "listen on 127.0.0.1."
         )
-        raise typer.Exit(2)
-    if open_gateway:
-        console.print("[yellow]No API keys configured: requests need no key (loopback only).[/]")
+    sock = _bind(settings.host, settings.port)  # before the banner: the port is ours now
+    _banner(settings, file_config)
     # SIGTERM: uvicorn stops accepting, lets in-flight requests (streams too) finish within the
     # grace period, then the lifespan closes backends and upstream connections.
     options: dict[str, Any] = dict(
@@ -147,16 +137,87 @@ def serve(
         timeout_graceful_shutdown=int(settings.shutdown_grace) or None,
     )
     if settings.workers == 1:
-        uvicorn.run(create_app(settings, file_config), **options)
+        server = uvicorn.Server(uvicorn.Config(create_app(settings, file_config), **options))
+        server.run(sockets=[sock])
+        if not server.started:
+            raise typer.Exit(1)
         return
     # several processes: each builds the app from the environment, so the options given here
     # travel there as RAGLINE_* variables
+    from uvicorn.supervisors import Multiprocess
+
     for name, value in settings.model_dump(exclude_unset=True).items():
         if value is not None:
             os.environ[f"RAGLINE_{name.upper()}"] = str(value)
-    uvicorn.run(
+    supervised = uvicorn.Config(
         "gateway.app:app_from_environment", factory=True, workers=settings.workers, **options
     )
+    Multiprocess(supervised, sockets=[sock]).run()
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    """The listening socket, bound before anything is printed or loaded; a port in use is a
+    one-line error, not a traceback after a banner."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        reason = exc.strerror or str(exc)
+        hint = " (another server listens there; choose another --port)" if exc.errno == 98 else ""
+        raise ConfigError(f"cannot listen on {host}:{port}: {reason}{hint}") from None
+    sock.set_inheritable(True)
+    return sock
+
+
+def _banner(settings: Settings, file_config: FileConfig) -> None:
+    """What this gateway serves: models, routes, stores, the safety policy, keys."""
+    from gateway.retrieval import missing_store_message
+
+    stores = _stores(settings.rag_dir / "stores")
+    models = ", ".join(f"{m.name} ({m.backend})" for m in file_config.models)
+    safety = file_config.safety
+    policies = ", ".join(sorted(safety.names() - {"off"})) if safety.enabled else "off"
+    keys = len(file_config.keys) + (1 if settings.admin_key else 0)
+    lines = [
+        f"ragline serving on http://{settings.host}:{settings.port}/v1",
+        f"  models:   {models}",
+    ]
+    if file_config.adapters:
+        lines.append(f"  adapters: {', '.join(a.name for a in file_config.adapters)}")
+    for route in file_config.routes:
+        parts = [f"-> {route.model}"]
+        if route.template or route.experiment:
+            parts.append(f"template {route.template or route.experiment}")
+        if route.rag is not None:
+            parts.append(f"store {route.rag.store}")
+        lines.append(f"  route:    {route.name} {', '.join(parts)}")
+    names = sorted(stores.values())
+    lines.append(f"  stores:   {', '.join(names) if names else 'none'} ({settings.rag_dir})")
+    lines.append(f"  safety:   {policies}")
+    lines.append(f"  keys:     {keys}" + (" (admin key set)" if settings.admin_key else ""))
+    for route in file_config.routes:
+        if route.rag is not None and route.rag.store not in {*stores, *stores.values()}:
+            message = missing_store_message(route.name, route.rag.store, names)
+            console.print(f"[yellow]warning:[/] {escape(message)} /ready answers 503 until then.")
+    if not keys:
+        console.print("[yellow]No API keys configured: requests need no key (loopback only).[/]")
+    console.print("\n".join(lines), highlight=False, soft_wrap=True)
+
+
+def _stores(root: Path) -> dict[str, str]:
+    """Vector store id -> name, read from each store's ``store.json``."""
+    import json
+
+    stores = {}
+    for path in sorted(root.glob("vs_*/store.json")) if root.exists() else []:
+        try:
+            stores[path.parent.name] = str(json.loads(path.read_text()).get("name") or "")
+        except (OSError, ValueError):
+            continue
+    return stores
 
 
 def _check_prompts(file_config: FileConfig) -> None:

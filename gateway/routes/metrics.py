@@ -26,7 +26,5 @@ async def metrics(request: Request, registry: RegistryDep) -> Response:
     await request.app.state.bookkeeping.flush()  # what the last responses left to count
     m: Metrics = request.app.state.metrics
     m.in_flight.set(request.app.state.in_flight)
-    for model, status in registry.status().items():
-        healthy = status.get("healthy", 1 if status["status"] == "ready" else 0)
-        m.backend_healthy.labels(model).set(float(healthy))  # type: ignore[arg-type]
+    m.observe_backends(registry.status())
     return Response(generate_latest(m.registry), media_type=CONTENT_TYPE_LATEST)

@@ -93,3 +93,151 @@ def test_served_hybrid_weights_are_the_measured_ones() -> None:
 
     assert RagConfig(store="s").weights == SearchBody(query="q").weights == (0.4, 0.6)
     assert SearchOptions().weights == (0.4, 0.6)
+
+
+# -- config errors: one formatter, file:line, did-you-mean, no secrets (issue 23, item 1) ----------
+
+KEY = "rl-" + "s3cr3t" * 8
+
+
+@pytest.mark.parametrize(
+    ("text", "expected", "forbidden"),
+    [
+        (  # a key pasted where its hash belongs
+            f"models: [{{name: a}}]\nkeys:\n  - id: team-a\n    sha256: {KEY}\n",
+            ["ragline.yaml:4: keys[0].sha256: expected the SHA-256 of a key", "its hash"],
+            [KEY, "s3cr3t", "input_value", "errors.pydantic.dev"],
+        ),
+        (  # a misspelt setting
+            "models:\n  - name: a\n    max_bacth: 8\n",
+            ["ragline.yaml:3: models[0].max_bacth: unknown setting; did you mean 'max_batch'?"],
+            ["Extra inputs", "errors.pydantic.dev", "embedded."],
+        ),
+        (  # a misspelt backend
+            "models:\n  - name: a\n    backend: embeded\n",
+            [
+                "ragline.yaml:3: models[0].backend: 'embeded' is not one of embedded, vllm, openai;"
+                " did you mean 'embedded'?"
+            ],
+            ["_backend_of", "Input tag"],
+        ),
+        (  # a misspelt choice
+            "models: [{name: a}]\nroutes:\n  - name: r\n    model: a\n"
+            "    rag: {store: s, mode: hybird}\n",
+            [
+                "ragline.yaml:5: routes[0].rag.mode: expected one of hybrid, dense, bm25, got 'hybird';"
+                " did you mean 'hybrid'?"
+            ],
+            ["literal_error"],
+        ),
+        (  # an upstream token is never echoed
+            "models:\n  - name: a\n    backend: vllm\n    upstreams: ['http://h:1']\n"
+            "    api_key: [sk-very-secret]\n",
+            ["ragline.yaml:5: models[0].api_key: invalid api_key (the value is not shown)"],
+            ["sk-very-secret"],
+        ),
+        (  # a section misspelt at the top level
+            "models: [{name: a}]\nroute: []\n",
+            ["ragline.yaml:2: route: unknown setting; did you mean 'routes'?"],
+            [],
+        ),
+        (  # a wrong type names what it got
+            "models:\n  - name: a\n    max_batch: lots\n",
+            ["ragline.yaml:3: models[0].max_batch: input should be a valid integer", "'lots'"],
+            [],
+        ),
+    ],
+)
+def test_config_errors_name_file_line_and_fix_and_never_a_secret(  # type: ignore[no-untyped-def]
+    tmp_path, text, expected, forbidden
+) -> None:
+    path = tmp_path / "ragline.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load_file_config(Settings(config=path))
+    message = str(info.value)
+    for needle in expected:
+        assert needle in message, message
+    for needle in forbidden:
+        assert needle not in message, message
+
+
+def test_cli_prints_config_and_environment_errors_with_one_formatter(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import os
+    import subprocess
+    import sys
+
+    config = tmp_path / "ragline.yaml"
+    config.write_text(f"models: [{{name: smollm2}}]\nkeys:\n  - id: k\n    sha256: {KEY}\n")
+    cmd = [sys.executable, "-m", "gateway.cli", "serve", "--config", str(config)]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2
+    assert "ragline.yaml:4: keys[0].sha256" in " ".join(run.stderr.split())
+    assert KEY not in run.stdout + run.stderr and "Traceback" not in run.stderr
+
+    env = {**os.environ, "RAGLINE_ADMIN_KEY": "x", "RAGLINE_PORT": "eighty"}
+    run = subprocess.run(cmd[:4], capture_output=True, text=True, timeout=120, env=env)
+    assert run.returncode == 2
+    out = " ".join(run.stderr.split())
+    assert "RAGLINE_PORT (--port): input should be a valid integer" in out, out
+    assert "Traceback" not in run.stderr and "errors.pydantic.dev" not in out
+
+
+def _serve_until_banner(cmd: list[str], env: dict[str, str]) -> tuple[str, int | None]:
+    """Run ``ragline serve`` until its banner's last line (or its exit); return what it printed
+    and its exit status (None: it was serving and got stopped)."""
+    import subprocess
+
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
+                            env=env)  # fmt: skip
+    lines = []
+    assert proc.stderr is not None
+    for line in proc.stderr:
+        lines.append(line)
+        if line.lstrip().startswith("keys:"):
+            break
+    code = proc.poll()
+    proc.terminate()
+    proc.wait(timeout=60)
+    return "".join(lines), code
+
+
+def test_banner_prints_after_the_port_is_bound_and_lists_what_is_served(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Issue 23, item 8: a port in use is one clear error with no banner before it; the banner
+    lists models, routes, stores (with a did-you-mean for a misspelt route store), the safety
+    policy and the number of keys."""
+    import os
+    import socket
+    import sys
+
+    from rag.store import VectorStore
+    from tests.conftest import free_port
+
+    rag = tmp_path / "rag"
+    VectorStore.create(rag / "stores", "handbook", dim=384, embedder_name="all-MiniLM-L6-v2")
+    config = tmp_path / "ragline.yaml"
+    config.write_text(
+        "models: [{name: smollm2}]\n"
+        "routes: [{name: hr-qa, model: smollm2, rag: {store: handbok}}]\n"
+        f"keys: [{{id: a, sha256: '{'a' * 64}'}}, {{id: b, sha256: '{'b' * 64}'}}]\n"
+    )
+    env = {**os.environ, "RAGLINE_RAG_DIR": str(rag)}
+    port = free_port()
+    cmd = [sys.executable, "-m", "gateway.cli", "serve", "-c", str(config), "--port", str(port)]
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", port))
+        taken.listen()
+        out, code = _serve_until_banner(cmd, env)
+    assert code == 2, out
+    assert f"cannot listen on 127.0.0.1:{port}: Address already in use" in out
+    assert "serving on" not in out and "Traceback" not in out
+
+    out, code = _serve_until_banner(cmd, env)
+    assert code is None, out
+    assert f"ragline serving on http://127.0.0.1:{port}/v1" in out
+    assert "models:   smollm2 (embedded)" in out
+    assert "route:    hr-qa -> smollm2, template grounded-qa, store handbok" in out
+    assert "stores:   handbook" in out and "safety:   default" in out and "keys:     2" in out
+    flat = " ".join(out.split())
+    assert "Route 'hr-qa' searches vector store 'handbok', which does not exist" in flat
+    assert "did you mean 'handbook'?" in flat

@@ -52,6 +52,7 @@ def gw(model_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[G
         ],
         extra={"routes": [{"name": "notes-qa", "model": "smollm2", "rag": {"store": "notes"}}]},
         env={"RAGLINE_RAG_DIR": str(tmp / "rag"), "REDIS_URL": REDIS},
+        until="models",
     )
     raw = httpx.Client(base_url=gateway.base_url, headers={"Authorization": f"Bearer {KEY}"})
     store = raw.post("/vector_stores", json={"name": "notes"}).json()

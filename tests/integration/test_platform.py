@@ -322,3 +322,47 @@ def test_logs_are_json_with_key_ids_and_no_secrets(pair) -> None:  # type: ignor
     ]
     assert any(e["event"] == "key.created" and e["by"] == "ops" for e in audit)
     assert all(not k.startswith("sk-") for e in audit for k in map(str, e.values()))
+
+
+def test_metrics_count_every_response_with_its_code_and_report_load(pair) -> None:  # type: ignore[no-untyped-def]
+    """Issue 23, item 7: 4xx responses rejected before the pipeline (no key, unknown path, a
+    body too large, a bad body) are counted with status and error code, and logged with it;
+    queue, batch and slot gauges, process collectors and build info exist; no `_created`."""
+    gw = pair[1]
+    headers = {"Authorization": f"Bearer {USER_KEY}"}
+    assert (
+        httpx.get(gw.base_url + "/models", headers={"Authorization": "Bearer nope"}).status_code
+        == 401
+    )
+    assert httpx.get(gw.base_url + "/no/such/path", headers=headers).status_code == 404
+    bad = httpx.post(gw.base_url + "/chat/completions", headers=headers, json={"model": MODEL})
+    assert bad.status_code == 400
+    bad_code = bad.json()["error"]["code"] or bad.json()["error"]["type"]
+    big = httpx.post(gw.base_url + "/embeddings", headers=headers, content=b"x" * (5 << 20))
+    assert big.status_code == 413
+    admin = httpx.get(gw.url + "/metrics", headers={"Authorization": f"Bearer {ADMIN_KEY}"})
+    families = {f.name: f for f in text_string_to_metric_families(admin.text)}
+    seen = {
+        (s.labels["route"], s.labels["status"], s.labels["code"], s.labels["key"])
+        for s in families["ragline_http_responses"].samples
+        if s.name.endswith("_total") and s.value >= 1
+    }
+    assert ("/v1/models", "401", "invalid_api_key", "-") in seen, seen
+    assert ("unmatched", "404", "not_found_error", "user") in seen, seen
+    assert ("/v1/chat/completions", "400", bad_code, "user") in seen, seen
+    assert ("/v1/embeddings", "413", "payload_too_large", "user") in seen or (
+        "/v1/embeddings",
+        "413",
+        "payload_too_large",
+        "-",
+    ) in seen, seen
+    assert not any(s.name.endswith("_created") for f in families.values() for s in f.samples)
+    for name in ("process_resident_memory_bytes", "process_cpu_seconds", "python_info",
+                 "ragline_build_info", "ragline_backend_running_sequences",
+                 "ragline_backend_waiting_requests", "ragline_backend_kv_slots"):  # fmt: skip
+        assert name in families, name
+    slots = families["ragline_backend_kv_slots"].samples
+    assert [s.value for s in slots if s.labels["model"] == MODEL] == [16.0]
+    # the access log names the error code of each 4xx
+    assert wait_until(lambda: '"error": "invalid_api_key"' in gw.logs()
+                      or '"error":"invalid_api_key"' in gw.logs())  # fmt: skip

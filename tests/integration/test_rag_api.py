@@ -49,6 +49,7 @@ def gw(
         keys=keys,
         extra={"routes": routes},
         env={"RAGLINE_RAG_DIR": str(rag_dir)},
+        until="models",  # the routes' stores are created by the tests
     )
     yield gateway
     stop_gateway(gateway)
@@ -73,6 +74,30 @@ def scifact(gw: Gateway) -> Any:
     )
     assert uploaded.status == "completed", uploaded
     return store
+
+
+def test_a_route_whose_store_is_missing_is_not_ready_until_it_exists(
+    gw: Gateway, request: pytest.FixtureRequest
+) -> None:
+    """Issue 23, item 3: a route naming a store that does not exist keeps /ready at 503 and
+    says which route and store; its requests get a 503 naming the route, not a 404 about a
+    `vector_store_id` the client never sent; the store created later is picked up."""
+    ready = httpx.get(gw.url + "/ready")
+    assert ready.status_code == 503 and ready.headers["retry-after"]
+    problems = ready.json()["routes"]
+    assert {"scifact-qa", "handbook-qa"} <= set(problems)
+    assert "vector store 'scifact'" in problems["scifact-qa"]
+    assert all(m["status"] == "ready" for m in ready.json()["models"].values())
+    with pytest.raises(openai.InternalServerError) as info:
+        sdk(gw).chat.completions.create(
+            model="scifact-qa", messages=[{"role": "user", "content": "x"}], max_tokens=4
+        )
+    error = info.value.body
+    assert info.value.status_code == 503 and error["code"] == "route_unavailable"
+    assert "Route 'scifact-qa'" in error["message"] and error["param"] is None
+    request.getfixturevalue("scifact")  # creates the store through the API
+    after = httpx.get(gw.url + "/ready").json().get("routes", {})
+    assert "scifact-qa" not in after and "handbook-qa" in after
 
 
 def test_ingested_corpus_is_searchable_with_the_sdk(gw: Gateway, scifact: Any) -> None:

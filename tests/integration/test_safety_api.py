@@ -58,6 +58,7 @@ def gw(model_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[G
         keys=keys,
         extra={"safety": safety, "routes": routes},
         env={"RAGLINE_RAG_DIR": str(tmp / "rag")},
+        until="models",
     )
     yield gateway
     stop_gateway(gateway)

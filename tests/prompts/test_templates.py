@@ -130,8 +130,9 @@ def test_label_version_and_default_resolution(tmp_path: Path) -> None:
     ]:
         with pytest.raises(PromptError, match=why):
             reg.resolve(bad)
-    assert [d["name"] for d in reg.describe()] == ["other", "qa"]
-    assert reg.describe()[1]["labels"] == {"production": 1, "canary": 2}
+    # the built-in templates are served beside the directory's own
+    assert [d["name"] for d in reg.describe()] == ["capital-qa", "grounded-qa", "other", "qa"]
+    assert reg.describe()[3]["labels"] == {"production": 1, "canary": 2}
 
 
 def test_load_errors_name_file_and_line(tmp_path: Path) -> None:
@@ -376,3 +377,19 @@ def test_scorers() -> None:
     assert not score(item(42, "json", "a.c"), '{"a": {"b": 42}}', "contains")
     assert not score(item(42, "json", "a"), "no json here", "contains")
     assert parse_variants("short=qa@2, qa@1") == [("short", "qa@2"), ("qa@1", "qa@1")]
+
+
+def test_a_prompts_dir_keeps_the_builtin_templates_unless_it_redefines_them(tmp_path: Path) -> None:
+    """Issue 23, item 4: setting prompts.dir used to remove the built-in grounded-qa, so a rag
+    route without its own template broke."""
+    from prompts.registry import BUILTIN_DIR
+
+    write(tmp_path, "mine.yaml", "name: mine\nversion: 1\nuser: '{{ input }}'\n")
+    reg = PromptRegistry.load(tmp_path)
+    grounded = reg.resolve("grounded-qa")
+    assert grounded.source.startswith(str(BUILTIN_DIR)) and reg.resolve("mine").ref == "mine@1"
+    # a template of the same name in the directory replaces the built-in one, every version
+    write(tmp_path, "grounded.yaml", "name: grounded-qa\nversion: 7\nuser: 'mine {{ input }}'\n")
+    reg = PromptRegistry.load(tmp_path)
+    assert reg.resolve("grounded-qa").ref == "grounded-qa@7"
+    assert [d["versions"] for d in reg.describe() if d["name"] == "grounded-qa"] == [[7]]
