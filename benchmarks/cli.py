@@ -10,19 +10,21 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from benchmarks import overhead as overhead_mod
 from benchmarks.loadgen import (
     LoadSpec,
     Prompt,
+    RequestFailed,
     jsonl_prompts,
     random_prompts,
     run,
     scifact_questions,
 )
-from benchmarks.metrics import SLO, RequestRecord, summarize
-from benchmarks.report import verdict, write_html, write_json
+from benchmarks.metrics import GOALS, SLO, RequestRecord, summarize
+from benchmarks.report import point_name, verdict, write_html, write_json
 
 app = typer.Typer(
     help="Benchmark any OpenAI-compatible server (TTFT, TPOT, ITL, goodput).", no_args_is_help=True
@@ -33,7 +35,13 @@ SHARED_SCIFACT = Path(__file__).resolve().parents[1].parent / "shared" / "data" 
 
 Url = Annotated[str, typer.Option(help="Base URL of the OpenAI API, e.g. http://127.0.0.1:8000/v1")]
 Model = Annotated[str, typer.Option(help="Model (or route) name to request.")]
-ApiKey = Annotated[str | None, typer.Option(envvar="RAGLINE_BENCH_API_KEY", help="Bearer key.")]
+ApiKey = Annotated[
+    str | None,
+    typer.Option(
+        envvar=["RAGLINE_BENCH_API_KEY", "RAGLINE_API_KEY", "OPENAI_API_KEY"],
+        help="Bearer key (env RAGLINE_BENCH_API_KEY, RAGLINE_API_KEY or OPENAI_API_KEY).",
+    ),
+]
 Out = Annotated[Path, typer.Option(help="Directory for the JSON and HTML reports.")]
 
 
@@ -78,8 +86,8 @@ def _default_model_dir() -> Path | None:
 def _print_runs(title: str, runs: list[dict[str, Any]]) -> None:
     table = Table(title=title)
     for col in (
-        "x",
-        "ok/fail",
+        "point",
+        "ok/failed",
         "req/s",
         "out tok/s",
         "TTFT p50/p99 ms",
@@ -91,23 +99,32 @@ def _print_runs(title: str, runs: list[dict[str, Any]]) -> None:
     ):
         table.add_column(col, justify="right")
     for r in runs:
+        per_stream = r.get("median_output_tokens_per_s_per_stream")
         table.add_row(
-            f"{r['x_name']}={r['x']}",
+            point_name(r),
             f"{r['completed']}/{r['failed']}",
             f"{r['request_throughput']:.2f}",
             f"{r['output_throughput']:.1f}",
             f"{r['median_ttft_ms']:.0f}/{r['p99_ttft_ms']:.0f}",
             f"{r['median_tpot_ms']:.1f}",
-            f"{r['mean_output_tokens_per_s_per_stream']:.1f}",
+            f"{per_stream:.1f}" if per_stream is not None else "-",
             f"{r['median_itl_ms']:.1f}",
             f"{r['request_goodput']:.2f}",
             "PASS" if r["verdict"]["pass"] else "FAIL",
         )
     console.print(table)
+    for r in runs:
+        if not r["verdict"]["pass"]:
+            console.print(f"[red]FAIL[/] {point_name(r)}: {'; '.join(r['verdict']['reasons'])}")
 
 
 async def sweep(
-    spec: LoadSpec, prompts: list[Prompt], concurrencies: list[int], rates: list[float], slo: SLO
+    spec: LoadSpec,
+    prompts: list[Prompt],
+    concurrencies: list[int],
+    rates: list[float],
+    slo: SLO,
+    keep_going: bool = False,
 ) -> tuple[list[dict[str, Any]], dict[str, list[RequestRecord]]]:
     runs, records = [], {}
     points: list[tuple[str, float, LoadSpec]] = (
@@ -116,7 +133,7 @@ async def sweep(
         else [("concurrency", c, replace(spec, concurrency=c, rate=None)) for c in concurrencies]
     )
     for name, x, point in points:
-        recs, duration = await run(point, prompts, label=f"{name}={x:g}")
+        recs, duration = await run(point, prompts, label=f"{name}={x:g}", keep_going=keep_going)
         summary = summarize(recs, duration, slo)
         summary |= {"x": x, "x_name": name, "verdict": verdict(summary, slo)}
         runs.append(summary)
@@ -133,14 +150,23 @@ def execute(
     out: Path,
     title: str,
     settings: dict[str, Any],
-) -> bool:
-    runs, records = asyncio.run(sweep(spec, prompts, concurrencies, rates, slo))
+    keep_going: bool = False,
+) -> tuple[bool, int]:
+    """Run the sweep, print and write the reports; (every goal met, failed requests). Without
+    ``keep_going`` the first failed request stops it: exit 1 with the server's answer."""
+    try:
+        runs, records = asyncio.run(sweep(spec, prompts, concurrencies, rates, slo, keep_going))
+    except RequestFailed as exc:
+        console.print(f"[red]error:[/] {escape(str(exc))}", soft_wrap=True)
+        console.print("(the run stopped at the first failed request; --keep-going runs on)")
+        raise typer.Exit(1) from None
     _print_runs(title, runs)
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "results.json", runs, settings)
     write_html(out / "report.html", title, runs, records, settings)
     console.print(f"wrote {out / 'results.json'} and {out / 'report.html'}")
-    return all(r["verdict"]["pass"] for r in runs)
+    failed = sum(r["failed"] for r in runs)
+    return all(r["verdict"]["pass"] for r in runs), failed
 
 
 @app.command("run")
@@ -164,14 +190,42 @@ def run_cmd(
         bool, typer.Option(help="Let ragline's response cache answer (default: bypass it).")
     ] = False,
     adapters: Annotated[str | None, typer.Option(help="Models assigned round-robin.")] = None,
-    slo_ttft_ms: Annotated[float, typer.Option(help="SLO: TTFT at most (ms).")] = 200.0,
+    goals: Annotated[
+        str,
+        typer.Option(
+            help="Goals to judge by: gpu (TTFT <= 200 ms, >= 100 tok/s per stream), cpu "
+            "(TTFT <= 1000 ms, >= 10 tok/s per stream), or auto: cpu when the server's /ready "
+            "reports its model on CPU, else gpu."
+        ),
+    ] = "auto",
+    slo_ttft_ms: Annotated[
+        float | None, typer.Option(help="Goal: TTFT p50 at most (ms); overrides --goals.")
+    ] = None,
     slo_tpot_ms: Annotated[
-        float, typer.Option(help="SLO: TPOT at most (ms); 10 = 100 tok/s.")
-    ] = 10.0,
+        float | None,
+        typer.Option(help="Goal: TPOT p50 at most (ms; 10 = 100 tok/s); overrides --goals."),
+    ] = None,
     out: Out = Path("bench-results/run"),
     gate: Annotated[bool, typer.Option(help="Exit 1 when a point misses the goals.")] = False,
+    keep_going: Annotated[
+        bool,
+        typer.Option(
+            "--keep-going",
+            help="Run every request even when some fail (default: the first failure stops "
+            "the run with its status and body). Failed requests exit 1 either way.",
+        ),
+    ] = False,
 ) -> None:
-    """Load-test one server; sweep concurrencies or rates; JSON + HTML report."""
+    """Load-test one server; sweep concurrencies or rates; JSON + HTML report.
+
+    Exit status: 1 when a request failed (or, with --gate, a point missed a goal)."""
+    target, why = choose_goals(goals, url, api_key)
+    base = GOALS[target]
+    slo = SLO(
+        slo_ttft_ms if slo_ttft_ms is not None else base.ttft_ms,
+        slo_tpot_ms if slo_tpot_ms is not None else base.tpot_ms,
+    )
+    console.print(f"goals: {target} ({why})")
     spec = LoadSpec(
         base_url=url,
         model=model,
@@ -198,19 +252,44 @@ def run_cmd(
         "requests": requests,
         "concurrency": concurrency,
         "rate": rate,
+        "goals": f"{target} ({why})",
     }
-    ok = execute(
+    ok, failed = execute(
         spec,
         prompts,
         _ints(concurrency),
         _floats(rate),
-        SLO(slo_ttft_ms, slo_tpot_ms),
+        slo,
         out,
         f"ragline bench: {model} at {url}",
         settings,
+        keep_going,
     )
+    if failed:
+        console.print(f"[red]error:[/] {failed} request(s) failed; see the table and the report")
+        raise typer.Exit(1)
     if gate and not ok:
         raise typer.Exit(1)
+
+
+def choose_goals(goals: str, url: str, api_key: str | None) -> tuple[str, str]:
+    """``(gpu|cpu, why)``: as asked, or (``auto``) by the device the server's ``/ready`` names."""
+    if goals in GOALS:
+        return goals, "--goals"
+    if goals != "auto":
+        raise typer.BadParameter("use auto, gpu or cpu", param_hint="--goals")
+    import httpx
+
+    root = url.rstrip("/").removesuffix("/v1")
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    try:
+        models = httpx.get(root + "/ready", headers=headers, timeout=5).json().get("models", {})
+    except (httpx.HTTPError, ValueError, AttributeError):
+        return "gpu", "the server does not report its device; --goals cpu for a CPU server"
+    devices = {m.get("device") for m in models.values() if isinstance(m, dict)}
+    if "cpu" in devices:
+        return "cpu", "the server reports its model on CPU"
+    return "gpu", "the server does not report a CPU model"
 
 
 @app.command("overhead")
@@ -357,10 +436,12 @@ def suite_cmd(
         ignore_eos=True,
         cache=False,
         adapters=adapters,
-        slo_ttft_ms=200.0,
-        slo_tpot_ms=10.0,
+        goals="auto",
+        slo_ttft_ms=None,
+        slo_tpot_ms=None,
         out=out / name,
         gate=gate,
+        keep_going=False,
     )
 
 

@@ -148,6 +148,8 @@ def scifact_questions(data_dir: Path, n: int, output_len: int) -> list[Prompt]:
     return prompts
 
 
+_ERROR_BODY_CHARS = 500
+
 # -- one request ------------------------------------------------------------------------------
 
 
@@ -186,8 +188,9 @@ async def send(
             url, data=json.dumps(_body(spec, prompt, model)), headers=headers
         ) as response:
             if response.status != 200:
-                record.error = f"HTTP {response.status}"
-                await response.read()
+                body = (await response.read())[:_ERROR_BODY_CHARS].decode("utf-8", "replace")
+                record.error = f"HTTP {response.status}: {body.strip()}"
+                record.e2e = time.perf_counter() - record.start
                 return record
             if spec.stream:
                 await _read_stream(response, record)
@@ -198,7 +201,7 @@ async def send(
                 record.output_tokens = int(usage.get("completion_tokens", 0))
                 record.prompt_tokens = int(usage.get("prompt_tokens", record.prompt_tokens))
     except (TimeoutError, aiohttp.ClientError) as exc:
-        record.error = type(exc).__name__
+        record.error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
     record.e2e = time.perf_counter() - record.start
     return record
 
@@ -211,7 +214,9 @@ async def _read_stream(response: aiohttp.ClientResponse, record: RequestRecord) 
             continue
         payload = json.loads(line[6:])
         if "error" in payload:
-            record.error = "stream error"
+            error = payload["error"]
+            message = error.get("message") if isinstance(error, dict) else error
+            record.error = f"stream error: {message}"
             return
         if payload.get("usage"):
             record.output_tokens = int(payload["usage"].get("completion_tokens", 0))
@@ -232,14 +237,26 @@ async def _read_stream(response: aiohttp.ClientResponse, record: RequestRecord) 
 # -- a run ------------------------------------------------------------------------------------
 
 
+class RequestFailed(Exception):
+    """A request failed and the run was not told to keep going (``keep_going``): what the
+    server answered, so the run stops with the real cause instead of a table of failures."""
+
+    def __init__(self, record: RequestRecord, url: str) -> None:
+        super().__init__(f"a request to {url} failed: {record.error}")
+        self.record = record
+
+
 async def run(
     spec: LoadSpec,
     prompts: list[Prompt],
     label: str = "",
     show_progress: bool = True,
     seed: int = 0,
+    keep_going: bool = True,
 ) -> tuple[list[RequestRecord], float]:
-    """Send ``spec.num_requests`` requests (after ``spec.warmup``); returns records, duration."""
+    """Send ``spec.num_requests`` requests (after ``spec.warmup``); returns records, duration.
+    ``keep_going=False``: the first failed request (warm-up included) raises ``RequestFailed``
+    and cancels the rest."""
     if not prompts:
         raise ValueError("no prompts to send")
     limit = spec.concurrency if spec.rate is None else 0
@@ -249,9 +266,12 @@ async def run(
         models = iter(spec.models())
         pool = itertools.cycle(prompts)
         if spec.warmup:
-            await asyncio.gather(
+            warm = await asyncio.gather(
                 *(send(session, spec, next(pool), next(models)) for _ in range(spec.warmup))
             )
+            failed = [r for r in warm if not r.ok]
+            if failed and not keep_going:
+                raise RequestFailed(failed[0], spec.base_url)
         records: list[RequestRecord] = []
         progress = Progress(
             TextColumn(f"[bold]{label or spec.model}"),
@@ -269,14 +289,28 @@ async def run(
                 record = await send(session, spec, next(pool), next(models), label)
                 records.append(record)
                 progress.advance(task)
+                if not record.ok and not keep_going:
+                    raise RequestFailed(record, spec.base_url)
 
             start = time.perf_counter()
-            if spec.rate is None:
-                await _closed_loop(one, spec, deadline)
-            else:
-                await _open_loop(one, spec, deadline, random.Random(seed))
+            try:
+                if spec.rate is None:
+                    await _closed_loop(one, spec, deadline)
+                else:
+                    await _open_loop(one, spec, deadline, random.Random(seed))
+            except ExceptionGroup as group:  # the task group's: the first failure, unwrapped
+                stopped, _ = group.split(RequestFailed)
+                if stopped is None:
+                    raise
+                raise _first(stopped) from None
             duration = time.perf_counter() - start
     return records, duration
+
+
+def _first(group: BaseException) -> BaseException:
+    while isinstance(group, BaseExceptionGroup):
+        group = group.exceptions[0]
+    return group
 
 
 async def _closed_loop(one: Any, spec: LoadSpec, deadline: float) -> None:
@@ -288,17 +322,18 @@ async def _closed_loop(one: Any, spec: LoadSpec, deadline: float) -> None:
             remaining -= 1
             await one()
 
-    await asyncio.gather(*(worker() for _ in range(spec.concurrency or 1)))
+    async with asyncio.TaskGroup() as group:  # one worker's failure cancels the others
+        for _ in range(spec.concurrency or 1):
+            group.create_task(worker())
 
 
 async def _open_loop(one: Any, spec: LoadSpec, deadline: float, rng: random.Random) -> None:
     assert spec.rate is not None
     shape = spec.burstiness
     scale = 1.0 / (spec.rate * shape)  # gamma(shape, scale) has mean 1/rate
-    tasks = []
-    for _ in range(spec.num_requests):
-        if time.perf_counter() >= deadline:
-            break
-        tasks.append(asyncio.create_task(one()))
-        await asyncio.sleep(rng.gammavariate(shape, scale))
-    await asyncio.gather(*tasks)
+    async with asyncio.TaskGroup() as group:  # one request's failure cancels the others
+        for _ in range(spec.num_requests):
+            if time.perf_counter() >= deadline:
+                break
+            group.create_task(one())
+            await asyncio.sleep(rng.gammavariate(shape, scale))

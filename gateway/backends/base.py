@@ -174,8 +174,9 @@ class Backend(Protocol):
 
     def models(self) -> list[ModelInfo]: ...
 
-    def stats(self) -> dict[str, int]:
-        """Current load, e.g. ``{"running": 3, "waiting": 0}``."""
+    def stats(self) -> dict[str, int | str]:
+        """Current load, e.g. ``{"running": 3, "waiting": 0}`` (and the embedded engine's
+        ``slots`` and ``device``)."""
         ...
 
     async def start(self) -> None: ...

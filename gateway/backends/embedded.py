@@ -78,6 +78,7 @@ class EmbeddedBackend:
         self._created = int(time.time())
         self._tokenizer: Any = None
         self._scheduler: Scheduler | None = None
+        self.device_type = "unknown"  # cpu or cuda, once loaded
         self._max_len = config.max_model_len
         self._vocab_size = 0
         self._grammars: Grammars | None = None
@@ -119,12 +120,12 @@ class EmbeddedBackend:
         """The request-side tokenizer and the context length (prompt templates count with it)."""
         return self._tokenizer, self._max_len
 
-    def stats(self) -> dict[str, int]:
-        slots = self.config.max_batch
+    def stats(self) -> dict[str, int | str]:
+        slots, device = self.config.max_batch, self.device_type
         if self._scheduler is None:
-            return {"running": 0, "waiting": 0, "slots": slots}
+            return {"running": 0, "waiting": 0, "slots": slots, "device": device}
         running, waiting = self._scheduler.load
-        return {"running": running, "waiting": waiting, "slots": slots}
+        return {"running": running, "waiting": waiting, "slots": slots, "device": device}
 
     async def start(self) -> None:
         """Load tokenizer and weights (seconds), then start the engine thread."""
@@ -143,6 +144,7 @@ class EmbeddedBackend:
                 f"no model at {self.model_path}; run `ragline models pull` (or `make setup`)"
             )
         device = choose_device(self.config.device)
+        self.device_type = device.type  # /ready reports it: benchmarks choose goals by it
         dtype = choose_dtype(self.config.dtype, device)
         started = time.perf_counter()
         # Two tokenizers: the request side and the engine thread never share one.

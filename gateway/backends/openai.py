@@ -143,7 +143,7 @@ class OpenAIBackend:
             )
         ]
 
-    def stats(self) -> dict[str, int]:
+    def stats(self) -> dict[str, int | str]:
         return {
             "replicas": len(self.pool.replicas),
             "healthy": len(self.pool.available()),

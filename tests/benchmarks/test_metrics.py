@@ -74,6 +74,19 @@ def test_verdict_against_the_goals() -> None:
     checks = verdict(slow, SLO())["checks"]
     assert not checks["median_ttft_ms"]["pass"]
     assert not checks["tokens_per_s_per_stream"]["pass"]
+    assert verdict(slow, SLO())["reasons"][0].startswith("median_ttft_ms 500.0 (goal <= 200)")
+
+
+def test_a_missing_metric_never_passes() -> None:
+    """Issue 23, item 2: a run with no completed request had a median TTFT of 0.0, which
+    passed; and a non-streamed run has no per-stream rate to judge."""
+    failed = summarize([RequestRecord(start=0, error="HTTP 401: no key")], 1.0)
+    v = verdict(failed, SLO())
+    assert not v["pass"] and v["checks"]["median_ttft_ms"]["missing"]
+    assert not v["checks"]["tokens_per_s_per_stream"]["pass"]
+    one_token = summarize([record(0.05, 0.06, 1)], 1.0)  # no TPOT from one token
+    assert not verdict(one_token, SLO())["checks"]["tokens_per_s_per_stream"]["pass"]
+    assert verdict(one_token, SLO(tpot_ms=None))["pass"]
 
 
 def test_datasets(tmp_path, tokenizer) -> None:  # type: ignore[no-untyped-def]
