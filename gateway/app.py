@@ -43,6 +43,7 @@ from gateway.routes import (
     admin,
     chat,
     completions,
+    docs,
     embeddings,
     feedback,
     health,
@@ -136,6 +137,8 @@ def create_app(settings: Settings | None = None, config: FileConfig | None = Non
         summary="OpenAI-compatible LLM serving and RAG gateway",
         version="0.1.0",
         lifespan=lifespan,
+        docs_url=None,  # gateway/routes/docs.py serves /docs with local assets
+        redoc_url=None,
     )
     routers = (
         chat.router,
@@ -151,6 +154,7 @@ def create_app(settings: Settings | None = None, config: FileConfig | None = Non
     )
     for router in routers:
         app.include_router(router)
+    docs.install(app)
     _install_error_handlers(app)
     BODIES.install(app)
     app.state.in_flight = 0

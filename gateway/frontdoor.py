@@ -37,6 +37,7 @@ from gateway.http import (
 )
 from gateway.logs import access_log
 from gateway.responses_api import RESPONSES
+from gateway.routes import docs
 
 log = logging.getLogger("ragline")
 
@@ -151,7 +152,7 @@ class FrontDoor:
                 await send_error(send_with_id, refused, close=True)
                 return
             try:
-                if path not in PUBLIC_PATHS:
+                if path not in PUBLIC_PATHS and not docs.is_public(path):
                     state["principal"] = await authenticate(
                         app_state.keys, authorization, path, scope.get("client")
                     )

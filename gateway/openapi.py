@@ -78,6 +78,10 @@ class BodySchemas:
             spec = get_openapi(
                 title=app.title, version=app.version, summary=app.summary, routes=app.routes
             )
+            spec.setdefault("components", {})["securitySchemes"] = {
+                "bearer": {"type": "http", "scheme": "bearer", "description": "An API key."}
+            }
+            spec["security"] = [{"bearer": []}]  # /docs' Authorize button sends it
             components = spec.setdefault("components", {}).setdefault("schemas", {})
             for name in ("HTTPValidationError", "ValidationError"):
                 components.pop(name, None)  # never sent: validation errors are 400s, as OpenAI's

@@ -105,6 +105,34 @@ class FileStore:
             raise _no_file(file_id)
         return obj
 
+    def list_files(
+        self,
+        principal: Principal,
+        purpose: str | None = None,
+        order: str = "desc",
+        after: str | None = None,
+        limit: int = 10_000,
+    ) -> tuple[list[dict[str, Any]], bool]:
+        """The files ``principal`` may read (its own; an admin: all), newest first unless
+        ``order="asc"``, after the file id ``after``; and whether more follow. Reads every
+        file's ``file.json``: call it off the event loop."""
+        files = []
+        for path in self.root.glob("file-*/file.json") if self.root.exists() else []:
+            try:
+                obj = dict(json.loads(path.read_text()))
+            except (OSError, ValueError):
+                continue  # deleted meanwhile
+            owner = obj.pop(_OWNER, None)
+            if owner is not None and owner != principal.key_id and not principal.admin:
+                continue
+            if purpose is None or obj.get("purpose") == purpose:
+                files.append(obj)
+        files.sort(key=lambda f: (f["created_at"], f["id"]), reverse=order == "desc")
+        if after is not None:
+            ids = [f["id"] for f in files]
+            files = files[ids.index(after) + 1 :] if after in ids else []
+        return files[:limit], len(files) > limit
+
     def content(self, file_id: str, principal: Principal) -> bytes:
         self.get(file_id, principal)
         return (self._path(file_id) / "content").read_bytes()

@@ -13,7 +13,7 @@ import asyncio
 import time
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Query, Request, Response
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 from starlette.datastructures import UploadFile
 
@@ -192,9 +192,39 @@ async def create_file(request: Request) -> dict[str, Any]:
     return rag.files.create(filename, data, fields.get("purpose", "assistants"), owner)
 
 
+@router.get("/v1/files")
+async def list_uploaded_files(
+    request: Request,
+    purpose: Annotated[str | None, Query(max_length=64)] = None,
+    limit: Annotated[int, Query(ge=1, le=10_000)] = 10_000,
+    order: Annotated[Literal["asc", "desc"], Query()] = "desc",
+    after: Annotated[str | None, Query(max_length=128)] = None,
+) -> dict[str, Any]:
+    """The key's own files (an admin's: every file), OpenAI's list shape and cursor."""
+    rag, principal = _service(request), principal_of(request.state)
+    files, more = await asyncio.to_thread(
+        rag.files.list_files, principal, purpose, order, after, limit
+    )
+    return {
+        "object": "list",
+        "data": files,
+        "first_id": files[0]["id"] if files else None,
+        "last_id": files[-1]["id"] if files else None,
+        "has_more": more,
+    }
+
+
 @router.get("/v1/files/{file_id}")
 async def get_file(request: Request, file_id: str) -> dict[str, Any]:
     return _service(request).files.get(file_id, principal_of(request.state))
+
+
+@router.get("/v1/files/{file_id}/content")
+async def file_content(request: Request, file_id: str) -> Response:
+    data = await asyncio.to_thread(
+        _service(request).files.content, file_id, principal_of(request.state)
+    )
+    return Response(data, media_type="application/octet-stream")
 
 
 @router.delete("/v1/files/{file_id}")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -198,6 +199,56 @@ def test_uploaded_files_attach_update_and_detach(gw: Gateway) -> None:
     with pytest.raises(openai.NotFoundError) as err:
         client.vector_stores.retrieve(store.id)
     assert err.value.code == "vector_store_not_found"
+
+
+def test_files_list_per_key_with_the_sdk(gw: Gateway) -> None:
+    """Issue 23, item 10: `GET /v1/files` was a 405, so the SDK's files.list() failed."""
+    team, reader = sdk(gw), sdk(gw, READER)
+    mine = [
+        team.files.create(file=(f"note-{i}.md", f"# Note {i}\n\nText {i}.".encode()),
+                          purpose="assistants")
+        for i in range(3)
+    ]  # fmt: skip
+    theirs = reader.files.create(file=("r.md", b"# Reader\n\nTheirs."), purpose="assistants")
+    listed = [f.id for f in team.files.list()]
+    assert {f.id for f in mine} <= set(listed) and theirs.id not in listed  # per key
+    assert [f.id for f in reader.files.list()] == [theirs.id]
+    # newest first; a page of one at a time walks every file through the cursor
+    pages = [f.id for f in team.files.list(limit=1, order="asc")]
+    assert pages == sorted(pages, key=listed.index, reverse=True) and set(pages) == set(listed)
+    assert team.files.list(purpose="batch").data == []
+    assert team.files.content(mine[0].id).read() == b"# Note 0\n\nText 0."
+    with pytest.raises(openai.NotFoundError):
+        reader.files.content(mine[0].id)  # another key's file does not exist for it
+    with pytest.raises(openai.BadRequestError) as info:
+        team.files.list(limit=0)
+    assert info.value.body["param"] == "limit"
+
+
+def test_docs_open_in_a_browser_without_a_key_and_without_a_cdn(gw: Gateway) -> None:
+    """Issue 23, item 10: /docs needed a Bearer header (a browser got 401) and loaded Swagger
+    UI from a CDN; now the page, its assets and the schema are served here, without a key."""
+    page = httpx.get(gw.url + "/docs")
+    assert page.status_code == 200 and "swagger-ui" in page.text
+    assert "cdn." not in page.text and "https://" not in page.text.split("<body>")[0]
+    for asset in ("swagger-ui-bundle.js", "swagger-ui.css"):
+        got = httpx.get(f"{gw.url}/docs/assets/{asset}")
+        assert got.status_code == 200 and len(got.content) > 10_000
+    spec = httpx.get(gw.url + "/openapi.json").json()
+    assert "/v1/files" in spec["paths"] and "get" in spec["paths"]["/v1/files"]
+    assert spec["components"]["securitySchemes"]["bearer"]["scheme"] == "bearer"
+    # Chromium renders it (Swagger UI draws the operations from the schema with its script)
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    assert chromium, "chromium is needed (apt-get install chromium; .ci/run installs it)"
+    dom = subprocess.run(
+        [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=15000",
+         "--dump-dom", gw.url + "/docs"],
+        capture_output=True, text=True, timeout=120,
+    ).stdout  # fmt: skip
+    assert "opblock" in dom and "/v1/chat/completions" in dom, dom[-2000:]
+    # everything else still needs a key
+    assert httpx.get(gw.base_url + "/files").status_code == 401
+    assert httpx.get(gw.url + "/docs/../v1/files").status_code in (401, 404)
 
 
 def test_bad_input_gets_a_clear_4xx_and_writes_nothing(gw: Gateway, scifact: Any) -> None:
