@@ -25,7 +25,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from prompts.experiments import Experiment
 from prompts.registry import builtin_names
-from rag import HYBRID_WEIGHTS
+from rag import HYBRID_WEIGHTS, RELEVANCE_FLOOR
 from safety.policy import PolicySpec
 
 DEFAULT_MODEL_NAME = "smollm2"
@@ -214,6 +214,13 @@ class RagConfig(BaseModel):
     weights: tuple[float, float] = Field(default=HYBRID_WEIGHTS, description="(bm25, dense).")
     filters: dict[str, Any] | None = Field(default=None, description="OpenAI-style filter.")
     score_threshold: float | None = None
+    min_similarity: float | None = Field(
+        default=RELEVANCE_FLOOR,
+        ge=-1,
+        le=1,
+        description="Chunks less similar to the question (cosine) are neither prompted nor "
+        "cited; null: no floor. The default was cross-validated for the packaged MiniLM.",
+    )
     mmr: float | None = Field(default=None, ge=0, le=1, description="MMR lambda; unset: off.")
 
 
@@ -448,9 +455,13 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="RAGLINE_", extra="ignore", populate_by_name=True)
 
-    host: str = "127.0.0.1"
-    port: int = 8000
-    config: Path | None = Field(default=None, description="YAML file declaring models.")
+    host: str = Field(default="127.0.0.1", description="Interface to listen on.")
+    port: int = Field(default=8000, ge=0, le=65535, description="Port to listen on.")
+    config: Path | None = Field(
+        default=None,
+        description="YAML file declaring models, routes, keys; unset: `smollm2` on the "
+        "embedded engine.",
+    )
     models_dir: Path = Field(
         default=Path("~/.cache/ragline/models"), description="Where `ragline models pull` writes."
     )
@@ -542,13 +553,22 @@ class Settings(BaseSettings):
         default=100, ge=0, description="Vector stores a key may own, unless its policy says."
     )
     workers: int = Field(default=1, ge=1, description="Gateway processes (needs Redis if > 1).")
-    log_format: Literal["json", "text"] = "json"
+    log_format: Literal["json", "text"] = Field(
+        default="json", description="Logs on stderr as JSON lines, or text for humans."
+    )
     log_prompts: bool = Field(default=False, description="Debug: log prompts and completions.")
     shutdown_grace: float = Field(default=30.0, ge=0, description="Seconds for in-flight work.")
     send_timeout: float = Field(
         default=30.0, gt=0, description="A stream whose client reads nothing this long is closed."
     )
-    log_level: str = "info"
+    log_level: Literal["debug", "info", "warning", "error"] = Field(
+        default="info", description="Least severe log level written."
+    )
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _lower(cls, v: object) -> object:
+        return v.lower() if isinstance(v, str) else v
 
     @field_validator("models_dir", "adapters_file", "rag_dir")
     @classmethod

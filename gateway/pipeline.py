@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass
@@ -73,6 +74,7 @@ class StreamEnd:
 
     status: int = 499  # until it completes: the client went away first
     ttft: float | None = None
+    texts: list[str] | None = None  # each choice's text, kept when citations need it
 
 
 class Pipeline:
@@ -261,19 +263,24 @@ class Pipeline:
             ids = [call.request_id, call.ticket.response_id or ""]
             await self.prompts.remember(call.shaped, call.principal, ids)
 
-    def info(self, call: Call) -> dict[str, Any] | None:
-        """The response's ``ragline`` object: the prompt, citations, safety."""
+    def info(self, call: Call, answers: list[str] | None = None) -> dict[str, Any] | None:
+        """The response's ``ragline`` object: the prompt, citations, safety. Citations are the
+        chunks the prompt numbered ``[n]`` (those above the relevance floor); when the answers
+        cite any of those numbers, only the ones they cite."""
         info: dict[str, Any] = {}
         shaped, retrieved = call.shaped, call.retrieved
         if shaped is not None:
             info["prompt"] = shaped.info
             if retrieved is not None:
                 kept = min(len(retrieved.citations), int(shaped.info.get("context", 0)))
-                info["citations"] = retrieved.citations[:kept]
+                citations = retrieved.citations[:kept]
+                cited = cited_indices(answers or [], kept)
+                info["citations"] = [c for c in citations if not cited or c["index"] in cited]
                 info["retrieval"] = {
                     **retrieved.info,
                     "hits": len(retrieved.citations),
                     "used": kept,
+                    "cited": sorted(cited),
                 }
         if call.screened is not None:
             info["safety"] = call.screened.info()
@@ -319,7 +326,8 @@ class Pipeline:
                     contract.hold(c.text, calls, c.finish_reason, ticket.served_by)
             if guard is not None:
                 generation = guard.generation(generation)
-            payload = render_json(meta, generation, self.info(call))
+            answers = [c.text for c in generation.choices] if call.retrieved else None
+            payload = render_json(meta, generation, self.info(call, answers))
             await self._answered(call, "json", payload)
             return Reply(
                 200, {**JSON_HEADERS, **ticket.headers}, payload, after=_after(ticket, 200),
@@ -331,8 +339,10 @@ class Pipeline:
             events = contract.held(events, ticket)
         if guard is not None:
             events = guard.events(events)
+        if call.retrieved is not None:
+            end.texts = [""] * meta.choices  # the answers' [n] markers choose the citations
         events = _observe(events, ticket, end)
-        sse = guarded(render_sse(meta, events, lambda: self.info(call)))
+        sse = guarded(render_sse(meta, events, lambda: self.info(call, end.texts)))
         return Reply(
             200,
             {**SSE_HEADERS, **ticket.headers},
@@ -438,11 +448,24 @@ async def _observe(
             if isinstance(event, Usage):
                 ticket.prompt_tokens = event.prompt_tokens
                 ticket.completion_tokens = event.completion_tokens
-            elif end.ttft is None and isinstance(event, Chunk) and event.text:
-                end.ttft = time.perf_counter() - ticket.started
+            elif isinstance(event, Chunk) and event.text:
+                if end.ttft is None:
+                    end.ttft = time.perf_counter() - ticket.started
+                if end.texts is not None and 0 <= event.index < len(end.texts):
+                    end.texts[event.index] += event.text
             yield event
     finally:
         await events.aclose()
+
+
+_MARKER = re.compile(r"\[(\d{1,3})\]")
+
+
+def cited_indices(answers: list[str], numbered: int) -> set[int]:
+    """The ``[n]`` markers in ``answers`` that name one of the ``numbered`` documents."""
+    return {
+        n for text in answers for m in _MARKER.finditer(text) if 1 <= (n := int(m[1])) <= numbered
+    }
 
 
 async def _once(payload: bytes) -> AsyncGenerator[bytes, None]:

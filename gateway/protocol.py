@@ -140,6 +140,9 @@ class RagOptions(_Request):
     mode: Literal["hybrid", "dense", "bm25"] | None = None
     filters: dict[str, Any] | None = None
     score_threshold: float | None = None
+    min_similarity: float | None = Field(
+        default=None, ge=-1, le=1, description="Relevance floor (cosine); -1: none."
+    )
 
 
 class RaglineOptions(_Request):

@@ -440,6 +440,7 @@ class RagService:
             weights=config.weights,
             filters=config.filters,
             score_threshold=config.score_threshold,
+            min_similarity=config.min_similarity,
             mmr=config.mmr,
         )
         started = time.perf_counter()
@@ -462,7 +463,8 @@ class RagService:
             context.append({"text": text, "id": chunk.doc_id, "source": chunk.title})
             citations.append(
                 {
-                    "index": number,
+                    "index": number,  # the [n] the prompt numbered this chunk with
+                    "marker": f"[{number}]",
                     "store": store.id,
                     "document_id": chunk.doc_id,
                     "chunk_id": chunk.id,
@@ -470,6 +472,7 @@ class RagService:
                     "filename": doc.get("filename"),
                     "title": chunk.title or None,
                     "score": round(hit.score, 6),
+                    "similarity": None if hit.dense is None else round(hit.dense, 6),
                     "snippet": chunk.text[:SNIPPET_CHARS],
                 }
             )

@@ -39,6 +39,7 @@ class SearchOptions:
     mmr: float | None = None  # lambda in [0, 1]; 1 = pure relevance
     score_threshold: float | None = None
     per_document: int | None = None  # at most this many chunks of one document
+    min_similarity: float | None = None  # the query's cosine to a chunk at least (needs a model)
 
 
 @dataclass(frozen=True)
@@ -83,6 +84,14 @@ def search(
     rows = sorted(fused, key=lambda r: -fused[r])
     if options.score_threshold is not None:
         rows = [r for r in rows if fused[r] >= options.score_threshold]
+    if options.min_similarity is not None and embedder is not None:
+        if qvec is None:
+            qvec = embedder.embed_one(query)
+        rows = rows[: max(options.candidates, options.top_k)]
+        cosines = np.asarray(snapshot.vectors[rows], dtype=np.float32) @ qvec if rows else []
+        for r, cosine in zip(rows, cosines, strict=True):
+            dense.setdefault(r, float(cosine))
+        rows = [r for r, c in zip(rows, cosines, strict=True) if c >= options.min_similarity]
     if options.per_document is not None:
         rows = _per_document(snapshot, rows, options.per_document)
     if options.mmr is not None and qvec is None:

@@ -15,7 +15,8 @@ import typer
 from rich.markup import escape
 from typer.core import TyperGroup
 
-from gateway.cli.serve import keys_app, models_app, serve, version
+from gateway.cli.flags import hide_flag_types, with_settings_flags
+from gateway.cli.serve import SERVE_HELP, keys_app, models_app, serve, version
 
 # command -> (module, attribute): a typer app, imported when the command is used
 LAZY = {
@@ -43,14 +44,32 @@ class LazyGroup(TyperGroup):
         return command
 
 
+hide_flag_types()
 app = typer.Typer(
     cls=LazyGroup,
     help="ragline: an OpenAI-compatible LLM serving and RAG gateway.",
     no_args_is_help=True,
     add_completion=False,
 )
-app.command()(serve)
+app.command("serve", help=SERVE_HELP)(with_settings_flags(serve))  # a flag per setting
 app.command()(version)
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        version()
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    show_version: bool = typer.Option(
+        False, "--version", callback=_print_version, is_eager=True, help="Print the version."
+    ),
+) -> None:
+    """ragline: an OpenAI-compatible LLM serving and RAG gateway."""
+
+
 app.add_typer(models_app, name="models")
 app.add_typer(keys_app, name="keys")
 

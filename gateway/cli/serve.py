@@ -27,74 +27,22 @@ def _settings(**overrides: object) -> Settings:
     return load_settings(**overrides)
 
 
-def serve(
-    host: Annotated[
-        str | None,
-        typer.Option(help="Interface to listen on (env RAGLINE_HOST; default 127.0.0.1)."),
-    ] = None,
-    port: Annotated[int | None, typer.Option(help="Port (env RAGLINE_PORT; default 8000).")] = None,
-    config: Annotated[
-        Path | None,
-        typer.Option(
-            "--config",
-            "-c",
-            help="YAML file declaring models (env RAGLINE_CONFIG). "
-            "Default: `smollm2` on the embedded engine.",
-        ),
-    ] = None,
-    vllm: Annotated[
-        str | None,
-        typer.Option(
-            help="Serve `smollm2` from these vLLM servers (comma-separated URLs) instead of "
-            "the embedded engine (env RAGLINE_VLLM)."
-        ),
-    ] = None,
-    models_dir: Annotated[
-        Path | None,
-        typer.Option(
-            help="Where pulled models live "
-            "(env RAGLINE_MODELS_DIR; default ~/.cache/ragline/models)."
-        ),
-    ] = None,
-    max_request_bytes: Annotated[
-        int | None,
-        typer.Option(
-            help="Bodies larger than this get 413 (env RAGLINE_MAX_REQUEST_BYTES; default 4 MiB)."
-        ),
-    ] = None,
-    log_level: Annotated[
-        str | None, typer.Option(help="debug, info, warning or error (env RAGLINE_LOG_LEVEL).")
-    ] = None,
-    workers: Annotated[
-        int | None,
-        typer.Option(
-            min=1,
-            help="Gateway processes on one port (env RAGLINE_WORKERS; default 1). More than one "
-            "needs Redis (REDIS_URL): limits, cache and run-time keys are shared through it. "
-            "Each process loads its own copy of an embedded model.",
-        ),
-    ] = None,
-) -> None:
-    """Start the OpenAI-compatible gateway (uvicorn) on HOST:PORT.
+SERVE_HELP = (
+    "Start the OpenAI-compatible gateway (uvicorn) on HOST:PORT.\n\n"
+    "Every setting is a flag here and a RAGLINE_* environment variable (a flag wins). Models "
+    "load in the background after start-up; /ready answers 200 once every model is loaded and "
+    "every route's vector store exists."
+)
 
-    Routes: /v1/chat/completions, /v1/completions, /v1/models, /health, /ready. Models load in
-    the background after start-up; /ready answers 200 once every model is loaded.
-    """
+
+def serve(**flags: object) -> None:
+    """``ragline serve``; ``flags`` are ``Settings`` fields (None: not given)."""
     import uvicorn
 
     from gateway.app import create_app
     from gateway.model_assets import is_pulled, pull
 
-    settings = _settings(
-        host=host,
-        port=port,
-        config=config,
-        vllm=vllm,
-        models_dir=models_dir,
-        max_request_bytes=max_request_bytes,
-        log_level=log_level,
-        workers=workers,
-    )
+    settings = _settings(**flags)
     configure_logging(settings.log_level, settings.log_format)
     if settings.workers > 1 and not settings.redis_url:
         raise ConfigError(

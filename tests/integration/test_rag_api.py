@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -18,6 +19,7 @@ import openai
 import pytest
 
 from gateway.auth import hash_key
+from rag import RELEVANCE_FLOOR
 from tests.conftest import REPO, Gateway, start_gateway, stop_gateway
 from tests.rag.helpers import claims_for, corpus, minimal_pdf, slice_jsonl
 
@@ -294,27 +296,44 @@ def test_grounded_chat_cites_the_ingested_documents(gw: Gateway, scifact: Any) -
     client = sdk(gw)
     claim, relevant = claims_for(frozenset(d["_id"] for d in corpus()[:SLICE]))[0]
     r = client.chat.completions.create(
-        model="scifact-qa", messages=[{"role": "user", "content": claim}], max_tokens=24
-    )
+        model="scifact-qa", messages=[{"role": "user", "content": claim}], max_tokens=24,
+        temperature=0,
+    )  # fmt: skip
     info = r.model_extra["ragline"]
     cites = info["citations"]
     assert 1 <= len(cites) <= 3 and info["prompt"]["template"].startswith("grounded-qa@")
     ids = {d["_id"]: d for d in corpus()[:SLICE]}
-    for number, cite in enumerate(cites, 1):
-        assert cite["index"] == number and cite["store"] == scifact.id
+    for cite in cites:
+        assert 1 <= cite["index"] <= info["retrieval"]["used"] and cite["store"] == scifact.id
+        assert cite["marker"] == f"[{cite['index']}]" and cite["similarity"] >= RELEVANCE_FLOOR
         assert cite["document_id"] in ids and cite["snippet"] in ids[cite["document_id"]]["text"]
         assert isinstance(cite["chunk_id"], int) and isinstance(cite["score"], float)
-    assert relevant & {c["document_id"] for c in cites}
-    # the same citations on the final chunk of a stream
+    # the answer's [n] markers choose the citations when it has any; else every prompted chunk
+    cited = {int(n) for n in re.findall(r"\[(\d+)\]", r.choices[0].message.content or "")}
+    cited &= set(range(1, info["retrieval"]["used"] + 1))
+    assert {c["index"] for c in cites} == (cited or set(range(1, info["retrieval"]["used"] + 1)))
+    assert info["retrieval"]["cited"] == sorted(cited)
+    everything = client.chat.completions.create(
+        model="scifact-qa", messages=[{"role": "user", "content": claim}], max_tokens=1
+    ).model_extra["ragline"]  # one token cites nothing: every prompted chunk is listed
+    assert relevant & {c["document_id"] for c in everything["citations"]}
+    # an off-topic question: what falls below the relevance floor is neither prompted nor cited
+    joke = client.chat.completions.create(
+        model="scifact-qa", max_tokens=1,
+        messages=[{"role": "user", "content": "Tell me a joke about pirates and their parrots."}],
+    ).model_extra["ragline"]  # fmt: skip
+    assert joke["retrieval"]["used"] < info["retrieval"]["used"]
+    assert all(c["similarity"] >= RELEVANCE_FLOOR for c in joke["citations"])
+    # a stream: the same citations as the same answer unstreamed, on its final chunk
     chunks = list(client.chat.completions.create(
-        model="scifact-qa", messages=[{"role": "user", "content": claim}], max_tokens=8,
-        stream=True, stream_options={"include_usage": True},
+        model="scifact-qa", messages=[{"role": "user", "content": claim}], max_tokens=24,
+        temperature=0, stream=True, stream_options={"include_usage": True},
     ))  # fmt: skip
     finals = [c for c in chunks if (c.model_extra or {}).get("ragline")]
     assert len(finals) == 1 and finals[0].choices and finals[0].choices[0].finish_reason
-    assert [c["document_id"] for c in finals[0].model_extra["ragline"]["citations"]] == [
-        c["document_id"] for c in cites
-    ]
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert streamed == r.choices[0].message.content  # greedy: the same answer
+    assert finals[0].model_extra["ragline"]["citations"] == cites
     # per-request override: fewer chunks, or none
     one = client.chat.completions.create(
         model="scifact-qa", messages=[{"role": "user", "content": claim}], max_tokens=4,
