@@ -27,6 +27,7 @@ LAZY = {
     "ingest": ("gateway.cli.rag", "ingest_app"),
     "safety": ("gateway.cli.safety", "safety_app"),
     "search": ("gateway.cli.rag", "search_app"),
+    "stores": ("gateway.cli.rag", "stores_app"),
 }
 
 

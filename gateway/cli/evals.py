@@ -43,7 +43,13 @@ def eval_prompts(
         str | None,
         typer.Option(help="Ask an OpenAI-compatible server (…/v1) instead of an in-process model."),
     ] = None,
-    api_key: Annotated[str | None, typer.Option(envvar="RAGLINE_API_KEY")] = None,
+    api_key: Annotated[
+        str | None,
+        typer.Option(
+            envvar=["RAGLINE_API_KEY", "OPENAI_API_KEY"],
+            help="Bearer key (env RAGLINE_API_KEY or OPENAI_API_KEY).",
+        ),
+    ] = None,
     tokenizer: Annotated[
         Path | None,
         typer.Option(help="With --base-url: the served model's tokenizer (default: SmolLM2)."),

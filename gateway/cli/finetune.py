@@ -202,6 +202,7 @@ def register(
 def list_adapters(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
+    """The registered adapters: name, base model, path (the gateway serves them at start)."""
     from finetune.adapters import AdapterError, AdapterRegistry
 
     try:
@@ -221,6 +222,7 @@ def list_adapters(
 
 @adapters_app.command("remove")
 def remove(name: Annotated[str, typer.Argument(help="Adapter name.")]) -> None:
+    """Unregister an adapter (its files stay; gateways stop serving it at their next start)."""
     from finetune.adapters import AdapterError, AdapterRegistry
 
     try:

@@ -25,6 +25,7 @@ from rag.store import StoreError, VectorStore
 
 console = Console()
 errors = Console(stderr=True)
+CHUNKING = ChunkingConfig()  # the library's defaults are the CLI's
 
 
 def _fail(message: str) -> typer.Exit:
@@ -54,13 +55,18 @@ def ingest(
     store: Annotated[str, typer.Option("--store", "-s", help="Store name or id (created if new).")],
     chunk_size: Annotated[
         int, typer.Option(help="Chunk size in embedding tokens (new stores).")
-    ] = 200,
-    chunk_overlap: Annotated[int, typer.Option(help="Chunk overlap in tokens (new stores).")] = 32,
+    ] = CHUNKING.max_chunk_size_tokens,
+    chunk_overlap: Annotated[
+        int, typer.Option(help="Chunk overlap in tokens (new stores).")
+    ] = CHUNKING.chunk_overlap_tokens,
     index: Annotated[str, typer.Option(help="flat, hnsw or ivf (new stores).")] = "flat",
     metadata: Annotated[
         str | None, typer.Option(help='Attributes for every document, JSON: \'{"team": "a"}\'.')
     ] = None,
-    rag_dir: Annotated[Path | None, typer.Option(help="Default: RAGLINE_RAG_DIR.")] = None,
+    rag_dir: Annotated[
+        Path | None,
+        typer.Option(help="Where stores live (env RAGLINE_RAG_DIR; default ~/.cache/ragline/rag)."),
+    ] = None,
 ) -> None:
     """Load, chunk, embed and index documents; unchanged documents are skipped."""
     if index not in ("flat", "hnsw", "ivf"):
@@ -119,7 +125,10 @@ def search_command(
         str | None, typer.Option(help='OpenAI filter JSON: \'{"type": "eq", ...}\'.')
     ] = None,
     output_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
-    rag_dir: Annotated[Path | None, typer.Option(help="Default: RAGLINE_RAG_DIR.")] = None,
+    rag_dir: Annotated[
+        Path | None,
+        typer.Option(help="Where stores live (env RAGLINE_RAG_DIR; default ~/.cache/ragline/rag)."),
+    ] = None,
 ) -> None:
     """Search a store and print the best chunks."""
     if mode not in ("hybrid", "dense", "bm25"):
@@ -167,7 +176,10 @@ def eval_retrieval(
     output: Annotated[
         Path | None, typer.Option("--json", help="Also write the results here.")
     ] = None,
-    rag_dir: Annotated[Path | None, typer.Option(help="Default: RAGLINE_RAG_DIR.")] = None,
+    rag_dir: Annotated[
+        Path | None,
+        typer.Option(help="Where stores live (env RAGLINE_RAG_DIR; default ~/.cache/ragline/rag)."),
+    ] = None,
 ) -> None:
     """nDCG@10, Recall@10/100 and MRR@10 for BM25, dense and hybrid, with query latency."""
     import tempfile
@@ -238,3 +250,64 @@ ingest_app = typer.Typer()
 ingest_app.command("ingest")(ingest)
 search_app = typer.Typer()
 search_app.command("search")(search_command)
+
+
+stores_app = typer.Typer(
+    help="List and delete vector stores in RAGLINE_RAG_DIR.", no_args_is_help=True
+)
+RagDir = Annotated[
+    Path | None,
+    typer.Option(help="Where stores live (env RAGLINE_RAG_DIR; default ~/.cache/ragline/rag)."),
+]
+
+
+@stores_app.command("list")
+def stores_list(
+    rag_dir: RagDir = None,
+    output_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Every store: id, name, owner, documents, chunks, serving version, index."""
+    root = _root(rag_dir)
+    rows = []
+    for path in sorted(root.glob("vs_*/store.json")) if root.exists() else []:
+        store = VectorStore(path.parent)
+        snapshot = store.snapshot
+        rows.append({
+            "id": store.id, "name": store.name, "owner": store.info.get("owner"),
+            "documents": len(snapshot.documents), "chunks": len(snapshot),
+            "version": snapshot.version, "index": store.info.get("index"),
+        })  # fmt: skip
+    if output_json:
+        print(json.dumps(rows))
+        return
+    if not rows:
+        console.print(f"no vector stores under {root}")
+        return
+    table = Table("id", "name", "owner", "documents", "chunks", "version", "index")
+    for row in rows:
+        table.add_row(*(escape(str(row[k] if row[k] is not None else "-")) for k in row))
+    console.print(table)
+
+
+@stores_app.command("delete")
+def stores_delete(
+    store: Annotated[str, typer.Argument(help="Store name or id.")],
+    rag_dir: RagDir = None,
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask.")] = False,
+) -> None:
+    """Delete a store (a running gateway stops serving it at once; searches already running
+    finish on the version they hold)."""
+    import os
+    import secrets
+    import shutil
+
+    root = _root(rag_dir)
+    target = find_store(root, store)
+    if target is None:
+        raise _fail(f"no vector store {store!r} under {root}")
+    if not yes and not typer.confirm(f"delete {target.id} ({target.name})?"):
+        raise typer.Exit(1)
+    trash = root / f".deleted-{target.id}-{secrets.token_hex(4)}"
+    os.rename(target.path, trash)  # atomic: the store is gone for every reader at once
+    shutil.rmtree(trash, ignore_errors=True)
+    console.print(f"deleted {target.id} ({target.name})")

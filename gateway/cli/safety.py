@@ -56,12 +56,19 @@ def train(
     data: Annotated[Path, typer.Option(help="CSV with text,label (1 = injection).")],
     benign: BenignOption = None,
     out: Annotated[
-        Path | None, typer.Option(help="Weights file (default: the one shipped in the package).")
-    ] = None,
+        Path,
+        typer.Option(
+            help="Weights file to write; serve it with a policy's injection scanner option "
+            "`model_path`. The packaged classifier is replaced only when named here."
+        ),
+    ] = Path("injection.npz"),
+    force: Annotated[bool, typer.Option("--force", help="Overwrite an existing file.")] = False,
 ) -> None:
     """Fit the injection classifier on all of DATA and the benign sets and write its weights
     (.npz, no pickle)."""
-    from safety.scanners.injection import MODEL_PATH
+    if out.exists() and not force:
+        errors.print(f"[red]error:[/] {escape(str(out))} exists; --force overwrites it")
+        raise typer.Exit(2)
     from safety.train import fit, save, training_set
 
     texts, labels, sets = _load(data, benign)
@@ -70,7 +77,7 @@ def train(
     vectors = _embed(embedder, texts)
     extra = [(b, _embed(embedder, b.texts)) for b in sets]
     weights = fit(*training_set(texts, labels, vectors, extra))
-    target = out or MODEL_PATH
+    target = out
     save(weights, target)
     benign_count = sum(len(b.texts) for b in sets)
     console.print(

@@ -196,6 +196,77 @@ def keys_new() -> None:
     typer.echo(f"key:    {key}\nsha256: {hash_key(key)}")
 
 
+GatewayUrl = Annotated[
+    str, typer.Option(help="The running gateway (env RAGLINE_URL).", envvar="RAGLINE_URL")
+]
+AdminKey = Annotated[
+    str | None,
+    typer.Option(
+        help="An admin key (env RAGLINE_ADMIN_KEY; none: a gateway without keys, on loopback).",
+        envvar="RAGLINE_ADMIN_KEY",
+    ),
+]
+
+
+def _admin(method: str, url: str, path: str, key: str | None) -> Any:
+    """Call the gateway's admin API; an error response or no gateway exits 1 with its message."""
+    import httpx
+
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    try:
+        reply = httpx.request(method, url.rstrip("/") + path, headers=headers, timeout=30)
+    except httpx.HTTPError as exc:
+        console.print(f"[red]error:[/] cannot reach the gateway at {escape(url)}: {exc}")
+        raise typer.Exit(1) from None
+    if reply.status_code >= 400:
+        try:
+            message = reply.json()["error"]["message"]
+        except (ValueError, KeyError, TypeError):
+            message = reply.text[:300]
+        console.print(f"[red]error:[/] HTTP {reply.status_code}: {escape(str(message))}")
+        raise typer.Exit(1)
+    return reply.json()
+
+
+@keys_app.command("list")
+def keys_list(
+    url: GatewayUrl = "http://127.0.0.1:8000",
+    admin_key: AdminKey = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """The keys a running gateway accepts: the config file's and run-time ones (never a key or
+    its hash)."""
+    import json
+
+    from rich.table import Table
+
+    keys = _admin("GET", url, "/admin/keys", admin_key)["data"]
+    if as_json:
+        typer.echo(json.dumps(keys))
+        return
+    table = Table("id", "name", "admin", "source", "models", "rpm", "tpm")
+    for k in keys:
+        policy = k.get("policy") or {}
+        table.add_row(
+            escape(k["id"]), escape(k.get("name") or ""), "yes" if k.get("admin") else "",
+            k.get("source", "run-time"), escape(", ".join(policy.get("models") or [])),
+            str(policy.get("rpm") or "-"), str(policy.get("tpm") or "-"),
+        )  # fmt: skip
+    Console().print(table)
+
+
+@keys_app.command("revoke")
+def keys_revoke(
+    key_id: Annotated[str, typer.Argument(help="The key's id (`ragline keys list`).")],
+    url: GatewayUrl = "http://127.0.0.1:8000",
+    admin_key: AdminKey = None,
+) -> None:
+    """Revoke a run-time key at once, on every gateway process sharing its Redis (a config
+    file's key is removed from the file)."""
+    _admin("DELETE", url, f"/admin/keys/{key_id}", admin_key)
+    typer.echo(f"revoked {key_id}")
+
+
 @models_app.command("pull")
 def models_pull(
     models_dir: Annotated[

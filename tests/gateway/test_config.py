@@ -241,3 +241,50 @@ def test_banner_prints_after_the_port_is_bound_and_lists_what_is_served(tmp_path
     flat = " ".join(out.split())
     assert "Route 'hr-qa' searches vector store 'handbok', which does not exist" in flat
     assert "did you mean 'handbook'?" in flat
+
+
+def test_every_setting_is_a_serve_flag_with_one_style_of_help() -> None:
+    """Issue 23, item 9: `serve --help` showed 7 options while most settings were environment
+    only, defaults were written two ways, every flag was labelled <bool>; no --version."""
+    from importlib.metadata import version
+
+    from typer.testing import CliRunner
+
+    from gateway.cli import app
+    from gateway.cli.flags import env_names
+
+    runner = CliRunner()
+    shown = runner.invoke(app, ["serve", "--help"], env={"COLUMNS": "400"})
+    assert shown.exit_code == 0
+    text = " ".join(shown.output.split())
+    for name in Settings.model_fields:
+        flag = "--" + name.replace("_", "-")
+        assert flag in text, flag
+        assert f"(env {' or '.join(env_names(name))}; default" in text, name
+    assert "<bool>" not in text and "[default:" not in text
+    for panel in ("Listening", "Models and files", "Retrieval and uploads", "Logging"):
+        assert panel in text
+    assert runner.invoke(app, ["--version"]).output.strip() == version("ragline")
+
+
+def test_serve_flags_reach_the_settings(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """A flag wins over the variable; a flag not given leaves the variable's value."""
+    import typer
+    from typer.testing import CliRunner
+
+    from gateway.cli.flags import with_settings_flags
+    from gateway.config_file import load_settings
+
+    seen = {}
+
+    def fake_serve(**flags: object) -> None:
+        seen.update(load_settings(**flags).model_dump())
+
+    probe = typer.Typer()
+    probe.command()(with_settings_flags(fake_serve))
+    monkeypatch.setenv("RAGLINE_MAX_N", "3")
+    monkeypatch.setenv("RAGLINE_CACHE_TTL", "60")
+    result = CliRunner().invoke(probe, ["--cache-ttl", "5", "--no-log-prompts", "--rag-dir", "/x"])
+    assert result.exit_code == 0, result.output
+    assert (seen["max_n"], seen["cache_ttl"], seen["log_prompts"]) == (3, 5, False)
+    assert str(seen["rag_dir"]) == "/x"

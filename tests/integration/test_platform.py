@@ -159,6 +159,36 @@ def test_runtime_keys_and_immediate_revocation(pair) -> None:  # type: ignore[no
         client(pair[1], key).models.list()
 
 
+def test_cli_lists_and_revokes_keys(pair) -> None:  # type: ignore[no-untyped-def]
+    """Issue 23, item 9: `ragline keys list|revoke` against a running gateway (its admin API)."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    admin = {"Authorization": f"Bearer {ADMIN_KEY}"}
+    made = httpx.post(pair[0].url + "/admin/keys", json={"name": "cli"}, headers=admin).json()
+    env = {**os.environ, "RAGLINE_ADMIN_KEY": ADMIN_KEY, "RAGLINE_URL": pair[1].url}
+
+    def cli(*args: str, **extra: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "gateway.cli", "keys", *args], cwd=REPO,
+                              capture_output=True, text=True, env={**env, **extra})  # fmt: skip
+
+    listed = cli("list", "--json")
+    assert listed.returncode == 0, listed.stderr
+    keys = {k["id"]: k for k in json.loads(listed.stdout)}
+    assert {"user", "ops", made["id"]} <= set(keys) and keys["user"]["source"] == "config"
+    assert made["key"] not in listed.stdout and "sha256" not in listed.stdout
+    assert cli("revoke", made["id"]).returncode == 0
+    with pytest.raises(openai.AuthenticationError):
+        client(pair[0], made["key"]).models.list()
+    refused = cli("list", RAGLINE_ADMIN_KEY=USER_KEY)  # not an admin: the gateway's answer
+    assert refused.returncode == 1 and "HTTP 403" in refused.stderr
+    gone = cli("list", RAGLINE_URL="http://127.0.0.1:1")
+    assert gone.returncode == 1 and "cannot reach the gateway" in gone.stderr
+
+
 def test_key_lookup_is_timing_safe(monkeypatch) -> None:  # type: ignore[no-untyped-def]
     import hmac
 

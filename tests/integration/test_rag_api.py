@@ -421,6 +421,11 @@ def test_cli_ingest_next_to_the_gateway_is_served(
         env=env, cwd=REPO, capture_output=True, text=True,
     )  # fmt: skip
     assert json.loads(found.stdout)[0]["document_id"] == "faq.md"
+    # `ragline stores list|delete` see the same directory
+    listed = subprocess.run([sys.executable, "-m", "gateway.cli", "stores", "list", "--json"],
+                            env=env, cwd=REPO, capture_output=True, text=True)  # fmt: skip
+    faq = next(s for s in json.loads(listed.stdout) if s["name"] == "faq")
+    assert faq["id"] == "vs_faq" and faq["documents"] == 1 and faq["owner"] is None
     # an ingest killed mid-write (SIGKILL, parked by the test hook) changes nothing being served
     (tmp_path / "docs" / "more.md").write_text("# More\n\nThe canteen opens at noon.")
     version = sdk(gw).vector_stores.retrieve("vs_faq").model_extra["ragline"]["version"]
@@ -443,3 +448,9 @@ def test_cli_ingest_next_to_the_gateway_is_served(
     hits = sdk(gw).vector_stores.search("vs_faq", query="canteen opening time").data
     assert all("canteen" not in h.content[0].text for h in hits)
     assert "Monday" in sdk(gw).vector_stores.search("vs_faq", query="wifi").data[0].content[0].text
+    # deleted from the command line: the running gateway stops serving it at once
+    deleted = subprocess.run([sys.executable, "-m", "gateway.cli", "stores", "delete", "faq",
+                              "--yes"], env=env, cwd=REPO, capture_output=True, text=True)  # fmt: skip
+    assert deleted.returncode == 0 and "deleted vs_faq" in deleted.stdout, deleted.stderr
+    with pytest.raises(openai.NotFoundError):
+        sdk(gw).vector_stores.retrieve("vs_faq")

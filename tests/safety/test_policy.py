@@ -176,11 +176,16 @@ def test_train_and_eval_commands_on_the_real_data(tmp_path: Path) -> None:
     # latency per layer, for the shipped scanner and for the whole policy
     assert 0 < layers["phrase list (baseline)"]["latency_ms"]["p50"] <= shipped["latency_ms"]["p99"]
     assert set(result["latency"]) >= {"char gate", "default input policy"}
+    # an existing weights file (the packaged one too) is only overwritten with --force
+    again = subprocess.run([*cli, "safety", "train", "--data", str(subset), "--out", str(out)],
+                           cwd=REPO, capture_output=True, text=True)  # fmt: skip
+    assert again.returncode == 2 and "--force overwrites it" in again.stderr
     bad = tmp_path / "bad.csv"
     bad.write_text("text,label\nhello,2\n")
-    done = subprocess.run([*cli, "safety", "train", "--data", str(bad), "--out", str(out)],
-                          cwd=REPO, capture_output=True, text=True)  # fmt: skip
+    done = subprocess.run([*cli, "safety", "train", "--data", str(bad), "--out", str(out),
+                           "--force"], cwd=REPO, capture_output=True, text=True)  # fmt: skip
     assert done.returncode == 2 and "bad.csv:2" in done.stderr
     done = subprocess.run([*cli, "safety", "train", "--data", str(subset), "--benign", str(bad),
-                           "--out", str(out)], cwd=REPO, capture_output=True, text=True)  # fmt: skip
+                           "--out", str(out), "--force"], cwd=REPO, capture_output=True,
+                          text=True)  # fmt: skip
     assert done.returncode == 2 and "benign sets are .txt" in done.stderr
