@@ -65,10 +65,18 @@ def assert_valid_calls(calls: Any) -> None:
     assert len({c.id for c in calls}) == len(calls)
 
 
+def _finished_by_calls_or_the_limit(finish: str | None, completion_tokens: int) -> None:
+    """With parallel calls allowed, greedy SmolLM2 may keep calling (on some CPUs' numerics it
+    repeats the call until max_tokens): the answer then ends with `length` at the limit, every
+    call it made still whole and valid; otherwise with `tool_calls`."""
+    assert finish == "tool_calls" or (finish == "length" and completion_tokens == 150), (
+        finish, completion_tokens)  # fmt: skip
+
+
 def test_required_calls_validate(client: openai.OpenAI) -> None:
     reply = create(client, tool_choice="required")
     choice = reply.choices[0]
-    assert choice.finish_reason == "tool_calls"
+    _finished_by_calls_or_the_limit(choice.finish_reason, reply.usage.completion_tokens)
     assert choice.message.content is None
     assert_valid_calls(choice.message.tool_calls)
     assert reply.usage.completion_tokens > 10
@@ -89,10 +97,13 @@ def test_a_named_choice_calls_that_function_once(client: openai.OpenAI) -> None:
 
 
 def test_streamed_deltas_assemble_into_valid_calls(client: openai.OpenAI) -> None:
-    stream = create(client, tool_choice="required", stream=True)
+    stream = create(client, tool_choice="required", stream=True,
+                    stream_options={"include_usage": True})  # fmt: skip
     calls: dict[int, dict[str, str]] = {}
-    finish, text = None, ""
+    finish, text, used = None, "", 0
     for chunk in stream:
+        if chunk.usage is not None:
+            used = chunk.usage.completion_tokens
         for choice in chunk.choices:
             finish = choice.finish_reason or finish
             text += choice.delta.content or ""
@@ -105,7 +116,8 @@ def test_streamed_deltas_assemble_into_valid_calls(client: openai.OpenAI) -> Non
                 else:
                     assert delta.id is None and delta.function.name is None
                 calls[delta.index]["arguments"] += delta.function.arguments or ""
-    assert finish == "tool_calls" and text == ""
+    _finished_by_calls_or_the_limit(finish, used)
+    assert text == ""
     assert sorted(calls) == list(range(len(calls))) and calls
     for call in calls.values():
         jsonschema.validate(json.loads(call["arguments"]), SCHEMAS[call["name"]])
