@@ -14,17 +14,22 @@ import hashlib
 import json
 import logging
 import time
+import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from gateway.auth import Principal
 from gateway.cache import CachedResponse, ResponseCache, cache_key, is_deterministic
 from gateway.call import Call, message_text, requested_max_tokens
 from gateway.config import Settings
 from gateway.errors import InvalidRequest, RaglineError
+from gateway.ledger_db import UsageRecord
 from gateway.metrics import Metrics
 from gateway.ratelimit import RateLimiter, Reservation
+
+if TYPE_CHECKING:
+    from gateway.ledger import Ledger
 
 log = logging.getLogger("ragline.admission")
 
@@ -58,6 +63,9 @@ class Ticket:
     cache_result: str = "bypass"
     response_id: str | None = None
     served_by: str | None = None  # the backend that answered (a fallback's name, maybe)
+    request_id: str = ""
+    adapter: str | None = None  # for the usage ledger
+    variant: str | None = None  # experiment/variant (or the template) of a templated request
     settled: bool = False
     # run once the request is settled: (status, (prompt_tokens, completion_tokens))
     hooks: list[Callable[[int, tuple[int, int]], Awaitable[None]]] = field(default_factory=list)
@@ -77,6 +85,30 @@ class Ticket:
             "completion_tokens": self.completion_tokens,
             "cache": self.cache_result,
         }
+
+    def usage_record(self, status: int, ttft: float | None, elapsed: float) -> UsageRecord:
+        now = time.time()
+        ledger = self.admission.ledger
+        assert ledger is not None
+        return UsageRecord(
+            request_id=self.request_id or uuid.uuid4().hex,
+            ts=now,
+            day=time.strftime("%Y-%m-%d", time.gmtime(now)),
+            key_id=self.principal.key_id,
+            team=self.principal.policy.team,
+            model=self.model,
+            route=self.endpoint.rsplit("/", 1)[-1],
+            served_by=self.served_by,
+            adapter=self.adapter,
+            variant=self.variant,
+            prompt_tokens=self.prompt_tokens,
+            completion_tokens=self.completion_tokens,
+            cached=self.cache_result == "hit",
+            status=status,
+            latency_ms=round(elapsed * 1000, 3),
+            ttft_ms=None if ttft is None else round(ttft * 1000, 3),
+            cost=ledger.cost(self.model, self.prompt_tokens, self.completion_tokens),
+        )
 
     async def settle(self, status: int, ttft: float | None = None) -> None:
         """Step 9, once: settle the token bucket, count, run the hooks. Never raises."""
@@ -100,6 +132,8 @@ class Ticket:
                 if self.completion_tokens > 1:
                     tpot = (elapsed - ttft) / (self.completion_tokens - 1)
                     m.child(m.tpot, self.model).observe(tpot)
+            if a.ledger is not None:
+                a.ledger.add(self.usage_record(status, ttft, elapsed))
             for hook in self.hooks:
                 await hook(status, (self.prompt_tokens, self.completion_tokens))
         except Exception:  # the answer was sent; a failure here must not become the client's
@@ -114,6 +148,7 @@ class Admission:
         self.limiter = limiter
         self.cache = cache
         self.metrics = metrics
+        self.ledger: Ledger | None = None  # set by the lifespan when the ledger is on
 
     async def admit(self, call: Call) -> Call:
         """Step 3: the key's ``max_tokens`` rule (its limit, and the default it sets), then the
@@ -144,12 +179,19 @@ class Admission:
                 self.metrics.rate_limited.labels(principal.key_id).inc()
             raise
         ticket = Ticket(self, principal, call.endpoint, call.model, reservation, call.started)
+        ticket.request_id = call.request_id
+        target = call.target
+        if target is not None and target.adapter is not None:
+            ticket.adapter = target.adapter.name
         return call.evolve(body=body, ticket=ticket)
 
     async def lookup(self, call: Call) -> tuple[Call, CachedResponse | None]:
         """Step 7a: the cache key of the rendered request, and the cached answer, if any."""
         ticket, target = call.ticket, call.target
         assert ticket is not None and target is not None
+        if call.shaped is not None:
+            experiment, arm, template = call.shaped.labels
+            ticket.variant = f"{experiment}/{arm}" if experiment else template
         if not (ticket.principal.policy.cache and is_deterministic(call.body)):
             return call, None
         variant = _variant(call)

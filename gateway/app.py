@@ -49,6 +49,7 @@ from gateway.routes import (
     health,
     models,
     responses,
+    usage,
     vector_stores,
 )
 from gateway.routes import metrics as metrics_route
@@ -87,6 +88,20 @@ def create_app(settings: Settings | None = None, config: FileConfig | None = Non
             )
             cache = RedisResponseCache(redis, settings.cache_ttl, settings.cache_max_entry_bytes)
         admission = Admission(settings, limiter, cache, metrics)
+        ledger = None
+        if settings.usage_ledger:
+            from gateway.ledger import Ledger
+
+            ledger = Ledger(
+                settings.ledger_url(),
+                settings.usage_spool_dir,
+                config.prices,
+                settings.usage_buffer,
+                settings.usage_flush_seconds,
+                settings.usage_retention_days,
+            )
+            await ledger.start()
+        admission.ledger = app.state.ledger = ledger
         embedder = settings.embedder()  # one model for few-shot selection and retrieval
         prompts = PromptStage(config, metrics, redis, embedder)
         workers = WorkerPool(settings.parse_workers, settings.parse_timeout)
@@ -126,6 +141,8 @@ def create_app(settings: Settings | None = None, config: FileConfig | None = Non
             if watcher is not None:
                 watcher.cancel()
             await app.state.bookkeeping.flush()
+            if ledger is not None:
+                await ledger.aclose()  # what is pending: to the database, else the spool
             await limiter.aclose()  # settlements still queued
             await registry.aclose()
             await asyncio.to_thread(workers.close)
@@ -151,6 +168,7 @@ def create_app(settings: Settings | None = None, config: FileConfig | None = Non
         health.router,
         admin.router,
         metrics_route.router,
+        usage.router,
     )
     for router in routers:
         app.include_router(router)
