@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from gateway.auth import Principal
+from gateway.budgets import BudgetExceeded, BudgetReservation, Budgets, price_of
 from gateway.cache import CachedResponse, ResponseCache, cache_key, is_deterministic
 from gateway.call import Call, message_text, requested_max_tokens
 from gateway.config import Settings
@@ -66,6 +67,7 @@ class Ticket:
     request_id: str = ""
     adapter: str | None = None  # for the usage ledger
     variant: str | None = None  # experiment/variant (or the template) of a templated request
+    budget: BudgetReservation | None = None
     settled: bool = False
     # run once the request is settled: (status, (prompt_tokens, completion_tokens))
     hooks: list[Callable[[int, tuple[int, int]], Awaitable[None]]] = field(default_factory=list)
@@ -73,6 +75,8 @@ class Ticket:
     @property
     def headers(self) -> dict[str, str]:
         h = self.reservation.headers()
+        if self.budget is not None:
+            h.update(self.budget.headers())
         h["X-Ragline-Cache"] = self.cache_result
         if self.served_by is not None and self.served_by != self.model:
             h["X-Ragline-Backend"] = self.served_by
@@ -107,7 +111,7 @@ class Ticket:
             status=status,
             latency_ms=round(elapsed * 1000, 3),
             ttft_ms=None if ttft is None else round(ttft * 1000, 3),
-            cost=ledger.cost(self.model, self.prompt_tokens, self.completion_tokens),
+            cost=price_of(ledger.prices, self.model, self.prompt_tokens, self.completion_tokens),
         )
 
     async def settle(self, status: int, ttft: float | None = None) -> None:
@@ -119,6 +123,10 @@ class Ticket:
         try:
             used = self.prompt_tokens + self.completion_tokens
             await a.limiter.settle(self.reservation, used)
+            if self.budget is not None and a.budgets is not None:
+                cost = price_of(a.budgets.prices, self.model, self.prompt_tokens,
+                                self.completion_tokens)  # fmt: skip
+                await a.budgets.settle(self.budget, self.model, used, cost)
             elapsed = time.perf_counter() - self.started
             m, key = a.metrics, self.principal.key_id
             m.child(m.requests, self.endpoint, self.model, key, str(status)).inc()
@@ -149,6 +157,7 @@ class Admission:
         self.cache = cache
         self.metrics = metrics
         self.ledger: Ledger | None = None  # set by the lifespan when the ledger is on
+        self.budgets: Budgets | None = None  # set by the lifespan
 
     async def admit(self, call: Call) -> Call:
         """Step 3: the key's ``max_tokens`` rule (its limit, and the default it sets), then the
@@ -178,7 +187,17 @@ class Admission:
             if exc.status_code == 429:
                 self.metrics.rate_limited.labels(principal.key_id).inc()
             raise
+        budget = None
+        if self.budgets is not None:
+            try:
+                budget = await self.budgets.reserve(
+                    principal.key_id, policy.team, call.model, cost, policy.budget
+                )
+            except BudgetExceeded:
+                await self.limiter.settle(reservation, 0)  # the rate limits are given back
+                raise
         ticket = Ticket(self, principal, call.endpoint, call.model, reservation, call.started)
+        ticket.budget = budget
         ticket.request_id = call.request_id
         target = call.target
         if target is not None and target.adapter is not None:

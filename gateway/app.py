@@ -41,6 +41,7 @@ from gateway.resp import RespConnection
 from gateway.retrieval import RagService
 from gateway.routes import (
     admin,
+    budgets,
     chat,
     completions,
     docs,
@@ -102,6 +103,13 @@ def create_app(settings: Settings | None = None, config: FileConfig | None = Non
             )
             await ledger.start()
         admission.ledger = app.state.ledger = ledger
+        from gateway.budgets import Budgets
+
+        key_budgets = {k.id: k.policy.budget for k in config.keys if k.policy.budget is not None}
+        team_budgets = {t: c.budget for t, c in config.teams.items() if c.budget is not None}
+        admission.budgets = app.state.budgets = Budgets(
+            key_budgets, team_budgets, redis, config.prices, metrics
+        )
         embedder = settings.embedder()  # one model for few-shot selection and retrieval
         prompts = PromptStage(config, metrics, redis, embedder)
         workers = WorkerPool(settings.parse_workers, settings.parse_timeout)
@@ -169,6 +177,7 @@ def create_app(settings: Settings | None = None, config: FileConfig | None = Non
         admin.router,
         metrics_route.router,
         usage.router,
+        budgets.router,
     )
     for router in routers:
         app.include_router(router)

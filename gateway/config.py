@@ -23,6 +23,7 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from gateway.budgets import Budget
 from prompts.experiments import Experiment
 from prompts.registry import builtin_names
 from rag import HYBRID_WEIGHTS, RELEVANCE_FLOOR
@@ -306,6 +307,9 @@ class KeyPolicy(BaseModel):
         pattern=r"^[A-Za-z0-9_.-]{1,64}$",
         description="The team the usage ledger books this key's requests to.",
     )
+    budget: Budget | None = Field(
+        default=None, description="Token and cost budgets per day and month for this key."
+    )
 
 
 class ModelPrice(BaseModel):
@@ -315,6 +319,14 @@ class ModelPrice(BaseModel):
 
     prompt: float = Field(default=0.0, ge=0, description="Per million prompt tokens.")
     completion: float = Field(default=0.0, ge=0, description="Per million completion tokens.")
+
+
+class TeamConfig(BaseModel):
+    """A team: the keys whose policy names it share its budget."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    budget: Budget | None = None
 
 
 class KeyConfig(BaseModel):
@@ -341,6 +353,9 @@ class FileConfig(BaseModel):
     routes: list[RouteConfig] = Field(default_factory=list)
     experiments: list[Experiment] = Field(default_factory=list)
     safety: SafetyConfig = Field(default_factory=SafetyConfig)
+    teams: dict[str, TeamConfig] = Field(
+        default_factory=dict, description="Teams (a key policy's `team`) and their budgets."
+    )
     prices: dict[str, ModelPrice] = Field(
         default_factory=dict,
         description="Per model, route or adapter name: the price per million tokens the usage "

@@ -58,12 +58,6 @@ class Ledger:
 
     # -- the request side (step 9): cheap, synchronous ------------------------------------------
 
-    def cost(self, model: str, prompt_tokens: int, completion_tokens: int) -> float:
-        price = self.prices.get(model)
-        if price is None:
-            return 0.0
-        return (prompt_tokens * price.prompt + completion_tokens * price.completion) / 1e6
-
     def add(self, record: UsageRecord) -> None:
         self._pending.append(record)
         if len(self._pending) >= self.buffer_limit:

@@ -49,4 +49,4 @@ def test_the_files_are_well_formed() -> None:
         assert {"alert", "expr", "for", "labels", "annotations"} <= set(rule)
     alerts = {r["alert"] for r in rules}
     assert {"RaglineHighErrorRate", "RaglineSlowFirstToken", "RaglineNoHealthyReplica",
-            "RaglineSafetyBlocksSpike"} <= alerts  # fmt: skip
+            "RaglineSafetyBlocksSpike", "RaglineBudgetExhausted"} <= alerts  # fmt: skip
