@@ -15,6 +15,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from gateway import tracing
 from gateway.admission import Admission
 from gateway.auth import KeyStore
 from gateway.backends.registry import BackendRegistry
@@ -67,6 +68,8 @@ def create_app(settings: Settings | None = None, config: FileConfig | None = Non
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if not tracing.enabled():
+            tracing.configure_from_environment()  # OTEL_* variables; off by default
         redis = _redis_client(settings)
         registry = BackendRegistry.from_config(settings, config, redis)
         metrics = Metrics()
