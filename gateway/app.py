@@ -45,6 +45,7 @@ from gateway.routes import (
     budgets,
     chat,
     completions,
+    console,
     docs,
     embeddings,
     feedback,
@@ -185,6 +186,7 @@ def create_app(settings: Settings | None = None, config: FileConfig | None = Non
     for router in routers:
         app.include_router(router)
     docs.install(app)
+    console.install(app)
     _install_error_handlers(app)
     BODIES.install(app)
     app.state.in_flight = 0

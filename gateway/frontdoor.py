@@ -37,7 +37,7 @@ from gateway.http import (
 )
 from gateway.logs import access_log
 from gateway.responses_api import RESPONSES
-from gateway.routes import docs
+from gateway.routes import console, docs
 
 log = logging.getLogger("ragline")
 
@@ -161,7 +161,11 @@ class FrontDoor:
                 await send_error(send_with_id, refused, close=True)
                 return
             try:
-                if path not in PUBLIC_PATHS and not docs.is_public(path):
+                if (
+                    path not in PUBLIC_PATHS
+                    and not docs.is_public(path)
+                    and not (console.is_public(path))
+                ):
                     with tracing.span("authenticate"):
                         state["principal"] = await authenticate(
                             app_state.keys, authorization, path, scope.get("client")

@@ -188,6 +188,24 @@ def summarize(
     return out
 
 
+def series_rows(
+    engine: Engine, window: float, limit: int = 200_000
+) -> list[tuple[float, float, float | None, int, int, bool]]:
+    """(ts, latency, ttft, tokens, status, cached) of the last ``window`` seconds' requests."""
+    since = time.time() - window
+    columns = (
+        usage.c.ts,
+        usage.c.latency_ms,
+        usage.c.ttft_ms,
+        usage.c.prompt_tokens + usage.c.completion_tokens,
+        usage.c.status,
+        usage.c.cached,
+    )
+    query = select(*columns).where(usage.c.ts >= since).order_by(usage.c.ts.desc()).limit(limit)
+    with engine.connect() as connection:
+        return [tuple(row) for row in connection.execute(query)]
+
+
 def count(engine: Engine) -> int:
     with engine.connect() as connection:
         return int(connection.execute(select(func.count()).select_from(usage)).scalar() or 0)
