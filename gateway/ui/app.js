@@ -218,6 +218,9 @@ async function upload(event) {
   $("upload-status").textContent = "uploading…";
   const attached = await api(`/v1/vector_stores/${$("upload-store").value}/files`, { method: "POST", body: form });
   $("upload-status").textContent = `${attached.status}: ${attached.id}`;
+  const chosen = [$("upload-store").value, $("search-store").value];
+  await loadStores();  // the file counts changed
+  [$("upload-store").value, $("search-store").value] = chosen;
 }
 
 async function search(event) {
