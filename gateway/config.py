@@ -310,6 +310,11 @@ class KeyPolicy(BaseModel):
     budget: Budget | None = Field(
         default=None, description="Token and cost budgets per day and month for this key."
     )
+    console: bool = Field(
+        default=False,
+        description="May open the admin console and read the admin routes (GET only): "
+        "usage, budgets, keys, prompts, safety findings; admins may change them.",
+    )
 
 
 class ModelPrice(BaseModel):

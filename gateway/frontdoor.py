@@ -168,7 +168,11 @@ class FrontDoor:
                 ):
                     with tracing.span("authenticate"):
                         state["principal"] = await authenticate(
-                            app_state.keys, authorization, path, scope.get("client")
+                            app_state.keys,
+                            authorization,
+                            path,
+                            scope.get("client"),
+                            scope["method"],
                         )
                 if path in _FAST and scope["method"] == "POST":
                     status = await self._complete(

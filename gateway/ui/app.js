@@ -74,7 +74,7 @@ function chart(id, title, series, data, time = true) {
 
 async function signIn(key) {
   KEY = key;
-  await api("/admin/keys");  // an admin key, or this throws
+  await api("/admin/keys");  // an admin key or one with the console scope, or this throws
   sessionStorage.setItem("ragline-key", key);
   $("login").hidden = true;
   $("tabs").hidden = false;

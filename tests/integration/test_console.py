@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from gateway.auth import hash_key
-from tests.conftest import REPO, Gateway, start_gateway, stop_gateway
+from tests.conftest import REPO, Gateway, start_gateway, start_mock, stop_gateway
 
 ADMIN = "sk-console-admin"
 SHOTS = REPO / "docs" / "console"
@@ -153,3 +153,37 @@ def test_the_console_in_a_browser(gw: Gateway, page, tmp_path: Path) -> None:  #
     page.wait_for_function(
         "document.querySelector('#prompts-table').textContent.includes('grounded-qa')"
     )
+
+
+def test_a_console_key_reads_the_admin_routes_and_changes_nothing(tmp_path: Path) -> None:
+    """A key with the `console` scope signs into the console (GET /admin/*) but may not create
+    keys, set budgets or reload prompts; a plain key may not even read."""
+    keys = [
+        {"id": "viewer", "sha256": hash_key("sk-viewer"), "policy": {"console": True}},
+        {"id": "plain", "sha256": hash_key("sk-plain")},
+    ]
+    mock = start_mock(tmp_path, model="mock", finish="stop")
+    model = {"name": "m", "backend": "openai", "upstreams": [mock.url], "served_model": "mock"}
+    gateway = start_gateway(tmp_path, models=[model], keys=keys,
+                            env={"RAGLINE_DATABASE_URL": f"sqlite:///{tmp_path}/u.db"})  # fmt: skip
+    try:
+        viewer = {"Authorization": "Bearer sk-viewer"}
+        for path in ("/admin/keys", "/admin/usage", "/admin/usage/series", "/admin/budgets",
+                     "/admin/prompts", "/admin/safety/findings"):  # fmt: skip
+            assert httpx.get(gateway.url + path, headers=viewer).status_code == 200, path
+        for method, path in (
+            ("POST", "/admin/keys"),
+            ("PUT", "/admin/budgets/key/plain"),
+            ("POST", "/admin/prompts/reload"),
+            ("DELETE", "/admin/keys/x"),
+        ):
+            refused = httpx.request(method, gateway.url + path, headers=viewer, json={})
+            assert refused.status_code == 403, (method, path)
+            assert refused.json()["error"]["code"] == "not_admin"
+        plain = httpx.get(
+            gateway.url + "/admin/usage", headers={"Authorization": "Bearer sk-plain"}
+        )
+        assert plain.status_code == 403
+    finally:
+        stop_gateway(gateway)
+        mock.kill()
