@@ -14,17 +14,23 @@ import hashlib
 import json
 import logging
 import time
+import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from gateway.auth import Principal
+from gateway.budgets import BudgetExceeded, BudgetReservation, Budgets, price_of
 from gateway.cache import CachedResponse, ResponseCache, cache_key, is_deterministic
 from gateway.call import Call, message_text, requested_max_tokens
 from gateway.config import Settings
 from gateway.errors import InvalidRequest, RaglineError
+from gateway.ledger_db import UsageRecord
 from gateway.metrics import Metrics
 from gateway.ratelimit import RateLimiter, Reservation
+
+if TYPE_CHECKING:
+    from gateway.ledger import Ledger
 
 log = logging.getLogger("ragline.admission")
 
@@ -58,6 +64,10 @@ class Ticket:
     cache_result: str = "bypass"
     response_id: str | None = None
     served_by: str | None = None  # the backend that answered (a fallback's name, maybe)
+    request_id: str = ""
+    adapter: str | None = None  # for the usage ledger
+    variant: str | None = None  # experiment/variant (or the template) of a templated request
+    budget: BudgetReservation | None = None
     settled: bool = False
     # run once the request is settled: (status, (prompt_tokens, completion_tokens))
     hooks: list[Callable[[int, tuple[int, int]], Awaitable[None]]] = field(default_factory=list)
@@ -65,6 +75,8 @@ class Ticket:
     @property
     def headers(self) -> dict[str, str]:
         h = self.reservation.headers()
+        if self.budget is not None:
+            h.update(self.budget.headers())
         h["X-Ragline-Cache"] = self.cache_result
         if self.served_by is not None and self.served_by != self.model:
             h["X-Ragline-Backend"] = self.served_by
@@ -78,6 +90,30 @@ class Ticket:
             "cache": self.cache_result,
         }
 
+    def usage_record(self, status: int, ttft: float | None, elapsed: float) -> UsageRecord:
+        now = time.time()
+        ledger = self.admission.ledger
+        assert ledger is not None
+        return UsageRecord(
+            request_id=self.request_id or uuid.uuid4().hex,
+            ts=now,
+            day=time.strftime("%Y-%m-%d", time.gmtime(now)),
+            key_id=self.principal.key_id,
+            team=self.principal.policy.team,
+            model=self.model,
+            route=self.endpoint.rsplit("/", 1)[-1],
+            served_by=self.served_by,
+            adapter=self.adapter,
+            variant=self.variant,
+            prompt_tokens=self.prompt_tokens,
+            completion_tokens=self.completion_tokens,
+            cached=self.cache_result == "hit",
+            status=status,
+            latency_ms=round(elapsed * 1000, 3),
+            ttft_ms=None if ttft is None else round(ttft * 1000, 3),
+            cost=price_of(ledger.prices, self.model, self.prompt_tokens, self.completion_tokens),
+        )
+
     async def settle(self, status: int, ttft: float | None = None) -> None:
         """Step 9, once: settle the token bucket, count, run the hooks. Never raises."""
         if self.settled:
@@ -87,6 +123,10 @@ class Ticket:
         try:
             used = self.prompt_tokens + self.completion_tokens
             await a.limiter.settle(self.reservation, used)
+            if self.budget is not None and a.budgets is not None:
+                cost = price_of(a.budgets.prices, self.model, self.prompt_tokens,
+                                self.completion_tokens)  # fmt: skip
+                await a.budgets.settle(self.budget, self.model, used, cost)
             elapsed = time.perf_counter() - self.started
             m, key = a.metrics, self.principal.key_id
             m.child(m.requests, self.endpoint, self.model, key, str(status)).inc()
@@ -100,6 +140,8 @@ class Ticket:
                 if self.completion_tokens > 1:
                     tpot = (elapsed - ttft) / (self.completion_tokens - 1)
                     m.child(m.tpot, self.model).observe(tpot)
+            if a.ledger is not None:
+                a.ledger.add(self.usage_record(status, ttft, elapsed))
             for hook in self.hooks:
                 await hook(status, (self.prompt_tokens, self.completion_tokens))
         except Exception:  # the answer was sent; a failure here must not become the client's
@@ -114,6 +156,8 @@ class Admission:
         self.limiter = limiter
         self.cache = cache
         self.metrics = metrics
+        self.ledger: Ledger | None = None  # set by the lifespan when the ledger is on
+        self.budgets: Budgets | None = None  # set by the lifespan
 
     async def admit(self, call: Call) -> Call:
         """Step 3: the key's ``max_tokens`` rule (its limit, and the default it sets), then the
@@ -143,13 +187,30 @@ class Admission:
             if exc.status_code == 429:
                 self.metrics.rate_limited.labels(principal.key_id).inc()
             raise
+        budget = None
+        if self.budgets is not None:
+            try:
+                budget = await self.budgets.reserve(
+                    principal.key_id, policy.team, call.model, cost, policy.budget
+                )
+            except BudgetExceeded:
+                await self.limiter.settle(reservation, 0)  # the rate limits are given back
+                raise
         ticket = Ticket(self, principal, call.endpoint, call.model, reservation, call.started)
+        ticket.budget = budget
+        ticket.request_id = call.request_id
+        target = call.target
+        if target is not None and target.adapter is not None:
+            ticket.adapter = target.adapter.name
         return call.evolve(body=body, ticket=ticket)
 
     async def lookup(self, call: Call) -> tuple[Call, CachedResponse | None]:
         """Step 7a: the cache key of the rendered request, and the cached answer, if any."""
         ticket, target = call.ticket, call.target
         assert ticket is not None and target is not None
+        if call.shaped is not None:
+            experiment, arm, template = call.shaped.labels
+            ticket.variant = f"{experiment}/{arm}" if experiment else template
         if not (ticket.principal.policy.cache and is_deterministic(call.body)):
             return call, None
         variant = _variant(call)

@@ -15,6 +15,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from gateway import tracing
 from gateway.admission import Admission
 from gateway.auth import KeyStore
 from gateway.backends.registry import BackendRegistry
@@ -41,14 +42,17 @@ from gateway.resp import RespConnection
 from gateway.retrieval import RagService
 from gateway.routes import (
     admin,
+    budgets,
     chat,
     completions,
+    console,
     docs,
     embeddings,
     feedback,
     health,
     models,
     responses,
+    usage,
     vector_stores,
 )
 from gateway.routes import metrics as metrics_route
@@ -65,6 +69,8 @@ def create_app(settings: Settings | None = None, config: FileConfig | None = Non
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if not tracing.enabled():
+            tracing.configure_from_environment()  # OTEL_* variables; off by default
         redis = _redis_client(settings)
         registry = BackendRegistry.from_config(settings, config, redis)
         metrics = Metrics()
@@ -87,6 +93,27 @@ def create_app(settings: Settings | None = None, config: FileConfig | None = Non
             )
             cache = RedisResponseCache(redis, settings.cache_ttl, settings.cache_max_entry_bytes)
         admission = Admission(settings, limiter, cache, metrics)
+        ledger = None
+        if settings.usage_ledger:
+            from gateway.ledger import Ledger
+
+            ledger = Ledger(
+                settings.ledger_url(),
+                settings.usage_spool_dir,
+                config.prices,
+                settings.usage_buffer,
+                settings.usage_flush_seconds,
+                settings.usage_retention_days,
+            )
+            await ledger.start()
+        admission.ledger = app.state.ledger = ledger
+        from gateway.budgets import Budgets
+
+        key_budgets = {k.id: k.policy.budget for k in config.keys if k.policy.budget is not None}
+        team_budgets = {t: c.budget for t, c in config.teams.items() if c.budget is not None}
+        admission.budgets = app.state.budgets = Budgets(
+            key_budgets, team_budgets, redis, config.prices, metrics
+        )
         embedder = settings.embedder()  # one model for few-shot selection and retrieval
         prompts = PromptStage(config, metrics, redis, embedder)
         workers = WorkerPool(settings.parse_workers, settings.parse_timeout)
@@ -126,6 +153,8 @@ def create_app(settings: Settings | None = None, config: FileConfig | None = Non
             if watcher is not None:
                 watcher.cancel()
             await app.state.bookkeeping.flush()
+            if ledger is not None:
+                await ledger.aclose()  # what is pending: to the database, else the spool
             await limiter.aclose()  # settlements still queued
             await registry.aclose()
             await asyncio.to_thread(workers.close)
@@ -151,10 +180,13 @@ def create_app(settings: Settings | None = None, config: FileConfig | None = Non
         health.router,
         admin.router,
         metrics_route.router,
+        usage.router,
+        budgets.router,
     )
     for router in routers:
         app.include_router(router)
     docs.install(app)
+    console.install(app)
     _install_error_handlers(app)
     BODIES.install(app)
     app.state.in_flight = 0

@@ -177,11 +177,16 @@ class KeyStore:
 
 
 async def authenticate(
-    store: KeyStore, authorization: bytes, path: str, client: tuple[str, int] | None
+    store: KeyStore,
+    authorization: bytes,
+    path: str,
+    client: tuple[str, int] | None,
+    method: str = "GET",
 ) -> Principal:
     """The caller of ``path`` from its ``Authorization`` header (step 1 of the pipeline, for
     every route but ``/health`` and ``/ready``); raises ``AuthenticationFailed``,
-    ``PermissionDenied`` (an admin path without an admin key) or ``Overloaded``."""
+    ``PermissionDenied`` (an admin path without an admin key; a key with the ``console``
+    scope may read them, GET only) or ``Overloaded``."""
     admin_path = path.startswith("/admin")
     if store.open:
         if admin_path and (client or ("", 0))[0] not in LOOPBACK_HOSTS:
@@ -197,7 +202,8 @@ async def authenticate(
     principal = await store.lookup(token.strip())
     if principal is None:
         raise AuthenticationFailed("Incorrect API key provided.")
-    if admin_path and not principal.admin:
+    reading = principal.policy.console and method in ("GET", "HEAD")  # the console scope
+    if admin_path and not principal.admin and not reading:
         raise PermissionDenied("This key may not use the admin routes.", code="not_admin")
     return principal
 

@@ -23,6 +23,7 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from gateway.budgets import Budget
 from prompts.experiments import Experiment
 from prompts.registry import builtin_names
 from rag import HYBRID_WEIGHTS, RELEVANCE_FLOOR
@@ -301,6 +302,36 @@ class KeyPolicy(BaseModel):
     max_vector_stores: int | None = Field(
         default=None, ge=0, description="Vector stores this key may own; default: the server's."
     )
+    team: str | None = Field(
+        default=None,
+        pattern=r"^[A-Za-z0-9_.-]{1,64}$",
+        description="The team the usage ledger books this key's requests to.",
+    )
+    budget: Budget | None = Field(
+        default=None, description="Token and cost budgets per day and month for this key."
+    )
+    console: bool = Field(
+        default=False,
+        description="May open the admin console and read the admin routes (GET only): "
+        "usage, budgets, keys, prompts, safety findings; admins may change them.",
+    )
+
+
+class ModelPrice(BaseModel):
+    """What a model's tokens cost, per million, for the usage ledger."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: float = Field(default=0.0, ge=0, description="Per million prompt tokens.")
+    completion: float = Field(default=0.0, ge=0, description="Per million completion tokens.")
+
+
+class TeamConfig(BaseModel):
+    """A team: the keys whose policy names it share its budget."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    budget: Budget | None = None
 
 
 class KeyConfig(BaseModel):
@@ -327,6 +358,14 @@ class FileConfig(BaseModel):
     routes: list[RouteConfig] = Field(default_factory=list)
     experiments: list[Experiment] = Field(default_factory=list)
     safety: SafetyConfig = Field(default_factory=SafetyConfig)
+    teams: dict[str, TeamConfig] = Field(
+        default_factory=dict, description="Teams (a key policy's `team`) and their budgets."
+    )
+    prices: dict[str, ModelPrice] = Field(
+        default_factory=dict,
+        description="Per model, route or adapter name: the price per million tokens the usage "
+        "ledger computes cost with (none: cost 0).",
+    )
 
     @model_validator(mode="after")
     def _safety_names(self) -> FileConfig:
@@ -557,6 +596,27 @@ class Settings(BaseSettings):
         default="json", description="Logs on stderr as JSON lines, or text for humans."
     )
     log_prompts: bool = Field(default=False, description="Debug: log prompts and completions.")
+    usage_ledger: bool = Field(
+        default=True, description="Record one row per finished request in the usage ledger."
+    )
+    database_url: str | None = Field(
+        default=None,
+        description="The usage ledger's database: a SQLAlchemy URL, e.g. "
+        "postgresql://user@host/db; unset: SQLite at ~/.cache/ragline/usage.db.",
+    )
+    usage_spool_dir: Path = Field(
+        default=Path("~/.cache/ragline/usage-spool"),
+        description="Where ledger records wait while the database is unreachable.",
+    )
+    usage_retention_days: float = Field(
+        default=400, gt=0, description="Ledger records older than this are deleted."
+    )
+    usage_buffer: int = Field(
+        default=10_000, ge=1, description="Ledger records held in memory before a forced write."
+    )
+    usage_flush_seconds: float = Field(
+        default=1.0, gt=0, description="How often the ledger writes its batch."
+    )
     shutdown_grace: float = Field(default=30.0, ge=0, description="Seconds for in-flight work.")
     send_timeout: float = Field(
         default=30.0, gt=0, description="A stream whose client reads nothing this long is closed."
@@ -570,7 +630,7 @@ class Settings(BaseSettings):
     def _lower(cls, v: object) -> object:
         return v.lower() if isinstance(v, str) else v
 
-    @field_validator("models_dir", "adapters_file", "rag_dir")
+    @field_validator("models_dir", "adapters_file", "rag_dir", "usage_spool_dir")
     @classmethod
     def _expand(cls, v: Path) -> Path:
         return v.expanduser()
@@ -583,6 +643,11 @@ class Settings(BaseSettings):
         return SentenceTransformerEmbedder(
             path, document_precision=self.embedding_document_precision
         )
+
+    def ledger_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{Path('~/.cache/ragline/usage.db').expanduser()}"
 
     def default_model_path(self) -> Path:
         return self.models_dir / DEFAULT_MODEL_DIRNAME

@@ -22,7 +22,7 @@ from typing import Any
 import orjson
 from starlette.types import Message, Receive, Scope, Send
 
-from gateway import logs, responses_api
+from gateway import logs, responses_api, tracing
 from gateway.auth import PUBLIC_PATHS, authenticate
 from gateway.backends.base import CHAT, COMPLETIONS
 from gateway.config import Settings
@@ -37,7 +37,7 @@ from gateway.http import (
 )
 from gateway.logs import access_log
 from gateway.responses_api import RESPONSES
-from gateway.routes import docs
+from gateway.routes import console, docs
 
 log = logging.getLogger("ragline")
 
@@ -114,6 +114,13 @@ class FrontDoor:
         if scope["type"] != "http":
             await self.api(scope, receive, send)  # the lifespan
             return
+        if tracing.enabled():
+            with tracing.server_span(scope["method"], scope["path"], scope["headers"]) as span:
+                await self._serve(scope, receive, send, span)
+            return
+        await self._serve(scope, receive, send, None)
+
+    async def _serve(self, scope: Scope, receive: Receive, send: Send, span: Any) -> None:
         started = time.perf_counter()
         request_id, cache_control, length, authorization = "", b"", -1, b""
         multipart = False
@@ -128,6 +135,8 @@ class FrontDoor:
                 cache_control = value
             elif name == b"content-type":
                 multipart = value.startswith(b"multipart/form-data")
+            elif name == b"traceparent" and span is None:  # tracing off: passed on as sent
+                tracing.incoming.set({"traceparent": value.decode("latin-1")})
         request_id = request_id or f"{_ID_PREFIX}{next(self._ids):012x}"
         state = scope.setdefault("state", {})
         state["request_id"] = request_id
@@ -152,10 +161,19 @@ class FrontDoor:
                 await send_error(send_with_id, refused, close=True)
                 return
             try:
-                if path not in PUBLIC_PATHS and not docs.is_public(path):
-                    state["principal"] = await authenticate(
-                        app_state.keys, authorization, path, scope.get("client")
-                    )
+                if (
+                    path not in PUBLIC_PATHS
+                    and not docs.is_public(path)
+                    and not (console.is_public(path))
+                ):
+                    with tracing.span("authenticate"):
+                        state["principal"] = await authenticate(
+                            app_state.keys,
+                            authorization,
+                            path,
+                            scope.get("client"),
+                            scope["method"],
+                        )
                 if path in _FAST and scope["method"] == "POST":
                     status = await self._complete(
                         scope, receive, send, path, limit, cache_control, id_header
@@ -171,6 +189,13 @@ class FrontDoor:
             principal = state.get("principal")
             key_id = getattr(principal, "key_id", None)
             code = state.get("error_code")
+            if span is not None:
+                span.set_attribute("http.response.status_code", status)
+                span.set_attribute("ragline.request_id", request_id)
+                if key_id is not None:
+                    span.set_attribute("ragline.key_id", key_id)
+                if code is not None:
+                    span.set_attribute("error.type", code)
             fields = state.get("log_fields")
             if code is not None:
                 fields = {**(fields or {}), "error": code}

@@ -158,6 +158,18 @@ class Metrics:
             ["model", "to"],
             registry=r,
         )
+        self.budget_rejections = Counter(
+            "ragline_budget_rejections_total",
+            "Requests refused because a key's or team's budget was spent.",
+            ["scope", "period", "unit"],
+            registry=r,
+        )
+        self.budget_soft = Counter(
+            "ragline_budget_soft_limit_total",
+            "Budgets that crossed their soft threshold (once per budget and period).",
+            ["scope", "period", "unit"],
+            registry=r,
+        )
         self.in_flight = Gauge("ragline_in_flight_requests", "Requests being served.", registry=r)
         self.backend_running = Gauge(
             "ragline_backend_running_sequences",

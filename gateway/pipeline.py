@@ -24,6 +24,7 @@ from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+from gateway import tracing
 from gateway.admission import Admission, Ticket
 from gateway.backends.base import (
     CHAT,
@@ -75,6 +76,7 @@ class StreamEnd:
     status: int = 499  # until it completes: the client went away first
     ttft: float | None = None
     texts: list[str] | None = None  # each choice's text, kept when citations need it
+    span: Any = None  # the backend's trace span: a first_token event, ended with the stream
 
 
 class Pipeline:
@@ -99,15 +101,20 @@ class Pipeline:
     async def handle(self, endpoint: str, http: HttpRequest) -> Reply:
         call = self.authenticate(endpoint, http)  # 1
         call = self.resolve(call)  # 2
-        call = await self.admission.admit(call)  # 3
+        with tracing.span("admission"):
+            call = await self.admission.admit(call)  # 3
         ticket = call.ticket
         assert ticket is not None
         try:
             await check_schemas(call.body)  # a response format or tools that cannot be enforced
-            call = await self.safety.screen_input(call)  # 4
-            call = await self.retrieve(call)  # 5
-            call = await self.render(call)  # 6
-            call, hit = await self.admission.lookup(call)  # 7
+            with tracing.span("input_safety"):
+                call = await self.safety.screen_input(call)  # 4
+            with tracing.span("retrieval"):
+                call = await self.retrieve(call)  # 5
+            with tracing.span("rendering"):
+                call = await self.render(call)  # 6
+            with tracing.span("cache"):
+                call, hit = await self.admission.lookup(call)  # 7
             if hit is not None:
                 return self.replay(call, hit)
             return await self.generate(call, http)  # 7, 8, and 9 once sent
@@ -317,7 +324,10 @@ class Pipeline:
         guard = call.screened.output if call.screened is not None else None
         contract = OutputContract.of(call.body)
         if not request.stream:
-            generation = await until_disconnect(http.receive, self._first(call, meta.id, _generate))
+            with tracing.span("backend", **{"ragline.model": call.model}):
+                generation = await until_disconnect(
+                    http.receive, self._first(call, meta.id, _generate)
+                )
             ticket.prompt_tokens = generation.usage.prompt_tokens
             ticket.completion_tokens = generation.usage.completion_tokens
             if contract is not None:
@@ -325,7 +335,8 @@ class Pipeline:
                     calls = (c.fields or {}).get("tool_calls") or []
                     contract.hold(c.text, calls, c.finish_reason, ticket.served_by)
             if guard is not None:
-                generation = guard.generation(generation)
+                with tracing.span("output_safety"):
+                    generation = guard.generation(generation)
             answers = [c.text for c in generation.choices] if call.retrieved else None
             payload = render_json(meta, generation, self.info(call, answers))
             await self._answered(call, "json", payload)
@@ -333,8 +344,14 @@ class Pipeline:
                 200, {**JSON_HEADERS, **ticket.headers}, payload, after=_after(ticket, 200),
                 log_fields=ticket.log_fields,
             )  # fmt: skip
-        events = await until_disconnect(http.receive, self._first(call, meta.id, _open_stream))
-        end = StreamEnd()
+        backend = tracing.start("backend", **{"ragline.model": call.model, "ragline.stream": True})
+        try:
+            events = await until_disconnect(http.receive, self._first(call, meta.id, _open_stream))
+        except BaseException:
+            if backend is not None:
+                backend.end()
+            raise
+        end = StreamEnd(span=backend)
         if contract is not None:
             events = contract.held(events, ticket)
         if guard is not None:
@@ -451,10 +468,14 @@ async def _observe(
             elif isinstance(event, Chunk) and event.text:
                 if end.ttft is None:
                     end.ttft = time.perf_counter() - ticket.started
+                    if end.span is not None:
+                        end.span.add_event("first_token", {"ragline.ttft_ms": end.ttft * 1000})
                 if end.texts is not None and 0 <= event.index < len(end.texts):
                     end.texts[event.index] += event.text
             yield event
     finally:
+        if end.span is not None:
+            end.span.end()
         await events.aclose()
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -102,6 +103,7 @@ class SafetyStage:
         self.tokenizer_for = tokenizer_for  # decodes token-id prompts, so they are scanned too
         self.enabled = config.safety.enabled
         self.metrics = metrics
+        self.recent: deque[tuple[float, str, str, str]] = deque(maxlen=500)
         self.routes = {r.name: r for r in config.routes}
         specs = {"default": default_policy(), **{p.name: p for p in config.safety.policies}}
         self.specs = specs
@@ -343,6 +345,9 @@ class SafetyStage:
             self.metrics.safety.labels(scanner).observe(seconds / 1000)
         for scanner, finding in outcome.findings:
             self.metrics.safety_findings.labels(scanner, finding.type, outcome.action).inc()
+            # for the console: what was found, by which scanner, and what was done; never the
+            # text that matched
+            self.recent.append((time.time(), scanner, finding.type, outcome.action))
 
     # -- retrieved chunks (stage 5) ---------------------------------------------------------
 

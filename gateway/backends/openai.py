@@ -28,6 +28,7 @@ from typing import Any
 
 import orjson
 
+from gateway import tracing
 from gateway.backends.base import (
     CHAT,
     Capabilities,
@@ -193,7 +194,7 @@ class OpenAIBackend:
         response, its first SSE event (a stream) or whole body (JSON), and the deadline."""
         assert self._started, f"backend {self.name!r} is not started"
         data = self._payload(request, stream)
-        headers = {"X-Request-Id": request.request_id}
+        headers = tracing.outgoing_headers({"X-Request-Id": request.request_id})
         t = self.config.timeouts
         loop = asyncio.get_running_loop()
         tried: set[Replica] = set()

@@ -90,8 +90,9 @@ def screenshot_report(report, name: str):  # type: ignore[no-untyped-def]
     shot = artifacts / name
     shot.unlink(missing_ok=True)
     done = subprocess.run(
-        [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
-         "--window-size=1300,2600", f"--screenshot={shot}", report.as_uri()],
+        [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync",
+         "--hide-scrollbars", "--window-size=1300,2600", f"--screenshot={shot}", report.as_uri()],
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert shot.exists(), done.stderr

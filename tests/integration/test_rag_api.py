@@ -243,8 +243,9 @@ def test_docs_open_in_a_browser_without_a_key_and_without_a_cdn(gw: Gateway) -> 
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     assert chromium, "chromium is needed (apt-get install chromium; .ci/run installs it)"
     dom = subprocess.run(
-        [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=15000",
-         "--dump-dom", gw.url + "/docs"],
+        [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync",
+         "--virtual-time-budget=15000", "--dump-dom", gw.url + "/docs"],
         capture_output=True, text=True, timeout=120,
     ).stdout  # fmt: skip
     assert "opblock" in dom and "/v1/chat/completions" in dom, dom[-2000:]
