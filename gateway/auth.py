@@ -141,6 +141,30 @@ class KeyStore:
                 )
         return key, record
 
+    async def update(
+        self, key_id: str, policy: KeyPolicy, name: str | None = None
+    ) -> dict[str, Any] | None:
+        """Replace a run-time key's policy (and name); effective for its very next request.
+        None: no run-time key with that id (config keys change in the file)."""
+        if self._redis is None:
+            digest = self._memory_ids.get(key_id)
+            raw = self._memory.get(digest) if digest else None
+        else:
+            stored = await self._redis.hget(self._IDS, key_id)
+            digest = stored.decode() if isinstance(stored, bytes) else stored
+            raw = await self._redis.hget(self._HASHES, digest) if digest else None
+        if digest is None or raw is None:
+            return None
+        record = json.loads(raw)
+        record["policy"] = policy.model_dump()
+        if name is not None:
+            record["name"] = name
+        if self._redis is None:
+            self._memory[digest] = json.dumps(record)
+        else:
+            await self._redis.hset(self._HASHES, digest, json.dumps(record))
+        return {k: v for k, v in record.items() if k != "sha256"}
+
     async def revoke(self, key_id: str) -> bool:
         """Delete a run-time key; effective for the very next request."""
         if self._redis is None:

@@ -67,6 +67,29 @@ async def list_keys(request: Request) -> dict[str, object]:
     return {"object": "list", "data": await _keys(request).list()}
 
 
+class KeyChange(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str | None = Field(default=None, max_length=200)
+    policy: RunTimeKeyPolicy
+
+
+@router.patch("/keys/{key_id}", openapi_extra=BODIES.json(KeyChange))
+async def update_key(key_id: str, request: Request) -> dict[str, object]:
+    """Replace a run-time key's policy (models, limits, team, budget, ...); at once."""
+    change = await parse_body(request, KeyChange)
+    known = request.app.state.pipeline.safety.specs
+    if change.policy.safety_policy not in {*known, "off"}:
+        raise InvalidRequest(
+            f"Unknown safety policy {change.policy.safety_policy!r}.", param="policy.safety_policy"
+        )
+    record = await _keys(request).update(key_id, change.policy, change.name)
+    if record is None:
+        raise NotFound(f"No run-time key with id '{key_id}'.", param="key_id")
+    audit_event("key.updated", by=principal_of(request.state).key_id, key_id=key_id)
+    return record
+
+
 @router.delete("/keys/{key_id}")
 async def revoke_key(key_id: str, request: Request) -> dict[str, object]:
     if not await _keys(request).revoke(key_id):

@@ -72,6 +72,53 @@ def _q(values: list[float], q: float) -> float | None:
     return round(statistics.quantiles(values, n=100, method="inclusive")[int(q * 100) - 1], 2)
 
 
+@router.get("/admin/prompts/variants")
+async def prompt_variants(request: Request) -> dict[str, Any]:
+    """Per experiment variant and template version (this process, since it started): requests,
+    mean prompt and completion tokens, feedback count and mean score."""
+    m = request.app.state.metrics
+    await request.app.state.bookkeeping.flush()
+    rows: dict[tuple[str, str, str], dict[str, Any]] = {}
+
+    def add(metric: Any, field: str) -> None:
+        for family in metric.collect():
+            for sample in family.samples:
+                if sample.name.endswith("_created"):
+                    continue
+                labels = sample.labels
+                key = (labels["experiment"], labels["variant"], labels["template"])
+                row = rows.setdefault(key, {"experiment": key[0], "variant": key[1],
+                                            "template": key[2]})  # fmt: skip
+                suffix = sample.name.rsplit("_", 1)[-1]
+                name = field if suffix == "total" else f"{field}_{suffix}"
+                row[name] = row.get(name, 0) + sample.value
+
+    add(m.variant_requests, "requests")
+    add(m.variant_prompt_tokens, "prompt_tokens")
+    add(m.variant_completion_tokens, "completion_tokens")
+    add(m.variant_feedback, "feedback")
+    out = []
+    for row in rows.values():
+        requests = row.get("requests", 0) or 0
+        feedback = row.get("feedback_count", 0) or 0
+        out.append({
+            "experiment": row["experiment"] or None, "variant": row["variant"] or None,
+            "template": row["template"], "requests": int(requests),
+            "mean_prompt_tokens": _mean(row.get("prompt_tokens", 0), requests),
+            "mean_completion_tokens": _mean(row.get("completion_tokens", 0), requests),
+            "feedback": int(feedback),
+            "mean_feedback": round(row.get("feedback_sum", 0) / feedback, 3) if feedback else None,
+        })  # fmt: skip
+    return {
+        "object": "list",
+        "data": sorted(out, key=lambda r: (r["template"], r["variant"] or "")),
+    }
+
+
+def _mean(total: float, count: float) -> float | None:
+    return round(total / count, 1) if count else None
+
+
 @router.get("/admin/safety/findings")
 async def safety_findings(request: Request) -> dict[str, Any]:
     """The latest findings of this process (scanner, type, action, when; never the text), and

@@ -133,17 +133,33 @@ async function loadKeys() {
   table("keys-table", keys.map((k) => ({
     id: k.id, name: k.name, admin: k.admin ? "yes" : "", team: (k.policy || {}).team,
     models: ((k.policy || {}).models || []).join(", "), source: k.source || "run-time",
-    "": k.source === "config" ? "" : button("Revoke", async () => {
-      if (!confirm(`Revoke ${k.id}?`)) return;
-      await api(`/admin/keys/${encodeURIComponent(k.id)}`, { method: "DELETE" });
-      loadKeys();
-    }),
+    "": k.source === "config" ? "" : actions(k),
   })));
   const budgets = (await api("/admin/budgets")).data;
   table("budgets-table", budgets.flatMap((b) => b.usage.map((u) => ({
     scope: b.scope, id: b.id, period: u.period, unit: u.unit, used: u.used, limit: u.limit,
     resets: u.resets_at,
   }))));
+}
+
+function actions(k) {
+  const span = document.createElement("span");
+  span.append(button("Edit policy", async () => {
+    const edited = prompt(`Policy of ${k.id} (JSON)`, JSON.stringify(k.policy));
+    if (edited === null) return;
+    try {
+      await api(`/admin/keys/${encodeURIComponent(k.id)}`, {
+        method: "PATCH", headers: { "Content-Type": "application/json" },
+        body: JSON.stringify({ policy: JSON.parse(edited) }),
+      });
+    } catch (error) { alert(error.message); }
+    loadKeys();
+  }), " ", button("Revoke", async () => {
+    if (!confirm(`Revoke ${k.id}?`)) return;
+    await api(`/admin/keys/${encodeURIComponent(k.id)}`, { method: "DELETE" });
+    loadKeys();
+  }));
+  return span;
 }
 
 async function loadUsage(event) {
@@ -177,12 +193,11 @@ async function loadPrompts() {
     name: p.name, versions: p.versions.join(", "), default: p.default,
     labels: Object.entries(p.labels).map(([l, v]) => `${l}→${v}`).join(", "),
   })));
-  const variants = (await api("/admin/usage?group_by=variant")).data.filter((v) => v.variant);
+  const variants = (await api("/admin/prompts/variants")).data;
   table("variants-table", variants.map((v) => ({
-    variant: v.variant, requests: v.requests,
-    "mean prompt tokens": Math.round(v.prompt_tokens / v.requests),
-    "mean completion tokens": Math.round(v.completion_tokens / v.requests),
-    "mean latency ms": v.mean_latency_ms,
+    experiment: v.experiment, variant: v.variant, template: v.template, requests: v.requests,
+    "mean prompt tokens": v.mean_prompt_tokens, "mean completion tokens": v.mean_completion_tokens,
+    feedback: v.feedback, "mean score": v.mean_feedback,
   })));
 }
 

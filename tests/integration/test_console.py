@@ -76,8 +76,15 @@ def test_the_console_in_a_browser(gw: Gateway, page, tmp_path: Path) -> None:  #
     page.wait_for_function(
         "document.querySelector('#keys-table').textContent.includes('from-the-console')"
     )
-    models = httpx.get(gw.base_url + "/models", headers={"Authorization": f"Bearer {key}"})
-    assert models.status_code == 200
+    listed = httpx.get(gw.base_url + "/models", headers={"Authorization": f"Bearer {key}"})
+    assert "smollm2" in [m["id"] for m in listed.json()["data"]]
+    # edit its policy in the console: it may no longer see smollm2, at once
+    page.once("dialog", lambda d: d.accept('{"models": ["other-*"], "team": "red"}'))
+    row = page.locator("#keys-table tr", has_text="from-the-console")
+    row.get_by_role("button", name="Edit policy").click()
+    page.wait_for_function("document.querySelector('#keys-table').textContent.includes('other-*')")
+    listed = httpx.get(gw.base_url + "/models", headers={"Authorization": f"Bearer {key}"})
+    assert [m["id"] for m in listed.json()["data"]] == []
     page.screenshot(path=str(SHOTS / "keys.png"))
 
     # playground: the answer streams in, token by token
@@ -153,6 +160,7 @@ def test_the_console_in_a_browser(gw: Gateway, page, tmp_path: Path) -> None:  #
     page.wait_for_function(
         "document.querySelector('#prompts-table').textContent.includes('grounded-qa')"
     )
+    page.wait_for_selector("#variants-table tr")
 
 
 def test_a_console_key_reads_the_admin_routes_and_changes_nothing(tmp_path: Path) -> None:
