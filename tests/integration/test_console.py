@@ -184,6 +184,7 @@ def test_a_console_key_reads_the_admin_routes_and_changes_nothing(tmp_path: Path
             ("PUT", "/admin/budgets/key/plain"),
             ("POST", "/admin/prompts/reload"),
             ("DELETE", "/admin/keys/x"),
+            ("PATCH", "/admin/keys/x"),
         ):
             refused = httpx.request(method, gateway.url + path, headers=viewer, json={})
             assert refused.status_code == 403, (method, path)
