@@ -10,10 +10,11 @@ The upstream is the mock: the point is the gateway's input handling, not the mod
 
 from __future__ import annotations
 
+import itertools
 import os
 from collections import defaultdict
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +48,7 @@ REACHED: dict[str, set[int]] = defaultdict(set)
 class Fuzzed:
     gateway: Gateway
     ids: dict[str, str]  # path parameter -> an id that exists, owned by TENANT
+    serial: Iterator[int] = field(default_factory=itertools.count)
 
     def http(self, key: str) -> httpx.Client:
         headers = {"Authorization": f"Bearer {key}"}
@@ -57,6 +59,11 @@ class Fuzzed:
         tenant, admin = self.http(TENANT), self.http(ADMIN)
         if path == "/admin/keys/{key_id}":
             return {"key_id": admin.post("/admin/keys", json={"name": "doomed"}).json()["id"]}
+        if path == "/admin/budgets/{scope}/{owner}":
+            owner = f"doomed-{next(self.serial)}"
+            made = admin.put(f"/admin/budgets/team/{owner}", json={"tokens_per_day": 1})
+            assert made.status_code == 200, made.text
+            return {"scope": "team", "owner": owner}
         file_id = upload(tenant, b"A file made to be deleted by the fuzzer.")
         if path == "/v1/files/{file_id}":
             return {"file_id": file_id}
@@ -122,6 +129,10 @@ def fuzzed(
     run.ids["store_id"] = store.json()["id"]
     key = run.http(ADMIN).post("/admin/keys", json={"name": "kept"})
     run.ids["key_id"] = key.json()["id"]
+    # a budget that exists (for a team no key is in: it limits nothing the fuzzer sends)
+    budget = run.http(ADMIN).put("/admin/budgets/team/kept", json={"tokens_per_day": 10**12})
+    assert budget.status_code == 200, budget.text
+    run.ids.update(scope="team", owner="kept")
     templated = {"template": "capital-qa", "variables": {"country": "Peru"}}
     chat = tenant.post(
         "/v1/chat/completions",
