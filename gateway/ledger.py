@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import os
 import secrets
 import time
@@ -53,6 +54,7 @@ class Ledger:
         self._task: asyncio.Task[None] | None = None
         self._migrated = False
         self._purged_at = 0.0
+        self._warned_at = -math.inf
         self.spooled = 0  # records written to spool files by this process (for tests, metrics)
         self.written = 0
 
@@ -97,25 +99,29 @@ class Ledger:
             await asyncio.to_thread(self._write, batch)
 
     def _write(self, batch: list[UsageRecord]) -> None:
+        inserted = False
         try:
             if not self._migrated:
                 self._migrate()
             self.written += ledger_db.insert(self.engine, batch)
+            inserted = True
+            self._replay()
+            if self.retention_days and time.time() - self._purged_at > 3600:
+                self._purged_at = time.time()
+                removed = ledger_db.purge(self.engine, self.retention_days)
+                if removed:
+                    log.info("usage ledger: %d records older than %g days removed", removed,
+                             self.retention_days)  # fmt: skip
         except Exception as exc:
-            if batch:
+            if batch and not inserted:
                 self._spool(batch)
+            now = time.monotonic()
+            if now - self._warned_at > 30:  # one line per outage, not one per second
+                self._warned_at = now
                 log.warning(
-                    "usage ledger: database unreachable (%s); %d records spooled to %s",
-                    _why(exc), len(batch), self.spool_dir,
+                    "usage ledger: database unreachable (%s); records spool to %s until it "
+                    "is back", _why(exc), self.spool_dir,
                 )  # fmt: skip
-            return
-        self._replay()
-        if self.retention_days and time.time() - self._purged_at > 3600:
-            self._purged_at = time.time()
-            removed = ledger_db.purge(self.engine, self.retention_days)
-            if removed:
-                log.info("usage ledger: %d records older than %g days removed", removed,
-                         self.retention_days)  # fmt: skip
 
     def _spool(self, batch: list[UsageRecord]) -> None:
         path = self.spool_dir / f"spool-{os.getpid()}-{secrets.token_hex(4)}.jsonl"
@@ -129,11 +135,14 @@ class Ledger:
         self.spooled += len(batch)
 
     def _replay(self) -> None:
-        for path in sorted(self.spool_dir.glob("spool-*.jsonl")) + self._stale_claims():
-            claimed = self.spool_dir / f"claimed-{os.getpid()}-{path.name.split('-', 1)[1]}"
-            if path.name.startswith("claimed-"):
-                claimed = path
-            else:
+        mine = sorted(self.spool_dir.glob(f"claimed-{os.getpid()}-*.jsonl"))  # a failed replay's
+        for path in mine + sorted(self.spool_dir.glob("spool-*.jsonl")) + self._stale_claims():
+            if not path.exists():
+                continue
+            prefix = f"claimed-{os.getpid()}-"
+            claimed = path
+            if not path.name.startswith(prefix):  # a spool file, or a dead process's claim
+                claimed = self.spool_dir / f"{prefix}{secrets.token_hex(4)}-{path.name}"
                 try:
                     os.rename(path, claimed)  # atomic: one process replays each file
                 except FileNotFoundError:
@@ -152,6 +161,8 @@ class Ledger:
         now = time.time()
         out = []
         for path in self.spool_dir.glob("claimed-*.jsonl"):
+            if path.name.startswith(f"claimed-{os.getpid()}-"):
+                continue
             with contextlib.suppress(FileNotFoundError):
                 if now - path.stat().st_mtime > _CLAIM_STALE_SECONDS:
                     out.append(path)
