@@ -4,8 +4,9 @@
 
 Starts the mock upstream and two gateway processes in front of it (an API key with RPM/TPM
 limits, Redis-backed limits when ``REDIS_URL`` is set or Redis answers on 127.0.0.1:6379,
-Prometheus metrics, JSON access logs to a file): one with safety off, one with the default
-policy. Then, in one run, interleaved round by round so all three see the same machine noise:
+Prometheus metrics, JSON access logs to a file, the usage ledger on SQLite): one with safety
+off, one with the default policy, and the default policy with the usage ledger off (what the
+ledger costs). Then, in one run, interleaved round by round so all see the same machine noise:
 
 - non-streaming latency at one connection (p50 and p99), each of the three;
 - the most non-streaming requests/s at ``--connections`` connections, each of the three;
@@ -47,6 +48,10 @@ BODY = json.dumps(
 # goals: added p50 latency at one connection (ms), requests/s at 16 connections
 GOALS = {"off": (0.5, 2500), "default": (1.0, 1500)}
 TTFT_GOAL_MS = 2.0  # what the default policy may add to a stream's TTFT p50 over safety off
+# the usage ledger may add nothing measurable to request latency: at most this to the p50 at
+# one connection (ms; two runs of the same code differ by about this much here). Its cost in
+# requests/s at saturation is printed beside it.
+LEDGER_GOAL_MS = 0.1
 _TEXT = re.compile(rb'"content": ?"[^"]')  # a chunk with text (not the empty role chunk)
 REPLY = "I'm sorry for any confusion. The capital of France is Paris, a city of 2.1 million."
 
@@ -174,7 +179,13 @@ async def _ttfts(url: str, headers: dict[str, str], model: str, n: int) -> list[
 
 
 def _gateway(
-    work: Path, name: str, mock_port: int, prose_port: int, redis_url: str | None, safety: bool
+    work: Path,
+    name: str,
+    mock_port: int,
+    prose_port: int,
+    redis_url: str | None,
+    safety: bool,
+    ledger: bool = True,
 ) -> Any:
     port = _port()
     config = work / f"{name}.yaml"
@@ -200,7 +211,10 @@ def _gateway(
             }  # fmt: skip
         )
     )
-    env = {**os.environ, "RAGLINE_LOG_LEVEL": "info"}
+    env = {**os.environ, "RAGLINE_LOG_LEVEL": "info",
+           "RAGLINE_DATABASE_URL": f"sqlite:///{work}/usage-{name}.db",
+           "RAGLINE_USAGE_SPOOL_DIR": str(work / f"spool-{name}"),
+           "RAGLINE_USAGE_LEDGER": "true" if ledger else "false"}  # fmt: skip
     if redis_url:
         env["REDIS_URL"] = redis_url
     process = subprocess.Popen(
@@ -227,16 +241,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     )  # fmt: skip
     off, off_port = _gateway(work, "off", mock_port, prose_port, redis_url, safety=False)
     default, default_port = _gateway(work, "default", mock_port, prose_port, redis_url, safety=True)
+    bare, bare_port = _gateway(work, "noledger", mock_port, prose_port, redis_url, True, False)
     auth = {"Content-Type": "application/json", "Authorization": f"Bearer {KEY}"}
     targets = [
         Target("mock", f"http://127.0.0.1:{mock_port}/v1/chat/completions",
                {"Content-Type": "application/json"}),
         Target("off", f"http://127.0.0.1:{off_port}/v1/chat/completions", auth),
         Target("default", f"http://127.0.0.1:{default_port}/v1/chat/completions", auth),
+        Target("noledger", f"http://127.0.0.1:{bare_port}/v1/chat/completions", auth),
     ]  # fmt: skip
     try:
         asyncio.run(_wait(f"http://127.0.0.1:{mock_port}/health"))
-        for port in (off_port, default_port):
+        for port in (off_port, default_port, bare_port):
             asyncio.run(_wait(f"http://127.0.0.1:{port}/ready"))
         for target in targets:  # warm-up: connections, caches
             measure(target, args.connections, 1.0, work)
@@ -252,6 +268,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             ),
             "off": (targets[1].url, auth, "prose"),
             "default": (targets[2].url, auth, "prose"),
+            "noledger": (targets[3].url, auth, "prose"),
         }
         for i in range(args.rounds):
             order = targets if i % 2 == 0 else targets[::-1]
@@ -265,7 +282,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             for target in order:
                 ttft[target.name] += asyncio.run(_ttfts(*streams[target.name], args.streams))
     finally:
-        for process in (off, default, mock, prose):
+        for process in (off, default, bare, mock, prose):
             process.terminate()
             process.wait(timeout=30)
     median = {name: sorted(values)[len(values) // 2] for name, values in p50.items()}
@@ -293,6 +310,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "goal_rps": goal_rps,
             "pass": added <= goal_ms and rps[name] >= goal_rps,
         }
+    ledger_ms = median["default"] - median["noledger"]
+    ledger_share = rps["default"] / rps["noledger"] if rps["noledger"] else 0.0
+    result["ledger"] = {
+        "off_p50_ms": round(median["noledger"], 3),
+        "off_rps": round(rps["noledger"]),
+        "added_p50_ms": round(ledger_ms, 3),
+        "rps_ratio": round(ledger_share, 3),
+        "goal_added_p50_ms": LEDGER_GOAL_MS,
+        "pass": ledger_ms <= LEDGER_GOAL_MS,
+    }
     added_ttft = first["default"] - first["off"]
     result["default_policy_ttft_ms"] = {
         "added_over_off": round(added_ttft, 2),
@@ -319,6 +346,17 @@ def print_table(result: dict[str, Any]) -> None:
             f"(≤ {r['goal_added_p50_ms']}) | {r['p99_ms']:.3f} ms | {r['rps']:,} "
             f"(≥ {r['goal_rps']:,}) | {'PASS' if r['pass'] else 'FAIL'} |"
         )
+    led = result["ledger"]
+    print(
+        f"| ragline, default policy, usage ledger off | {led['off_p50_ms']:.3f} ms | | | "
+        f"{led['off_rps']:,} | |"
+    )
+    print(
+        f"\nusage ledger (default policy, on vs off): {led['added_p50_ms']:+.3f} ms p50 "
+        f"(goal ≤ {led['goal_added_p50_ms']}): {'PASS' if led['pass'] else 'FAIL'}; "
+        f"requests/s at {result['connections']} connections: {led['rps_ratio']:.3f} of the "
+        "ledger-off figure"
+    )
     t = result["default_policy_ttft_ms"]
     print(
         f"\nstream TTFT p50, one stream of prose at 50 tokens/s: mock {mock['ttft_p50_ms']:.2f} "
@@ -343,7 +381,8 @@ def main() -> None:
     else:
         print_table(result)
     passed = [result[f"safety_{n}"]["pass"] for n in ("off", "default")]
-    sys.exit(0 if all(passed) and result["default_policy_ttft_ms"]["pass"] else 1)
+    passed += [result["default_policy_ttft_ms"]["pass"], result["ledger"]["pass"]]
+    sys.exit(0 if all(passed) else 1)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ import csv
 import io
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -125,19 +125,24 @@ def migrate(engine: Engine) -> None:
         command.upgrade(config, "head")
 
 
+_COLUMNS = [c.name for c in usage.columns if c.name != "id"]
+
+
 def insert(engine: Engine, records: Sequence[UsageRecord]) -> int:
-    """Insert, skipping request ids already there (a replayed spool); returns rows written."""
+    """Insert, skipping request ids already there (a replayed spool); returns rows written.
+    One prepared statement through the driver's own executemany (rows as tuples): a second of
+    a busy gateway's records costs a few milliseconds of one core, not tens."""
     if not records:
         return 0
-    rows = [asdict(r) for r in records]
-    if engine.dialect.name == "postgresql":
-        from sqlalchemy.dialects.postgresql import insert as dialect_insert
-    else:
-        from sqlalchemy.dialects.sqlite import insert as dialect_insert  # type: ignore[assignment]
-    statement = dialect_insert(usage).on_conflict_do_nothing(index_elements=["request_id"])
+    mark = "?" if engine.dialect.paramstyle == "qmark" else "%s"
+    sql = (
+        f"INSERT INTO usage_records ({', '.join(_COLUMNS)}) "
+        f"VALUES ({', '.join([mark] * len(_COLUMNS))}) ON CONFLICT (request_id) DO NOTHING"
+    )
+    rows = [tuple(getattr(r, c) for c in _COLUMNS) for r in records]
     with engine.begin() as connection:
-        result = connection.execute(statement, rows)
-    return int(result.rowcount or 0)
+        result = connection.exec_driver_sql(sql, rows)
+    return max(int(result.rowcount or 0), 0)
 
 
 def purge(engine: Engine, older_than_days: float) -> int:
