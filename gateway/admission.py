@@ -187,15 +187,7 @@ class Admission:
             if exc.status_code == 429:
                 self.metrics.rate_limited.labels(principal.key_id).inc()
             raise
-        budget = None
-        if self.budgets is not None:
-            try:
-                budget = await self.budgets.reserve(
-                    principal.key_id, policy.team, call.model, cost, policy.budget
-                )
-            except BudgetExceeded:
-                await self.limiter.settle(reservation, 0)  # the rate limits are given back
-                raise
+        budget = await self.reserve_budget(principal, call.model, cost, reservation)
         ticket = Ticket(self, principal, call.endpoint, call.model, reservation, call.started)
         ticket.budget = budget
         ticket.request_id = call.request_id
@@ -203,6 +195,22 @@ class Admission:
         if target is not None and target.adapter is not None:
             ticket.adapter = target.adapter.name
         return call.evolve(body=body, ticket=ticket)
+
+    async def reserve_budget(
+        self, principal: Principal, model: str, tokens: int, reservation: Reservation
+    ) -> BudgetReservation | None:
+        """The key's and its team's budgets for ``tokens`` (of ``model``); on a refusal the
+        rate-limit reservation is given back before the 429 goes out."""
+        if self.budgets is None:
+            return None
+        policy = principal.policy
+        try:
+            return await self.budgets.reserve(
+                principal.key_id, policy.team, model, tokens, policy.budget
+            )
+        except BudgetExceeded:
+            await self.limiter.settle(reservation, 0)
+            raise
 
     async def lookup(self, call: Call) -> tuple[Call, CachedResponse | None]:
         """Step 7a: the cache key of the rendered request, and the cached answer, if any."""

@@ -142,7 +142,11 @@ class EmbeddingService:
             if exc.status_code == 429:
                 self.admission.metrics.rate_limited.labels(principal.key_id).inc()
             raise
+        budget = await self.admission.reserve_budget(
+            principal, self.model_id, estimate, reservation
+        )  # embedding tokens count against the key's and team's budgets too
         ticket = Ticket(self.admission, principal, ENDPOINT, self.model_id, reservation)
+        ticket.budget = budget
         try:
             body = await self._answer(ticket, request, inputs, no_cache)
         except BaseException as exc:

@@ -20,7 +20,7 @@ from tests.conftest import free_port, start_gateway, start_mock, stop_gateway, w
 REDIS = "redis://127.0.0.1:6379/0"
 RUN = str(time.time_ns())[-9:]  # counters are per key id and day: fresh ids per run
 ADMIN, ALICE, BOB, CAROL = "sk-budget-admin", "sk-budget-alice", "sk-budget-bob", "sk-budget-c"
-DAVE = "sk-budget-dave"
+DAVE, ERIN = "sk-budget-dave", "sk-budget-erin"
 
 
 def _ask(url: str, key: str, max_tokens: int = 20) -> httpx.Response:
@@ -65,6 +65,8 @@ def pair(tmp_path_factory: pytest.TempPathFactory, hook: object):  # type: ignor
         {"id": f"bob-{RUN}", "sha256": hash_key(BOB), "policy": {"team": f"blue-{RUN}"}},
         {"id": f"carol-{RUN}", "sha256": hash_key(CAROL), "policy": {"team": f"blue-{RUN}"}},
         {"id": f"dave-{RUN}", "sha256": hash_key(DAVE)},
+        {"id": f"erin-{RUN}", "sha256": hash_key(ERIN),
+         "policy": {"budget": {"tokens_per_day": 40}}},
     ]  # fmt: skip
     extra = {
         "teams": {f"blue-{RUN}": {"budget": {
@@ -144,3 +146,22 @@ def test_admin_routes_set_read_and_delete_budgets(pair) -> None:  # type: ignore
     assert httpx.delete(url, headers=admin).json()["deleted"] is True
     assert httpx.get(url, headers=admin).status_code == 404
     assert wait_until(lambda: _ask(pair[1].url, DAVE).status_code == 200, timeout=10)
+
+
+def test_embeddings_count_against_the_budget(pair) -> None:  # type: ignore[no-untyped-def]
+    statuses = []
+    for i in range(12):
+        reply = httpx.post(
+            pair[i % 2].url + "/v1/embeddings", headers={"Authorization": f"Bearer {ERIN}"},
+            json={"model": "all-MiniLM-L6-v2", "input": f"budgeted words number {i}"}, timeout=60,
+        )  # fmt: skip
+        statuses.append(reply.status_code)
+        if reply.status_code == 429:
+            assert reply.json()["error"]["code"] == "budget_exceeded"
+            assert (
+                f"daily token budget of key 'erin-{RUN}' (40)" in reply.json()["error"]["message"]
+            )
+    assert 200 in statuses and 429 in statuses
+    admin = {"Authorization": f"Bearer {ADMIN}"}
+    status = httpx.get(pair[0].url + f"/admin/budgets/key/erin-{RUN}", headers=admin).json()
+    assert int(status["usage"][0]["used"]) <= 40
