@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import time
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass
@@ -279,16 +278,8 @@ class Pipeline:
         if shaped is not None:
             info["prompt"] = shaped.info
             if retrieved is not None:
-                kept = min(len(retrieved.citations), int(shaped.info.get("context", 0)))
-                citations = retrieved.citations[:kept]
-                cited = cited_indices(answers or [], kept)
-                info["citations"] = [c for c in citations if not cited or c["index"] in cited]
-                info["retrieval"] = {
-                    **retrieved.info,
-                    "hits": len(retrieved.citations),
-                    "used": kept,
-                    "cited": sorted(cited),
-                }
+                prompted = int(shaped.info.get("context", 0))  # the budget may drop the last
+                info["citations"], info["retrieval"] = retrieved.cite(prompted, answers or [])
         if call.screened is not None:
             info["safety"] = call.screened.info()
         return info or None
@@ -477,16 +468,6 @@ async def _observe(
         if end.span is not None:
             end.span.end()
         await events.aclose()
-
-
-_MARKER = re.compile(r"\[(\d{1,3})\]")
-
-
-def cited_indices(answers: list[str], numbered: int) -> set[int]:
-    """The ``[n]`` markers in ``answers`` that name one of the ``numbered`` documents."""
-    return {
-        n for text in answers for m in _MARKER.finditer(text) if 1 <= (n := int(m[1])) <= numbered
-    }
 
 
 async def _once(payload: bytes) -> AsyncGenerator[bytes, None]:
