@@ -12,14 +12,16 @@ VLLM_STAMP := $(VLLM_VENV)/.ragline-installed
 VLLM_PORT  ?= 8100
 MODEL_DIR   = $(shell $(BIN)/ragline models path)
 
-.PHONY: setup install lock models serve test lint format bench bench-crosscheck clean vllm vllm-install
+.PHONY: setup install lock models serve test lint format bench bench-crosscheck clean vllm vllm-install \
+	image image-gateway chart compose
 
 setup: install models
 
 install: $(STAMP)
 
 # Every dependency comes from a lock, pinned with its SHA-256 hashes (requirements.lock: what
-# the server needs, which the image installs; requirements-dev.lock: that and the test tools);
+# the server needs, which the image installs; requirements-gateway.lock: the same without
+# PyTorch, for the slim gateway image; requirements-dev.lock: the first and the test tools);
 # only the project itself is installed without them. `make lock` writes both again.
 $(STAMP): pyproject.toml requirements-dev.lock
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -35,9 +37,13 @@ LOCK_FOR   := --generate-hashes --python-version 3.11 --python-platform x86_64-m
 lock:
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	@test -x $(BIN)/uv || $(BIN)/python -m pip install -q --disable-pip-version-check 'uv>=0.5'
-	$(BIN)/uv pip compile -q pyproject.toml $(LOCK_FOR) $(LOCK_TORCH) -o requirements.lock
-	$(BIN)/uv pip compile -q pyproject.toml --extra dev -c requirements.lock $(LOCK_FOR) \
-		$(LOCK_TORCH) -o requirements-dev.lock
+	$(BIN)/uv pip compile -q pyproject.toml --extra engine $(LOCK_FOR) $(LOCK_TORCH) \
+		-o requirements.lock
+	$(BIN)/uv pip compile -q pyproject.toml -c requirements.lock \
+		--override deploy/image/gateway-overrides.txt $(LOCK_FOR) \
+		-o requirements-gateway.lock
+	$(BIN)/uv pip compile -q pyproject.toml --extra engine --extra dev -c requirements.lock \
+		$(LOCK_FOR) $(LOCK_TORCH) -o requirements-dev.lock
 
 models: install
 	$(BIN)/ragline models pull
@@ -90,3 +96,19 @@ bench-crosscheck: setup vllm-install
 
 clean:
 	rm -rf $(VENV) $(VLLM_VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info
+
+# Images and cluster manifests (the README's "Deploying" section). The images
+# need a container engine; chart and compose only render, with the Helm from requirements-dev.lock.
+IMAGE ?= ragline
+image:
+	docker build -t $(IMAGE):cpu .
+
+image-gateway:
+	docker build -f deploy/image/Dockerfile.gateway -t $(IMAGE):gateway .
+
+chart: install
+	$(BIN)/helm lint --strict deploy/helm/ragline
+	$(BIN)/helm template ragline deploy/helm/ragline
+
+compose:
+	docker compose -f deploy/compose.yaml config --quiet

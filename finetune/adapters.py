@@ -23,7 +23,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from finetune.train import ALL_LINEAR, META_FILE, VLLM_RANKS, base_checksum
+from finetune.meta import ALL_LINEAR, META_FILE, VLLM_RANKS, base_checksum
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _KEY = re.compile(

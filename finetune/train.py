@@ -9,7 +9,6 @@ rank, target modules, output directory, QLoRA without CUDA) is checked before th
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import random
@@ -24,15 +23,13 @@ from typing import Any, Literal
 import torch
 
 from finetune.data import IGNORE, DataError, Summary, Tokenized, load_examples, pack, prepare, split
-
-# LoRA ranks vLLM's punica kernels accept (vllm/config/lora.py, 0.32)
-VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
-ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-META_FILE = "ragline.json"
-
-
-class FinetuneError(ValueError):
-    """Bad settings or inputs, found before training starts."""
+from finetune.meta import (
+    ALL_LINEAR,
+    META_FILE,
+    VLLM_RANKS,
+    FinetuneError,
+    base_checksum,
+)
 
 
 @dataclass
@@ -85,26 +82,6 @@ class Result:
     @property
     def steps_per_second(self) -> float:
         return self.steps / self.seconds if self.seconds else 0.0
-
-
-def file_checksum(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def base_checksum(base: Path) -> str:
-    """SHA-256 over the base checkpoint's weight files (sorted by name)."""
-    files = sorted(base.glob("*.safetensors"))
-    if not files:
-        raise FinetuneError(f"{base}: no *.safetensors weights (is this a model directory?)")
-    digest = hashlib.sha256()
-    for f in files:
-        digest.update(f.name.encode())
-        digest.update(file_checksum(f).encode())
-    return digest.hexdigest()
 
 
 def check(config: TrainConfig) -> None:

@@ -7,13 +7,14 @@ import logging
 from pathlib import Path
 
 import yaml
-from pydantic import ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from gateway.config import (
     DEFAULT_MODEL_NAME,
     AdapterConfig,
     EmbeddedModelConfig,
     FileConfig,
+    KeyConfig,
     Settings,
     VllmModelConfig,
 )
@@ -42,10 +43,61 @@ def load_settings(**overrides: object) -> Settings:
 def load_file_config(settings: Settings) -> FileConfig:
     """Read ``settings.config`` (or the built-in default) into a validated ``FileConfig``."""
     config = _load_file_config(settings)
+    if settings.keys_file is not None:
+        _add_keys_file(config, settings.keys_file.expanduser())
     if settings.prompts_dir is not None:
         config.prompts.dir = settings.prompts_dir.expanduser()
     _add_registered_adapters(config, settings.adapters_file)
     return config
+
+
+class _KeysFile(BaseModel):
+    """The keys file's schema: the config file's ``keys`` alone."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    keys: list[KeyConfig] = Field(default_factory=list)
+
+
+def _add_keys_file(config: FileConfig, path: Path) -> None:
+    """Add the keys of ``RAGLINE_KEYS_FILE`` (a Secret in Kubernetes) to the config file's."""
+    text, raw = _read_yaml(path, "keys file")
+    try:
+        extra = _KeysFile.model_validate(raw).keys
+    except ValidationError as exc:
+        heading = f"keys file {path} is invalid"
+        raise ConfigError(
+            format_error(exc, _KeysFile, heading=heading, source=str(path), text=text)
+        ) from None
+    merged = config.keys + extra
+    for attr in ("id", "sha256"):
+        values = [getattr(k, attr) for k in merged]
+        repeated = sorted({v for v in values if values.count(v) > 1})
+        if repeated:
+            where = "ids" if attr == "id" else "hashes"
+            raise ConfigError(
+                f"keys file {path}: key {where} repeat the config file's or each other: "
+                + ", ".join(repeated if attr == "id" else [r[:12] + "…" for r in repeated])
+            )
+    known = config.safety.names()
+    for key in extra:
+        if key.policy.safety_policy not in known:
+            raise ConfigError(
+                f"keys file {path}: keys[{key.id}]: safety policy "
+                f"{key.policy.safety_policy!r} is not declared under safety in the config file"
+            )
+    config.keys = merged
+
+
+def _read_yaml(path: Path, what: str) -> tuple[str, object]:
+    """The text of a YAML file and what it holds; a ConfigError naming ``what`` and ``path``."""
+    try:
+        text = path.read_text()
+        return text, yaml.safe_load(text) or {}
+    except OSError as exc:
+        raise ConfigError(f"cannot read {what} {path}: {exc.strerror}") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{what} {path} is not valid YAML: {exc}") from exc
 
 
 def _add_registered_adapters(config: FileConfig, registry: Path) -> None:
@@ -85,13 +137,7 @@ def _load_file_config(settings: Settings) -> FileConfig:
             return FileConfig(models=[model])
         return FileConfig(models=[EmbeddedModelConfig(name=DEFAULT_MODEL_NAME)])
     path = settings.config.expanduser()
-    try:
-        text = path.read_text()
-        raw = yaml.safe_load(text) or {}
-    except OSError as exc:
-        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from exc
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+    text, raw = _read_yaml(path, "config file")
     if not isinstance(raw, dict):
         raise ConfigError(f"config file {path} must be a mapping (models:, routes:, ...)")
     try:

@@ -24,6 +24,11 @@ class Settings(BaseSettings):
         description="YAML file declaring models, routes, keys; unset: `smollm2` on the "
         "embedded engine.",
     )
+    keys_file: Path | None = Field(
+        default=None,
+        description="YAML file with a `keys:` list (SHA-256 hashes, as in the config file) added "
+        "to the config's; in Kubernetes, mounted from a Secret.",
+    )
     models_dir: Path = Field(
         default=Path("~/.cache/ragline/models"), description="Where `ragline models pull` writes."
     )

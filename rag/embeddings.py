@@ -21,6 +21,7 @@ Two backends compute the float32 vectors (cosine 1.0000 between them):
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import threading
@@ -96,6 +97,14 @@ class SentenceTransformerEmbedder:
                     try:
                         self._model = OnnxEncoder(self.path)
                     except Exception as exc:  # noqa: BLE001 - any export/runtime failure
+                        if importlib.util.find_spec("sentence_transformers") is None:
+                            raise RuntimeError(
+                                f"the embedding model's ONNX files are not built ({exc}) and "
+                                "this install has no PyTorch to build or replace them: run "
+                                "`ragline models pull --no-chat` where PyTorch is installed, "
+                                "with the same RAGLINE_MODELS_DIR (the slim image does it at "
+                                "build time)"
+                            ) from exc
                         log.warning("ONNX embedding backend unavailable (%s); using torch", exc)
                         self.backend = "torch"
                 if self._model is None:

@@ -125,7 +125,7 @@ class OnnxEncoder:
 def model_file(path: Path, precision: Precision = "float32") -> Path:
     """The cached ONNX file for ``path`` at ``precision``, built on first use."""
     weights = path / "model.safetensors"
-    stamp = f"{weights.stat().st_size}-{weights.stat().st_mtime_ns}-{path}-{_RECIPE}"
+    stamp = f"{weights.stat().st_size}-{weights.stat().st_mtime_ns}-{path.resolve()}-{_RECIPE}"
     digest = hashlib.sha256(stamp.encode()).hexdigest()[:16]
     base = onnx_cache_dir() / f"{path.parent.name}-{digest}.onnx"
     if not base.exists():

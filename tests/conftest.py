@@ -62,15 +62,18 @@ def start_gateway(
     extra: dict[str, object] | None = None,
     args: list[str] | None = None,
     until: str = "ready",
+    python_args: list[str] | None = None,
 ) -> Gateway:
     """Run ``ragline serve`` in a subprocess on a free port and wait until ``/ready``.
 
     ``extra`` adds top-level sections to the config file (prompts, routes, experiments).
     ``until="models"``: wait for the models only, for routes whose vector stores the test
     creates through the API after start (``/ready`` stays 503 until they exist).
+    ``python_args``: interpreter options (``-S`` for an environment built on PYTHONPATH).
     """
     port = free_port()
-    cmd = [sys.executable, "-m", "gateway.cli", "serve", "--port", str(port), *(args or [])]
+    cmd = [sys.executable, *(python_args or []), "-m", "gateway.cli", "serve", "--port", str(port)]
+    cmd += args or []
     if models is not None:
         config = tmp / f"config-{port}.yaml"
         document = {"models": models, "adapters": adapters or [], "keys": keys or []}

@@ -1,10 +1,11 @@
 """The supply chain: every dependency is installed from a lock that pins it with its hashes.
 
-``requirements.lock`` holds what the server needs (the image installs it), ``requirements-dev.lock``
-that and the test tools (``make setup`` installs it); both with ``--require-hashes``, so a file
-that differs from the one locked is refused. These tests fail when ``pyproject.toml`` changes
-without ``make lock``, when the two locks disagree, or when what is installed is not what is
-locked."""
+``requirements.lock`` holds what the server needs with the embedded engine (the CPU image installs
+it), ``requirements-gateway.lock`` the same without PyTorch (the slim gateway image),
+``requirements-dev.lock`` the first and the test tools (``make setup`` installs it); all with
+``--require-hashes``, so a file that differs from the one locked is refused. These tests fail when
+``pyproject.toml`` changes without ``make lock``, when the locks disagree, or when what is
+installed is not what is locked."""
 
 from __future__ import annotations
 
@@ -20,6 +21,8 @@ from packaging.version import Version
 
 REPO = Path(__file__).resolve().parent.parent
 RUNTIME, DEV = REPO / "requirements.lock", REPO / "requirements-dev.lock"
+SLIM = REPO / "requirements-gateway.lock"
+TORCH = {"torch", "accelerate", "peft", "sentence-transformers"}
 
 
 def pins(lock: Path) -> dict[str, tuple[Version, list[str]]]:
@@ -34,13 +37,15 @@ def pins(lock: Path) -> dict[str, tuple[Version, list[str]]]:
 
 
 def declared() -> tuple[list[Requirement], list[Requirement]]:
+    """(the server's requirements, the engine's included; the test tools)"""
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
-    runtime = [Requirement(r) for r in project["dependencies"]]
-    return runtime, [Requirement(r) for r in project["optional-dependencies"]["dev"]]
+    extras = project["optional-dependencies"]
+    runtime = [Requirement(r) for r in project["dependencies"] + extras["engine"]]
+    return runtime, [Requirement(r) for r in extras["dev"]]
 
 
 def test_every_locked_requirement_has_hashes() -> None:
-    for lock in (RUNTIME, DEV):
+    for lock in (RUNTIME, DEV, SLIM):
         text = lock.read_text()
         requirements = [line for line in text.splitlines() if re.match(r"^[A-Za-z0-9]", line)]
         locked = pins(lock)
@@ -61,11 +66,26 @@ def test_every_declared_dependency_is_locked_within_its_range(lock: str) -> None
         )
 
 
-def test_the_two_locks_agree() -> None:
-    runtime, dev = pins(RUNTIME), pins(DEV)
+def test_the_locks_agree() -> None:
+    runtime, dev, slim = pins(RUNTIME), pins(DEV), pins(SLIM)
     assert set(runtime) <= set(dev)
     for name, (version, hashes) in runtime.items():
         assert dev[name] == (version, hashes), name
+    assert set(slim) < set(runtime)
+    for name, (version, hashes) in slim.items():
+        assert runtime[name] == (version, hashes), name
+
+
+def test_the_slim_lock_has_everything_but_pytorch() -> None:
+    """The gateway's own requirements are all there; PyTorch and what only it needs are not."""
+    slim = pins(SLIM)
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    for requirement in map(Requirement, project["dependencies"]):
+        assert canonicalize_name(requirement.name) in slim, requirement
+    assert not TORCH & set(slim)
+    assert {
+        canonicalize_name(Requirement(r).name) for r in project["optional-dependencies"]["engine"]
+    } == TORCH
 
 
 def test_what_is_installed_is_what_is_locked() -> None:
@@ -82,4 +102,5 @@ def test_setup_and_the_image_install_with_hashes_required() -> None:
     assert "--require-hashes -r requirements-dev.lock" in makefile
     dockerfile = (REPO / "Dockerfile").read_text()
     assert re.search(r"--require-hashes[^\n]*\\\n\s*-r requirements\.lock", dockerfile)
-    assert "COPY pyproject.toml README.md requirements.lock" in dockerfile
+    slim = (REPO / "deploy" / "image" / "Dockerfile.gateway").read_text()
+    assert re.search(r"--no-deps --require-hashes[^\n]*-r requirements-gateway\.lock", slim)

@@ -22,7 +22,7 @@ PANELS: dict[str, list[str]] = {
     "Listening": ["host", "port", "workers", "shutdown_grace", "send_timeout"],
     "Models and files": ["config", "vllm", "models_dir", "adapters_file", "prompts_dir"],
     "Keys, limits and shared state": [
-        "admin_key", "redis_url", "redis_failure", "max_request_bytes", "max_n",
+        "admin_key", "keys_file", "redis_url", "redis_failure", "max_request_bytes", "max_n",
         "max_completion_tokens", "default_reserve_tokens", "cache_ttl", "cache_max_entry_bytes",
         "cache_max_entries",
     ],

