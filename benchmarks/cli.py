@@ -310,12 +310,19 @@ def retrieval_cmd(
     ] = 100_000,
     limit_docs: Annotated[int | None, typer.Option(min=1, help="Only the first N docs.")] = None,
     limit_queries: Annotated[int | None, typer.Option(min=1, help="Only N queries.")] = None,
+    memory_vectors: Annotated[
+        int,
+        typer.Option(help="Synthetic vectors per index type for the memory figures (0: skip)."),
+    ] = 200_000,
     out: Out = Path("bench-results"),
 ) -> None:
-    """Retrieval: ingestion rate vs sentence-transformers, query latency, nDCG, HNSW at scale."""
+    """Retrieval: ingestion rate vs sentence-transformers, query latency, nDCG, HNSW at scale,
+    memory per million vectors."""
     from benchmarks import rag_bench
 
-    report = rag_bench.run(data, out / "retrieval.json", hnsw_vectors, limit_docs, limit_queries)
+    report = rag_bench.run(
+        data, out / "retrieval.json", hnsw_vectors, limit_docs, limit_queries, memory_vectors
+    )
     table = Table("mode", "nDCG@10", "R@10", "R@100", "MRR@10", "p50 ms", "p99 ms")
     for r in report["retrieval"]:
         lat = r["latency_ms"]
@@ -333,6 +340,14 @@ def retrieval_cmd(
         console.print(
             f"HNSW, {h['vectors']:,} vectors: build {h['build_s']:.0f}s, search p50 "
             f"{h['p50_ms']:.2f} ms, p99 {h['p99_ms']:.2f} ms, recall@1 {h['recall_at_1']:.3f}"
+        )
+    if "memory_mib_per_m_vectors" in report:
+        per = report["memory_mib_per_m_vectors"]
+        text = report.get("memory_text_mib_per_m_chunks", 0.0)
+        console.print(
+            "memory per million vectors (vectors + index): "
+            + ", ".join(f"{kind} {mib:,.0f} MiB" for kind, mib in per.items())
+            + f"; text, chunk table and BM25: {text:,.0f} MiB per million SciFact chunks"
         )
     for name, goal in report["goals"].items():
         mark = "met" if goal["met"] else "NOT met"

@@ -7,7 +7,10 @@ Everything is measured in one run on this machine, so the ratios hold on noisy s
   (float32, batch 32; the rate FACTS.md quotes) measured just before it;
 - query latency: embed the query (cache cleared) + hybrid search of the SciFact store, p50/p99;
 - quality: nDCG@10, Recall@10/100 and MRR@10 for BM25, dense, RRF and the default hybrid;
-- scale: p50/p99 of FAISS HNSW searches over N synthetic 384-d unit vectors (default 1 M).
+- scale: p50/p99 of FAISS HNSW searches over N synthetic 384-d unit vectors (default 1 M);
+- memory (the capacity guide): what a loaded store holds per million vectors for each index type
+  (vectors + FAISS index, measured as resident-memory growth on synthetic vectors) and per
+  million chunks of SciFact text (chunk table, documents, BM25: the rest of a loaded version).
 
 Goals (issue 4): hybrid nDCG@10 >= 0.90, query p50 <= 10 ms and p99 <= 25 ms, ingestion >= 2x
 the sentence-transformers default, HNSW p99 <= 20 ms at 1 M vectors.
@@ -87,12 +90,75 @@ def hnsw_latency(n: int, queries: int = 1000, seed: int = 0) -> dict[str, float]
             "recall_at_1": hits / queries}  # fmt: skip
 
 
+def _rss() -> int:
+    """Resident bytes of this process (Linux)."""
+    import os
+
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _index_growth(kind: str, n: int, seed: int) -> int:
+    """In a fresh process: resident growth from building a store's vectors and index."""
+    import faiss  # noqa: F401 - imported before the baseline is read
+
+    from rag.snapshot import build_index
+
+    before = _rss()
+    rng = np.random.default_rng(seed)
+    vectors = rng.standard_normal((n, 384), dtype=np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    index = build_index(vectors, np.arange(n, dtype=np.int64), kind)  # type: ignore[arg-type]
+    grown = _rss() - before
+    del index
+    return grown
+
+
+def _version_growth(version: str) -> tuple[int, int, int]:
+    """In a fresh process: resident growth from loading a version, its numeric part, chunks."""
+    import bm25s  # noqa: F401 - imported before the baseline is read
+    import faiss
+
+    from rag.snapshot import load_version
+
+    before = _rss()
+    snap = load_version(Path(version))
+    grown = _rss() - before
+    numeric = snap.vectors.nbytes + len(faiss.serialize_index(snap.index))
+    return grown, numeric, len(snap.chunks)
+
+
+def _in_child(fn: Any, *args: Any) -> Any:
+    """``fn(*args)`` in a new interpreter: no freed memory of this one to reuse."""
+    import multiprocessing
+
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(fn, args)
+
+
+def index_memory(n: int, seed: int = 0) -> dict[str, float]:
+    """MiB per million 384-d vectors a loaded store holds, per index type: the vectors array
+    (kept for MMR and rewrites) plus the FAISS index, as resident growth in a fresh process."""
+    return {
+        kind: _in_child(_index_growth, kind, n, seed) / n * 1e6 / 2**20
+        for kind in ("flat", "hnsw", "ivf")
+    }
+
+
+def text_memory(version: Path) -> float:
+    """MiB per million chunks for the rest of a loaded version (chunks, documents, BM25): its
+    resident growth in a fresh process minus what its vectors and index take."""
+    grown, numeric, chunks = _in_child(_version_growth, str(version))
+    return max(grown - numeric, 0) / chunks * 1e6 / 2**20
+
+
 def run(
     data: Path,
     out: Path | None,
     hnsw_vectors: int,
     limit_docs: int | None,
     limit_queries: int | None,
+    memory_vectors: int = 200_000,
 ) -> dict[str, Any]:
     from rag.embeddings import SentenceTransformerEmbedder
     from rag.eval import Beir, evaluate, standard_modes
@@ -114,6 +180,11 @@ def run(
         results = evaluate(
             store.snapshot, beir, embedder, standard_modes(), clear=embedder.clear_cache
         )
+        if memory_vectors:
+            current = (store.path / "CURRENT").read_text().strip()
+            report["memory_text_mib_per_m_chunks"] = text_memory(store.path / "versions" / current)
+    if memory_vectors:
+        report["memory_mib_per_m_vectors"] = index_memory(memory_vectors)
     report["retrieval"] = [r.__dict__ for r in results]
     hybrid = next(r for r in results if r.mode == "hybrid")
     report["ndcg10"] = hybrid.ndcg10
