@@ -106,9 +106,10 @@ image:
 image-gateway:
 	docker build -f deploy/image/Dockerfile.gateway -t $(IMAGE):gateway .
 
+# make chart VALUES=my-values.yaml (the chart refuses to render without API keys)
 chart: install
-	$(BIN)/helm lint --strict deploy/helm/ragline
-	$(BIN)/helm template ragline deploy/helm/ragline
+	$(BIN)/helm lint --strict deploy/helm/ragline $(if $(VALUES),-f $(VALUES))
+	$(BIN)/helm template ragline deploy/helm/ragline $(if $(VALUES),-f $(VALUES))
 
 compose:
 	docker compose -f deploy/compose.yaml config --quiet
