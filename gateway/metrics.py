@@ -185,10 +185,32 @@ class Metrics:
         )
         self.backend_slots = Gauge(
             "ragline_backend_kv_slots",
-            "KV cache slots of the embedded engine (the most sequences in one batch).",
+            "The most sequences the embedded engine decodes in one batch (max_batch, a cap).",
             ["model"],
             registry=r,
         )
+        self.kv_blocks = Gauge(
+            "ragline_engine_kv_blocks",
+            "Paged KV cache blocks of the embedded engine, by state: used by running sequences, "
+            "cached (a reusable prefix nobody runs), total.",
+            ["model", "state"],
+            registry=r,
+        )
+        self.prefix_tokens = Counter(
+            "ragline_engine_prefix_cache_tokens",
+            "Prompt tokens the embedded engine looked up in its prefix cache (result=queried) "
+            "and found there (result=hit); hit rate = rate(hit) / rate(queried).",
+            ["model", "result"],
+            registry=r,
+        )
+        self.preemptions = Counter(
+            "ragline_engine_preemptions",
+            "Sequences the embedded engine paused because its KV cache was full (resumed by "
+            "recomputing).",
+            ["model"],
+            registry=r,
+        )
+        self._engine_seen: dict[tuple[str, str], float] = {}
         self.backend_healthy = Gauge(
             "ragline_backend_healthy_replicas",
             "Healthy replicas (1 for a loaded embedded model).",
@@ -205,6 +227,29 @@ class Metrics:
             self.backend_waiting.labels(model).set(float(load.get("waiting", 0)))  # type: ignore[arg-type]
             if "slots" in load:
                 self.backend_slots.labels(model).set(float(load["slots"]))  # type: ignore[arg-type]
+            if "kv_blocks" in load:
+                self._observe_engine(model, load)
+
+    def _observe_engine(self, model: str, load: dict[str, object]) -> None:
+        def number(key: str) -> float:
+            value = load[key]
+            assert isinstance(value, int)
+            return float(value)
+
+        self.kv_blocks.labels(model, "total").set(number("kv_blocks"))
+        self.kv_blocks.labels(model, "used").set(number("kv_blocks_used"))
+        self.kv_blocks.labels(model, "cached").set(number("kv_blocks_cached"))
+        # the engine counts from its start; the counters advance by what is new since last time
+        for counter, labels, key in (
+            (self.prefix_tokens, (model, "queried"), "prefix_queried_tokens"),
+            (self.prefix_tokens, (model, "hit"), "prefix_hit_tokens"),
+            (self.preemptions, (model,), "preemptions"),
+        ):
+            seen = self._engine_seen.get((key, model), 0.0)
+            now = number(key)
+            if now != seen:  # less: the engine restarted and counts from zero again
+                counter.labels(*labels).inc(now - seen if now > seen else now)
+            self._engine_seen[(key, model)] = now
 
     def child(self, metric: Any, *labels: str) -> Any:
         """``metric.labels(*labels)``, remembered: prometheus_client validates and locks on

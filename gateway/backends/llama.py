@@ -1,22 +1,24 @@
-"""A lean Llama forward pass with a slot-based KV cache, for the embedded engine.
+"""A lean Llama forward pass over a paged KV cache, for the embedded engine.
 
 Scope: the Llama architecture as transformers' ``LlamaForCausalLM`` defines it (RMSNorm, rotary
 embeddings with the default rope type, grouped-query attention, SiLU-gated MLP, optionally tied
 embeddings), inference only. SmolLM2 is a Llama model.
 
 Why not call ``LlamaForCausalLM.forward``: continuous batching needs every sequence in the batch at
-its own position, writing into its own cache slot, and joining or leaving between two steps. The
-transformers cache classes assume one shared length per batch (left padding) and re-allocate on
-every join; their per-step Python overhead also dominates a 135M model on two cores (FACTS.md:
-25 tok/s for one stream). This module keeps the weights fused (q/k/v and gate/up as one matmul
-each), the cache preallocated, and the op count per layer small. Its greedy output is checked
-against ``model.generate`` in the tests.
+its own position, with its own cache, joining or leaving between two steps. The transformers
+cache classes assume one shared length per batch (left padding) and re-allocate on every join;
+their per-step Python overhead also dominates a 135M model on two cores (FACTS.md: 25 tok/s for
+one stream). This module keeps the weights fused (q/k/v and gate/up as one matmul each), the cache
+preallocated, and the op count per layer small. Its greedy output is checked against
+``model.generate`` in the tests.
 
-Per layer the cache holds keys as ``[slots, kv_heads, head_dim, max_len]`` (already transposed
-for ``q @ k^T``) and values as ``[slots, kv_heads, max_len, head_dim]``. The engine keeps its
-running sequences in slots ``0..n-1`` (it compacts when one leaves), so a decode step reads views
-of the cache, never gathered copies. Grouped-query attention is computed per kv head with its
-query heads as the rows of one matmul, so keys and values are never repeated.
+The KV cache is paged (``kv_blocks.py`` decides which blocks a sequence owns): per layer one pool
+of ``num_blocks * block_size`` token rows, ``[kv_heads, rows, head_dim]`` in float32. A step
+writes each new token's keys and values to its row, gathers the rows of each sequence's blocks
+(``index_select``, one copy per layer) and attends over them under a mask; blocks shared by a
+common prefix are read by every sequence that has it. Grouped-query attention is one batched
+matmul per step over (kv head, sequence), the query heads of a kv head as its rows, so keys and
+values are never repeated.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from safetensors.torch import load_file
 
 from gateway.backends.multilora import LoraPair, build_bank
 from gateway.backends.multilora import apply as lora_delta
+from gateway.backends.quant import Int8Weight, Weight, linear
 
 
 @dataclass(frozen=True)
@@ -73,13 +76,24 @@ class LlamaShape:
 
 
 @dataclass
+class PrefillItem:
+    """New tokens of one sequence for ``LlamaRunner.prefill``: they go to positions
+    ``start, start + 1, ...`` of the sequence's block table."""
+
+    tokens: list[int]
+    start: int
+    table: list[int]
+    adapter: int = 0  # the runner's adapter index; 0: the base model
+
+
+@dataclass
 class _Layer:
     input_norm: torch.Tensor
-    qkv: torch.Tensor  # [(heads + 2 * kv_heads) * head_dim, hidden]
-    o: torch.Tensor
+    qkv: Weight  # [(heads + 2 * kv_heads) * head_dim, hidden]
+    o: Weight
     post_norm: torch.Tensor
-    gate_up: torch.Tensor  # [2 * intermediate, hidden]
-    down: torch.Tensor
+    gate_up: Weight  # [2 * intermediate, hidden]
+    down: Weight
     lora: dict[str, LoraPair] | None = None  # stacked adapters per fused projection
 
 
@@ -98,18 +112,39 @@ class LlamaRunner:
         max_len: int,
         dtype: torch.dtype,
         device: torch.device,
+        num_blocks: int | None = None,
+        block_size: int = 16,
+        int8: bool = False,
     ) -> None:
         self.shape = shape
-        self.max_slots = max_slots
+        self.int8 = int8
+        self.max_slots = max_slots  # the largest decode batch (CUDA graphs are captured up to it)
         self.max_len = max_len
+        self.block_size = block_size
+        self.max_blocks = -(-max_len // block_size)  # blocks of one sequence at most
+        if num_blocks is None:  # as much memory as one full-length sequence per slot
+            num_blocks = max_slots * self.max_blocks + 1
+        if num_blocks < self.max_blocks + 1:
+            raise ValueError(
+                f"a KV cache of {num_blocks} blocks cannot hold one sequence of {max_len} tokens "
+                f"({self.max_blocks} blocks of {block_size} and the null block)"
+            )
+        self.num_blocks = num_blocks
         self.dtype = dtype
         self.device = device
 
         def w(name: str) -> torch.Tensor:
             return weights[name].to(device=device, dtype=dtype).contiguous()
 
+        if int8 and device.type != "cpu":
+            raise ValueError("int8 weights run on the CPU only (PyTorch's int8 kernel)")
+
+        def linear_weight(t: torch.Tensor) -> Weight:
+            return Int8Weight.quantize(t, dtype) if int8 else t
+
         self.embed = w("model.embed_tokens.weight")
-        self.lm_head = self.embed if shape.tie_word_embeddings else w("lm_head.weight")
+        head = self.embed if shape.tie_word_embeddings else w("lm_head.weight")
+        self.lm_head: Weight = linear_weight(head)
         self.final_norm = w("model.norm.weight")
         self.layers: list[_Layer] = []
         for i in range(shape.num_layers):
@@ -125,11 +160,11 @@ class LlamaRunner:
             self.layers.append(
                 _Layer(
                     input_norm=w(p + "input_layernorm.weight"),
-                    qkv=qkv.contiguous(),
-                    o=w(p + "self_attn.o_proj.weight"),
+                    qkv=linear_weight(qkv.contiguous()),
+                    o=linear_weight(w(p + "self_attn.o_proj.weight")),
                     post_norm=w(p + "post_attention_layernorm.weight"),
-                    gate_up=gate_up.contiguous(),
-                    down=w(p + "mlp.down_proj.weight"),
+                    gate_up=linear_weight(gate_up.contiguous()),
+                    down=linear_weight(w(p + "mlp.down_proj.weight")),
                 )
             )
         # Rotary tables for every position, in the cache dtype, as transformers computes them.
@@ -145,27 +180,46 @@ class LlamaRunner:
         # The cache is float32 whatever the weights are: keys and values keep the model dtype's
         # rounding, but attention accumulates in float32, as fused attention kernels do
         # (rounding bf16 scores before the softmax visibly changes greedy output).
+        # One pool per layer, kv-head major: [kv_heads, num_blocks * block_size, head_dim], so a
+        # gather of rows is contiguous per kv head and attention runs as one batched matmul
+        # over (kv head, sequence) without another copy.
         kv, dim = shape.num_kv_heads, shape.head_dim
-        self.k_cache = [
-            torch.zeros((max_slots, kv, dim, max_len), dtype=torch.float32, device=device)
-            for _ in self.layers
+        rows = num_blocks * block_size
+        self.k_pool = [
+            torch.zeros((kv, rows, dim), dtype=torch.float32, device=device) for _ in self.layers
         ]
-        self.v_cache = [
-            torch.zeros((max_slots, kv, max_len, dim), dtype=torch.float32, device=device)
-            for _ in self.layers
+        self.v_pool = [
+            torch.zeros((kv, rows, dim), dtype=torch.float32, device=device) for _ in self.layers
         ]
-        # LoRA adapters: index per slot (0: the base model) and, during a forward pass that
+        # LoRA adapters: index per name (0: the base model) and, during a forward pass that
         # involves any adapter, the index of each row
         self.adapters: dict[str, int] = {}
-        self.slot_adapter = [0] * max_slots
         self._rows: torch.Tensor | None = None
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._graph_ids = torch.zeros(0, dtype=torch.long)
         self._graph_pos = torch.zeros(0, dtype=torch.long)
+        self._graph_write = torch.zeros(0, dtype=torch.long)
+        self._graph_gather = torch.zeros(0, dtype=torch.long)
+
+    @staticmethod
+    def kv_bytes_per_token(shape: LlamaShape) -> int:
+        """Bytes of keys and values one token takes in the pool (all layers, float32)."""
+        return 2 * shape.num_layers * shape.num_kv_heads * shape.head_dim * 4
 
     @classmethod
     def from_pretrained(
-        cls, path: Path, *, max_slots: int, max_len: int, dtype: torch.dtype, device: torch.device
+        cls,
+        path: Path,
+        *,
+        max_slots: int,
+        max_len: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        num_blocks: int | None = None,
+        block_size: int = 16,
+        kv_cache_bytes: int | None = None,
+        default_sequences: int | None = None,
+        int8: bool = False,
     ) -> LlamaRunner:
         """Load a transformers Llama checkpoint directory (config.json + safetensors)."""
         from transformers import AutoConfig
@@ -178,7 +232,21 @@ class LlamaRunner:
             weights.update(load_file(str(file)))
         shape = LlamaShape.from_config(config)
         max_len = min(max_len, shape.max_position_embeddings)
-        return cls(shape, weights, max_slots=max_slots, max_len=max_len, dtype=dtype, device=device)
+        if num_blocks is None and kv_cache_bytes is not None:
+            num_blocks = kv_cache_bytes // (cls.kv_bytes_per_token(shape) * block_size)
+        elif num_blocks is None and default_sequences is not None:
+            num_blocks = default_sequences * -(-max_len // block_size) + 1
+        return cls(
+            shape,
+            weights,
+            max_slots=max_slots,
+            max_len=max_len,
+            dtype=dtype,
+            device=device,
+            num_blocks=num_blocks,
+            block_size=block_size,
+            int8=int8,
+        )
 
     def load_adapters(self, adapters: dict[str, Path]) -> None:
         """Load PEFT LoRA adapters (once, before serving); request them by name afterwards."""
@@ -203,22 +271,33 @@ class LlamaRunner:
 
     # -- cache bookkeeping ---------------------------------------------------------------------
 
-    def move_slot(self, src: int, dst: int, length: int) -> None:
-        """Copy the first ``length`` cached positions of slot ``src`` into slot ``dst``."""
-        for k, v in zip(self.k_cache, self.v_cache, strict=True):
-            k[dst, :, :, :length] = k[src, :, :, :length]
-            v[dst, :, :length] = v[src, :, :length]
-        self.slot_adapter[dst] = self.slot_adapter[src]
+    def copy_block(self, src: int, dst: int) -> None:
+        """Copy block ``src``'s keys and values into block ``dst`` (a forked choice's last,
+        partly filled block: the choices write different tokens after it)."""
+        bs = self.block_size
+        for k, v in zip(self.k_pool, self.v_pool, strict=True):
+            k[:, dst * bs : (dst + 1) * bs] = k[:, src * bs : (src + 1) * bs]
+            v[:, dst * bs : (dst + 1) * bs] = v[:, src * bs : (src + 1) * bs]
+
+    def _rows_of(self, table: list[int], positions: range | list[int]) -> list[int]:
+        bs = self.block_size
+        return [table[p // bs] * bs + p % bs for p in positions]
+
+    def _gather_rows(self, tables: list[list[int]], blocks: int) -> torch.Tensor:
+        """Pool rows ``[len(tables), blocks * block_size]`` of each table's first ``blocks``
+        blocks, padded with the null block."""
+        padded = [t[:blocks] + [0] * (blocks - len(t[:blocks])) for t in tables]
+        ids = torch.tensor(padded, dtype=torch.long, device=self.device)
+        offsets = torch.arange(self.block_size, dtype=torch.long, device=self.device)
+        return (ids.unsqueeze(-1) * self.block_size + offsets).view(len(tables), -1)
 
     def _use_rows(self, indices: list[int]) -> None:
         self._rows = (
             torch.tensor(indices, dtype=torch.long, device=self.device) if any(indices) else None
         )
 
-    def _project(
-        self, x: torch.Tensor, weight: torch.Tensor, layer: _Layer, name: str
-    ) -> torch.Tensor:
-        out = F.linear(x, weight)
+    def _project(self, x: torch.Tensor, weight: Weight, layer: _Layer, name: str) -> torch.Tensor:
+        out = linear(x, weight)
         if self._rows is not None and layer.lora is not None:
             out = out + lora_delta(x, layer.lora[name], self._rows)
         return out
@@ -253,123 +332,161 @@ class LlamaRunner:
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
         x = self._norm(x, self.final_norm)
-        return F.linear(x, self.lm_head).float()
+        return linear(x, self.lm_head).float()
 
     def _attend(
         self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor
     ) -> torch.Tensor:
-        """Attention of ``q`` ``[b, t, heads, dim]`` over float32 ``keys`` ``[b, kv, dim, L]``
-        and ``values`` ``[b, kv, L, dim]`` with an additive ``mask`` broadcastable to
-        ``[b, 1, t, L]``; returns ``[b, t, heads * dim]`` in the dtype of ``q``.
-        """
+        """Attention of ``q`` ``[b, t, heads, dim]`` over float32 ``keys`` and ``values``
+        ``[kv, b, L, dim]`` (gathered from the pool) with an additive ``mask`` ``[b, t, L]``;
+        returns ``[b, t, heads * dim]`` in the dtype of ``q``. The query heads that share a kv
+        head are the rows of one matmul, so keys and values are never repeated."""
         s = self.shape
         b, t = q.shape[0], q.shape[1]
-        groups = s.num_heads // s.num_kv_heads
-        # [b, kv, groups * t, dim]: the query heads sharing a kv head, stacked as matmul rows
-        qg = q.view(b, t, s.num_kv_heads, groups, s.head_dim).permute(0, 2, 3, 1, 4)
-        qg = qg.reshape(b, s.num_kv_heads, groups * t, s.head_dim).float()
-        scores = torch.matmul(qg, keys) * s.head_dim**-0.5
-        scores = scores.view(b, s.num_kv_heads, groups, t, -1) + mask.unsqueeze(2)
-        probs = torch.softmax(scores, dim=-1).view(b, s.num_kv_heads, groups * t, -1)
-        out = torch.matmul(probs, values).view(b, s.num_kv_heads, groups, t, s.head_dim)
-        return out.permute(0, 3, 1, 2, 4).reshape(b, t, s.num_heads * s.head_dim).to(q.dtype)
+        kv, dim = s.num_kv_heads, s.head_dim
+        groups = s.num_heads // kv
+        length = keys.shape[2]
+        qg = q.view(b, t, kv, groups, dim).permute(2, 0, 3, 1, 4).reshape(kv * b, groups * t, dim)
+        scores = torch.bmm(qg.float(), keys.view(kv * b, length, dim).transpose(1, 2))
+        scores = scores.view(kv, b, groups, t, length) * dim**-0.5 + mask.view(1, b, 1, t, length)
+        probs = torch.softmax(scores, dim=-1).view(kv * b, groups * t, length)
+        out = torch.bmm(probs, values.view(kv * b, length, dim)).view(kv, b, groups, t, dim)
+        return out.permute(1, 3, 0, 2, 4).reshape(b, t, s.num_heads * dim).to(q.dtype)
+
+    def _layers(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        write: torch.Tensor,
+        gather: torch.Tensor,
+        mask: torch.Tensor,
+    ) -> torch.Tensor:
+        """Every layer over ``x`` ``[b, t, hidden]``: new keys and values go to pool rows
+        ``write`` ``[b * t]``, attention reads rows ``gather`` ``[b, L]`` under ``mask``."""
+        s = self.shape
+        b, t = x.shape[0], x.shape[1]
+        kv, dim = s.num_kv_heads, s.head_dim
+        flat = gather.reshape(-1)
+        for layer, kp, vp in zip(self.layers, self.k_pool, self.v_pool, strict=True):
+            h = self._norm(x, layer.input_norm)
+            q, k, v = self._split_qkv(h, layer, cos, sin)
+            kp.index_copy_(1, write, k.reshape(b * t, kv, dim).transpose(0, 1).float())
+            vp.index_copy_(1, write, v.reshape(b * t, kv, dim).transpose(0, 1).float())
+            keys = kp.index_select(1, flat).view(kv, b, -1, dim)
+            values = vp.index_select(1, flat).view(kv, b, -1, dim)
+            attn = self._attend(q, keys, values, mask)
+            x = self._mlp_and_attn_out(x, attn, layer)
+        return x
 
     @torch.inference_mode()
-    def prefill(
-        self, first_slot: int, prompts: list[list[int]], adapters: list[int] | None = None
-    ) -> torch.Tensor:
-        """Run fresh prompts into slots ``first_slot, first_slot + 1, ...`` in one forward pass.
+    def prefill(self, items: list[PrefillItem]) -> torch.Tensor:
+        """Compute new tokens for several sequences in one padded forward pass.
 
-        Prompts are right-padded to the longest; padding writes cache positions that the owning
-        sequence overwrites before it ever attends to them. ``adapters`` gives each prompt's
-        adapter index (``self.adapters``; 0 or None: the base model), kept for its slot. Returns
-        logits ``[len(prompts), vocab]`` of each prompt's last token.
+        Item ``i``'s tokens go to positions ``start .. start + len(tokens) - 1`` of its block
+        table; positions before ``start`` must already be in the cache (a prefix hit or a
+        resumed sequence). Padding writes into the null block. Returns logits
+        ``[len(items), vocab]`` of each item's last token.
         """
-        b = len(prompts)
-        indices = adapters or [0] * b
-        self.slot_adapter[first_slot : first_slot + b] = indices
+        indices = [item.adapter for item in items]
         self._use_rows(indices)
         try:
-            return self._prefill(first_slot, prompts)
+            return self._prefill(items)
         finally:
             self._rows = None
 
-    def _prefill(self, first_slot: int, prompts: list[list[int]]) -> torch.Tensor:
-        b = len(prompts)
-        lengths = [len(p) for p in prompts]
-        t = max(lengths)
-        if t > self.max_len:
-            raise ValueError(f"prompt of {t} tokens exceeds the cache length {self.max_len}")
-        padded = [p + [0] * (t - len(p)) for p in prompts]
-        ids = torch.tensor(padded, dtype=torch.long, device=self.device)
-        x = F.embedding(ids, self.embed)
-        cos = self.cos[:t].view(1, t, 1, -1)
-        sin = self.sin[:t].view(1, t, 1, -1)
-        causal = torch.ones(t, t, dtype=torch.bool, device=self.device).tril()
-        mask = torch.zeros(1, 1, t, t, dtype=torch.float32, device=self.device)
-        mask.masked_fill_(~causal, float("-inf"))
-        slots = slice(first_slot, first_slot + b)
-        for layer, kc, vc in zip(self.layers, self.k_cache, self.v_cache, strict=True):
-            h = self._norm(x, layer.input_norm)
-            q, k, v = self._split_qkv(h, layer, cos, sin)
-            kc[slots, :, :, :t] = k.permute(0, 2, 3, 1).float()
-            vc[slots, :, :t] = v.transpose(1, 2).float()
-            attn = self._attend(q, kc[slots, :, :, :t], vc[slots, :, :t], mask)
-            x = self._mlp_and_attn_out(x, attn, layer)
-        last = torch.tensor([n - 1 for n in lengths], device=self.device)
-        return self._logits(x[torch.arange(b, device=self.device), last])
+    def _prefill(self, items: list[PrefillItem]) -> torch.Tensor:
+        b = len(items)
+        t = max(len(item.tokens) for item in items)
+        ends = [item.start + len(item.tokens) for item in items]
+        if max(ends) > self.max_len:
+            raise ValueError(f"a sequence of {max(ends)} tokens exceeds the cache length")
+        bs = self.block_size
+        blocks = -(-max(ends) // bs)
+        ids, pos, write = [], [], []
+        for item in items:
+            pad = t - len(item.tokens)
+            ids.append(item.tokens + [0] * pad)
+            positions = range(item.start, item.start + len(item.tokens))
+            pos.append(list(positions) + [0] * pad)
+            write.extend(self._rows_of(item.table, positions) + [0] * pad)  # null block
+        dev = self.device
+        pos_t = torch.tensor(pos, dtype=torch.long, device=dev)
+        x = F.embedding(torch.tensor(ids, dtype=torch.long, device=dev), self.embed)
+        cos, sin = self.cos[pos_t].unsqueeze(2), self.sin[pos_t].unsqueeze(2)
+        gather = self._gather_rows([item.table for item in items], blocks)
+        # query at position p sees key positions 0..p (causal, across the cached prefix too)
+        visible = torch.arange(blocks * bs, device=dev).view(1, 1, -1) <= pos_t.unsqueeze(-1)
+        mask = torch.zeros(visible.shape, dtype=torch.float32, device=dev)
+        mask.masked_fill_(~visible, float("-inf"))
+        write_t = torch.tensor(write, dtype=torch.long, device=dev)
+        x = self._layers(x, cos, sin, write_t, gather, mask)
+        last = torch.tensor([len(item.tokens) - 1 for item in items], device=dev)
+        return self._logits(x[torch.arange(b, device=dev), last])
 
     @torch.inference_mode()
-    def decode(self, token_ids: list[int], positions: list[int]) -> torch.Tensor:
-        """One step for the sequences in slots ``0..n-1``; returns logits ``[n, vocab]``.
+    def decode(
+        self,
+        token_ids: list[int],
+        positions: list[int],
+        tables: list[list[int]],
+        adapters: list[int] | None = None,
+    ) -> torch.Tensor:
+        """One step for ``n`` sequences; returns logits ``[n, vocab]``.
 
-        ``token_ids[i]`` is written at ``positions[i]`` of slot ``i``; attention covers positions
-        ``0..positions[i]`` of that slot. With CUDA graphs captured, the step is a graph replay
-        padded to the next captured batch size, and the logits are a view of the graph's output
-        buffer, valid until the next ``decode``.
+        ``token_ids[i]`` is written at ``positions[i]`` of table ``tables[i]`` (which must already
+        hold the block for it); attention covers positions ``0..positions[i]``. With CUDA graphs
+        captured, the step is a graph replay padded to the next captured batch size, and the
+        logits are a view of the graph's output buffer, valid until the next ``decode``.
         """
         n = len(token_ids)
-        indices = self.slot_adapter[:n]
+        indices = adapters or [0] * n
+        write = [self._rows_of(t, [p])[0] for t, p in zip(tables, positions, strict=True)]
         if any(indices):  # adapters run eagerly (graphs were captured without them)
-            ids = torch.tensor(token_ids, dtype=torch.long, device=self.device).view(n, 1)
-            pos = torch.tensor(positions, dtype=torch.long, device=self.device)
             self._use_rows(indices)
             try:
-                return self._decode(ids, pos, max(positions) + 1)
+                return self._decode_lists(token_ids, positions, write, tables)
             finally:
                 self._rows = None
         if self._graphs:
             size = next(b for b in sorted(self._graphs) if b >= n)
-            pad = [0] * (size - n)  # free slots: position 0 is rewritten by their next prefill
-            self._graph_ids[:size].copy_(torch.tensor(token_ids + pad).view(size, 1))
-            self._graph_pos[:size].copy_(torch.tensor(positions + pad))
+            pad = size - n  # padding rows: position 0 of the null block
+            self._graph_ids[:size].copy_(torch.tensor(token_ids + [0] * pad).view(size, 1))
+            self._graph_pos[:size].copy_(torch.tensor(positions + [0] * pad))
+            self._graph_write[:size].copy_(torch.tensor(write + [0] * pad))
+            self._graph_gather[:size].copy_(self._gather_rows(tables + [[]] * pad, self.max_blocks))
             graph, out = self._graphs[size]
             graph.replay()
             return out[:n]
-        ids = torch.tensor(token_ids, dtype=torch.long, device=self.device).view(n, 1)
-        pos = torch.tensor(positions, dtype=torch.long, device=self.device)
-        return self._decode(ids, pos, max(positions) + 1)
+        return self._decode_lists(token_ids, positions, write, tables)
 
-    def _decode(self, ids: torch.Tensor, pos: torch.Tensor, length: int) -> torch.Tensor:
-        """The decode step on tensors: ``ids`` ``[n, 1]``, ``pos`` ``[n]``, attention over the
-        first ``length`` cache positions (the longest sequence, or the whole cache in a graph)."""
+    def _decode_lists(
+        self, token_ids: list[int], positions: list[int], write: list[int], tables: list[list[int]]
+    ) -> torch.Tensor:
+        dev = self.device
+        blocks = -(-(max(positions) + 1) // self.block_size)
+        return self._decode(
+            torch.tensor(token_ids, dtype=torch.long, device=dev).view(-1, 1),
+            torch.tensor(positions, dtype=torch.long, device=dev),
+            torch.tensor(write, dtype=torch.long, device=dev),
+            self._gather_rows(tables, blocks),
+        )
+
+    def _decode(
+        self, ids: torch.Tensor, pos: torch.Tensor, write: torch.Tensor, gather: torch.Tensor
+    ) -> torch.Tensor:
+        """The decode step on tensors: ``ids`` ``[n, 1]``, ``pos`` ``[n]``, pool rows ``write``
+        ``[n]`` and ``gather`` ``[n, L]`` (the longest sequence's blocks, or every block a
+        sequence can have in a graph)."""
         n = ids.shape[0]
         x = F.embedding(ids, self.embed)
         cos = self.cos[pos].view(n, 1, 1, -1)
         sin = self.sin[pos].view(n, 1, 1, -1)
-        rows = torch.arange(n, device=self.device)
-        # Additive mask [n, 1, 1, length]: 0 where a key position is visible to the row's query.
+        length = gather.shape[1]
         visible = torch.arange(length, device=self.device).view(1, -1) <= pos.view(-1, 1)
         mask = torch.zeros(n, length, dtype=torch.float32, device=self.device)
         mask.masked_fill_(~visible, float("-inf"))
-        mask = mask.view(n, 1, 1, length)
-        for layer, kc, vc in zip(self.layers, self.k_cache, self.v_cache, strict=True):
-            h = self._norm(x, layer.input_norm)
-            q, k, v = self._split_qkv(h, layer, cos, sin)
-            kc[rows, :, :, pos] = k[:, 0].float()
-            vc[rows, :, pos] = v[:, 0].float()
-            attn = self._attend(q, kc[:n, :, :, :length], vc[:n, :, :length], mask)
-            x = self._mlp_and_attn_out(x, attn, layer)
+        x = self._layers(x, cos, sin, write, gather, mask.view(n, 1, length))
         return self._logits(x[:, -1])
 
     # -- CUDA graphs ---------------------------------------------------------------------------
@@ -379,9 +496,9 @@ class LlamaRunner:
         """Capture the decode step for batch sizes 1, 2, 4, ... up to ``max_slots`` (CUDA only).
 
         A decode step of a small model launches hundreds of tiny kernels; replaying a captured
-        graph removes the per-kernel launch and Python cost. Graphs attend over the whole cache
-        (static shapes) with the same mask, so they compute what ``_decode`` computes. Call once,
-        before serving, while no sequence is running (the warm-up writes into free slots).
+        graph removes the per-kernel launch and Python cost. Graphs gather every block a sequence
+        can have (static shapes) under the same mask, so they compute what ``_decode`` computes.
+        Call once, before serving (the warm-up writes into the null block).
         """
         if self.device.type != "cuda":
             return []
@@ -389,23 +506,37 @@ class LlamaRunner:
             {b for b in (1, 2, 4, 8, 16, 32, 64, 128, 256) if b <= self.max_slots}
             | {self.max_slots}
         )
-        self._graph_ids = torch.zeros(self.max_slots, 1, dtype=torch.long, device=self.device)
-        self._graph_pos = torch.zeros(self.max_slots, dtype=torch.long, device=self.device)
-        side = torch.cuda.Stream(self.device)
-        side.wait_stream(torch.cuda.current_stream(self.device))
+        dev, top = self.device, self.max_slots
+        self._graph_ids = torch.zeros(top, 1, dtype=torch.long, device=dev)
+        self._graph_pos = torch.zeros(top, dtype=torch.long, device=dev)
+        self._graph_write = torch.zeros(top, dtype=torch.long, device=dev)
+        self._graph_gather = torch.zeros(
+            top, self.max_blocks * self.block_size, dtype=torch.long, device=dev
+        )
+
+        def step(b: int) -> torch.Tensor:
+            return self._decode(
+                self._graph_ids[:b],
+                self._graph_pos[:b],
+                self._graph_write[:b],
+                self._graph_gather[:b],
+            )
+
+        side = torch.cuda.Stream(dev)
+        side.wait_stream(torch.cuda.current_stream(dev))
         with torch.cuda.stream(side):
             for b in sizes:
                 for _ in range(2):
-                    self._decode(self._graph_ids[:b], self._graph_pos[:b], self.max_len)
-        torch.cuda.current_stream(self.device).wait_stream(side)
+                    step(b)
+        torch.cuda.current_stream(dev).wait_stream(side)
         graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         pool = None
         for b in reversed(sizes):  # the largest first: later graphs share its memory pool
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
-                out = self._decode(self._graph_ids[:b], self._graph_pos[:b], self.max_len)
+                out = step(b)
             pool = graph.pool()
             graphs[b] = (graph, out)
-        torch.cuda.synchronize(self.device)
+        torch.cuda.synchronize(dev)
         self._graphs = graphs
         return sizes

@@ -1,11 +1,18 @@
-"""Continuous batching for the embedded engine: one thread that owns the model.
+"""Continuous batching for the embedded engine: one thread that owns the model and its KV cache.
 
-Requests wait in a bounded queue; between two decode steps the scheduler admits as many as fit in
-``max_batch`` slots (a request with ``n`` choices takes ``n`` slots: its prompt is prefilled once
-and the cache copied), prefills the new prompts together in one padded forward pass, then decodes
-one token for every running sequence in a single forward pass. Finished and cancelled sequences
-leave at once and the last running sequence moves into the freed slot, so the batch always occupies
-slots ``0..n-1``.
+Requests wait in a bounded queue. Between two decode steps the scheduler admits waiting requests
+while the batch is under ``max_batch`` sequences (a cap) and the paged KV cache (``kv_blocks.py``)
+has free blocks for their prompts: a prompt that starts with blocks already cached (the same
+system prompt, few-shot examples or chat history) takes those and computes only the rest. New
+prompts are prefilled together in padded forward passes, then one token is decoded for every
+running sequence in a single forward pass. A request with ``n`` choices is prefilled once; its
+choices share the prompt's full blocks and each gets a copy of the partial last one.
+
+When a decode step needs a block and none is free, the most recently admitted sequence is
+preempted: its blocks are released (the full ones stay in the prefix cache) and it waits at the
+head of the queue; when memory frees up it is resumed by recomputing its tokens (mostly prefix
+hits), then decodes on from where it stopped, with its sampler and detokenizer untouched. Memory
+pressure slows requests down; it never fails them.
 
 Events (``Chunk``, ``Usage`` or an exception) are handed to the asyncio loop once per step with
 one ``call_soon_threadsafe``; each request's events land in its own ``asyncio.Queue``.
@@ -23,7 +30,8 @@ from typing import Any
 from gateway.backends.base import Chunk, GenerationParams, TokenInfo, Usage
 from gateway.backends.detokenize import IncrementalDetokenizer, StopStrings
 from gateway.backends.grammar import Grammar
-from gateway.backends.llama import LlamaRunner
+from gateway.backends.kv_blocks import BlockPool, block_hashes
+from gateway.backends.llama import LlamaRunner, PrefillItem
 from gateway.backends.sampling import Sampler, TokenChoice, sample_batch
 from gateway.errors import BackendError, InvalidRequest, Overloaded
 
@@ -59,11 +67,27 @@ class _Sequence:
     sampler: Sampler
     detokenizer: IncrementalDetokenizer
     stops: StopStrings
-    position: int  # tokens in this sequence's cache slot
-    last_token: int = -1
+    tokens: list[int]  # prompt and generated tokens; the first ``position`` are in the cache
+    position: int
+    table: list[int] = field(default_factory=list)  # the KV blocks, in order
+    hashes: list[bytes] = field(default_factory=list)  # of the full blocks, chained
     generated: int = 0
     finished: bool = False
     held_tokens: list[TokenInfo] = field(default_factory=list)
+
+    @property
+    def last_token(self) -> int:
+        return self.tokens[-1]
+
+
+@dataclass
+class _Plan:
+    """What admitting a job or resuming a sequence takes from the pool."""
+
+    tokens: list[int]  # the tokens that must be in the cache
+    hashes: list[bytes]
+    hits: list[int]  # cached blocks it reuses
+    new_blocks: int
 
 
 class Scheduler:
@@ -76,6 +100,7 @@ class Scheduler:
         max_batch: int,
         max_waiting: int,
         loop: asyncio.AbstractEventLoop,
+        prefix_caching: bool = True,
     ) -> None:
         self._runner = runner
         self._tokenizer = tokenizer
@@ -83,12 +108,20 @@ class Scheduler:
         self._max_batch = min(max_batch, runner.max_slots)
         self._max_waiting = max_waiting
         self._loop = loop
+        self.pool = BlockPool(runner.num_blocks, runner.block_size, prefix_caching=prefix_caching)
+        self._bs = runner.block_size
+        # new work leaves this many blocks free while others run, so that running sequences can
+        # grow for a while before one is preempted (vLLM's watermark)
+        self._watermark = max(1, runner.num_blocks // 100)
         self._cv = threading.Condition()
         self._waiting: deque[Job] = deque()
+        self._preempted: deque[_Sequence] = deque()
         self._running: list[_Sequence] = []
+        self._starting: list[_Sequence] = []  # admitted, prompt not yet computed
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="ragline-engine", daemon=True)
         self._token_text: dict[int, str] = {}
+        self.peak_batch = 0  # the most sequences decoded in one step so far
 
     # -- called from the event loop ------------------------------------------------------------
 
@@ -124,40 +157,45 @@ class Scheduler:
 
     @property
     def load(self) -> tuple[int, int]:
-        """(running sequences, waiting requests)."""
-        return len(self._running), len(self._waiting)
+        """(running sequences, waiting requests and preempted sequences)."""
+        return len(self._running), len(self._waiting) + len(self._preempted)
 
     def _busy_slots(self) -> int:
-        return len(self._running) + sum(j.n for j in self._waiting)
+        return len(self._running) + len(self._preempted) + sum(j.n for j in self._waiting)
 
     # -- the engine thread ---------------------------------------------------------------------
 
     def _run(self) -> None:
         while True:
             with self._cv:
-                while not self._stopping and not self._waiting and not self._running:
+                while not self._stopping and not self._has_work():
                     self._cv.wait()
                 if self._stopping:
                     break
-                admitted = self._admit()
-            events: list[tuple[Job, Event]] = []
-            live = [job for job in admitted if not job.cancelled and self._acceptable(job, events)]
+                events: list[tuple[Job, Event]] = []
+                live, resumed = self._admit(events)
             try:
-                if live:
-                    self._prefill(live, events)
+                if live or resumed:
+                    self._prefill(live, resumed, events)
                 if self._running:
                     self._decode(events)
             except Exception as exc:  # the model failed: fail every running request, keep serving
                 log.exception("engine step failed")
                 error = BackendError(f"The embedded engine failed: {type(exc).__name__}")
-                failed = {s.job for s in self._running} | set(live)
+                failed = {s.job for s in self._running} | set(live) | {s.job for s in resumed}
                 events.extend((job, error) for job in failed)  # none is left waiting forever
                 for s in self._running:
                     s.finished = True
+                for s in resumed:
+                    self.pool.release(s.table)
+                    s.table = []
             self._reap()
             if events:
                 self._loop.call_soon_threadsafe(_dispatch, events)
         self._fail_all(BackendError("The embedded engine is shutting down."))
+
+    def _has_work(self) -> bool:
+        return bool(self._waiting or self._running or self._preempted)
 
     def _acceptable(self, job: Job, events: list[tuple[Job, Event]]) -> bool:
         """Build the job's samplers before it joins a batch: a request whose settings the
@@ -170,47 +208,157 @@ class Scheduler:
             return False
         return True
 
-    def _admit(self) -> list[Job]:
+    # -- admission -----------------------------------------------------------------------------
+
+    def _plan(self, tokens: list[int], adapter: int, keep_one: bool) -> _Plan:
+        """Blocks to reuse and to allocate for ``tokens``; ``keep_one``: leave at least the last
+        token to compute (its logits choose the first output token)."""
+        salt = str(adapter).encode()
+        hashes = block_hashes(tokens, self._bs, salt)
+        hits = self.pool.lookup(hashes)
+        if keep_one:
+            hits = hits[: (len(tokens) - 1) // self._bs]
+        return _Plan(tokens, hashes, hits, -(-len(tokens) // self._bs) - len(hits))
+
+    def _fits(self, plan: _Plan, extra: int) -> bool:
+        claimed = sum(1 for b in plan.hits if self.pool.refs(b) == 0)  # cached, not free
+        reserve = self._watermark if self._running else 0
+        return plan.new_blocks + extra + claimed + reserve <= self.pool.available
+
+    def _take(self, plan: _Plan) -> list[int]:
+        for block in plan.hits:
+            self.pool.share(block)
+        table = list(plan.hits)
+        for _ in range(plan.new_blocks):
+            new = self.pool.allocate()
+            assert new is not None  # _fits checked
+            table.append(new)
+        return table
+
+    def _admit(self, events: list[tuple[Job, Event]]) -> tuple[list[Job], list[_Sequence]]:
+        """Preempted sequences first, then waiting jobs in order, while they fit. A job whose
+        sampling settings are refused fails here (``events``)."""
+        resumed: list[_Sequence] = []
+        budget = PREFILL_TOKEN_BUDGET * 4  # tokens computed by the prefill of one step
+        while self._preempted:
+            seq = self._preempted[0]
+            if seq.job.cancelled:
+                self._preempted.popleft()
+                continue
+            plan = self._plan(seq.tokens[: seq.position], seq.job.adapter, keep_one=False)
+            if len(self._running) + len(resumed) >= self._max_batch or not self._fits(plan, 0):
+                return [], resumed
+            self._preempted.popleft()
+            seq.table, seq.hashes = self._take(plan), plan.hashes
+            seq.position = len(plan.hits) * self._bs
+            resumed.append(seq)
+            budget -= len(plan.tokens) - len(plan.hits) * self._bs
         admitted: list[Job] = []
-        free = self._max_batch - len(self._running)
-        while self._waiting and (self._waiting[0].cancelled or self._waiting[0].n <= free):
-            job = self._waiting.popleft()
-            if not job.cancelled:
-                free -= job.n
-                admitted.append(job)
-        return admitted
-
-    def _prefill(self, jobs: list[Job], events: list[tuple[Job, Event]]) -> None:
-        """Prefill newly admitted jobs, as few forward passes as the token budget allows."""
-        group: list[Job] = []
-        for job in jobs:
-            longest = max([len(j.prompt_ids) for j in group] + [len(job.prompt_ids)])
-            if group and longest * (len(group) + 1) > PREFILL_TOKEN_BUDGET:
-                self._prefill_group(group, events)
-                group = []
-            group.append(job)
-        if group:
-            self._prefill_group(group, events)
-
-    def _prefill_group(self, jobs: list[Job], events: list[tuple[Job, Event]]) -> None:
-        first_slot = len(self._running)
-        logits = self._runner.prefill(
-            first_slot, [job.prompt_ids for job in jobs], [job.adapter for job in jobs]
-        )
-        # Slots first_slot + i hold job i's first choice; further choices get copies after them.
-        per_job: list[list[_Sequence]] = [[] for _ in jobs]
-        for i in range(len(jobs)):
-            per_job[i].append(self._new_sequence(jobs[i], 0))
-        for i, job in enumerate(jobs):
-            for index in range(1, job.n):
-                self._runner.move_slot(first_slot + i, len(self._running), len(job.prompt_ids))
-                per_job[i].append(self._new_sequence(job, index))
-        for i, job in enumerate(jobs):
+        busy = len(self._running) + len(resumed)
+        while self._waiting:
+            job = self._waiting[0]
+            if job.cancelled:
+                self._waiting.popleft()
+                continue
+            if busy + job.n > self._max_batch or (admitted and budget <= 0):
+                break
+            plan = self._plan(job.prompt_ids, job.adapter, keep_one=True)
+            partial = 1 if len(job.prompt_ids) % self._bs else 0
+            if not self._fits(plan, (job.n - 1) * partial):
+                break
+            self._waiting.popleft()
+            if not self._acceptable(job, events):
+                continue
+            self.pool.stats.queried_tokens += len(job.prompt_ids)
+            self.pool.stats.hit_tokens += len(plan.hits) * self._bs
             job.unfinished = job.n
-            rows = logits[i].unsqueeze(0).expand(job.n, -1).clone()
-            choices = sample_batch(rows, [s.sampler for s in per_job[i]])
-            for seq, choice in zip(per_job[i], choices, strict=True):
-                self._advance(seq, choice, events)
+            seq = self._new_sequence(job, 0)
+            seq.table, seq.hashes = self._take(plan), plan.hashes
+            seq.position = len(plan.hits) * self._bs  # cached so far; prefill computes the rest
+            admitted.append(job)
+            busy += job.n
+            budget -= len(job.prompt_ids) - seq.position
+        return admitted, resumed
+
+    # -- prefill -------------------------------------------------------------------------------
+
+    def _prefill(
+        self, jobs: list[Job], resumed: list[_Sequence], events: list[tuple[Job, Event]]
+    ) -> None:
+        """Compute what admitted jobs and resumed sequences lack, in as few forward passes as
+        the token budget allows; sample each job's first token."""
+        pending = {id(s.job): s for s in self._admitted_firsts(jobs)}
+        work = [s for s in resumed if s.position < len(s.tokens) - 1] + list(pending.values())
+        group: list[_Sequence] = []
+        for seq in work:
+            longest = max([self._todo(s) for s in group] + [self._todo(seq)])
+            if group and longest * (len(group) + 1) > PREFILL_TOKEN_BUDGET:
+                self._prefill_group(group, pending, events)
+                group = []
+            group.append(seq)
+        if group:
+            self._prefill_group(group, pending, events)
+        for seq in resumed:
+            seq.position = len(seq.tokens) - 1
+            self._running.append(seq)
+
+    def _admitted_firsts(self, jobs: list[Job]) -> list[_Sequence]:
+        wanted = {id(job) for job in jobs}
+        return [s for s in self._starting if id(s.job) in wanted]
+
+    def _todo(self, seq: _Sequence) -> int:
+        """Tokens of ``seq`` still to compute: a new prompt's whole remainder; a resumed
+        sequence's all but its pending last token."""
+        end = len(seq.tokens) if seq.job.unfinished and seq.generated == 0 else len(seq.tokens) - 1
+        return end - seq.position
+
+    def _prefill_group(
+        self,
+        group: list[_Sequence],
+        pending: dict[int, _Sequence],
+        events: list[tuple[Job, Event]],
+    ) -> None:
+        items = []
+        for seq in group:
+            end = seq.position + self._todo(seq)
+            items.append(
+                PrefillItem(
+                    seq.tokens[seq.position : end], seq.position, seq.table, seq.job.adapter
+                )
+            )
+        logits = self._runner.prefill(items)
+        for row, seq in enumerate(group):
+            seq.position += len(items[row].tokens)
+            self._register_full_blocks(seq)
+            if pending.get(id(seq.job)) is seq:
+                self._start_job(seq, logits[row], events)
+
+    def _start_job(self, first: _Sequence, logits: Any, events: list[tuple[Job, Event]]) -> None:
+        """A job's prompt is in the cache: fork its other choices, sample every first token."""
+        job = first.job
+        self._starting.remove(first)
+        choices = [first]
+        partial = first.position % self._bs
+        for index in range(1, job.n):
+            seq = self._new_sequence(job, index)
+            self._starting.remove(seq)
+            full = first.table[: first.position // self._bs]
+            for block in full:
+                self.pool.share(block)
+            seq.table = list(full)
+            if partial:
+                copy = self.pool.allocate()
+                assert copy is not None  # admission reserved it
+                self._runner.copy_block(first.table[len(full)], copy)
+                seq.table.append(copy)
+            seq.hashes, seq.position = list(first.hashes), first.position
+            choices.append(seq)
+        self._running.extend(choices)
+        rows = logits.unsqueeze(0).expand(job.n, -1).clone()
+        for seq, choice in zip(
+            choices, sample_batch(rows, [s.sampler for s in choices]), strict=True
+        ):
+            self._advance(seq, choice, events)
 
     def _new_sequence(self, job: Job, index: int) -> _Sequence:
         seq = _Sequence(
@@ -219,30 +367,78 @@ class Scheduler:
             sampler=Sampler(job.params, index=index, eos_ids=self._eos_ids, grammar=job.grammar),
             detokenizer=IncrementalDetokenizer(self._tokenizer),
             stops=StopStrings(job.params.stop),
-            position=len(job.prompt_ids),
+            tokens=list(job.prompt_ids),
+            position=0,
         )
-        self._running.append(seq)
+        self._starting.append(seq)
         return seq
 
+    def _register_full_blocks(self, seq: _Sequence) -> None:
+        """Name the blocks that ``seq`` has filled so later prompts can reuse them."""
+        full = seq.position // self._bs
+        if len(seq.hashes) < full:
+            start = seq.hashes[-1] if seq.hashes else b""
+            done = len(seq.hashes) * self._bs
+            seq.hashes += block_hashes(
+                seq.tokens[done : full * self._bs], self._bs, str(seq.job.adapter).encode(), start
+            )
+        for i in range(full):
+            self.pool.register(seq.table[i], seq.hashes[i])
+
+    # -- decode --------------------------------------------------------------------------------
+
     def _decode(self, events: list[tuple[Job, Event]]) -> None:
-        live = [s for s in self._running if not s.finished]
-        if len(live) != len(self._running):
+        if any(s.finished or s.job.cancelled for s in self._running):
             self._reap()
-            live = self._running
+        self._grow()
+        live = self._running
         if not live:
             return
-        logits = self._runner.decode([s.last_token for s in live], [s.position for s in live])
+        self.peak_batch = max(self.peak_batch, len(live))
+        logits = self._runner.decode(
+            [s.last_token for s in live],
+            [s.position for s in live],
+            [s.table for s in live],
+            [s.job.adapter for s in live],
+        )
         choices = sample_batch(logits, [s.sampler for s in live])
-        for seq, choice in zip(live, choices, strict=True):
+        for seq, choice in zip(list(live), choices, strict=True):
             seq.position += 1
+            if seq.position % self._bs == 0:
+                self._register_full_blocks(seq)
             self._advance(seq, choice, events)
+
+    def _grow(self) -> None:
+        """Give every running sequence the block its next token goes to, preempting the most
+        recently admitted sequences while none is free."""
+        i = 0
+        while i < len(self._running):
+            seq = self._running[i]
+            if seq.position // self._bs < len(seq.table):
+                i += 1
+                continue
+            block = self.pool.allocate()
+            if block is None:
+                self._preempt(self._running[-1])
+                continue  # retry this sequence (or stop, if it was the one preempted)
+            seq.table.append(block)
+            i += 1
+
+    def _preempt(self, seq: _Sequence) -> None:
+        self._running.remove(seq)
+        self.pool.release(seq.table)
+        seq.table, seq.hashes = [], []
+        seq.position = len(seq.tokens) - 1  # what resuming must recompute, up to here
+        self._preempted.appendleft(seq)
+        self.pool.stats.preemptions += 1
+        log.info("KV cache full: preempted a sequence of %d tokens", len(seq.tokens))
 
     def _advance(
         self, seq: _Sequence, choice: TokenChoice, events: list[tuple[Job, Event]]
     ) -> None:
         job = seq.job
         token = choice.token_id
-        seq.last_token = token
+        seq.tokens.append(token)
         seq.generated += 1
         job.completion_tokens += 1
         if choice.logprob is not None:
@@ -283,23 +479,30 @@ class Scheduler:
         return text
 
     def _reap(self) -> None:
-        """Drop finished and cancelled sequences, moving the last ones into their slots."""
-        i = 0
-        while i < len(self._running):
-            seq = self._running[i]
+        """Drop finished and cancelled sequences and release their blocks."""
+        keep = []
+        for seq in self._running:
             if seq.finished or seq.job.cancelled:
-                last = self._running.pop()
-                if last is not seq:
-                    self._runner.move_slot(len(self._running), i, last.position)
-                    self._running[i] = last
-                continue
-            i += 1
+                self.pool.release(seq.table)
+                seq.table = []
+            else:
+                keep.append(seq)
+        self._running = keep
+        for seq in self._starting:  # a failed prefill leaves these behind
+            self.pool.release(seq.table)
+            seq.table = []
+        self._starting.clear()
 
     def _fail_all(self, error: Exception) -> None:
         with self._cv:
-            jobs = {s.job for s in self._running} | set(self._waiting)
+            jobs = (
+                {s.job for s in self._running}
+                | set(self._waiting)
+                | {s.job for s in self._preempted}
+            )
             self._waiting.clear()
             self._running.clear()
+            self._preempted.clear()
         if jobs:
             events: list[tuple[Job, Event]] = [(job, error) for job in jobs]
             self._loop.call_soon_threadsafe(_dispatch, events)

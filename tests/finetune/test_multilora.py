@@ -12,8 +12,8 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM
 
-from gateway.backends.llama import LlamaRunner
-from tests.engine_helpers import chat_ids, reference_greedy, runner_greedy
+from gateway.backends.llama import LlamaRunner, PrefillItem
+from tests.engine_helpers import chat_ids, reference_greedy, runner_greedy, tables_for
 
 PROMPTS = ["What is the capital of France?", "Name three colours.", "Say hello."]
 
@@ -75,7 +75,7 @@ def test_mixed_batch_matches_peft(model_path: Path, tokenizer, adapters: dict[st
     assert outs[0] != outs[1] and outs[0] != outs[2]
 
 
-def test_slot_moves_carry_the_adapter(
+def test_a_copied_block_keeps_the_adapters_keys(
     model_path: Path, tokenizer, adapters: dict[str, Path]
 ) -> None:  # type: ignore[no-untyped-def]
     runner = LlamaRunner.from_pretrained(
@@ -83,9 +83,11 @@ def test_slot_moves_carry_the_adapter(
     )
     runner.load_adapters(adapters)
     ids = tokenizer.encode("Hello", add_special_tokens=False)
-    first = int(runner.prefill(2, [ids], [2]).argmax())
-    runner.move_slot(2, 0, len(ids))
-    moved = runner.decode([first], [len(ids)])[0]
-    runner.prefill(0, [ids], [2])
-    direct = runner.decode([first], [len(ids)])[0]
-    assert runner.slot_adapter[0] == 2 and torch.equal(moved, direct)
+    table = tables_for(runner, 1)[0]
+    first = int(runner.prefill([PrefillItem(ids, 0, table, 2)]).argmax())
+    runner.copy_block(table[0], table[-1] + 1)
+    fork = [table[-1] + 1] + table[1:]
+    forked = runner.decode([first], [len(ids)], [fork], [2])[0].clone()
+    direct = runner.decode([first], [len(ids)], [table], [2])[0]
+    base = runner.decode([first], [len(ids)], [table])[0]
+    assert torch.equal(forked, direct) and not torch.equal(direct, base)

@@ -370,6 +370,8 @@ def test_metrics_count_every_response_with_its_code_and_report_load(pair) -> Non
     assert httpx.get(gw.base_url + "/no/such/path", headers=headers).status_code == 404
     bad = httpx.post(gw.base_url + "/chat/completions", headers=headers, json={"model": MODEL})
     assert bad.status_code == 400
+    one = {"model": MODEL, "max_tokens": 1, "messages": [{"role": "user", "content": "Metrics?"}]}
+    assert httpx.post(gw.base_url + "/chat/completions", headers=headers, json=one).is_success
     bad_code = bad.json()["error"]["code"] or bad.json()["error"]["type"]
     big = httpx.post(gw.base_url + "/embeddings", headers=headers, content=b"x" * (5 << 20))
     assert big.status_code == 413
@@ -395,7 +397,13 @@ def test_metrics_count_every_response_with_its_code_and_report_load(pair) -> Non
                  "ragline_backend_waiting_requests", "ragline_backend_kv_slots"):  # fmt: skip
         assert name in families, name
     slots = families["ragline_backend_kv_slots"].samples
-    assert [s.value for s in slots if s.labels["model"] == MODEL] == [16.0]
+    assert [s.value for s in slots if s.labels["model"] == MODEL] == [64.0]  # max_batch, a cap
+    # the paged KV cache: by default room for 16 sequences of 2,048 tokens in blocks of 16
+    blocks = {s.labels["state"]: s.value for s in families["ragline_engine_kv_blocks"].samples}
+    assert blocks["total"] == 16 * 2048 / 16 and blocks["used"] <= blocks["total"]
+    tokens = families["ragline_engine_prefix_cache_tokens"].samples
+    queried = [s.value for s in tokens if s.labels.get("result") == "queried"]
+    assert queried and queried[0] > 0  # the chat request above was looked up
     # the access log names the error code of each 4xx
     assert wait_until(lambda: '"error": "invalid_api_key"' in gw.logs()
                       or '"error":"invalid_api_key"' in gw.logs())  # fmt: skip
