@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +56,8 @@ class Summary:
     truncated: int = 0
     packed_sequences: int | None = None
     checksum: str = ""
+    duplicates: int = 0  # lines whose content repeats an earlier line (they split together)
+    warnings: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         out = dict(self.__dict__)
@@ -131,8 +133,24 @@ def _messages(obj: Any, where: str) -> list[dict[str, str]]:
     )
 
 
+# Below this many distinct examples an eval split removes whole facts from training (each
+# distinct example may be the only one that teaches its fact), so the default is no eval split.
+MIN_EVAL_DISTINCT = 100
+DEFAULT_EVAL_FRACTION = 0.1
+
+
+@dataclass
+class Split:
+    train: list[Example]
+    held: list[Example]
+    fraction: float  # what was applied
+    duplicates: int  # lines that repeat an earlier line's content
+    warnings: list[str]
+
+
 def split(examples: list[Example], eval_fraction: float) -> tuple[list[Example], list[Example]]:
-    """Deterministic: an example goes to eval when its content hash falls under the fraction."""
+    """Deterministic: an example goes to eval when its content hash falls under the fraction,
+    so identical copies always land on the same side."""
     if not 0 <= eval_fraction < 1:
         raise DataError("eval fraction must be in [0, 1)")
     train: list[Example] = []
@@ -145,6 +163,34 @@ def split(examples: list[Example], eval_fraction: float) -> tuple[list[Example],
     if not train:
         raise DataError("no training examples left after the eval split")
     return train, held
+
+
+def choose_split(examples: list[Example], eval_fraction: float | None) -> Split:
+    """The eval split that never silently removes whole examples from training.
+
+    ``None`` (the default): ``DEFAULT_EVAL_FRACTION`` when there are at least
+    ``MIN_EVAL_DISTINCT`` distinct examples, else no eval split, with a warning saying so. An
+    explicit fraction is applied as asked; on a small set the warning names how many distinct
+    examples (and their copies) are then never trained on."""
+    distinct = len({ex.digest() for ex in examples})
+    duplicates = len(examples) - distinct
+    warnings: list[str] = []
+    if eval_fraction is None:
+        if distinct < MIN_EVAL_DISTINCT:
+            warnings.append(
+                f"{distinct} distinct examples (under {MIN_EVAL_DISTINCT}): no eval split, every "
+                "example is trained; pass --eval-fraction to hold some out anyway"
+            )
+            return Split(list(examples), [], 0.0, duplicates, warnings)
+        eval_fraction = DEFAULT_EVAL_FRACTION
+    train, held = split(examples, eval_fraction)
+    held_distinct = len({ex.digest() for ex in held})
+    if held and distinct < MIN_EVAL_DISTINCT:
+        warnings.append(
+            f"--eval-fraction {eval_fraction}: {held_distinct} of {distinct} distinct examples "
+            f"({len(held)} lines with their copies) are held out and never trained on"
+        )
+    return Split(train, held, eval_fraction, duplicates, warnings)
 
 
 def tokenize(example: Example, tokenizer: Any) -> Tokenized:

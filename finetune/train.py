@@ -10,6 +10,7 @@ rank, target modules, output directory, QLoRA without CUDA) is checked before th
 from __future__ import annotations
 
 import json
+import logging
 import math
 import random
 import resource
@@ -22,7 +23,16 @@ from typing import Any, Literal
 
 import torch
 
-from finetune.data import IGNORE, DataError, Summary, Tokenized, load_examples, pack, prepare, split
+from finetune.data import (
+    IGNORE,
+    DataError,
+    Summary,
+    Tokenized,
+    choose_split,
+    load_examples,
+    pack,
+    prepare,
+)
 from finetune.meta import (
     ALL_LINEAR,
     META_FILE,
@@ -30,6 +40,8 @@ from finetune.meta import (
     FinetuneError,
     base_checksum,
 )
+
+log = logging.getLogger("ragline.finetune")
 
 
 @dataclass
@@ -52,7 +64,7 @@ class TrainConfig:
     max_length: int = 1024
     truncate: bool = False
     packing: bool = False
-    eval_fraction: float = 0.1
+    eval_fraction: float | None = None  # None: data.choose_split decides by the set's size
     seed: int = 0
     save_every: int = 0
     resume: bool = False
@@ -124,7 +136,8 @@ def load_data(
     config: TrainConfig, tokenizer: Any, context_limit: int
 ) -> tuple[list[Tokenized], list[Tokenized], Summary]:
     examples, checksum = load_examples(config.data)
-    _, eval_ex = split(examples, config.eval_fraction)
+    chosen = choose_split(examples, config.eval_fraction)
+    eval_ex = chosen.held
     rows, summary = prepare(
         examples,
         tokenizer,
@@ -138,6 +151,9 @@ def load_data(
     held = [r for r in rows if r.line in held_lines]
     summary.train, summary.eval = len(train), len(held)
     summary.checksum = checksum
+    summary.duplicates, summary.warnings = chosen.duplicates, chosen.warnings
+    for warning in chosen.warnings:
+        log.warning("%s: %s", config.data, warning)
     if config.packing:
         eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
         train = pack(train, config.max_length, eos)

@@ -52,7 +52,13 @@ def finetune(
     max_length: Annotated[int, typer.Option(help="Tokens per example.")] = 1024,
     truncate: Annotated[bool, typer.Option(help="Cut longer examples instead of failing.")] = False,
     packing: Annotated[bool, typer.Option(help="Pack short examples into full blocks.")] = False,
-    eval_fraction: Annotated[float, typer.Option(help="Share held out for eval loss.")] = 0.1,
+    eval_fraction: Annotated[
+        float | None,
+        typer.Option(
+            help="Share held out for eval loss (default: 0.1 from 100 distinct examples up; "
+            "below that none, with a warning: each example may be a fact's only teacher)."
+        ),
+    ] = None,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
     save_every: Annotated[int, typer.Option(help="Checkpoint every N steps (0: end only).")] = 0,
     resume: Annotated[bool, typer.Option(help="Continue from the latest checkpoint.")] = False,
@@ -116,8 +122,11 @@ def finetune(
     def on_summary(summary: object) -> None:
         table = Table(title="dataset", show_header=False)
         for key, value in summary.as_dict().items():  # type: ignore[attr-defined]
-            table.add_row(key, str(value))
+            if key != "warnings":
+                table.add_row(key, str(value))
         errors.print(table)
+        for warning in summary.warnings:  # type: ignore[attr-defined]
+            errors.print(f"[yellow]warning:[/] {warning}")
         progress.start()
 
     def on_step(step: int, total: int, loss: float, rate: float) -> None:

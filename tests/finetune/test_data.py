@@ -3,12 +3,27 @@ real SmolLM2 tokenizer and chat template."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
 import pytest
 
-from finetune.data import IGNORE, DataError, Example, load_examples, pack, prepare, split, tokenize
+from finetune.data import (
+    DEFAULT_EVAL_FRACTION,
+    IGNORE,
+    DataError,
+    Example,
+    choose_split,
+    load_examples,
+    pack,
+    prepare,
+    split,
+    tokenize,
+)
+
+# a hash of the held-out part of the synthetic 200-row set below
+PINNED_SPLIT = "c139937908f2250a"
 
 
 def write(tmp_path: Path, lines: list[object] | str) -> Path:
@@ -106,3 +121,30 @@ def test_packing_fills_blocks(tmp_path: Path, tokenizer) -> None:  # type: ignor
     packed = pack(rows, 128, tokenizer.eos_token_id)
     assert sum(len(r.input_ids) for r in packed) == sum(len(r.input_ids) + 1 for r in rows)
     assert all(len(r.input_ids) <= 128 for r in packed) and len(packed) < len(rows)
+
+
+def test_a_small_set_is_not_split_by_default_and_says_so(tmp_path: Path) -> None:
+    """20 facts with three identical copies each: a hash split would hold out every copy of a
+    few facts, which then are never trained; by default nothing is held out, with a warning."""
+    rows = [{"instruction": f"fact {i}?", "output": f"answer {i}"} for i in range(20)] * 3
+    examples, _ = load_examples(write(tmp_path, rows))
+    chosen = choose_split(examples, None)
+    assert chosen.held == [] and len(chosen.train) == 60 and chosen.fraction == 0
+    assert chosen.duplicates == 40
+    assert chosen.warnings and "20 distinct examples" in chosen.warnings[0]
+    explicit = choose_split(examples, 0.3)  # asked for: applied, and the loss is named
+    held = {e.digest() for e in explicit.held}
+    assert held and not held & {e.digest() for e in explicit.train}  # copies stay together
+    assert f"{len(held)} of 20 distinct examples" in explicit.warnings[0]
+
+
+def test_a_large_set_gets_the_default_split_and_it_is_pinned(tmp_path: Path) -> None:
+    rows = [{"instruction": f"q{i}", "output": f"a{i}"} for i in range(200)]
+    examples, _ = load_examples(write(tmp_path, rows + rows[:50]))  # 50 duplicated lines
+    chosen = choose_split(examples, None)
+    assert chosen.fraction == DEFAULT_EVAL_FRACTION and not chosen.warnings
+    assert chosen.duplicates == 50
+    held = sorted({e.digest() for e in chosen.held})
+    assert not set(held) & {e.digest() for e in chosen.train}
+    # the split of this set, pinned: a change to how examples are assigned shows up here
+    assert hashlib.sha256("".join(held).encode()).hexdigest()[:16] == PINNED_SPLIT
