@@ -157,7 +157,14 @@ def generation_request(
     if not typed:
         n = int(body.get("n") or 1)
         return GenerationRequest(
-            request_id, call.model, _DEFAULTS, n, adapter=adapter, body=body, path=call.endpoint
+            request_id,
+            call.model,
+            _DEFAULTS,
+            n,
+            adapter=adapter,
+            body=body,
+            path=call.endpoint,
+            tenant=call.principal.key_id,
         )
     messages = None
     prompt: str | None = None
@@ -191,6 +198,7 @@ def generation_request(
         adapter=adapter,
         body=body,
         path=call.endpoint,
+        tenant=call.principal.key_id,
     )
 
 

@@ -80,6 +80,11 @@ class EmbeddedModelConfig(BaseModel):
         description="Reuse the KV cache of prompts that start alike (system prompts, few-shot "
         "examples, chat history).",
     )
+    prefix_cache_scope: Literal["global", "key"] = Field(
+        default="global",
+        description="`key`: cached prompt blocks are reused only by the API key that computed "
+        "them (no key can tell from its latency whether another key sent a prompt).",
+    )
     cuda_graphs: bool = Field(
         default=True, description="On CUDA, replay the decode step as graphs."
     )

@@ -78,6 +78,7 @@ class GenerationRequest:
     batch: tuple[str | tuple[int, ...], ...] = ()  # several completion prompts (prompt unset)
     echo: bool = False  # completions: the prompt is part of each choice's text
     adapter: str | None = None  # a LoRA adapter of the backend's; None: the base model
+    tenant: str | None = None  # the caller's key id (the embedded engine's prefix-cache scope)
     body: Mapping[str, Any] | None = None
     path: str | None = None  # the endpoint ``body`` is for (set with ``body``)
 

@@ -290,6 +290,7 @@ class EmbeddedBackend:
             queue=asyncio.Queue(),
             adapter=self._adapter_index(request.adapter),
             grammar=grammar,
+            tenant=(request.tenant or "") if self.config.prefix_cache_scope == "key" else "",
         )
         self._check_logit_bias(request)
         scheduler.submit(job)

@@ -54,6 +54,14 @@ class Job:
     max_tokens: int
     queue: asyncio.Queue[Event]
     adapter: int = 0  # the runner's adapter index; 0: the base model
+    tenant: str = ""  # prefix-cache scope: blocks are shared only between equal tenants
+
+    @property
+    def cache_salt(self) -> bytes:
+        """What a block's hash is salted with: the adapter (its keys and values differ) and the
+        tenant (``prefix_cache_scope: key``)."""
+        return f"{self.adapter}\0{self.tenant}".encode()
+
     grammar: Grammar | None = None  # structured output: every choice follows it
     cancelled: bool = False
     completion_tokens: int = 0
@@ -210,10 +218,9 @@ class Scheduler:
 
     # -- admission -----------------------------------------------------------------------------
 
-    def _plan(self, tokens: list[int], adapter: int, keep_one: bool) -> _Plan:
+    def _plan(self, tokens: list[int], salt: bytes, keep_one: bool) -> _Plan:
         """Blocks to reuse and to allocate for ``tokens``; ``keep_one``: leave at least the last
         token to compute (its logits choose the first output token)."""
-        salt = str(adapter).encode()
         hashes = block_hashes(tokens, self._bs, salt)
         hits = self.pool.lookup(hashes)
         if keep_one:
@@ -245,7 +252,7 @@ class Scheduler:
             if seq.job.cancelled:
                 self._preempted.popleft()
                 continue
-            plan = self._plan(seq.tokens[: seq.position], seq.job.adapter, keep_one=False)
+            plan = self._plan(seq.tokens[: seq.position], seq.job.cache_salt, keep_one=False)
             if len(self._running) + len(resumed) >= self._max_batch or not self._fits(plan, 0):
                 return [], resumed
             self._preempted.popleft()
@@ -262,7 +269,7 @@ class Scheduler:
                 continue
             if busy + job.n > self._max_batch or (admitted and budget <= 0):
                 break
-            plan = self._plan(job.prompt_ids, job.adapter, keep_one=True)
+            plan = self._plan(job.prompt_ids, job.cache_salt, keep_one=True)
             partial = 1 if len(job.prompt_ids) % self._bs else 0
             if not self._fits(plan, (job.n - 1) * partial):
                 break
@@ -380,7 +387,7 @@ class Scheduler:
             start = seq.hashes[-1] if seq.hashes else b""
             done = len(seq.hashes) * self._bs
             seq.hashes += block_hashes(
-                seq.tokens[done : full * self._bs], self._bs, str(seq.job.adapter).encode(), start
+                seq.tokens[done : full * self._bs], self._bs, seq.job.cache_salt, start
             )
         for i in range(full):
             self.pool.register(seq.table[i], seq.hashes[i])

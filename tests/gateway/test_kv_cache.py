@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -167,3 +168,24 @@ async def test_a_cache_too_small_for_one_sequence_is_refused(model_path: Path) -
     with pytest.raises(ValueError, match="cannot hold one sequence of 256 tokens"):
         await backend.start()
     assert backend.load_error is not None and "cannot hold" in backend.load_error
+
+
+async def test_a_key_scoped_cache_shares_nothing_between_keys(model_path: Path) -> None:
+    """``prefix_cache_scope: key``: a key reuses its own prompt blocks, never another key's
+    (so no key can time whether another sent a prompt); the default shares them."""
+    backend = EmbeddedBackend(config(prefix_cache_scope="key"), model_path)
+    await backend.start()
+
+    def hits() -> int:
+        return int(backend.stats()["prefix_hit_tokens"])
+
+    try:
+        alone = request(QUESTIONS[0], 4)
+        await texts(backend, replace(alone, tenant="key-a"))
+        assert hits() == 0
+        await texts(backend, replace(request(QUESTIONS[1], 4), tenant="key-b"))
+        assert hits() == 0  # the same system prompt, another key: computed again
+        await texts(backend, replace(request(QUESTIONS[2], 4), tenant="key-a"))
+        assert hits() >= 3 * 16  # key-a's own blocks
+    finally:
+        await backend.aclose()
