@@ -192,11 +192,14 @@ def _serve_until_banner(cmd: list[str], env: dict[str, str]) -> tuple[str, int |
                             env=env)  # fmt: skip
     lines = []
     assert proc.stderr is not None
+    serving = False
     for line in proc.stderr:
         lines.append(line)
         if line.lstrip().startswith("keys:"):
+            serving = True
             break
-    code = proc.poll()
+    # stderr at its end: the process is exiting (its pipe can close before its status is set)
+    code = None if serving else proc.wait(timeout=60)
     proc.terminate()
     proc.wait(timeout=60)
     return "".join(lines), code
