@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from gateway.errors import RateLimited
 
@@ -34,19 +34,39 @@ Scope = Literal["key", "team"]
 COST_UNIT = 1_000_000  # costs are counted in millionths, as integers: exact in Redis
 
 
+MAX_LIMIT = 10**15  # tokens
+MAX_COST = 1e12  # in the prices' unit
+
+
 class Budget(BaseModel):
     """Limits for one key or team; unset: no limit of that kind."""
 
     model_config = ConfigDict(extra="forbid")
 
-    tokens_per_day: int | None = Field(default=None, ge=0)
-    tokens_per_month: int | None = Field(default=None, ge=0)
-    cost_per_day: float | None = Field(default=None, ge=0, description="In the prices' unit.")
-    cost_per_month: float | None = Field(default=None, ge=0)
+    # bounds keep every limit a finite integer of counted units (a cost of 1e307 overflowed)
+    tokens_per_day: int | None = Field(default=None, ge=0, le=MAX_LIMIT)
+    tokens_per_month: int | None = Field(default=None, ge=0, le=MAX_LIMIT)
+    cost_per_day: float | None = Field(
+        default=None, ge=0, le=MAX_COST, allow_inf_nan=False, description="In the prices' unit."
+    )
+    cost_per_month: float | None = Field(default=None, ge=0, le=MAX_COST, allow_inf_nan=False)
     soft: float = Field(default=0.8, gt=0, le=1, description="Warn at this share of a budget.")
     webhook: str | None = Field(
-        default=None, pattern=r"^https?://", description="POSTed once when `soft` is crossed."
+        default=None,
+        pattern=r"^https?://",
+        max_length=2048,
+        description="POSTed once when `soft` is crossed.",
     )
+
+    @field_validator("webhook")
+    @classmethod
+    def _encodable(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                raise ValueError("the webhook URL is not valid UTF-8 text") from None
+        return value
 
     def limits(self) -> list[tuple[str, str, int]]:
         """(period, unit, limit in counted units) for every limit set."""
