@@ -8,15 +8,22 @@ SciFact abstracts). The benign sets are:
 
 - prompts (``.txt``, one per line, ``#`` comments): everyday instructions; the package ships
   ``safety/data/everyday_prompts.txt``;
+- hard prompts (``.txt`` in the same shape, ``# category:`` lines): everyday requests that look
+  like attacks (role-play, "act as", "ignore the typos", questions about prompt injection,
+  translating an attack phrase for a slide, developer mode in a phone); the package ships
+  ``safety/data/hard_benign.txt``;
 - documents (``.jsonl`` in BEIR's ``_id/title/text`` shape): every tenth document by a hash of
   its id, as retrieved chunks look (``../shared/data/scifact/corpus.jsonl`` for the shipped model).
 
 Features: hashed character n-grams (TF-IDF) and the MiniLM embedding (scaled by ``EMB_SCALE``);
-model: L2-regularised logistic regression (scikit-learn), benign sets down-weighted so they
-correct the model without outvoting the labelled data. ``cross_validate`` scores each layer with
-stratified k-fold CV on the CSV (the benign sets folded alongside, their false-positive rates
-reported apart), with the baselines (the phrase list alone, MiniLM + logistic regression, both
-on the CSV alone) from the same split.
+model: L2-regularised logistic regression (scikit-learn), benign sets weighted so they correct
+the model without outvoting the labelled data.
+
+Every set is split into a train and a test part by its texts' ids (``safety/splits.py``).
+``search`` chooses the hard prompts' weight and the threshold by stratified k-fold CV on the
+train parts alone; ``layers`` scores each layer and the baselines (the phrase list alone, MiniLM
++ logistic regression on the CSV alone) from out-of-fold predictions, or from a model fitted on
+the train parts and scored once on the test parts, which no choice has seen.
 """
 
 from __future__ import annotations
@@ -30,27 +37,41 @@ from typing import Any
 
 import numpy as np
 
-from safety.scanners.heuristics import heuristic_hits
+from safety.scanners.heuristics import attack_phrases
 from safety.scanners.injection import N_FEATURES, char_counts, char_features
+from safety.splits import TEST_FRACTION, split
 
 C = 100.0
-THRESHOLD = 0.55
+# chosen by `search` (5-fold CV on the train parts; `ragline eval safety --search` prints it)
+THRESHOLD = 0.65
+WEIGHTS = {"prompts": 0.6, "hard": 2.0, "documents": 0.05}
 GATE = 0.2  # the char-only gate: below this, no embedding is computed and the text is allowed
 EMB_SCALE = 0.5
-WEIGHTS = {"prompts": 0.6, "documents": 0.05}
 DOCUMENT_SAMPLE = 10  # one document in ten
-EVERYDAY_PROMPTS = Path(__file__).resolve().parent / "data" / "everyday_prompts.txt"
+DATA = Path(__file__).resolve().parent / "data"
+EVERYDAY_PROMPTS = DATA / "everyday_prompts.txt"
+HARD_BENIGN = DATA / "hard_benign.txt"
+# what `search` tries, and the false-positive rates a choice must keep on the out-of-fold
+# predictions (below the goals of 3% on the labelled set and 5% on hard prompts, for margin)
+HARD_WEIGHTS = (0.3, 0.6, 1.0, 2.0)
+THRESHOLDS = tuple(round(0.3 + 0.05 * i, 2) for i in range(13))
+MAX_FPR = {"labelled": 0.025, "hard": 0.04}
 
 
 @dataclass
 class BenignSet:
     name: str
-    kind: str  # "prompts" or "documents"
+    kind: str  # "prompts", "hard" or "documents"
     texts: list[str]
+    categories: list[str] | None = None  # per text, from `# category:` lines
 
     @property
     def weight(self) -> float:
         return WEIGHTS[self.kind]
+
+    def part(self, index: list[int]) -> BenignSet:
+        categories = [self.categories[i] for i in index] if self.categories else None
+        return BenignSet(self.name, self.kind, [self.texts[i] for i in index], categories)
 
 
 def load_csv(path: Path) -> tuple[list[str], np.ndarray]:
@@ -69,8 +90,10 @@ def load_csv(path: Path) -> tuple[list[str], np.ndarray]:
     return texts, np.array(labels)
 
 
-def load_benign(path: Path) -> BenignSet:
-    """Prompts from a ``.txt`` file or a sample of documents from a BEIR ``.jsonl`` corpus."""
+def load_benign(path: Path, hard: bool = False) -> BenignSet:
+    """Prompts from a ``.txt`` file (``hard``: the hard prompts' weight) or a sample of
+    documents from a BEIR ``.jsonl`` corpus."""
+    categories: list[str] = []
     if path.suffix == ".jsonl":
         texts = []
         with open(path) as f:
@@ -87,14 +110,22 @@ def load_benign(path: Path) -> BenignSet:
                     texts.append(text.strip(". "))
         kind = "documents"
     elif path.suffix == ".txt":
+        texts, category = [], "-"
         with open(path) as f:
-            texts = [s for s in (line.strip() for line in f) if s and not s.startswith("#")]
-        kind = "prompts"
+            for line in f:
+                line = line.strip()
+                if line.startswith("# category:"):
+                    category = line.removeprefix("# category:").strip()
+                elif line and not line.startswith("#"):
+                    texts.append(line)
+                    categories.append(category)
+        kind = "hard" if hard else "prompts"
     else:
         raise ValueError(f"{path}: benign sets are .txt (one prompt per line) or BEIR .jsonl")
     if not texts:
         raise ValueError(f"{path}: no texts")
-    return BenignSet(path.name, kind, texts)
+    named = any(c != "-" for c in categories)
+    return BenignSet(path.name, kind, texts, categories if named else None)
 
 
 def fit_idf(texts: list[str]) -> np.ndarray:
@@ -112,6 +143,7 @@ def fit(
     labels: np.ndarray,
     embeddings: np.ndarray | None,
     weights: np.ndarray | None = None,
+    threshold: float = THRESHOLD,
 ) -> dict[str, Any]:
     from scipy.sparse import csr_matrix, hstack
     from sklearn.linear_model import LogisticRegression
@@ -131,7 +163,7 @@ def fit(
         "char_coef": coef[:N_FEATURES][index].astype(np.float32),
         "emb_coef": emb_coef,
         "intercept": np.array([float(model.intercept_[0])]),
-        "threshold": np.array([THRESHOLD]),
+        "threshold": np.array([threshold]),
     }
     if embeddings is not None:  # the gate: the same model on character n-grams alone
         gate = LogisticRegression(C=C, max_iter=5000, class_weight="balanced")
@@ -142,26 +174,55 @@ def fit(
     return out
 
 
-def training_set(
-    texts: list[str],
-    labels: np.ndarray,
-    embeddings: np.ndarray,
-    benign: list[tuple[BenignSet, np.ndarray]],
-) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray]:
-    """The labelled examples plus the benign sets (label 0, their own weights)."""
-    all_texts = list(texts)
-    parts_labels, parts_vectors, parts_weights = [labels], [embeddings], [np.ones(len(texts))]
-    for bset, vectors in benign:
-        all_texts += bset.texts
-        parts_labels.append(np.zeros(len(bset.texts), dtype=int))
-        parts_vectors.append(vectors)
-        parts_weights.append(np.full(len(bset.texts), bset.weight))
-    return (
-        all_texts,
-        np.concatenate(parts_labels),
-        np.vstack(parts_vectors),
-        np.concatenate(parts_weights),
-    )
+@dataclass
+class Data:
+    """The labelled set and the benign sets, each with its MiniLM embeddings."""
+
+    texts: list[str]
+    labels: np.ndarray
+    embeddings: np.ndarray
+    benign: list[tuple[BenignSet, np.ndarray]] = field(default_factory=list)
+
+    def part(self, index: list[int], benign_index: list[list[int]]) -> Data:
+        return Data(
+            [self.texts[i] for i in index],
+            self.labels[index],
+            self.embeddings[index],
+            [(b.part(ix), v[ix]) for (b, v), ix in zip(self.benign, benign_index, strict=True)],
+        )
+
+    def holdout(self) -> tuple[Data, Data]:
+        """The train and the test parts (``safety/splits.py``)."""
+        labelled = split(self.texts, TEST_FRACTION["labelled"])
+        parts = [split(b.texts, TEST_FRACTION[_split_kind(b)]) for b, _ in self.benign]
+        return (
+            self.part(labelled[0], [p[0] for p in parts]),
+            self.part(labelled[1], [p[1] for p in parts]),
+        )
+
+    def training_set(
+        self, weights: dict[str, float] | None = None
+    ) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray]:
+        """The labelled examples plus the benign sets (label 0, their kind's weight)."""
+        weights = {**WEIGHTS, **(weights or {})}
+        all_texts = list(self.texts)
+        labels, vectors = [self.labels], [self.embeddings]
+        sample_weights = [np.ones(len(self.texts))]
+        for bset, v in self.benign:
+            all_texts += bset.texts
+            labels.append(np.zeros(len(bset.texts), dtype=int))
+            vectors.append(v)
+            sample_weights.append(np.full(len(bset.texts), weights[bset.kind]))
+        return (
+            all_texts,
+            np.concatenate(labels),
+            np.vstack(vectors),
+            np.concatenate(sample_weights),
+        )
+
+
+def _split_kind(bset: BenignSet) -> str:
+    return "documents" if bset.kind == "documents" else "prompts"
 
 
 def save(weights: dict[str, Any], path: Path) -> None:
@@ -180,6 +241,8 @@ class LayerScores:
     fpr: float
     latency_ms: dict[str, float] = field(default_factory=dict)
     embedded: float | None = None  # the share of texts the char gate sent on to the embedding
+    f1_folds: list[float] | None = None  # per fold, for the spread
+    categories: dict[str, float] | None = None  # false-positive rate per category
 
 
 def score(name: str, labels: np.ndarray, predicted: np.ndarray) -> LayerScores:
@@ -193,64 +256,152 @@ def score(name: str, labels: np.ndarray, predicted: np.ndarray) -> LayerScores:
     return LayerScores(name, precision, recall, f1, fp / negatives if negatives else 0.0)
 
 
-def cross_validate(
-    texts: list[str],
-    labels: np.ndarray,
-    embeddings: np.ndarray,
-    benign: list[tuple[BenignSet, np.ndarray]] | None = None,
-    folds: int = 5,
-    seed: int = 0,
-) -> list[LayerScores]:
-    """Out-of-fold predictions for each layer and baseline; one split shared by all. Each
-    benign set is split into the same number of folds: fold k trains on the other folds of the
-    CSV and of every benign set, and is scored on its own part of each."""
+@dataclass
+class Predictions:
+    """Probabilities for the labelled texts (out of fold, or of a held-out part) and for each
+    benign set (the gate applied: what the shipped scanner scores)."""
+
+    labels: np.ndarray
+    fold: np.ndarray
+    combined: np.ndarray
+    char: np.ndarray
+    embedding: np.ndarray
+    phrases: np.ndarray
+    benign: list[tuple[BenignSet, np.ndarray, np.ndarray]]  # (set, gated probability, phrases)
+
+
+def _phrases(texts: list[str]) -> np.ndarray:
+    return np.array([bool(attack_phrases(t)) for t in texts], dtype=bool)
+
+
+def predict(
+    train: Data, test: Data, weights: dict[str, float] | None = None, fold: int = 0
+) -> Predictions:
+    """Fit on ``train`` (with the baseline MiniLM + LR on its labelled texts alone), predict
+    ``test``."""
     from sklearn.linear_model import LogisticRegression
-    from sklearn.model_selection import KFold, StratifiedKFold
 
     from safety.scanners.injection import InjectionModel
 
-    benign = benign or []
-    n = len(texts)
-    p_combined, p_char, p_emb = np.zeros(n), np.zeros(n), np.zeros(n)
-    p_benign = [np.zeros(len(b.texts)) for b, _ in benign]
-    splits = [StratifiedKFold(folds, shuffle=True, random_state=seed).split(texts, labels)]
-    splits += [KFold(folds, shuffle=True, random_state=seed).split(b.texts) for b, _ in benign]
-    for parts in zip(*splits, strict=True):
-        train, test = parts[0]
-        extra = [
-            (BenignSet(b.name, b.kind, [b.texts[i] for i in tr]), vectors[tr])
-            for (b, vectors), (tr, _) in zip(benign, parts[1:], strict=True)
-        ]
-        tr_texts = [texts[i] for i in train]
-        te_texts = [texts[i] for i in test]
-        data = training_set(tr_texts, labels[train], embeddings[train], extra)
-        model = InjectionModel(fit(data[0], data[1], data[2], data[3]))
-        features = model.features(te_texts)
-        p_combined[test] = model.probability(te_texts, embeddings[test], features)
-        p_char[test] = model.gate(te_texts, features)
-        for k, ((b, vectors), (_, te)) in enumerate(zip(benign, parts[1:], strict=True)):
-            held_out = [b.texts[i] for i in te]
-            features = model.features(held_out)
-            p_benign[k][te] = model.probability(held_out, vectors[te], features) * (
-                model.gate(held_out, features) >= GATE
-            )  # what the shipped scanner does: the gate allows before the classifier looks
-        lr = LogisticRegression(C=10.0, max_iter=5000, class_weight="balanced")
-        p_emb[test] = lr.fit(embeddings[train], labels[train]).predict_proba(embeddings[test])[:, 1]
-    phrases = np.array([bool(heuristic_hits(t)) for t in texts]).astype(int)
-    layer = (p_combined >= THRESHOLD) | (phrases == 1)
-    gated = (phrases == 1) | ((p_char >= GATE) & (p_combined >= THRESHOLD))
+    model = InjectionModel(fit(*train.training_set(weights)))
+    features = model.features(test.texts)
+    lr = LogisticRegression(C=10.0, max_iter=5000, class_weight="balanced")
+    lr.fit(train.embeddings, train.labels)
+    benign = []
+    for bset, vectors in test.benign:
+        f = model.features(bset.texts)
+        gated = model.probability(bset.texts, vectors, f) * (model.gate(bset.texts, f) >= GATE)
+        benign.append((bset, gated, _phrases(bset.texts)))
+    return Predictions(
+        test.labels,
+        np.full(len(test.texts), fold),
+        model.probability(test.texts, test.embeddings, features),
+        model.gate(test.texts, features),
+        lr.predict_proba(test.embeddings)[:, 1],
+        _phrases(test.texts),
+        benign,
+    )
+
+
+def out_of_fold(
+    data: Data, folds: int = 5, seed: int = 0, weights: dict[str, float] | None = None
+) -> Predictions:
+    """Stratified k-fold on the labelled set, each benign set split into as many folds: fold k
+    trains on the other folds of every set and is scored on its own part of each."""
+    from sklearn.model_selection import KFold, StratifiedKFold
+
+    for bset, _ in data.benign:
+        if len(bset.texts) < folds:
+            message = (
+                f"{bset.name}: {len(bset.texts)} texts in its train part, fewer than {folds} folds"
+            )
+            raise ValueError(message)
+    parts = [StratifiedKFold(folds, shuffle=True, random_state=seed).split(data.texts, data.labels)]
+    parts += [KFold(folds, shuffle=True, random_state=seed).split(b.texts) for b, _ in data.benign]
+    n = len(data.texts)
+    out = Predictions(
+        data.labels, np.zeros(n, dtype=int), np.zeros(n), np.zeros(n), np.zeros(n),
+        _phrases(data.texts),
+        [(b, np.zeros(len(b.texts)), _phrases(b.texts)) for b, _ in data.benign],
+    )  # fmt: skip
+    for k, split_k in enumerate(zip(*parts, strict=True)):
+        (tr, te), rest = split_k[0], split_k[1:]
+        train = data.part(list(tr), [list(r[0]) for r in rest])
+        test = data.part(list(te), [list(r[1]) for r in rest])
+        got = predict(train, test, weights, fold=k)
+        out.fold[te], out.combined[te], out.char[te] = k, got.combined, got.char
+        out.embedding[te] = got.embedding
+        for (_, into, _), (_, p, _), (_, held) in zip(out.benign, got.benign, rest, strict=True):
+            into[held] = p
+    return out
+
+
+def layers(pred: Predictions, threshold: float = THRESHOLD) -> list[LayerScores]:
+    """Each layer and baseline on the labelled texts, then the shipped layer on each benign set
+    (with its false-positive rate per category where the set has categories)."""
+    labels, phrases = pred.labels, pred.phrases
+    layer = (pred.combined >= threshold) | phrases
+    shipped = phrases | ((pred.char >= GATE) & (pred.combined >= threshold))
     scores = [
-        score("phrase list (baseline)", labels, phrases),
-        score("MiniLM + logistic regression (baseline)", labels, (p_emb >= 0.5).astype(int)),
-        score("char n-grams + LR", labels, (p_char >= THRESHOLD).astype(int)),
-        score("char n-grams + MiniLM + LR", labels, (p_combined >= THRESHOLD).astype(int)),
+        score("phrase list (baseline)", labels, phrases.astype(int)),
+        score("MiniLM + logistic regression (baseline)", labels, (pred.embedding >= 0.5) * 1),
+        score("char n-grams + LR", labels, (pred.char >= threshold).astype(int)),
+        score("char n-grams + MiniLM + LR", labels, (pred.combined >= threshold).astype(int)),
         score("injection layer (phrases, then classifier)", labels, layer.astype(int)),
-        score("shipped: phrases, char gate, classifier", labels, gated.astype(int)),
+        score("shipped: phrases, char gate, classifier", labels, shipped.astype(int)),
     ]
-    scores[-1].embedded = float((p_char >= GATE).mean())
-    for (b, _), p in zip(benign, p_benign, strict=True):
-        hits = np.array([bool(heuristic_hits(t)) for t in b.texts]) | (p >= THRESHOLD)
-        scores.append(
-            score(f"injection layer on benign {b.name}", np.zeros(len(b.texts)), hits.astype(int))
-        )
+    scores[-1].embedded = float((pred.char >= GATE).mean())
+    folds = np.unique(pred.fold)
+    if len(folds) > 1:
+        scores[-1].f1_folds = [
+            score("", labels[pred.fold == k], shipped[pred.fold == k].astype(int)).f1 for k in folds
+        ]
+    for bset, p, hits in pred.benign:
+        blocked = hits | (p >= threshold)
+        result = score(f"injection layer on benign {bset.name}", np.zeros(len(p)), blocked * 1)
+        if bset.categories:
+            cats = np.array(bset.categories)
+            result.categories = {
+                str(c): float(blocked[cats == c].mean()) for c in dict.fromkeys(cats)
+            }
+        scores.append(result)
     return scores
+
+
+def shipped_rates(pred: Predictions, threshold: float) -> tuple[float, float, float]:
+    """(F1, false-positive rate) of the shipped layer on the labelled texts and its
+    false-positive rate on the hard prompts."""
+    scores = layers(pred, threshold)
+    shipped = scores[5]
+    hard = [s.fpr for s, (b, _, _) in zip(scores[6:], pred.benign, strict=True) if b.kind == "hard"]
+    return shipped.f1, shipped.fpr, max(hard, default=0.0)
+
+
+@dataclass
+class Trial:
+    hard_weight: float
+    threshold: float
+    f1: float
+    fpr: float
+    hard_fpr: float
+
+    @property
+    def admissible(self) -> bool:
+        return self.fpr <= MAX_FPR["labelled"] and self.hard_fpr <= MAX_FPR["hard"]
+
+
+def search(data: Data, folds: int = 5, seed: int = 0) -> tuple[list[Trial], Trial]:
+    """Every (hard-prompt weight, threshold) of the grid on out-of-fold predictions of ``data``
+    (the train parts): the choice is the best F1 among those within ``MAX_FPR`` (the lowest
+    false-positive rates if none is)."""
+    trials = []
+    for weight in HARD_WEIGHTS:
+        pred = out_of_fold(data, folds, seed, {"hard": weight})
+        for threshold in THRESHOLDS:
+            trials.append(Trial(weight, threshold, *shipped_rates(pred, threshold)))
+    admissible = [t for t in trials if t.admissible]
+    if admissible:
+        best = max(admissible, key=lambda t: (round(t.f1, 4), -t.hard_fpr))
+    else:
+        best = min(trials, key=lambda t: (t.hard_fpr + t.fpr, -t.f1))
+    return trials, best

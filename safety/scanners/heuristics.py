@@ -12,33 +12,27 @@ import re
 from itertools import accumulate
 
 _PATTERNS = [
-    # English: override, reveal, role-play escapes
+    # English: override, reveal, unrestricted. Not role-play ("pretend you are", "act as", "you
+    # are now", "imagine you are"), task switches ("new task:") or "developer mode": everyday
+    # requests say them too (safety/data/hard_benign.txt); the classifier weighs them in context
     r"\b(ignore|disregard|forget|skip|override)\b.{0,40}\b(previous|prior|above|earlier|all|any|preceding|your)\b.{0,30}\b(instructions?|prompts?|rules|directions|guidelines|context|tasks?)\b",
-    r"\b(forget|ignore)\b.{0,20}\b(everything|all)\b",
-    r"\bnew (instructions?|task|rules)\b\s*[:!]",
+    r"\b(forget|ignore|disregard)\b.{0,10}\b(everything|all)\b.{0,15}\b(above|before|previous(ly)?|prior|so far|until now|davor)\b",
     r"\b(reveal|show|print|repeat|tell me|output)\b.{0,30}\b(system prompt|initial (prompt|instructions)|your (instructions|prompt|rules))\b",
-    r"\byou are (now|no longer)\b",
-    r"\b(act|behave|respond) as (if you (are|were)|an? (unfiltered|uncensored|evil))",
-    r"\bpretend (to be|you are|that you)\b",
-    r"\b(jailbreak|jailbroken|developer mode|dan mode|do anything now)\b",
+    r"\b(act|behave|respond) as (if you (are|were) )?an? (unfiltered|uncensored|evil|unrestricted)\b",
+    r"\b(pretend|imagine)\b.{0,20}\b(evil|unfiltered|uncensored|unrestricted|malicious) (ai|assistant|model|chatbot|bot)\b",
+    r"\b(print|show|repeat|output)\b.{0,20}\b(above|previous|preceding) (prompt|instructions)\b",
+    r"\bdespite what you('ve| have) been told\b",
+    r"\b(you are|you're) (now )?(dan|jailbroken|in (dan|developer|jailbreak) mode)\b",
+    r"\bdo anything now\b",
     r"\bwithout (any )?(restrictions|filters|censorship|limitations)\b",
     r"\bstop being\b.{0,20}\b(assistant|ai|helpful)",
-    r"\bi want you to (act|behave|respond|pretend|roleplay)\b",
-    r"\b(now|from now on),? you are\b",
-    r"\bimagine (that )?you are\b",
     r"\byou (have )?passed the (first|previous) test\b",
-    r"\bhere comes the (second|next) (test|task)\b",
+    r"\bhere comes the (second|next) test\b",
     r"\b(return|print|output) your (embeddings|weights|instructions)\b",
     # German
     r"\b(ignoriere|vergiss|vergessen sie|ignorieren sie|missachte)\b.{0,40}\b(alle|alles|vorherigen?|obigen?|bisherigen?|vorher|anweisungen|aufgaben|befehle)\b",
-    r"\b(neue|folgende) (anweisung|aufgabe)\b\s*[:!]",
-    r"\b(du bist|sie sind) (jetzt|nun|ab sofort)\b",
-    r"\b(tu|tun sie|stell dir vor|stellen sie sich vor),? (so,? )?als (ob )?(du|sie|w[äa]rst|w[äa]ren)\b",
+    r"\b(stell dir vor|tu so|tun sie so)\b.{0,30}\b(böse|ungefilterte|unzensierte) (ki|ai)\b",
     r"\b(zeige|gib|nenne|verrate)\b.{0,30}\b(systemprompt|system-prompt|deine anweisungen|deinen prompt)\b",
-    r"\bab (jetzt|sofort) (bist|antwortest|sprichst) du\b",
-    r"\b(ich möchte|ich will),? dass (du|sie) als\b.{0,80}\b(fungier|agier|auftr|handel|arbeit)",
-    r"\b(jetzt|nun) bist du\b",
-    r"\bstell(en sie)? (dir|sich) vor,? (du bist|sie sind|du wärst|sie wären)\b",
     r"\b(abweichend|entgegen) (zu|den) (vorherigen|bisherigen|obigen)\b",
     r"\balle (bisherigen|vorherigen) (informationen|anweisungen|instruktionen)\b",
     r"\b(sie haben|du hast) den ersten test bestanden\b",
@@ -95,3 +89,23 @@ def heuristic_hits(text: str) -> list[tuple[int, int]]:
         if not anchors or any(a in lowered for a in anchors)
         for m in pattern.finditer(lowered)
     ]
+
+
+# a quotation: "...", “...”, „...“, «...», or '...' that does not start or end inside a word
+_QUOTED = re.compile(r"\"[^\"]*\"|“[^”]*”|„[^“”]*[“”]|«[^»]*»|(?<!\w)'[^']*'(?!\w)")
+_QUOTE_MARKS = ('"', "“", "„", "«", "'")
+
+
+def attack_phrases(text: str) -> list[tuple[int, int]]:
+    """``heuristic_hits`` less those inside a quotation in a text that says something outside
+    it: 'Translate "ignore all previous instructions" into German' quotes an attack phrase for
+    a slide rather than using one. The classifier still reads the whole text and can block it."""
+    hits = heuristic_hits(text)
+    lowered = " ".join(text.split()).lower()
+    if not hits or not any(mark in lowered for mark in _QUOTE_MARKS):
+        return hits
+    quoted = [m.span() for m in _QUOTED.finditer(lowered)]
+    outside = _QUOTED.sub(" ", lowered)
+    if len(re.findall(r"\w+", outside)) < 2:  # the quotation is the whole request
+        return hits
+    return [h for h in hits if not any(a <= h[0] and h[1] <= b for a, b in quoted)]

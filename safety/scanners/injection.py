@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from safety.base import BaseScanner, Finding, ScanContext, Verdict
-from safety.scanners.heuristics import heuristic_hits
+from safety.scanners.heuristics import attack_phrases
 from safety.scanners.unicode import normalise
 
 MODEL_PATH = Path(__file__).resolve().parent.parent / "models" / "injection.npz"
@@ -91,6 +91,8 @@ def char_counts(texts: list[str]) -> Any:
         columns.append(index)
         values.append(counts.astype(np.float64))
         indptr.append(indptr[-1] + len(index))
+    if not texts:
+        return csr_matrix((0, N_FEATURES))
     return csr_matrix(
         (np.concatenate(values), np.concatenate(columns), np.array(indptr)),
         shape=(len(texts), N_FEATURES),
@@ -215,7 +217,7 @@ class InjectionScanner(BaseScanner):
         hidden = context.extras.get("hidden_text")
         if hidden:
             text = f"{text}\n{hidden}"
-        spans = heuristic_hits(normalise(text))
+        spans = attack_phrases(normalise(text))
         if spans:
             return Verdict("block", [Finding("prompt_injection", *spans[0])], 1.0)
         if not self.use_classifier or not text.strip() or context.role in INSTRUCTION_ROLES:
