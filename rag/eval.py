@@ -2,10 +2,16 @@
 
 Chunks are mapped back to their documents (a document ranks where its best chunk ranks), then
 nDCG@10, Recall@10, Recall@100 and MRR@10 are averaged over the queries that have judgements.
+
+``cross_validate`` chooses the hybrid mode's query-time settings (fusion, the BM25/dense weights)
+by k-fold cross-validation over the queries: each fold is scored with the setting that did best
+on the other folds, so the mean over folds is a figure no choice has seen, and its spread says
+how much the full-set figure can be trusted.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import time
@@ -15,9 +21,10 @@ from pathlib import Path
 
 import numpy as np
 
+from rag import HYBRID_WEIGHTS
 from rag.embeddings import Embedder
 from rag.retriever import Mode, SearchOptions, search
-from rag.snapshot import Snapshot
+from rag.snapshot import BM25_B, BM25_K1, Snapshot, build_bm25
 
 
 @dataclass
@@ -128,3 +135,98 @@ def standard_modes(options: SearchOptions | None = None) -> list[tuple[str, Sear
         weights = (1.0, 1.0) if fusion == "rrf" else base.weights
         out.append((label, replace(base, mode=mode, fusion=fusion, weights=weights)))  # type: ignore[arg-type]
     return out
+
+
+def per_query_ndcg(
+    snapshot: Snapshot, data: Beir, embedder: Embedder, options: SearchOptions
+) -> np.ndarray:
+    """nDCG@10 of each query, in ``data.queries`` order."""
+    options = replace(options, top_k=max(options.top_k, 100))
+    return np.array(
+        [
+            metrics(rank_documents(search(snapshot, text, embedder, options)), data.qrels[qid])[0]
+            for qid, text in data.queries.items()
+        ]
+    )
+
+
+# (k1, b) pairs cross-validation tries for BM25: the default first
+BM25_GRID = ((BM25_K1, BM25_B), (0.9, 0.75), (1.2, 0.4), (1.2, 0.75), (1.5, 0.6))
+
+
+def hybrid_grid(base: SearchOptions | None = None) -> dict[str, SearchOptions]:
+    """The query-time settings cross-validation chooses among: z-score fusion at dense weights
+    0.3-0.8 and reciprocal-rank fusion with equal weights."""
+    base = base or SearchOptions()
+    grid = {
+        f"zscore dense {w:.1f}": replace(
+            base, mode="hybrid", fusion="zscore", weights=(round(1 - w, 1), w)
+        )
+        for w in (0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
+    }
+    grid["rrf equal"] = replace(base, mode="hybrid", fusion="rrf", weights=(1.0, 1.0))
+    return grid
+
+
+def with_bm25(snapshot: Snapshot, k1: float, b: float) -> Snapshot:
+    """The same snapshot with its BM25 index rebuilt with other parameters (a shallow copy)."""
+    if (k1, b) == (BM25_K1, BM25_B):
+        return snapshot
+    variant = copy.copy(snapshot)
+    variant.bm25 = build_bm25(snapshot.chunks, k1, b)
+    return variant
+
+
+def grid_scores(
+    snapshot: Snapshot, data: Beir, embedder: Embedder
+) -> tuple[dict[str, np.ndarray], str]:
+    """Per-query nDCG@10 of every (BM25 parameters, fusion setting) pair, and the default's name."""
+    scores = {}
+    for k1, b in BM25_GRID:
+        variant = with_bm25(snapshot, k1, b)
+        for name, options in hybrid_grid().items():
+            scores[f"{name}, bm25 k1 {k1} b {b}"] = per_query_ndcg(variant, data, embedder, options)
+    default = f"zscore dense {HYBRID_WEIGHTS[1]:.1f}, bm25 k1 {BM25_K1} b {BM25_B}"
+    return scores, default
+
+
+@dataclass
+class CrossValidation:
+    folds: int
+    fold_ndcg: list[float]  # each fold scored with the setting chosen on the others
+    chosen: list[str]  # that setting, per fold
+    default_fold_ndcg: list[float]  # the shipped default on the same folds
+    full_set: dict[str, float]  # every setting on all the queries (what is not reported alone)
+
+    @property
+    def mean(self) -> float:
+        return float(np.mean(self.fold_ndcg))
+
+    @property
+    def spread(self) -> float:
+        return float(np.std(self.fold_ndcg))
+
+
+def query_folds(n: int, folds: int = 5, seed: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(train, test) positions of each fold of ``n`` queries in file order (shuffled k-fold with
+    a fixed seed; tests/rag/test_eval.py pins the folds of the SciFact claims)."""
+    from sklearn.model_selection import KFold
+
+    return list(KFold(folds, shuffle=True, random_state=seed).split(np.zeros((n, 1))))
+
+
+def cross_validate(
+    scores: dict[str, np.ndarray], default: str, folds: int = 5, seed: int = 0
+) -> CrossValidation:
+    """Nested choice over per-query nDCG@10: for each of ``folds`` folds of the queries, the
+    setting with the best mean on the other folds, scored on this one."""
+    names = list(scores)
+    matrix = np.vstack([scores[name] for name in names])  # settings x queries
+    fold_ndcg, chosen, default_ndcg = [], [], []
+    for train, test in query_folds(matrix.shape[1], folds, seed):
+        best = int(np.argmax(matrix[:, train].mean(axis=1)))
+        chosen.append(names[best])
+        fold_ndcg.append(float(matrix[best, test].mean()))
+        default_ndcg.append(float(scores[default][test].mean()))
+    full = {name: float(scores[name].mean()) for name in names}
+    return CrossValidation(folds, fold_ndcg, chosen, default_ndcg, full)

@@ -115,7 +115,12 @@ def build_index(vectors: np.ndarray, ids: np.ndarray, kind: IndexKind) -> Any:
     return index
 
 
-def build_bm25(chunks: Sequence[Chunk]) -> Any:
+# BM25 parameters (Anserini's BEIR settings; `ragline eval retrieval` cross-validates them)
+BM25_K1 = 0.9
+BM25_B = 0.4
+
+
+def build_bm25(chunks: Sequence[Chunk], k1: float = BM25_K1, b: float = BM25_B) -> Any:
     import bm25s
 
     if not chunks:
@@ -126,7 +131,7 @@ def build_bm25(chunks: Sequence[Chunk]) -> Any:
         stemmer=stemmer(),
         show_progress=False,
     )
-    model = bm25s.BM25(k1=0.9, b=0.4)
+    model = bm25s.BM25(k1=k1, b=b)
     model.index(tokens, show_progress=False)
     return model
 

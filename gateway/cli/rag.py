@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 from typing import Annotated, Any
 
+import numpy as np
 import typer
 from rich.console import Console
 from rich.markup import escape
@@ -173,6 +174,12 @@ def eval_retrieval(
         Path | None, typer.Option(help="Where the corpus store is built (default: a temp dir).")
     ] = None,
     limit: Annotated[int | None, typer.Option(min=1, help="Only the first N queries.")] = None,
+    folds: Annotated[
+        int,
+        typer.Option(
+            help="k for choosing the hybrid settings by k-fold CV over the queries (0: skip)."
+        ),
+    ] = 5,
     output: Annotated[
         Path | None, typer.Option("--json", help="Also write the results here.")
     ] = None,
@@ -181,7 +188,8 @@ def eval_retrieval(
         typer.Option(help="Where stores live (env RAGLINE_RAG_DIR; default ~/.cache/ragline/rag)."),
     ] = None,
 ) -> None:
-    """nDCG@10, Recall@10/100 and MRR@10 for BM25, dense and hybrid, with query latency."""
+    """nDCG@10, Recall@10/100 and MRR@10 for BM25, dense and hybrid, with query latency; the
+    hybrid settings chosen by k-fold CV over the queries, with the mean and spread over folds."""
     import tempfile
 
     from rag.eval import Beir, evaluate, standard_modes
@@ -238,12 +246,43 @@ def eval_retrieval(
             *(f"{r.latency_ms[p]:.2f}" for p in ("p50", "p95", "p99")),
         )
     console.print(table)
+    cv = None
+    if folds >= 2 and len(beir.queries) >= folds:
+        cv = _cross_validate(target.snapshot, beir, embedder, folds)
+    elif folds:
+        errors.print(f"cross-validation skipped: {len(beir.queries)} queries, {folds} folds")
     if output is not None:
         output.write_text(json.dumps({
             "data": str(data), "queries": len(beir.queries), "chunks": len(target.snapshot),
             "ingest_documents_per_s": ingest_rate,
             "results": [r.__dict__ for r in results],
+            "cross_validation": None if cv is None else {
+                **cv.__dict__, "mean": cv.mean, "spread": cv.spread,
+            },
         }, indent=1))  # fmt: skip
+
+
+def _cross_validate(snapshot: Any, beir: Any, embedder: Any, folds: int) -> Any:
+    from rag.eval import cross_validate, grid_scores
+
+    scores, default = grid_scores(snapshot, beir, embedder)
+    cv = cross_validate(scores, default, folds)
+    table = Table(
+        "fold", "chosen on the other folds", "nDCG@10", "the default",
+        title=f"hybrid settings by {folds}-fold CV over the queries (default: {default}; "
+        f"{len(scores)} settings)",
+    )  # fmt: skip
+    for k, (name, got, base) in enumerate(
+        zip(cv.chosen, cv.fold_ndcg, cv.default_fold_ndcg, strict=True), 1
+    ):
+        table.add_row(str(k), name, f"{got:.4f}", f"{base:.4f}")
+    console.print(table)
+    console.print(
+        f"cross-validated hybrid nDCG@10: {cv.mean:.4f} ± {cv.spread:.4f} (mean ± std over "
+        f"folds); the default on the same folds {np.mean(cv.default_fold_ndcg):.4f} ± "
+        f"{np.std(cv.default_fold_ndcg):.4f}; on the full set {cv.full_set[default]:.4f}"
+    )
+    return cv
 
 
 ingest_app = typer.Typer()
