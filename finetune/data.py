@@ -57,6 +57,7 @@ class Summary:
     packed_sequences: int | None = None
     checksum: str = ""
     duplicates: int = 0  # lines whose content repeats an earlier line (they split together)
+    augmented: int = 0  # reworded copies added to the training examples (--augment)
     warnings: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:

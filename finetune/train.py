@@ -23,6 +23,7 @@ from typing import Any, Literal
 
 import torch
 
+from finetune.augment import augment
 from finetune.data import (
     IGNORE,
     DataError,
@@ -65,6 +66,8 @@ class TrainConfig:
     truncate: bool = False
     packing: bool = False
     eval_fraction: float | None = None  # None: data.choose_split decides by the set's size
+    augment: int = 0  # reworded copies of each training question (finetune/augment.py)
+    neftune: float = 0.0  # NEFTune's alpha: uniform noise on the input embeddings while training
     seed: int = 0
     save_every: int = 0
     resume: bool = False
@@ -112,6 +115,8 @@ def check(config: TrainConfig) -> None:
         )
     if config.batch_size < 1 or config.grad_accum < 1 or config.lr <= 0:
         raise FinetuneError("batch size, gradient accumulation and learning rate must be > 0")
+    if not 0 <= config.augment <= 32 or not 0 <= config.neftune <= 100:
+        raise FinetuneError("--augment must be 0-32 copies and --neftune 0-100")
     if config.qlora and not torch.cuda.is_available():
         raise FinetuneError("--qlora needs a CUDA GPU (4-bit base weights through bitsandbytes)")
     if config.qlora:
@@ -138,8 +143,13 @@ def load_data(
     examples, checksum = load_examples(config.data)
     chosen = choose_split(examples, config.eval_fraction)
     eval_ex = chosen.held
+    copies = []
+    if config.augment:  # training examples only: a copy never teaches what eval measures
+        held_out = {ex.line for ex in eval_ex}
+        trained = [ex for ex in examples if ex.line not in held_out]
+        copies = augment(trained, config.augment, config.seed)
     rows, summary = prepare(
-        examples,
+        examples + copies,
         tokenizer,
         config.max_length,
         truncate=config.truncate,
@@ -152,6 +162,7 @@ def load_data(
     summary.train, summary.eval = len(train), len(held)
     summary.checksum = checksum
     summary.duplicates, summary.warnings = chosen.duplicates, chosen.warnings
+    summary.augmented = len(copies)
     for warning in chosen.warnings:
         log.warning("%s: %s", config.data, warning)
     if config.packing:
@@ -283,6 +294,8 @@ def train(
     config.output.mkdir(parents=True, exist_ok=True)
 
     before = eval_loss(model, eval_rows, config.batch_size, pad, device)
+    if config.neftune:
+        model.get_input_embeddings().register_forward_hook(_neftune(config.neftune))
     started = time.perf_counter()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -327,6 +340,19 @@ def train(
     result = Result(config.output, step, seconds, losses, before, after, peak, summary)
     _write_meta(config, result, summary, model_config)
     return result
+
+
+def _neftune(alpha: float) -> Callable[..., torch.Tensor]:
+    """NEFTune (Jain et al. 2023): while training, add uniform noise of magnitude
+    ``alpha / sqrt(length * dim)`` to the token embeddings; evaluation sees none."""
+
+    def hook(module: Any, _inputs: Any, output: torch.Tensor) -> torch.Tensor:
+        if not module.training:
+            return output
+        scale = alpha / math.sqrt(output.shape[1] * output.shape[2])
+        return output + torch.zeros_like(output).uniform_(-scale, scale)
+
+    return hook
 
 
 def _save_checkpoint(

@@ -59,6 +59,17 @@ def finetune(
             "below that none, with a warning: each example may be a fact's only teacher)."
         ),
     ] = None,
+    augment: Annotated[
+        int,
+        typer.Option(
+            help="Add N reworded copies of each training question (framing, case, a dropped or "
+            "swapped word): for data that states each fact in one phrasing."
+        ),
+    ] = 0,
+    neftune: Annotated[
+        float,
+        typer.Option(help="NEFTune noise alpha on the input embeddings (0: off; 5 is usual)."),
+    ] = 0.0,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
     save_every: Annotated[int, typer.Option(help="Checkpoint every N steps (0: end only).")] = 0,
     resume: Annotated[bool, typer.Option(help="Continue from the latest checkpoint.")] = False,
@@ -100,6 +111,8 @@ def finetune(
         truncate=truncate,
         packing=packing,
         eval_fraction=eval_fraction,
+        augment=augment,
+        neftune=neftune,
         seed=seed,
         save_every=save_every,
         resume=resume,

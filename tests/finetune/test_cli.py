@@ -34,6 +34,8 @@ def test_bad_training_inputs_fail_fast_and_write_nothing(tmp_path: Path) -> None
             "longer than --max-length 128: line 1",
         ),
         ("rank.jsonl", good + "\n", ["--rank", "4"], "rank 4 is not one vLLM serves"),
+        ("augment.jsonl", good + "\n", ["--augment", "33"], "--augment must be 0-32"),
+        ("noise.jsonl", good + "\n", ["--neftune", "-1"], "--neftune 0-100"),
     ]
     for name, text, extra, needle in cases:
         data = tmp_path / name

