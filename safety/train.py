@@ -45,7 +45,7 @@ C = 100.0
 # chosen by `search` (5-fold CV on the train parts; `ragline eval safety --search` prints it)
 THRESHOLD = 0.65
 WEIGHTS = {"prompts": 0.6, "hard": 2.0, "documents": 0.05}
-GATE = 0.2  # the char-only gate: below this, no embedding is computed and the text is allowed
+GATE = 0.3  # the char-only gate: below this, no embedding is computed and the text is allowed
 EMB_SCALE = 0.5
 DOCUMENT_SAMPLE = 10  # one document in ten
 DATA = Path(__file__).resolve().parent / "data"
@@ -55,6 +55,7 @@ HARD_BENIGN = DATA / "hard_benign.txt"
 # predictions (below the goals of 3% on the labelled set and 5% on hard prompts, for margin)
 HARD_WEIGHTS = (0.3, 0.6, 1.0, 2.0)
 THRESHOLDS = tuple(round(0.3 + 0.05 * i, 2) for i in range(13))
+GATES = (0.2, 0.3, 0.4, 0.5)  # ties go to the higher gate: fewer texts pay for an embedding
 MAX_FPR = {"labelled": 0.025, "hard": 0.04}
 
 
@@ -144,6 +145,7 @@ def fit(
     embeddings: np.ndarray | None,
     weights: np.ndarray | None = None,
     threshold: float = THRESHOLD,
+    gate_below: float = GATE,
 ) -> dict[str, Any]:
     from scipy.sparse import csr_matrix, hstack
     from sklearn.linear_model import LogisticRegression
@@ -170,7 +172,7 @@ def fit(
         gate.fit(features[:, :N_FEATURES], labels, sample_weight=weights)
         out["gate_coef"] = gate.coef_[0][index].astype(np.float32)
         out["gate_intercept"] = np.array([float(gate.intercept_[0])])
-        out["gate_below"] = np.array([GATE])
+        out["gate_below"] = np.array([gate_below])
     return out
 
 
@@ -259,7 +261,7 @@ def score(name: str, labels: np.ndarray, predicted: np.ndarray) -> LayerScores:
 @dataclass
 class Predictions:
     """Probabilities for the labelled texts (out of fold, or of a held-out part) and for each
-    benign set (the gate applied: what the shipped scanner scores)."""
+    benign set, with the char gate's probabilities (any gate can be applied afterwards)."""
 
     labels: np.ndarray
     fold: np.ndarray
@@ -267,7 +269,8 @@ class Predictions:
     char: np.ndarray
     embedding: np.ndarray
     phrases: np.ndarray
-    benign: list[tuple[BenignSet, np.ndarray, np.ndarray]]  # (set, gated probability, phrases)
+    # (set, probability, the char gate's probability, phrases)
+    benign: list[tuple[BenignSet, np.ndarray, np.ndarray, np.ndarray]]
 
 
 def _phrases(texts: list[str]) -> np.ndarray:
@@ -290,8 +293,8 @@ def predict(
     benign = []
     for bset, vectors in test.benign:
         f = model.features(bset.texts)
-        gated = model.probability(bset.texts, vectors, f) * (model.gate(bset.texts, f) >= GATE)
-        benign.append((bset, gated, _phrases(bset.texts)))
+        p, g = model.probability(bset.texts, vectors, f), model.gate(bset.texts, f)
+        benign.append((bset, p, g, _phrases(bset.texts)))
     return Predictions(
         test.labels,
         np.full(len(test.texts), fold),
@@ -322,7 +325,8 @@ def out_of_fold(
     out = Predictions(
         data.labels, np.zeros(n, dtype=int), np.zeros(n), np.zeros(n), np.zeros(n),
         _phrases(data.texts),
-        [(b, np.zeros(len(b.texts)), _phrases(b.texts)) for b, _ in data.benign],
+        [(b, np.zeros(len(b.texts)), np.zeros(len(b.texts)), _phrases(b.texts))
+         for b, _ in data.benign],
     )  # fmt: skip
     for k, split_k in enumerate(zip(*parts, strict=True)):
         (tr, te), rest = split_k[0], split_k[1:]
@@ -331,17 +335,19 @@ def out_of_fold(
         got = predict(train, test, weights, fold=k)
         out.fold[te], out.combined[te], out.char[te] = k, got.combined, got.char
         out.embedding[te] = got.embedding
-        for (_, into, _), (_, p, _), (_, held) in zip(out.benign, got.benign, rest, strict=True):
-            into[held] = p
+        for into, new, (_, held) in zip(out.benign, got.benign, rest, strict=True):
+            into[1][held], into[2][held] = new[1], new[2]
     return out
 
 
-def layers(pred: Predictions, threshold: float = THRESHOLD) -> list[LayerScores]:
+def layers(
+    pred: Predictions, threshold: float = THRESHOLD, gate: float = GATE
+) -> list[LayerScores]:
     """Each layer and baseline on the labelled texts, then the shipped layer on each benign set
     (with its false-positive rate per category where the set has categories)."""
     labels, phrases = pred.labels, pred.phrases
     layer = (pred.combined >= threshold) | phrases
-    shipped = phrases | ((pred.char >= GATE) & (pred.combined >= threshold))
+    shipped = phrases | ((pred.char >= gate) & (pred.combined >= threshold))
     scores = [
         score("phrase list (baseline)", labels, phrases.astype(int)),
         score("MiniLM + logistic regression (baseline)", labels, (pred.embedding >= 0.5) * 1),
@@ -350,14 +356,14 @@ def layers(pred: Predictions, threshold: float = THRESHOLD) -> list[LayerScores]
         score("injection layer (phrases, then classifier)", labels, layer.astype(int)),
         score("shipped: phrases, char gate, classifier", labels, shipped.astype(int)),
     ]
-    scores[-1].embedded = float((pred.char >= GATE).mean())
+    scores[-1].embedded = float((pred.char >= gate).mean())
     folds = np.unique(pred.fold)
     if len(folds) > 1:
         scores[-1].f1_folds = [
             score("", labels[pred.fold == k], shipped[pred.fold == k].astype(int)).f1 for k in folds
         ]
-    for bset, p, hits in pred.benign:
-        blocked = hits | (p >= threshold)
+    for bset, p, g, hits in pred.benign:
+        blocked = hits | ((g >= gate) & (p >= threshold))
         result = score(f"injection layer on benign {bset.name}", np.zeros(len(p)), blocked * 1)
         if bset.categories:
             cats = np.array(bset.categories)
@@ -368,12 +374,14 @@ def layers(pred: Predictions, threshold: float = THRESHOLD) -> list[LayerScores]
     return scores
 
 
-def shipped_rates(pred: Predictions, threshold: float) -> tuple[float, float, float]:
+def shipped_rates(
+    pred: Predictions, threshold: float, gate: float = GATE
+) -> tuple[float, float, float]:
     """(F1, false-positive rate) of the shipped layer on the labelled texts and its
     false-positive rate on the hard prompts."""
-    scores = layers(pred, threshold)
+    scores = layers(pred, threshold, gate)
     shipped = scores[5]
-    hard = [s.fpr for s, (b, _, _) in zip(scores[6:], pred.benign, strict=True) if b.kind == "hard"]
+    hard = [s.fpr for s, b in zip(scores[6:], pred.benign, strict=True) if b[0].kind == "hard"]
     return shipped.f1, shipped.fpr, max(hard, default=0.0)
 
 
@@ -381,6 +389,7 @@ def shipped_rates(pred: Predictions, threshold: float) -> tuple[float, float, fl
 class Trial:
     hard_weight: float
     threshold: float
+    gate: float
     f1: float
     fpr: float
     hard_fpr: float
@@ -391,17 +400,18 @@ class Trial:
 
 
 def search(data: Data, folds: int = 5, seed: int = 0) -> tuple[list[Trial], Trial]:
-    """Every (hard-prompt weight, threshold) of the grid on out-of-fold predictions of ``data``
-    (the train parts): the choice is the best F1 among those within ``MAX_FPR`` (the lowest
-    false-positive rates if none is)."""
+    """Every (hard-prompt weight, threshold, gate) of the grid on out-of-fold predictions of
+    ``data`` (the train parts): the choice is the best F1 among those within ``MAX_FPR`` (the
+    lowest false-positive rates if none is); of equal F1, the higher gate (fewer embeddings)."""
     trials = []
     for weight in HARD_WEIGHTS:
         pred = out_of_fold(data, folds, seed, {"hard": weight})
         for threshold in THRESHOLDS:
-            trials.append(Trial(weight, threshold, *shipped_rates(pred, threshold)))
+            for gate in GATES:
+                trials.append(Trial(weight, threshold, gate, *shipped_rates(pred, threshold, gate)))
     admissible = [t for t in trials if t.admissible]
     if admissible:
-        best = max(admissible, key=lambda t: (round(t.f1, 4), -t.hard_fpr))
+        best = max(admissible, key=lambda t: (round(t.f1, 4), t.gate, -t.hard_fpr))
     else:
         best = min(trials, key=lambda t: (t.hard_fpr + t.fpr, -t.f1))
     return trials, best

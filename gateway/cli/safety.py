@@ -144,28 +144,28 @@ def eval_safety(
     per category, and latency."""
     from safety.base import ScanContext
     from safety.policy import build_policy, default_policy
-    from safety.train import THRESHOLD, WEIGHTS, layers, out_of_fold, predict
+    from safety.train import GATE, THRESHOLD, WEIGHTS, layers, out_of_fold, predict
     from safety.train import search as grid_search
 
     texts, labels, sets = _load(data, benign, hard_benign)
     embedder = Settings().embedder()
     train_part, test_part = _data(texts, labels, sets, embedder).holdout()
-    weight, threshold = WEIGHTS["hard"], THRESHOLD
+    weight, threshold, gate = WEIGHTS["hard"], THRESHOLD, GATE
     trials: list[Any] = []
     try:
         if search:
             trials, best = grid_search(train_part, folds)
-            weight, threshold = best.hard_weight, best.threshold
+            weight, threshold, gate = best.hard_weight, best.threshold, best.gate
             console.print(
                 f"chosen by {folds}-fold CV on the train parts: hard-prompt weight {weight}, "
-                f"threshold {threshold} (CV F1 {best.f1:.3f}, FPR {best.fpr:.3f}, hard FPR "
-                f"{best.hard_fpr:.3f})"
+                f"threshold {threshold}, gate {gate} (CV F1 {best.f1:.3f}, FPR {best.fpr:.3f}, "
+                f"hard FPR {best.hard_fpr:.3f})"
             )
-        cv = layers(out_of_fold(train_part, folds, weights={"hard": weight}), threshold)
+        cv = layers(out_of_fold(train_part, folds, weights={"hard": weight}), threshold, gate)
     except ValueError as exc:
         errors.print(f"[red]error:[/red] {escape(str(exc))}", soft_wrap=True)
         raise typer.Exit(2) from None
-    held = layers(predict(train_part, test_part, {"hard": weight}), threshold)
+    held = layers(predict(train_part, test_part, {"hard": weight}), threshold, gate)
     # latency of each layer, the shipped scanner and the whole default input policy, one text
     # at a time, nothing cached (each text is embedded by whatever needs the embedding)
     from safety.scanners.heuristics import attack_phrases
@@ -216,7 +216,7 @@ def eval_safety(
         )
     if output is not None:
         result = {
-            "settings": {"hard_weight": weight, "threshold": threshold},
+            "settings": {"hard_weight": weight, "threshold": threshold, "gate": gate},
             "cv": [vars(x) for x in cv],
             "held_out": [vars(x) for x in held],
             "search": [vars(t) for t in trials],

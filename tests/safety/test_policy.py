@@ -18,7 +18,7 @@ from safety.base import ScanContext, Verdict
 from safety.policy import Policy, PolicySpec, ScannerSpec, build_policy, default_policy
 from safety.scanners.injection import InjectionModel, InjectionScanner
 from safety.stream import StreamGuard
-from safety.train import HARD_BENIGN, THRESHOLD, WEIGHTS, load_benign, load_csv, score
+from safety.train import GATE, HARD_BENIGN, THRESHOLD, WEIGHTS, load_benign, load_csv, score
 from tests.conftest import REPO, SHARED_DATA
 
 INJECTIONS = SHARED_DATA / "prompt-injections" / "train.csv"
@@ -166,7 +166,8 @@ def test_train_and_eval_commands_on_the_real_data(tmp_path: Path) -> None:
                           cwd=REPO, capture_output=True, text=True)  # fmt: skip
     assert done.returncode == 0, done.stderr
     result = json.loads(report.read_text())
-    assert result["settings"] == {"hard_weight": WEIGHTS["hard"], "threshold": THRESHOLD}
+    assert result["settings"] == {"hard_weight": WEIGHTS["hard"], "threshold": THRESHOLD,
+                                  "gate": GATE}  # fmt: skip
     for part in ("cv", "held_out"):
         layers = {layer["name"]: layer for layer in result[part]}
         names = list(layers)
