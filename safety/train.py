@@ -20,10 +20,10 @@ model: L2-regularised logistic regression (scikit-learn), benign sets weighted s
 the model without outvoting the labelled data.
 
 Every set is split into a train and a test part by its texts' ids (``safety/splits.py``).
-``search`` chooses the hard prompts' weight and the threshold by stratified k-fold CV on the
-train parts alone; ``layers`` scores each layer and the baselines (the phrase list alone, MiniLM
-+ logistic regression on the CSV alone) from out-of-fold predictions, or from a model fitted on
-the train parts and scored once on the test parts, which no choice has seen.
+``search`` chooses the hard prompts' weight, the threshold and the gate by stratified k-fold CV
+on the train parts alone; ``layers`` scores each layer and the baselines (the phrase list alone,
+MiniLM + logistic regression on the CSV alone) from out-of-fold predictions, or from a model
+fitted on the train parts and scored once on the test parts, which no choice has seen.
 """
 
 from __future__ import annotations

@@ -133,8 +133,8 @@ def eval_safety(
         bool,
         typer.Option(
             "--search",
-            help="Choose the hard prompts' weight and the threshold by CV on the train parts "
-            "(the grid in safety/train.py) and report with that choice.",
+            help="Choose the hard prompts' weight, the threshold and the gate by CV on the "
+            "train parts (the grid in safety/train.py) and report with that choice.",
         ),
     ] = False,
     output: Annotated[Path | None, typer.Option("--json", help="Also write results here.")] = None,
