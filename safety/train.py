@@ -44,7 +44,7 @@ from safety.splits import TEST_FRACTION, split
 C = 100.0
 # chosen by `search` (5-fold CV on the train parts; `ragline eval safety --search` prints it)
 THRESHOLD = 0.65
-WEIGHTS = {"prompts": 0.6, "hard": 2.0, "documents": 0.05}
+WEIGHTS = {"prompts": 0.6, "hard": 2.0, "documents": 0.05, "words": 0.6}
 GATE = 0.3  # the char-only gate: below this, no embedding is computed and the text is allowed
 EMB_SCALE = 0.5
 DOCUMENT_SAMPLE = 10  # one document in ten
@@ -127,6 +127,30 @@ def load_benign(path: Path, hard: bool = False) -> BenignSet:
         raise ValueError(f"{path}: no texts")
     named = any(c != "-" for c in categories)
     return BenignSet(path.name, kind, texts, categories if named else None)
+
+
+WORD_LISTS = 300  # texts of 16-80 words drawn from the benign prompts' vocabulary
+
+
+def word_lists(sets: list[BenignSet], n: int = WORD_LISTS, seed: int = 0) -> BenignSet:
+    """Benign word salad: words of the benign prompts in random order, no punctuation. Load
+    generators send such text (``ragline bench run``'s random prompts), and a classifier that
+    never saw it blocked one in seven as an injection."""
+    import random
+    import re
+
+    vocabulary = sorted(
+        {
+            w
+            for b in sets
+            if b.kind != "documents"
+            for t in b.texts
+            for w in re.findall(r"[a-z]{3,}", t.lower())
+        }
+    )
+    rng = random.Random(seed)
+    texts = [" ".join(rng.choices(vocabulary, k=rng.randint(16, 80))) for _ in range(n)]
+    return BenignSet("word lists", "words", texts)
 
 
 def fit_idf(texts: list[str]) -> np.ndarray:

@@ -4,9 +4,11 @@ in an empty directory, on a free port, with the project's virtual environment fi
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -29,10 +31,20 @@ def test_the_readme_newcomer_path_runs_as_written(model_path: Path, tmp_path: Pa
     env = {**os.environ, "RAGLINE_PORT": str(free_port())}
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
     env.pop("RAGLINE_CONFIG", None)
-    done = subprocess.run(
-        ["bash", "-euo", "pipefail", "-c", block],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900,
-    )  # fmt: skip
+    # output to files, in a session of its own: if the block stops before its `kill %1`, the
+    # gateway it started would hold a pipe open until the timeout; here it is killed at once
+    out, err = tmp_path / "stdout.txt", tmp_path / "stderr.txt"
+    with out.open("w") as stdout, err.open("w") as stderr:
+        proc = subprocess.Popen(
+            ["bash", "-euo", "pipefail", "-c", block],
+            cwd=tmp_path, env=env, stdout=stdout, stderr=stderr, start_new_session=True,
+        )  # fmt: skip
+        try:
+            returncode = proc.wait(timeout=900)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
+    done = subprocess.CompletedProcess(proc.args, returncode, out.read_text(), err.read_text())
     log = (tmp_path / "gateway.log").read_text() if (tmp_path / "gateway.log").exists() else ""
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:] + log[-3000:]
     # 4: a grounded answer whose citations name the leave document

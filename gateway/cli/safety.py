@@ -45,12 +45,13 @@ HardOption = Annotated[
 
 
 def _load(data: Path, benign: list[Path] | None, hard: list[Path] | None) -> Any:
-    from safety.train import EVERYDAY_PROMPTS, HARD_BENIGN, load_benign, load_csv
+    from safety.train import EVERYDAY_PROMPTS, HARD_BENIGN, load_benign, load_csv, word_lists
 
     try:
         texts, labels = load_csv(data)
         sets = [load_benign(path) for path in (benign or [EVERYDAY_PROMPTS])]
         sets += [load_benign(path, hard=True) for path in (hard or [HARD_BENIGN])]
+        sets.append(word_lists(sets))
     except (OSError, ValueError) as exc:
         errors.print(f"[red]error:[/red] {escape(str(exc))}", soft_wrap=True)
         raise typer.Exit(2) from None
