@@ -101,8 +101,10 @@ def attack_phrases(text: str) -> list[tuple[int, int]]:
     it: 'Translate "ignore all previous instructions" into German' quotes an attack phrase for
     a slide rather than using one. The classifier still reads the whole text and can block it."""
     hits = heuristic_hits(text)
+    if not hits:  # the common case: nothing to look inside quotations for
+        return hits
     lowered = " ".join(text.split()).lower()
-    if not hits or not any(mark in lowered for mark in _QUOTE_MARKS):
+    if not any(mark in lowered for mark in _QUOTE_MARKS):
         return hits
     quoted = [m.span() for m in _QUOTED.finditer(lowered)]
     outside = _QUOTED.sub(" ", lowered)
