@@ -90,7 +90,13 @@ function show() {
   for (const a of document.querySelectorAll("#tabs a")) {
     a.classList.toggle("active", a.getAttribute("href") === `#${tab}`);
   }
-  LOADERS[tab]().catch((error) => alert(error.message));
+  LOADERS[tab]().then(() => loaded(tab)).catch((error) => alert(error.message));
+}
+
+// Each finished load of a page adds one to its data-loads, so a script (the browser test) can
+// wait for the load its click caused instead of reading the page the load before left.
+function loaded(tab) {
+  $(tab).dataset.loads = String(Number($(tab).dataset.loads || 0) + 1);
 }
 
 // -- the pages -------------------------------------------------------------------------------
@@ -370,7 +376,7 @@ document.addEventListener("DOMContentLoaded", () => {
     });
     await loadKeys();
   });
-  $("usage-form").addEventListener("submit", loadUsage);
+  $("usage-form").addEventListener("submit", (e) => loadUsage(e).then(() => loaded("usage")));
   $("usage-csv").addEventListener("click", exportCsv);
   $("store-form").addEventListener("submit", createStore);
   $("upload-form").addEventListener("submit", (e) => upload(e).catch((error) => {

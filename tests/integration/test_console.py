@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import shutil
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -50,6 +51,17 @@ def page(gw: Gateway) -> Iterator[object]:
         page.set_default_timeout(60_000)
         yield page
         browser.close()
+
+
+@contextmanager
+def loaded(page, tab: str) -> Iterator[None]:  # type: ignore[no-untyped-def]
+    """Wait, after the body, for the page's next finished load of ``tab`` (app.js counts them
+    in data-loads): a tab shown before still holds the previous load's figures."""
+    before = int(page.get_attribute(f"#{tab}", "data-loads") or 0)
+    yield
+    page.wait_for_function(
+        f"Number(document.querySelector('#{tab}').dataset.loads || 0) > {before}"
+    )
 
 
 def test_the_console_in_a_browser(gw: Gateway, page, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
@@ -132,12 +144,11 @@ def test_the_console_in_a_browser(gw: Gateway, page, tmp_path: Path) -> None:  #
     page.screenshot(path=str(SHOTS / "stores.png"))
 
     # usage: the page counts the playground's request, as the API does
-    page.click("a[href='#usage']")
+    with loaded(page, "usage"):
+        page.click("a[href='#usage']")
     page.fill("#usage-group", "key_id,route")
-    page.click("#usage-form button[type=submit]")
-    page.wait_for_function(
-        "document.querySelector('#usage-table').textContent.includes('console-admin')"
-    )
+    with loaded(page, "usage"):  # the table of this grouping, not the tab's first load
+        page.click("#usage-form button[type=submit]")
     rows = httpx.get(gw.url + "/admin/usage", params={"group_by": "key_id,route"},
                      headers={"Authorization": f"Bearer {ADMIN}"}).json()["data"]  # fmt: skip
     chats = next(r for r in rows if r["key_id"] == "console-admin" and r["route"] == "completions")
@@ -147,7 +158,8 @@ def test_the_console_in_a_browser(gw: Gateway, page, tmp_path: Path) -> None:  #
     page.screenshot(path=str(SHOTS / "usage.png"))
 
     # overview: the same numbers, and the charts drawn
-    page.click("a[href='#overview']")
+    with loaded(page, "overview"):  # not the totals left by the load at sign-in
+        page.click("a[href='#overview']")
     page.wait_for_selector("#chart-traffic canvas")
     requests = page.inner_text("#overview-totals .card[data-metric='requests'] b")
     assert int(requests) >= chats["requests"]
