@@ -54,7 +54,7 @@ class EmbeddedModelConfig(BaseModel):
     quantization: Literal["auto", "none", "int8"] = Field(
         default="auto",
         description="`int8`: int8 weights with per-channel scales for the linear layers (CPU "
-        "only; activations in bf16). `auto`: int8 on CPUs without native bf16, else none.",
+        "only; activations in bf16). `auto`: int8 on CPU unless `dtype` is set, else none.",
     )
     max_batch: int = Field(
         default=64,

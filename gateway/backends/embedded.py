@@ -1,7 +1,11 @@
 """The embedded engine: a transformers checkpoint served in-process with continuous batching.
 
-It needs no GPU and no server: ``start()`` loads the weights (CUDA when present, else CPU) in a
-worker thread, then the scheduler thread (``scheduler.py``) runs the model. Prompts are rendered
+It needs no GPU and no server: ``start()`` starts the engine thread, which loads the weights (CUDA
+when present, else CPU) and then runs the scheduler (``scheduler.py``). One thread does both on
+purpose: PyTorch's OpenMP thread pool belongs to the thread that runs a parallel op, and a
+second pool kept alive by another thread (a loader thread of the asyncio executor) made libgomp
+count more threads than cores and stop spinning between ops: a decode step took 35-45 ms
+instead of 19-23 ms on the 2-core machine (``python -m benchmarks.engine``). Prompts are rendered
 with the tokenizer's own chat template and counted with its tokenizer, so ``usage`` is exact.
 """
 
@@ -9,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from collections.abc import AsyncGenerator
 from dataclasses import replace
@@ -46,12 +51,15 @@ def choose_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def choose_int8(quantization: str, device: torch.device) -> bool:
-    """int8 weights: asked for, or ``auto`` on a CPU without native bf16 (where float32
-    weights make the decode step read 540 MB per token)."""
+def choose_int8(quantization: str, device: torch.device, dtype: str = "auto") -> bool:
+    """int8 weights: asked for, or ``auto`` on a CPU when no dtype was asked for either. On
+    the 2-core machines of this project int8 decodes one stream about twice as fast as bf16
+    (64-82 vs 34 tok/s; at 8 streams the two are close) and far faster than float32 where the
+    CPU has no native bf16 (``make bench``); the capitals eval: 89 of 100 vs 91 for bf16. A
+    dtype set in the config (float32 for exact parity, say) keeps unquantized weights."""
     if quantization == "int8":
         return True
-    return quantization == "auto" and device.type == "cpu" and not on_cpu_with_bf16()
+    return quantization == "auto" and device.type == "cpu" and dtype == "auto"
 
 
 def choose_dtype(name: str, device: torch.device, int8: bool = False) -> torch.dtype:
@@ -61,6 +69,20 @@ def choose_dtype(name: str, device: torch.device, int8: bool = False) -> torch.d
     if device.type == "cuda" or on_cpu_with_bf16() or int8:  # int8's fast kernel takes bf16
         return torch.bfloat16
     return torch.float32
+
+
+def _settle(
+    loaded: asyncio.Future[Scheduler], scheduler: Scheduler | None, error: Exception | None
+) -> None:
+    """On the event loop: hand the engine thread's result to ``start``; a scheduler nobody
+    waits for any more (``start`` was cancelled) is told to stop."""
+    if loaded.cancelled():
+        if scheduler is not None:
+            scheduler.request_stop()
+    elif scheduler is None:
+        loaded.set_exception(error or RuntimeError("the engine thread loaded nothing"))
+    else:
+        loaded.set_result(scheduler)
 
 
 class EmbeddedBackend:
@@ -155,15 +177,31 @@ class EmbeddedBackend:
         return out
 
     async def start(self) -> None:
-        """Load tokenizer and weights (seconds), then start the engine thread."""
+        """Start the engine thread; return once it has loaded tokenizer and weights (seconds)."""
         loop = asyncio.get_running_loop()
+        loaded: asyncio.Future[Scheduler] = loop.create_future()
+        threading.Thread(
+            target=self._engine_thread, args=(loop, loaded), name="ragline-engine", daemon=True
+        ).start()
         try:
-            await asyncio.to_thread(self._load, loop)
+            self._scheduler = await loaded
         except Exception as exc:
             self.load_error = f"{type(exc).__name__}: {exc}"
             raise
 
-    def _load(self, loop: asyncio.AbstractEventLoop) -> None:
+    def _engine_thread(
+        self, loop: asyncio.AbstractEventLoop, loaded: asyncio.Future[Scheduler]
+    ) -> None:
+        """Load, hand the scheduler to ``start``, then run it here until ``aclose``."""
+        try:
+            scheduler = self._load(loop)
+        except Exception as exc:
+            loop.call_soon_threadsafe(_settle, loaded, None, exc)
+            return
+        loop.call_soon_threadsafe(_settle, loaded, scheduler, None)
+        scheduler.run()
+
+    def _load(self, loop: asyncio.AbstractEventLoop) -> Scheduler:
         from transformers import AutoTokenizer, GenerationConfig
 
         if not (self.model_path / "config.json").exists():
@@ -172,7 +210,7 @@ class EmbeddedBackend:
             )
         device = choose_device(self.config.device)
         self.device_type = device.type  # /ready reports it: benchmarks choose goals by it
-        int8 = choose_int8(self.config.quantization, device)
+        int8 = choose_int8(self.config.quantization, device, self.config.dtype)
         dtype = choose_dtype(self.config.dtype, device, int8)
         self.weights = "int8" if int8 else str(dtype).removeprefix("torch.")
         started = time.perf_counter()
@@ -219,7 +257,7 @@ class EmbeddedBackend:
             self._tool_template = None  # the model's own template renders tools
         else:
             self._tool_template = TOOLS_TEMPLATE
-        self._scheduler = Scheduler(
+        scheduler = Scheduler(
             runner,
             engine_tokenizer,
             eos_ids=eos_ids,
@@ -227,8 +265,8 @@ class EmbeddedBackend:
             max_waiting=self.config.max_waiting,
             loop=loop,
             prefix_caching=self.config.prefix_caching,
+            in_current_thread=True,
         )
-        self._scheduler.start()
         log.info(
             "model %s loaded from %s on %s (%s) in %.1fs",
             self.config.name,
@@ -237,6 +275,7 @@ class EmbeddedBackend:
             self.weights,
             time.perf_counter() - started,
         )
+        return scheduler
 
     async def aclose(self) -> None:
         if self._scheduler is not None:

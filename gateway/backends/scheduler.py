@@ -109,7 +109,11 @@ class Scheduler:
         max_waiting: int,
         loop: asyncio.AbstractEventLoop,
         prefix_caching: bool = True,
+        in_current_thread: bool = False,
     ) -> None:
+        """With ``in_current_thread``, the thread constructing the scheduler is the engine
+        thread: it calls ``run()`` itself (the embedded backend's thread, which loaded the
+        model); otherwise ``start()`` starts one."""
         self._runner = runner
         self._tokenizer = tokenizer
         self._eos_ids = eos_ids
@@ -127,7 +131,11 @@ class Scheduler:
         self._running: list[_Sequence] = []
         self._starting: list[_Sequence] = []  # admitted, prompt not yet computed
         self._stopping = False
-        self._thread = threading.Thread(target=self._run, name="ragline-engine", daemon=True)
+        self._thread = (
+            threading.current_thread()
+            if in_current_thread
+            else threading.Thread(target=self._run, name="ragline-engine", daemon=True)
+        )
         self._token_text: dict[int, str] = {}
         self.peak_batch = 0  # the most sequences decoded in one step so far
 
@@ -136,11 +144,20 @@ class Scheduler:
     def start(self) -> None:
         self._thread.start()
 
-    def stop(self) -> None:
+    def run(self) -> None:
+        """The engine loop, in the thread that built the scheduler (``in_current_thread``)."""
+        assert threading.current_thread() is self._thread
+        self._run()
+
+    def request_stop(self) -> None:
         with self._cv:
             self._stopping = True
             self._cv.notify()
-        self._thread.join(timeout=30)
+
+    def stop(self) -> None:
+        self.request_stop()
+        if self._thread.is_alive():
+            self._thread.join(timeout=30)
 
     def submit(self, job: Job) -> None:
         """Queue a job; raises ``Overloaded`` when the waiting queue is full."""

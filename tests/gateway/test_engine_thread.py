@@ -1,0 +1,97 @@
+"""The embedded engine's thread and default weights.
+
+One thread loads the model and runs every forward pass: PyTorch's OpenMP pool belongs to the
+thread that runs a parallel op, and a second pool kept alive by a loader thread made a decode
+step about twice as slow on two cores (README, "The engine's own thread"). On CPU, ``auto``
+picks int8 weights unless the config sets a dtype (float32 for exact parity stays float32)."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+
+from gateway.backends import embedded
+from gateway.backends.base import GenerationParams, GenerationRequest
+from gateway.backends.embedded import EmbeddedBackend, choose_int8
+from gateway.backends.llama import LlamaRunner
+from gateway.config import EmbeddedModelConfig
+
+
+def test_auto_picks_int8_on_cpu_only_when_no_dtype_is_set() -> None:
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert choose_int8("auto", cpu) is True
+    assert choose_int8("auto", cpu, "float32") is False  # parity tests ask for float32
+    assert choose_int8("auto", cpu, "bfloat16") is False
+    assert choose_int8("auto", cuda) is False
+    assert choose_int8("none", cpu) is False
+    assert choose_int8("int8", cpu, "float32") is True  # asked for: always
+
+
+async def test_one_thread_loads_the_model_and_runs_it(
+    model_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen: dict[str, set[int]] = {"load": set(), "prefill": set(), "decode": set()}
+    load, prefill, decode = LlamaRunner.from_pretrained, LlamaRunner.prefill, LlamaRunner.decode
+
+    def record(name: str, fn):  # type: ignore[no-untyped-def]
+        def wrapped(*args, **kwargs):  # type: ignore[no-untyped-def]
+            seen[name].add(threading.get_ident())
+            return fn(*args, **kwargs)
+
+        return wrapped
+
+    monkeypatch.setattr(LlamaRunner, "from_pretrained", record("load", load))
+    monkeypatch.setattr(LlamaRunner, "prefill", record("prefill", prefill))
+    monkeypatch.setattr(LlamaRunner, "decode", record("decode", decode))
+    backend = EmbeddedBackend(EmbeddedModelConfig(name="m"), model_path)
+    await backend.start()
+    try:
+        assert backend.weights == "int8"  # the CPU default
+        request = GenerationRequest(
+            request_id="t",
+            model="m",
+            params=GenerationParams(max_tokens=8, temperature=0.0, ignore_eos=True),
+            messages=({"role": "user", "content": "Name a colour."},),
+        )
+        result = await asyncio.wait_for(backend.generate(request), timeout=120)
+        assert result.usage.completion_tokens == 8
+        threads = seen["load"] | seen["prefill"] | seen["decode"]
+        assert len(threads) == 1 and all(seen.values())
+        assert threading.get_ident() not in threads  # not the event loop's thread
+        (engine,) = [t for t in threading.enumerate() if t.ident in threads]
+        assert engine.name == "ragline-engine"
+    finally:
+        await backend.aclose()
+    assert not engine.is_alive()  # aclose stops it
+
+
+async def test_a_failed_load_reaches_start_and_leaves_no_thread(tmp_path: Path) -> None:
+    backend = EmbeddedBackend(EmbeddedModelConfig(name="m"), tmp_path)  # no checkpoint here
+    with pytest.raises(FileNotFoundError, match="ragline models pull"):
+        await backend.start()
+    assert backend.load_error is not None and not backend.ready
+    assert not [t for t in threading.enumerate() if t.name == "ragline-engine"]
+
+
+def test_a_scheduler_nobody_waits_for_is_stopped() -> None:
+    """``start`` cancelled while loading: the loaded scheduler is told to stop, not left running."""
+
+    class Stub:
+        stopped = False
+
+        def request_stop(self) -> None:
+            self.stopped = True
+
+    loop = asyncio.new_event_loop()
+    try:
+        loaded = loop.create_future()
+        loaded.cancel()
+        stub = Stub()
+        embedded._settle(loaded, stub, None)  # type: ignore[arg-type]
+        assert stub.stopped
+    finally:
+        loop.close()
