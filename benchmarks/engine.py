@@ -33,7 +33,7 @@ from rich.table import Table
 
 from gateway.backends.base import Chunk, GenerationParams, GenerationRequest, Usage
 from gateway.backends.embedded import EmbeddedBackend, choose_device, choose_dtype
-from gateway.backends.scheduler import on_cpu_with_bf16
+from gateway.backends.quant import on_cpu_with_bf16
 from gateway.config import EmbeddedModelConfig, Settings
 
 PROMPTS = [

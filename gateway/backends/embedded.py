@@ -34,7 +34,8 @@ from gateway.backends.base import (
 )
 from gateway.backends.grammar import Grammar, Grammars
 from gateway.backends.llama import LlamaRunner
-from gateway.backends.scheduler import Job, Scheduler, on_cpu_with_bf16
+from gateway.backends.quant import on_cpu_with_bf16
+from gateway.backends.scheduler import Job, Scheduler
 from gateway.backends.tool_calls import TOOLS_TEMPLATE, ToolParsers, uses_tools
 from gateway.config import AdapterConfig, EmbeddedModelConfig
 from gateway.errors import ContextLengthExceeded, InvalidRequest, Overloaded

@@ -53,6 +53,16 @@ class PoolStats:
     preemptions: int = 0
 
 
+@dataclass
+class Plan:
+    """What admitting a job or resuming a sequence takes from the pool."""
+
+    tokens: list[int]  # the tokens that must be in the cache
+    hashes: list[bytes]
+    hits: list[int]  # cached blocks it reuses
+    new_blocks: int
+
+
 class BlockPool:
     """Free blocks, reference counts and the prefix cache's hash index.
 
@@ -152,3 +162,30 @@ class BlockPool:
         if digest not in self._by_hash:
             self._by_hash[digest] = block
             self._hash[block] = digest
+
+    # -- admission -----------------------------------------------------------------------------
+
+    def plan(self, tokens: list[int], salt: bytes, keep_one: bool) -> Plan:
+        """Blocks to reuse and to allocate for ``tokens``; ``keep_one``: leave at least the last
+        token to compute (its logits choose the first output token)."""
+        hashes = block_hashes(tokens, self.block_size, salt)
+        hits = self.lookup(hashes)
+        if keep_one:
+            hits = hits[: (len(tokens) - 1) // self.block_size]
+        return Plan(tokens, hashes, hits, -(-len(tokens) // self.block_size) - len(hits))
+
+    def fits(self, plan: Plan, extra: int, reserve: int) -> bool:
+        """Whether ``plan`` and ``extra`` more blocks can be taken, leaving ``reserve`` free."""
+        claimed = sum(1 for b in plan.hits if self.refs(b) == 0)  # cached, not free
+        return plan.new_blocks + extra + claimed + reserve <= self.available
+
+    def take(self, plan: Plan) -> list[int]:
+        """The block table of a plan that ``fits``: its hits shared, its new blocks allocated."""
+        for block in plan.hits:
+            self.share(block)
+        table = list(plan.hits)
+        for _ in range(plan.new_blocks):
+            new = self.allocate()
+            assert new is not None  # fits() checked
+            table.append(new)
+        return table

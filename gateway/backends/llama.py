@@ -30,49 +30,10 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from gateway.backends.multilora import LoraPair, build_bank
+from gateway.backends.llama_weights import Layer, LlamaShape, fuse_weights, rotary_tables
 from gateway.backends.multilora import apply as lora_delta
-from gateway.backends.quant import Int8Weight, Weight, linear
-
-
-@dataclass(frozen=True)
-class LlamaShape:
-    """The few numbers of a Llama config the forward pass needs."""
-
-    vocab_size: int
-    hidden_size: int
-    intermediate_size: int
-    num_layers: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    rms_norm_eps: float
-    rope_theta: float
-    max_position_embeddings: int
-    tie_word_embeddings: bool
-
-    @classmethod
-    def from_config(cls, config: object) -> LlamaShape:
-        """Read a transformers ``LlamaConfig``; refuses rope types not implemented here."""
-        rope = getattr(config, "rope_parameters", None) or {}
-        rope_type = rope.get("rope_type", "default")
-        if rope_type != "default":
-            raise ValueError(f"rope type {rope_type!r} is not supported by the embedded engine")
-        num_heads = config.num_attention_heads  # type: ignore[attr-defined]
-        hidden = config.hidden_size  # type: ignore[attr-defined]
-        return cls(
-            vocab_size=config.vocab_size,  # type: ignore[attr-defined]
-            hidden_size=hidden,
-            intermediate_size=config.intermediate_size,  # type: ignore[attr-defined]
-            num_layers=config.num_hidden_layers,  # type: ignore[attr-defined]
-            num_heads=num_heads,
-            num_kv_heads=config.num_key_value_heads,  # type: ignore[attr-defined]
-            head_dim=getattr(config, "head_dim", None) or hidden // num_heads,
-            rms_norm_eps=config.rms_norm_eps,  # type: ignore[attr-defined]
-            rope_theta=float(rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))),
-            max_position_embeddings=config.max_position_embeddings,  # type: ignore[attr-defined]
-            tie_word_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
-        )
+from gateway.backends.multilora import build_bank
+from gateway.backends.quant import Weight, linear
 
 
 @dataclass
@@ -84,17 +45,6 @@ class PrefillItem:
     start: int
     table: list[int]
     adapter: int = 0  # the runner's adapter index; 0: the base model
-
-
-@dataclass
-class _Layer:
-    input_norm: torch.Tensor
-    qkv: Weight  # [(heads + 2 * kv_heads) * head_dim, hidden]
-    o: Weight
-    post_norm: torch.Tensor
-    gate_up: Weight  # [2 * intermediate, hidden]
-    down: Weight
-    lora: dict[str, LoraPair] | None = None  # stacked adapters per fused projection
 
 
 class LlamaRunner:
@@ -133,50 +83,11 @@ class LlamaRunner:
         self.dtype = dtype
         self.device = device
 
-        def w(name: str) -> torch.Tensor:
-            return weights[name].to(device=device, dtype=dtype).contiguous()
-
         if int8 and device.type != "cpu":
             raise ValueError("int8 weights run on the CPU only (PyTorch's int8 kernel)")
-
-        def linear_weight(t: torch.Tensor) -> Weight:
-            return Int8Weight.quantize(t, dtype) if int8 else t
-
-        self.embed = w("model.embed_tokens.weight")
-        head = self.embed if shape.tie_word_embeddings else w("lm_head.weight")
-        self.lm_head: Weight = linear_weight(head)
-        self.final_norm = w("model.norm.weight")
-        self.layers: list[_Layer] = []
-        for i in range(shape.num_layers):
-            p = f"model.layers.{i}."
-            qkv = torch.cat(
-                [
-                    w(p + "self_attn.q_proj.weight"),
-                    w(p + "self_attn.k_proj.weight"),
-                    w(p + "self_attn.v_proj.weight"),
-                ]
-            )
-            gate_up = torch.cat([w(p + "mlp.gate_proj.weight"), w(p + "mlp.up_proj.weight")])
-            self.layers.append(
-                _Layer(
-                    input_norm=w(p + "input_layernorm.weight"),
-                    qkv=linear_weight(qkv.contiguous()),
-                    o=linear_weight(w(p + "self_attn.o_proj.weight")),
-                    post_norm=w(p + "post_attention_layernorm.weight"),
-                    gate_up=linear_weight(gate_up.contiguous()),
-                    down=linear_weight(w(p + "mlp.down_proj.weight")),
-                )
-            )
-        # Rotary tables for every position, in the cache dtype, as transformers computes them.
-        inv_freq = 1.0 / (
-            shape.rope_theta
-            ** (torch.arange(0, shape.head_dim, 2, dtype=torch.int64).float() / shape.head_dim)
-        )
-        t = torch.arange(max_len, dtype=torch.float32)
-        freqs = torch.outer(t, inv_freq)
-        emb = torch.cat((freqs, freqs), dim=-1)
-        self.cos = emb.cos().to(device=device, dtype=dtype)
-        self.sin = emb.sin().to(device=device, dtype=dtype)
+        fused = fuse_weights(weights, shape, dtype, device, int8)
+        self.embed, self.lm_head, self.final_norm, self.layers = fused
+        self.cos, self.sin = rotary_tables(shape, max_len, dtype, device)
         # The cache is float32 whatever the weights are: keys and values keep the model dtype's
         # rounding, but attention accumulates in float32, as fused attention kernels do
         # (rounding bf16 scores before the softmax visibly changes greedy output).
@@ -296,7 +207,7 @@ class LlamaRunner:
             torch.tensor(indices, dtype=torch.long, device=self.device) if any(indices) else None
         )
 
-    def _project(self, x: torch.Tensor, weight: Weight, layer: _Layer, name: str) -> torch.Tensor:
+    def _project(self, x: torch.Tensor, weight: Weight, layer: Layer, name: str) -> torch.Tensor:
         out = linear(x, weight)
         if self._rows is not None and layer.lora is not None:
             out = out + lora_delta(x, layer.lora[name], self._rows)
@@ -314,14 +225,14 @@ class LlamaRunner:
         rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
         return x * cos + rotated * sin
 
-    def _mlp_and_attn_out(self, x: torch.Tensor, attn: torch.Tensor, layer: _Layer) -> torch.Tensor:
+    def _mlp_and_attn_out(self, x: torch.Tensor, attn: torch.Tensor, layer: Layer) -> torch.Tensor:
         x = x + self._project(attn, layer.o, layer, "o")
         h = self._norm(x, layer.post_norm)
         gate, up = self._project(h, layer.gate_up, layer, "gate_up").chunk(2, dim=-1)
         return x + self._project(F.silu(gate) * up, layer.down, layer, "down")
 
     def _split_qkv(
-        self, h: torch.Tensor, layer: _Layer, cos: torch.Tensor, sin: torch.Tensor
+        self, h: torch.Tensor, layer: Layer, cos: torch.Tensor, sin: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         s = self.shape
         b, t, _ = h.shape

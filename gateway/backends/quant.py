@@ -43,3 +43,13 @@ def linear(x: torch.Tensor, weight: Weight) -> torch.Tensor:
     flat = x.reshape(-1, x.shape[-1]).contiguous()
     out = torch._weight_int8pack_mm(flat, weight.q, weight.scales)
     return out.view(*x.shape[:-1], weight.q.shape[0])
+
+
+def on_cpu_with_bf16() -> bool:
+    """True when the CPU computes bfloat16 natively (AVX512-BF16 or AMX), where bf16 is faster."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags

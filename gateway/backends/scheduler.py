@@ -88,16 +88,6 @@ class _Sequence:
         return self.tokens[-1]
 
 
-@dataclass
-class _Plan:
-    """What admitting a job or resuming a sequence takes from the pool."""
-
-    tokens: list[int]  # the tokens that must be in the cache
-    hashes: list[bytes]
-    hits: list[int]  # cached blocks it reuses
-    new_blocks: int
-
-
 class Scheduler:
     def __init__(
         self,
@@ -235,29 +225,10 @@ class Scheduler:
 
     # -- admission -----------------------------------------------------------------------------
 
-    def _plan(self, tokens: list[int], salt: bytes, keep_one: bool) -> _Plan:
-        """Blocks to reuse and to allocate for ``tokens``; ``keep_one``: leave at least the last
-        token to compute (its logits choose the first output token)."""
-        hashes = block_hashes(tokens, self._bs, salt)
-        hits = self.pool.lookup(hashes)
-        if keep_one:
-            hits = hits[: (len(tokens) - 1) // self._bs]
-        return _Plan(tokens, hashes, hits, -(-len(tokens) // self._bs) - len(hits))
-
-    def _fits(self, plan: _Plan, extra: int) -> bool:
-        claimed = sum(1 for b in plan.hits if self.pool.refs(b) == 0)  # cached, not free
-        reserve = self._watermark if self._running else 0
-        return plan.new_blocks + extra + claimed + reserve <= self.pool.available
-
-    def _take(self, plan: _Plan) -> list[int]:
-        for block in plan.hits:
-            self.pool.share(block)
-        table = list(plan.hits)
-        for _ in range(plan.new_blocks):
-            new = self.pool.allocate()
-            assert new is not None  # _fits checked
-            table.append(new)
-        return table
+    @property
+    def _reserve(self) -> int:
+        """Blocks new work leaves free while others run (the watermark)."""
+        return self._watermark if self._running else 0
 
     def _admit(self, events: list[tuple[Job, Event]]) -> tuple[list[Job], list[_Sequence]]:
         """Preempted sequences first, then waiting jobs in order, while they fit. A job whose
@@ -269,11 +240,12 @@ class Scheduler:
             if seq.job.cancelled:
                 self._preempted.popleft()
                 continue
-            plan = self._plan(seq.tokens[: seq.position], seq.job.cache_salt, keep_one=False)
-            if len(self._running) + len(resumed) >= self._max_batch or not self._fits(plan, 0):
+            plan = self.pool.plan(seq.tokens[: seq.position], seq.job.cache_salt, keep_one=False)
+            full = len(self._running) + len(resumed) >= self._max_batch
+            if full or not self.pool.fits(plan, 0, self._reserve):
                 return [], resumed
             self._preempted.popleft()
-            seq.table, seq.hashes = self._take(plan), plan.hashes
+            seq.table, seq.hashes = self.pool.take(plan), plan.hashes
             seq.position = len(plan.hits) * self._bs
             resumed.append(seq)
             budget -= len(plan.tokens) - len(plan.hits) * self._bs
@@ -286,9 +258,9 @@ class Scheduler:
                 continue
             if busy + job.n > self._max_batch or (admitted and budget <= 0):
                 break
-            plan = self._plan(job.prompt_ids, job.cache_salt, keep_one=True)
+            plan = self.pool.plan(job.prompt_ids, job.cache_salt, keep_one=True)
             partial = 1 if len(job.prompt_ids) % self._bs else 0
-            if not self._fits(plan, (job.n - 1) * partial):
+            if not self.pool.fits(plan, (job.n - 1) * partial, self._reserve):
                 break
             self._waiting.popleft()
             if not self._acceptable(job, events):
@@ -297,7 +269,7 @@ class Scheduler:
             self.pool.stats.hit_tokens += len(plan.hits) * self._bs
             job.unfinished = job.n
             seq = self._new_sequence(job, 0)
-            seq.table, seq.hashes = self._take(plan), plan.hashes
+            seq.table, seq.hashes = self.pool.take(plan), plan.hashes
             seq.position = len(plan.hits) * self._bs  # cached so far; prefill computes the rest
             admitted.append(job)
             busy += job.n
@@ -536,13 +508,3 @@ def _dispatch(events: list[tuple[Job, Event]]) -> None:
     for job, event in events:
         if not job.cancelled:
             job.queue.put_nowait(event)
-
-
-def on_cpu_with_bf16() -> bool:
-    """True when the CPU computes bfloat16 natively (AVX512-BF16 or AMX), where bf16 is faster."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = f.read()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags

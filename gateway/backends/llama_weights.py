@@ -1,0 +1,120 @@
+"""The weights of a Llama checkpoint as ``llama.py``'s forward pass holds them: the config's few
+numbers the pass needs (``LlamaShape``), each layer's projections fused (q/k/v and gate/up as one
+matrix each) and optionally int8 (``quant.py``), and the rotary tables."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from gateway.backends.multilora import LoraPair
+from gateway.backends.quant import Int8Weight, Weight
+
+
+@dataclass(frozen=True)
+class LlamaShape:
+    """The few numbers of a Llama config the forward pass needs."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+
+    @classmethod
+    def from_config(cls, config: object) -> LlamaShape:
+        """Read a transformers ``LlamaConfig``; refuses rope types not implemented here."""
+        rope = getattr(config, "rope_parameters", None) or {}
+        rope_type = rope.get("rope_type", "default")
+        if rope_type != "default":
+            raise ValueError(f"rope type {rope_type!r} is not supported by the embedded engine")
+        num_heads = config.num_attention_heads  # type: ignore[attr-defined]
+        hidden = config.hidden_size  # type: ignore[attr-defined]
+        return cls(
+            vocab_size=config.vocab_size,  # type: ignore[attr-defined]
+            hidden_size=hidden,
+            intermediate_size=config.intermediate_size,  # type: ignore[attr-defined]
+            num_layers=config.num_hidden_layers,  # type: ignore[attr-defined]
+            num_heads=num_heads,
+            num_kv_heads=config.num_key_value_heads,  # type: ignore[attr-defined]
+            head_dim=getattr(config, "head_dim", None) or hidden // num_heads,
+            rms_norm_eps=config.rms_norm_eps,  # type: ignore[attr-defined]
+            rope_theta=float(rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))),
+            max_position_embeddings=config.max_position_embeddings,  # type: ignore[attr-defined]
+            tie_word_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
+        )
+
+
+@dataclass
+class Layer:
+    """One decoder layer's weights, q/k/v and gate/up fused into one matmul each."""
+
+    input_norm: torch.Tensor
+    qkv: Weight  # [(heads + 2 * kv_heads) * head_dim, hidden]
+    o: Weight
+    post_norm: torch.Tensor
+    gate_up: Weight  # [2 * intermediate, hidden]
+    down: Weight
+    lora: dict[str, LoraPair] | None = None  # stacked adapters per fused projection
+
+
+def fuse_weights(
+    weights: dict[str, torch.Tensor],
+    shape: LlamaShape,
+    dtype: torch.dtype,
+    device: torch.device,
+    int8: bool,
+) -> tuple[torch.Tensor, Weight, torch.Tensor, list[Layer]]:
+    """The embedding, LM head, final norm and layers of a transformers Llama state dict."""
+
+    def w(name: str) -> torch.Tensor:
+        return weights[name].to(device=device, dtype=dtype).contiguous()
+
+    def linear_weight(t: torch.Tensor) -> Weight:
+        return Int8Weight.quantize(t, dtype) if int8 else t
+
+    embed = w("model.embed_tokens.weight")
+    head = embed if shape.tie_word_embeddings else w("lm_head.weight")
+    layers: list[Layer] = []
+    for i in range(shape.num_layers):
+        p = f"model.layers.{i}."
+        qkv = torch.cat(
+            [
+                w(p + "self_attn.q_proj.weight"),
+                w(p + "self_attn.k_proj.weight"),
+                w(p + "self_attn.v_proj.weight"),
+            ]
+        )
+        gate_up = torch.cat([w(p + "mlp.gate_proj.weight"), w(p + "mlp.up_proj.weight")])
+        layers.append(
+            Layer(
+                input_norm=w(p + "input_layernorm.weight"),
+                qkv=linear_weight(qkv.contiguous()),
+                o=linear_weight(w(p + "self_attn.o_proj.weight")),
+                post_norm=w(p + "post_attention_layernorm.weight"),
+                gate_up=linear_weight(gate_up.contiguous()),
+                down=linear_weight(w(p + "mlp.down_proj.weight")),
+            )
+        )
+    return embed, linear_weight(head), w("model.norm.weight"), layers
+
+
+def rotary_tables(
+    shape: LlamaShape, max_len: int, dtype: torch.dtype, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin for every position, in the weights' dtype, as transformers computes them."""
+    inv_freq = 1.0 / (
+        shape.rope_theta
+        ** (torch.arange(0, shape.head_dim, 2, dtype=torch.int64).float() / shape.head_dim)
+    )
+    t = torch.arange(max_len, dtype=torch.float32)
+    freqs = torch.outer(t, inv_freq)
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos().to(device=device, dtype=dtype), emb.sin().to(device=device, dtype=dtype)
