@@ -188,7 +188,13 @@ def test_logit_bias_and_penalties_change_output(client, tokenizer) -> None:  # t
         .message.content
     )
     assert " Paris" in base and " Paris" not in biased
-    repeat = [{"role": "user", "content": "Repeat the word 'apple' twenty times."}]
+    # one worked example first: without it the int8 model (the CPU default) answers "I'm going
+    # to repeat the word 'apple' ten times." and stops, leaving a penalty nothing to change
+    repeat = [
+        {"role": "user", "content": "Repeat the word 'pear' five times."},
+        {"role": "assistant", "content": "pear, pear, pear, pear, pear"},
+        {"role": "user", "content": "Repeat the word 'apple' twenty times."},
+    ]
     plain = (
         client.chat.completions.create(model=MODEL, messages=repeat, temperature=0, max_tokens=30)
         .choices[0]
