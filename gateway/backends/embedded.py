@@ -5,7 +5,7 @@ when present, else CPU) and then runs the scheduler (``scheduler.py``). One thre
 purpose: PyTorch's OpenMP thread pool belongs to the thread that runs a parallel op, and a
 second pool kept alive by another thread (a loader thread of the asyncio executor) made libgomp
 count more threads than cores and stop spinning between ops: a decode step took 35-45 ms
-instead of 19-23 ms on the 2-core machine (``python -m benchmarks.engine``). Prompts are rendered
+instead of 19-23 ms on the 2-core machine (the step alone, bf16, one stream). Prompts are rendered
 with the tokenizer's own chat template and counted with its tokenizer, so ``usage`` is exact.
 """
 
