@@ -266,7 +266,6 @@ class EmbeddedBackend:
             max_waiting=self.config.max_waiting,
             loop=loop,
             prefix_caching=self.config.prefix_caching,
-            in_current_thread=True,
         )
         log.info(
             "model %s loaded from %s on %s (%s) in %.1fs",

@@ -99,11 +99,8 @@ class Scheduler:
         max_waiting: int,
         loop: asyncio.AbstractEventLoop,
         prefix_caching: bool = True,
-        in_current_thread: bool = False,
     ) -> None:
-        """With ``in_current_thread``, the thread constructing the scheduler is the engine
-        thread: it calls ``run()`` itself (the embedded backend's thread, which loaded the
-        model); otherwise ``start()`` starts one."""
+        """Built by the engine thread, which loaded the model and then calls ``run()``."""
         self._runner = runner
         self._tokenizer = tokenizer
         self._eos_ids = eos_ids
@@ -121,21 +118,14 @@ class Scheduler:
         self._running: list[_Sequence] = []
         self._starting: list[_Sequence] = []  # admitted, prompt not yet computed
         self._stopping = False
-        self._thread = (
-            threading.current_thread()
-            if in_current_thread
-            else threading.Thread(target=self._run, name="ragline-engine", daemon=True)
-        )
+        self._thread = threading.current_thread()
         self._token_text: dict[int, str] = {}
         self.peak_batch = 0  # the most sequences decoded in one step so far
 
     # -- called from the event loop ------------------------------------------------------------
 
-    def start(self) -> None:
-        self._thread.start()
-
     def run(self) -> None:
-        """The engine loop, in the thread that built the scheduler (``in_current_thread``)."""
+        """The engine loop, in the thread that built the scheduler."""
         assert threading.current_thread() is self._thread
         self._run()
 
