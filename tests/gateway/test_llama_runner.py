@@ -158,3 +158,30 @@ def test_int8_weights_follow_float32_up_to_quantization(model_path, tokenizer) -
             rows = runner.decode([r[step] for r in refs], positions, tables)
             positions = [p + 1 for p in positions]
     assert exact >= 0.9 * steps * len(prompts)
+
+
+def test_rotary_step_equals_transformers_bit_for_bit() -> None:
+    """The query and key heads share one rotary step (``roll`` with a sign-folded sin table);
+    it must give transformers' ``apply_rotary_pos_emb`` exactly, in float32 and in bf16."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    from gateway.backends.llama_weights import LlamaShape, rotary_tables
+
+    shape = LlamaShape(49152, 576, 1536, 30, 9, 3, 64, 1e-5, 100000.0, 8192, True)
+    torch.manual_seed(0)
+    positions = torch.tensor([[0, 1, 7, 300, 2047]])
+    for dtype in (torch.float32, torch.bfloat16):
+        cos, sin = rotary_tables(shape, 2048, dtype, torch.device("cpu"))
+        q = torch.randn(1, 5, 9, 64).to(dtype)  # [batch, tokens, heads, dim]
+        k = torch.randn(1, 5, 3, 64).to(dtype)
+        c, s = cos[positions].unsqueeze(2), sin[positions].unsqueeze(2)
+        ours_q, ours_k = LlamaRunner._rope(None, torch.cat([q, k], dim=2), c, s).split([9, 3], 2)  # type: ignore[arg-type]
+        # transformers' layout: [batch, heads, tokens, dim] and the plain sin
+        plain = s.clone()
+        plain[..., :32] *= -1
+        ref_q, ref_k = apply_rotary_pos_emb(
+            q.transpose(1, 2), k.transpose(1, 2), c.squeeze(2), plain.squeeze(2)
+        )
+        assert torch.equal(ours_q, ref_q.transpose(1, 2))
+        assert torch.equal(ours_k, ref_k.transpose(1, 2))
+        assert not torch.equal(ours_q, q)  # the rotation did something
