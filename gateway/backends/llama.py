@@ -220,7 +220,8 @@ class LlamaRunner:
         normed = F.rms_norm(x.float(), (x.shape[-1],), None, self.shape.rms_norm_eps)
         return weight * normed.to(x.dtype)
 
-    def _rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    @staticmethod
+    def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         # roll(x) is cat(x2, x1); with sin's first half negated (``rotary_tables``) its product
         # is rotate_half(x) * sin = cat(-x2, x1) * sin, rounded the same
         return x * cos + torch.roll(x, x.shape[-1] // 2, dims=-1) * sin

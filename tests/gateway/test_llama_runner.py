@@ -175,7 +175,7 @@ def test_rotary_step_equals_transformers_bit_for_bit() -> None:
         q = torch.randn(1, 5, 9, 64).to(dtype)  # [batch, tokens, heads, dim]
         k = torch.randn(1, 5, 3, 64).to(dtype)
         c, s = cos[positions].unsqueeze(2), sin[positions].unsqueeze(2)
-        ours_q, ours_k = LlamaRunner._rope(None, torch.cat([q, k], dim=2), c, s).split([9, 3], 2)  # type: ignore[arg-type]
+        ours_q, ours_k = LlamaRunner._rope(torch.cat([q, k], dim=2), c, s).split([9, 3], 2)
         # transformers' layout: [batch, heads, tokens, dim] and the plain sin
         plain = s.clone()
         plain[..., :32] *= -1
