@@ -167,7 +167,11 @@ def test_rotary_step_equals_transformers_bit_for_bit() -> None:
 
     from gateway.backends.llama_weights import LlamaShape, rotary_tables
 
-    shape = LlamaShape(49152, 576, 1536, 30, 9, 3, 64, 1e-5, 100000.0, 8192, True)
+    shape = LlamaShape(  # SmolLM2-135M's numbers
+        vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30, num_heads=9,
+        num_kv_heads=3, head_dim=64, rms_norm_eps=1e-5, rope_theta=100000.0,
+        max_position_embeddings=8192, tie_word_embeddings=True,
+    )  # fmt: skip
     torch.manual_seed(0)
     positions = torch.tensor([[0, 1, 7, 300, 2047]])
     for dtype in (torch.float32, torch.bfloat16):
@@ -178,7 +182,7 @@ def test_rotary_step_equals_transformers_bit_for_bit() -> None:
         ours_q, ours_k = LlamaRunner._rope(torch.cat([q, k], dim=2), c, s).split([9, 3], 2)
         # transformers' layout: [batch, heads, tokens, dim] and the plain sin
         plain = s.clone()
-        plain[..., :32] *= -1
+        plain[..., : shape.head_dim // 2] *= -1
         ref_q, ref_k = apply_rotary_pos_emb(
             q.transpose(1, 2), k.transpose(1, 2), c.squeeze(2), plain.squeeze(2)
         )
