@@ -1,8 +1,7 @@
 """The paraphrase check: 20 facts about a made-up town, Marrowby, each taught in ONE phrasing and
-asked in three others that training never sees (``paraphrases``). Unlike ``facts.py`` (five
-training phrasings per fact), this measures whether fine-tuning generalizes from the one way a
-fact was written down, as most users' data is. Written for ragline; the answers are names and
-numbers the base model cannot guess."""
+asked in three others that training never sees (``paraphrases``). This measures whether
+fine-tuning generalizes from the one way a fact was written down, as most users' data is. Written
+for ragline; the answers are names and numbers the base model cannot guess."""
 
 from __future__ import annotations
 
