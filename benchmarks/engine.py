@@ -1,7 +1,8 @@
 """The embedded engine against what it is measured by, all in one run.
 
-    python -m benchmarks.engine [--streams 1,8] [--tokens 128] [--weights float32,bfloat16,int8]
-        [--vllm-url http://127.0.0.1:8100/v1] [--no-peers] [--json out.json]
+    python -m benchmarks.engine [--streams 1,8] [--tokens 128]
+        [--weights float32,bfloat16,int8,int4] [--vllm-url http://127.0.0.1:8100/v1]
+        [--no-peers] [--json out.json]
 
 For each weight format and concurrency C it runs C requests at once through the embedded backend
 (the same scheduler the server uses, minus HTTP), each generating exactly ``--tokens`` tokens at
@@ -178,12 +179,12 @@ def run_generate(
 
 
 def _backend(path: Path, args: argparse.Namespace, weights: str) -> EmbeddedBackend:
-    int8 = weights == "int8"
+    quantized = weights in ("int8", "int4")
     config = EmbeddedModelConfig(
         name="bench",
         device=args.device,
-        dtype="auto" if weights in ("auto", "int8") else weights,  # type: ignore[arg-type]
-        quantization="int8" if int8 else ("auto" if weights == "auto" else "none"),
+        dtype="auto" if quantized or weights == "auto" else weights,  # type: ignore[arg-type]
+        quantization=weights if quantized else ("auto" if weights == "auto" else "none"),  # type: ignore[arg-type]
         max_batch=max(max(args.streams), 8),
     )
     return EmbeddedBackend(config, path)
@@ -251,8 +252,8 @@ def main() -> None:
     parser.add_argument(
         "--weights",
         type=lambda s: s.split(","),
-        default=["auto", "float32", "bfloat16", "int8"],
-        help="engine weight formats to run: auto, float32, bfloat16, float16, int8",
+        default=["auto", "float32", "bfloat16", "int8", "int4"],
+        help="engine weight formats to run: auto, float32, bfloat16, float16, int8, int4",
     )
     parser.add_argument("--vllm-url", default="http://127.0.0.1:8100/v1")
     parser.add_argument("--no-peers", action="store_true", help="skip llama.cpp and vLLM")

@@ -38,10 +38,12 @@ class EmbeddedModelConfig(BaseModel):
     )
     device: str = Field(default="auto", description="`auto`, `cpu`, `cuda` or `cuda:N`.")
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
-    quantization: Literal["auto", "none", "int8"] = Field(
+    quantization: Literal["auto", "none", "int8", "int4"] = Field(
         default="auto",
         description="`int8`: int8 weights with per-channel scales for the linear layers (CPU "
-        "only; activations in bf16). `auto`: int8 on CPU unless `dtype` is set, else none.",
+        "only; activations in bf16). `int4`: the layers' weights in 4 bits with a scale and an "
+        "offset per 32 (llama.cpp's Q4_1), the LM head in int8 (CPU only). `auto`: int4 on CPU "
+        "unless `dtype` is set, else none.",
     )
     max_batch: int = Field(
         default=64,

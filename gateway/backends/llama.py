@@ -35,6 +35,11 @@ from gateway.backends.multilora import apply as lora_delta
 from gateway.backends.multilora import build_bank
 from gateway.backends.quant import Weight, linear
 
+# The pool rows a forward pass reads: ``[b, L]`` row indices (gathered with one copy per layer),
+# or, for one sequence whose blocks are consecutive in the pool, their run of rows as a slice
+# (read in place: no copy).
+Rows = torch.Tensor | slice
+
 
 @dataclass
 class PrefillItem:
@@ -64,10 +69,10 @@ class LlamaRunner:
         device: torch.device,
         num_blocks: int | None = None,
         block_size: int = 16,
-        int8: bool = False,
+        quant: str = "none",
     ) -> None:
         self.shape = shape
-        self.int8 = int8
+        self.quant = quant  # none | int8 | int4 (quant.py)
         self.max_slots = max_slots  # the largest decode batch (CUDA graphs are captured up to it)
         self.max_len = max_len
         self.block_size = block_size
@@ -83,9 +88,11 @@ class LlamaRunner:
         self.dtype = dtype
         self.device = device
 
-        if int8 and device.type != "cpu":
-            raise ValueError("int8 weights run on the CPU only (PyTorch's int8 kernel)")
-        fused = fuse_weights(weights, shape, dtype, device, int8)
+        if quant not in ("none", "int8", "int4"):
+            raise ValueError(f"unknown quantization {quant!r}")
+        if quant != "none" and device.type != "cpu":
+            raise ValueError(f"{quant} weights run on the CPU only (PyTorch's {quant} kernels)")
+        fused = fuse_weights(weights, shape, dtype, device, quant)
         self.embed, self.lm_head, self.final_norm, self.layers = fused
         self.cos, self.sin = rotary_tables(shape, max_len, dtype, device)
         # The cache is float32 whatever the weights are: keys and values keep the model dtype's
@@ -130,7 +137,7 @@ class LlamaRunner:
         block_size: int = 16,
         kv_cache_bytes: int | None = None,
         default_sequences: int | None = None,
-        int8: bool = False,
+        quant: str = "none",
     ) -> LlamaRunner:
         """Load a transformers Llama checkpoint directory (config.json + safetensors)."""
         from transformers import AutoConfig
@@ -156,7 +163,7 @@ class LlamaRunner:
             device=device,
             num_blocks=num_blocks,
             block_size=block_size,
-            int8=int8,
+            quant=quant,
         )
 
     def load_adapters(self, adapters: dict[str, Path]) -> None:
@@ -201,6 +208,16 @@ class LlamaRunner:
         ids = torch.tensor(padded, dtype=torch.long, device=self.device)
         offsets = torch.arange(self.block_size, dtype=torch.long, device=self.device)
         return (ids.unsqueeze(-1) * self.block_size + offsets).view(len(tables), -1)
+
+    def _rows_to_read(self, tables: list[list[int]], blocks: int) -> Rows:
+        """What ``_layers`` reads: a slice when there is one sequence and its first ``blocks``
+        blocks are consecutive (the usual case for a lone stream: free blocks are handed out in
+        order), else the gathered row indices. Both read the same rows in the same order."""
+        if len(tables) == 1 and len(tables[0]) >= blocks:
+            first = tables[0][0]
+            if tables[0][:blocks] == list(range(first, first + blocks)):
+                return slice(first * self.block_size, (first + blocks) * self.block_size)
+        return self._gather_rows(tables, blocks)
 
     def _use_rows(self, indices: list[int]) -> None:
         self._rows = (
@@ -272,22 +289,25 @@ class LlamaRunner:
         cos: torch.Tensor,
         sin: torch.Tensor,
         write: torch.Tensor,
-        gather: torch.Tensor,
+        gather: Rows,
         mask: torch.Tensor,
     ) -> torch.Tensor:
         """Every layer over ``x`` ``[b, t, hidden]``: new keys and values go to pool rows
-        ``write`` ``[b * t]``, attention reads rows ``gather`` ``[b, L]`` under ``mask``."""
+        ``write`` ``[b * t]``, attention reads rows ``gather`` (``Rows``) under ``mask``."""
         s = self.shape
         b, t = x.shape[0], x.shape[1]
         kv, dim = s.num_kv_heads, s.head_dim
-        flat = gather.reshape(-1)
+        flat = gather.reshape(-1) if isinstance(gather, torch.Tensor) else None
         for layer, kp, vp in zip(self.layers, self.k_pool, self.v_pool, strict=True):
             h = self._norm(x, layer.input_norm)
             q, k, v = self._split_qkv(h, layer, cos, sin)
             kp.index_copy_(1, write, k.reshape(b * t, kv, dim).transpose(0, 1).float())
             vp.index_copy_(1, write, v.reshape(b * t, kv, dim).transpose(0, 1).float())
-            keys = kp.index_select(1, flat).view(kv, b, -1, dim)
-            values = vp.index_select(1, flat).view(kv, b, -1, dim)
+            if flat is None:  # one sequence's consecutive rows, read in place
+                keys, values = kp[:, gather].unsqueeze(1), vp[:, gather].unsqueeze(1)
+            else:
+                keys = kp.index_select(1, flat).view(kv, b, -1, dim)
+                values = vp.index_select(1, flat).view(kv, b, -1, dim)
             attn = self._attend(q, keys, values, mask)
             x = self._mlp_and_attn_out(x, attn, layer)
         return x
@@ -327,7 +347,7 @@ class LlamaRunner:
         pos_t = torch.tensor(pos, dtype=torch.long, device=dev)
         x = F.embedding(torch.tensor(ids, dtype=torch.long, device=dev), self.embed)
         cos, sin = self.cos[pos_t].unsqueeze(2), self.sin[pos_t].unsqueeze(2)
-        gather = self._gather_rows([item.table for item in items], blocks)
+        gather = self._rows_to_read([item.table for item in items], blocks)
         # query at position p sees key positions 0..p (causal, across the cached prefix too)
         visible = torch.arange(blocks * bs, device=dev).view(1, 1, -1) <= pos_t.unsqueeze(-1)
         mask = torch.zeros(visible.shape, dtype=torch.float32, device=dev)
@@ -382,20 +402,20 @@ class LlamaRunner:
             torch.tensor(token_ids, dtype=torch.long, device=dev).view(-1, 1),
             torch.tensor(positions, dtype=torch.long, device=dev),
             torch.tensor(write, dtype=torch.long, device=dev),
-            self._gather_rows(tables, blocks),
+            self._rows_to_read(tables, blocks),
         )
 
     def _decode(
-        self, ids: torch.Tensor, pos: torch.Tensor, write: torch.Tensor, gather: torch.Tensor
+        self, ids: torch.Tensor, pos: torch.Tensor, write: torch.Tensor, gather: Rows
     ) -> torch.Tensor:
         """The decode step on tensors: ``ids`` ``[n, 1]``, ``pos`` ``[n]``, pool rows ``write``
-        ``[n]`` and ``gather`` ``[n, L]`` (the longest sequence's blocks, or every block a
-        sequence can have in a graph)."""
+        ``[n]`` and the rows to read, ``gather`` (``[n, L]``: the longest sequence's blocks, or
+        every block a sequence can have in a graph; or one sequence's slice of rows)."""
         n = ids.shape[0]
         x = F.embedding(ids, self.embed)
         cos = self.cos[pos].view(n, 1, 1, -1)
         sin = self.sin[pos].view(n, 1, 1, -1)
-        length = gather.shape[1]
+        length = gather.stop - gather.start if isinstance(gather, slice) else gather.shape[1]
         visible = torch.arange(length, device=self.device).view(1, -1) <= pos.view(-1, 1)
         mask = torch.zeros(n, length, dtype=torch.float32, device=self.device)
         mask.masked_fill_(~visible, float("-inf"))

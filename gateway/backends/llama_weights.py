@@ -1,6 +1,6 @@
 """The weights of a Llama checkpoint as ``llama.py``'s forward pass holds them: the config's few
 numbers the pass needs (``LlamaShape``), each layer's projections fused (q/k/v and gate/up as one
-matrix each) and optionally int8 (``quant.py``), and the rotary tables."""
+matrix each) and optionally int8 or int4 (``quant.py``), and the rotary tables."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from gateway.backends.multilora import LoraPair
-from gateway.backends.quant import Int8Weight, Weight
+from gateway.backends.quant import Int4Weight, Int8Weight, Weight
 
 
 @dataclass(frozen=True)
@@ -70,15 +70,21 @@ def fuse_weights(
     shape: LlamaShape,
     dtype: torch.dtype,
     device: torch.device,
-    int8: bool,
+    quant: str = "none",
 ) -> tuple[torch.Tensor, Weight, torch.Tensor, list[Layer]]:
-    """The embedding, LM head, final norm and layers of a transformers Llama state dict."""
+    """The embedding, LM head, final norm and layers of a transformers Llama state dict.
+
+    ``quant``: ``none``, ``int8`` (every linear layer and the LM head) or ``int4`` (the layers'
+    matmuls in int4 where the kernel's shape rules allow, else int8; the LM head, which is also
+    the embedding table in tied models and decides every token, in int8)."""
 
     def w(name: str) -> torch.Tensor:
         return weights[name].to(device=device, dtype=dtype).contiguous()
 
-    def linear_weight(t: torch.Tensor) -> Weight:
-        return Int8Weight.quantize(t, dtype) if int8 else t
+    def linear_weight(t: torch.Tensor, head: bool = False) -> Weight:
+        if quant == "int4" and not head and Int4Weight.fits(t):
+            return Int4Weight.quantize(t, dtype)
+        return Int8Weight.quantize(t, dtype) if quant in ("int8", "int4") else t
 
     embed = w("model.embed_tokens.weight")
     head = embed if shape.tie_word_embeddings else w("lm_head.weight")
@@ -103,7 +109,7 @@ def fuse_weights(
                 down=linear_weight(w(p + "mlp.down_proj.weight")),
             )
         )
-    return embed, linear_weight(head), w("model.norm.weight"), layers
+    return embed, linear_weight(head, head=True), w("model.norm.weight"), layers
 
 
 def rotary_tables(

@@ -1,10 +1,14 @@
-"""Weight-only int8 for the embedded engine's linear layers (CPU).
+"""Weight-only int8 and int4 for the embedded engine's linear layers (CPU).
 
-Each output channel of a weight gets one float scale (its largest magnitude maps to 127); the
-activations stay in the model dtype. The multiply is PyTorch's own CPU kernel
-``torch._weight_int8pack_mm`` (what torchao's int8 weight-only mode calls on the CPU), not
-hand-written SIMD. A decode step reads a quarter of float32's bytes: on CPUs without native bf16
-that is the difference between 11 and ~30 tokens/s for one stream (README, the embedded engine).
+int8: each output channel of a weight gets one float scale (its largest magnitude maps to 127).
+int4: each group of 32 input weights of an output channel gets a scale and an offset (its
+smallest and largest weight map to 0 and 15), the layout of llama.cpp's Q4_1. The activations
+stay in the model dtype. The multiplies are PyTorch's own CPU kernels, ``_weight_int8pack_mm``
+and ``_weight_int4pack_mm_for_cpu`` (what torchao's int8 and int4 weight-only modes call on the
+CPU), not hand-written SIMD. A decode step reads a quarter (int8) or an eighth (int4) of
+float32's bytes: on CPUs without native bf16 int8 is the difference between 11 and ~30 tokens/s
+for one stream, and int4's kernel does a layer's matmuls in less than half int8's time (README,
+the embedded engine).
 """
 
 from __future__ import annotations
@@ -33,14 +37,55 @@ class Int8Weight:
         return cls(q.contiguous(), scales.to(dtype))
 
 
-Weight = torch.Tensor | Int8Weight
+INT4_GROUP = 32  # input weights per scale and offset, as llama.cpp's Q4_0/Q4_1 blocks
+
+
+@dataclass(frozen=True)
+class Int4Weight:
+    """A linear layer's weight in 4 bits, asymmetric per group of ``group`` input weights
+    (``w = q * scale + min``, q in 0..15, llama.cpp's Q4_1), packed for PyTorch's CPU kernel
+    ``_weight_int4pack_mm_for_cpu`` (the one torchao's int4 weight-only mode calls on CPU)."""
+
+    packed: torch.Tensor  # uint8, the kernel's layout of [out, in] nibbles
+    scales_zeros: torch.Tensor  # [in / group, out, 2]: scale and zero, the activation dtype
+    group: int
+    out_features: int
+
+    @staticmethod
+    def fits(weight: torch.Tensor, group: int = INT4_GROUP) -> bool:
+        """The kernel's shape rules: output channels a multiple of 16, inputs of the group."""
+        out, inp = weight.shape
+        return out % 16 == 0 and inp % group == 0
+
+    @classmethod
+    def quantize(
+        cls, weight: torch.Tensor, dtype: torch.dtype, group: int = INT4_GROUP
+    ) -> Int4Weight:
+        out, inp = weight.shape
+        w = weight.float().view(out, inp // group, group)
+        low, high = w.amin(dim=-1, keepdim=True), w.amax(dim=-1, keepdim=True)
+        scale = ((high - low) / 15.0).clamp(min=1e-8)
+        q = torch.round((w - low) / scale).clamp(0, 15).to(torch.int32).view(out, inp)
+        # the kernel computes (q - 8) * scale + zero: the zero is the value of q = 8
+        zero = low + 8.0 * scale
+        scales_zeros = torch.stack([scale.squeeze(-1), zero.squeeze(-1)], dim=-1)
+        packed = torch._convert_weight_to_int4pack_for_cpu(q.contiguous(), 1)
+        return cls(packed, scales_zeros.transpose(0, 1).contiguous().to(dtype), group, out)
+
+
+Weight = torch.Tensor | Int8Weight | Int4Weight
 
 
 def linear(x: torch.Tensor, weight: Weight) -> torch.Tensor:
-    """``x @ weight.T`` for a float or an int8 weight."""
+    """``x @ weight.T`` for a float, an int8 or an int4 weight."""
     if isinstance(weight, torch.Tensor):
         return F.linear(x, weight)
     flat = x.reshape(-1, x.shape[-1]).contiguous()
+    if isinstance(weight, Int4Weight):
+        out = torch._weight_int4pack_mm_for_cpu(
+            flat, weight.packed, weight.group, weight.scales_zeros
+        )
+        return out.view(*x.shape[:-1], weight.out_features)
     out = torch._weight_int8pack_mm(flat, weight.q, weight.scales)
     return out.view(*x.shape[:-1], weight.q.shape[0])
 

@@ -3,7 +3,7 @@
 One thread loads the model and runs every forward pass: PyTorch's OpenMP pool belongs to the
 thread that runs a parallel op, and a second pool kept alive by a loader thread made a decode
 step about twice as slow on two cores (README, "The engine's own thread"). On CPU, ``auto``
-picks int8 weights unless the config sets a dtype (float32 for exact parity stays float32)."""
+picks int4 weights unless the config sets a dtype (float32 for exact parity stays float32)."""
 
 from __future__ import annotations
 
@@ -16,19 +16,20 @@ import torch
 
 from gateway.backends import embedded
 from gateway.backends.base import GenerationParams, GenerationRequest
-from gateway.backends.embedded import EmbeddedBackend, choose_int8
+from gateway.backends.embedded import EmbeddedBackend, choose_quantization
 from gateway.backends.llama import LlamaRunner
 from gateway.config import EmbeddedModelConfig
 
 
-def test_auto_picks_int8_on_cpu_only_when_no_dtype_is_set() -> None:
+def test_auto_picks_int4_on_cpu_only_when_no_dtype_is_set() -> None:
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert choose_int8("auto", cpu) is True
-    assert choose_int8("auto", cpu, "float32") is False  # parity tests ask for float32
-    assert choose_int8("auto", cpu, "bfloat16") is False
-    assert choose_int8("auto", cuda) is False
-    assert choose_int8("none", cpu) is False
-    assert choose_int8("int8", cpu, "float32") is True  # asked for: always
+    assert choose_quantization("auto", cpu) == "int4"
+    assert choose_quantization("auto", cpu, "float32") == "none"  # parity tests ask for float32
+    assert choose_quantization("auto", cpu, "bfloat16") == "none"
+    assert choose_quantization("auto", cuda) == "none"
+    assert choose_quantization("none", cpu) == "none"
+    assert choose_quantization("int8", cpu, "float32") == "int8"  # asked for: always
+    assert choose_quantization("int4", cpu, "bfloat16") == "int4"
 
 
 async def test_one_thread_loads_the_model_and_runs_it(
@@ -50,7 +51,7 @@ async def test_one_thread_loads_the_model_and_runs_it(
     backend = EmbeddedBackend(EmbeddedModelConfig(name="m"), model_path)
     await backend.start()
     try:
-        assert backend.weights == "int8"  # the CPU default
+        assert backend.weights == "int4"  # the CPU default
         request = GenerationRequest(
             request_id="t",
             model="m",

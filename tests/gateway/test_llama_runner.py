@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
 from gateway.backends.llama import LlamaRunner, PrefillItem
+from gateway.backends.quant import Int4Weight, Int8Weight, linear
 from tests.engine_helpers import chat_ids, reference_greedy, runner_greedy, tables_for
 
 PROMPTS = ["What is the capital of France?", "Write a haiku about rain.", "Explain gravity."]
@@ -105,6 +107,35 @@ def test_copied_block_keeps_a_sequence_intact(model_path, tokenizer) -> None:  #
     assert torch.equal(forked, direct)
 
 
+def test_a_lone_sequence_reads_its_consecutive_blocks_in_place(model_path, tokenizer) -> None:  # type: ignore[no-untyped-def]
+    """One sequence whose blocks are consecutive in the pool is read as a slice (no gather
+    copy); the same sequence in scattered blocks is gathered. Both give the same logits, bit for
+    bit, in prefill and in decode."""
+    runner = LlamaRunner.from_pretrained(
+        model_path,
+        max_slots=2,
+        max_len=128,
+        dtype=torch.float32,
+        device=torch.device("cpu"),
+        block_size=8,
+    )
+    ids = chat_ids(tokenizer, PROMPTS[2])
+    blocks = -(-(len(ids) + 4) // runner.block_size)
+    straight = list(range(1, blocks + 1))
+    scattered = list(range(2 * blocks + 1, blocks, -1))[:blocks]  # descending, disjoint
+    assert isinstance(runner._rows_to_read([straight], blocks), slice)
+    assert isinstance(runner._rows_to_read([scattered], blocks), torch.Tensor)
+    assert isinstance(runner._rows_to_read([straight, scattered], blocks), torch.Tensor)
+    outs = []
+    for table in (straight, scattered):
+        logits = [runner.prefill([PrefillItem(ids, 0, table)])[0].clone()]
+        for i in range(4):
+            token = int(logits[-1].argmax())
+            logits.append(runner.decode([token], [len(ids) + i], [table])[0].clone())
+        outs.append(torch.stack(logits))
+    assert torch.equal(outs[0], outs[1])
+
+
 def test_static_whole_cache_step_equals_the_dynamic_step(model_path, tokenizer) -> None:  # type: ignore[no-untyped-def]
     """What a CUDA graph replays (every block of a sequence gathered, batch padded with rows at
     position 0 of the null block) computes the same logits as the dynamic step, on the CPU."""
@@ -127,10 +158,12 @@ def test_static_whole_cache_step_equals_the_dynamic_step(model_path, tokenizer) 
     assert runner.capture_cuda_graphs() == []  # no graphs on the CPU
 
 
-def test_int8_weights_follow_float32_up_to_quantization(model_path, tokenizer) -> None:  # type: ignore[no-untyped-def]
-    """Weight-only int8 (per-channel scales) teacher-forced on float32's greedy tokens: each ranks
-    first or within a small margin of first at every step, and most rank first. (Measured here:
-    97% first, the largest gap 0.19; bf16 weights: 98%, 0.13.)"""
+@pytest.mark.parametrize("quant", ["int8", "int4"])
+def test_quantized_weights_follow_float32_up_to_quantization(model_path, tokenizer, quant) -> None:  # type: ignore[no-untyped-def]
+    """Weight-only int8 (per-channel scales) and int4 (a scale and an offset per 32 weights, the
+    LM head in int8) teacher-forced on float32's greedy tokens: each ranks first or within a
+    small margin of first at every step, and most rank first. (Measured here: int8 99% first,
+    int4 100%, the largest gap under 0.01 for both.)"""
     reference = LlamaRunner.from_pretrained(
         model_path, max_slots=4, max_len=512, dtype=torch.float32, device=torch.device("cpu")
     )
@@ -143,21 +176,46 @@ def test_int8_weights_follow_float32_up_to_quantization(model_path, tokenizer) -
         max_len=512,
         dtype=torch.bfloat16,
         device=torch.device("cpu"),
-        int8=True,
+        quant=quant,
     )
-    assert runner.layers[0].qkv.q.dtype == torch.int8  # type: ignore[union-attr]
+    layer_type = Int4Weight if quant == "int4" else Int8Weight
+    assert all(isinstance(w, layer_type) for w in (runner.layers[0].qkv, runner.layers[-1].down))
+    assert isinstance(runner.lm_head, Int8Weight)  # the head decides every token: int8 in both
     tables = tables_for(runner, len(prompts))
     rows = runner.prefill([PrefillItem(p, 0, t) for p, t in zip(prompts, tables, strict=True)])
     positions = [len(ids) for ids in prompts]
-    exact = 0
+    exact, gaps = 0, []
     for step in range(steps):
         for row, ref in zip(rows, refs, strict=True):
-            assert float(row.max()) - float(row[ref[step]]) <= 0.75, (step, ref)
+            gaps.append(float(row.max()) - float(row[ref[step]]))
             exact += int(row.argmax()) == ref[step]
         if step + 1 < steps:
             rows = runner.decode([r[step] for r in refs], positions, tables)
             positions = [p + 1 for p in positions]
+    print(f"{quant}: {exact / len(gaps):.0%} rank first, largest gap {max(gaps):.2f}")
+    assert max(gaps) <= 0.75
     assert exact >= 0.9 * steps * len(prompts)
+
+
+def test_int4_weights_are_q4_1_exactly() -> None:
+    """A weight whose every group of 32 holds values ``min + q * scale`` (q in 0..15, both ends
+    present) is stored without loss: the kernel then multiplies exactly what was given, which
+    pins the packing, the group order and the scale/offset convention; shapes the kernel cannot
+    take stay int8."""
+    torch.manual_seed(0)
+    out, inp, group = 48, 96, 32
+    q = torch.randint(0, 16, (out, inp // group, group))
+    q[..., 0], q[..., 1] = 0, 15
+    low = torch.randint(-8, 8, (out, inp // group, 1)) / 8
+    scale = torch.randint(1, 4, (out, inp // group, 1)) / 64
+    weight = (low + q * scale).view(out, inp)
+    packed = Int4Weight.quantize(weight, torch.float32)
+    x = torch.randn(5, inp)
+    torch.testing.assert_close(linear(x, packed), x @ weight.T, rtol=1e-5, atol=1e-5)
+    assert packed.packed.numel() == out * inp // 2  # 4 bits a weight
+    error = linear(x, Int4Weight.quantize(torch.randn(out, inp), torch.float32))
+    assert error.shape == (5, out)
+    assert not Int4Weight.fits(torch.zeros(40, 96)) and not Int4Weight.fits(torch.zeros(48, 80))
 
 
 def test_rotary_step_equals_transformers_bit_for_bit() -> None:
