@@ -188,8 +188,8 @@ def test_logit_bias_and_penalties_change_output(client, tokenizer) -> None:  # t
         .message.content
     )
     assert " Paris" in base and " Paris" not in biased
-    # one worked example first: without it the int8 model (the CPU default) answers "I'm going
-    # to repeat the word 'apple' ten times." and stops, leaving a penalty nothing to change
+    # one worked example first: without it the int8 model (the CPU default then) answered "I'm going
+    # to repeat the word 'apple' ten times." and stopped, leaving a penalty nothing to change
     repeat = [
         {"role": "user", "content": "Repeat the word 'pear' five times."},
         {"role": "assistant", "content": "pear, pear, pear, pear, pear"},
