@@ -55,8 +55,8 @@ def choose_device(name: str) -> torch.device:
 def choose_quantization(quantization: str, device: torch.device, dtype: str = "auto") -> str:
     """The weights' quantization, ``none``, ``int8`` or ``int4``: as asked for, or for ``auto``
     int4 on a CPU when no dtype was asked for either. On the 2-core machines of this project int4
-    decodes one stream 1.3x as fast as int8 and about twice as fast as bf16 (69 vs 51-53 vs 31
-    tok/s in one ``make bench`` run; 207 vs 163-166 vs 179 at eight streams); the capitals eval:
+    decodes one stream 1.37x as fast as int8 and over twice as fast as bf16 (71-73 vs 53 vs 31
+    tok/s in one ``make bench`` run; 214 vs 168 vs 185 at eight streams); the capitals eval:
     88 of 100 against 89 for int8 and 90 for bf16. A dtype set in the config (float32 for exact
     parity, say) keeps unquantized weights."""
     if quantization in ("int8", "int4"):
