@@ -13,6 +13,18 @@ from tests.engine_helpers import chat_ids, reference_greedy, runner_greedy, tabl
 PROMPTS = ["What is the capital of France?", "Write a haiku about rain.", "Explain gravity."]
 
 
+def small_blocks_runner(model_path, *, max_slots: int, max_len: int) -> LlamaRunner:  # type: ignore[no-untyped-def]
+    """A float32 runner with 8-token blocks, so that short prompts span several blocks."""
+    return LlamaRunner.from_pretrained(
+        model_path,
+        max_slots=max_slots,
+        max_len=max_len,
+        dtype=torch.float32,
+        device=torch.device("cpu"),
+        block_size=8,
+    )
+
+
 def test_greedy_matches_transformers_generate(model_path, tokenizer) -> None:  # type: ignore[no-untyped-def]
     """float32: token for token equal to ``generate``, with every prompt in one batch."""
     runner = LlamaRunner.from_pretrained(
@@ -57,14 +69,7 @@ def test_bf16_follows_generate_up_to_rounding_ties(model_path, tokenizer) -> Non
 def test_a_cached_prefix_gives_the_same_output_as_computing_it(model_path, tokenizer) -> None:  # type: ignore[no-untyped-def]
     """Prefix reuse: a second sequence reads the first one's full blocks and computes only its
     own tail; float32 greedy output equals a run without sharing, token for token."""
-    runner = LlamaRunner.from_pretrained(
-        model_path,
-        max_slots=4,
-        max_len=256,
-        dtype=torch.float32,
-        device=torch.device("cpu"),
-        block_size=8,
-    )
+    runner = small_blocks_runner(model_path, max_slots=4, max_len=256)
     system = "You are a careful assistant. Answer in one short sentence, plainly. " * 2
     a = chat_ids(tokenizer, system + PROMPTS[0])
     b = chat_ids(tokenizer, system + PROMPTS[1])
@@ -86,14 +91,7 @@ def test_a_cached_prefix_gives_the_same_output_as_computing_it(model_path, token
 
 def test_copied_block_keeps_a_sequence_intact(model_path, tokenizer) -> None:  # type: ignore[no-untyped-def]
     """A forked choice: shared full blocks plus a copy of the partial last block."""
-    runner = LlamaRunner.from_pretrained(
-        model_path,
-        max_slots=3,
-        max_len=256,
-        dtype=torch.float32,
-        device=torch.device("cpu"),
-        block_size=8,
-    )
+    runner = small_blocks_runner(model_path, max_slots=3, max_len=256)
     ids = chat_ids(tokenizer, PROMPTS[0])
     assert len(ids) % runner.block_size  # the last block is partial
     table = tables_for(runner, 1)[0]
@@ -111,14 +109,7 @@ def test_a_lone_sequence_reads_its_consecutive_blocks_in_place(model_path, token
     """One sequence whose blocks are consecutive in the pool is read as a slice (no gather
     copy); the same sequence in scattered blocks is gathered. Both give the same logits, bit for
     bit, in prefill and in decode."""
-    runner = LlamaRunner.from_pretrained(
-        model_path,
-        max_slots=2,
-        max_len=128,
-        dtype=torch.float32,
-        device=torch.device("cpu"),
-        block_size=8,
-    )
+    runner = small_blocks_runner(model_path, max_slots=2, max_len=128)
     ids = chat_ids(tokenizer, PROMPTS[2])
     blocks = -(-(len(ids) + 4) // runner.block_size)
     straight = list(range(1, blocks + 1))
