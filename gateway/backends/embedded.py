@@ -55,7 +55,7 @@ def choose_device(name: str) -> torch.device:
 def choose_quantization(quantization: str, device: torch.device, dtype: str = "auto") -> str:
     """The weights' quantization, ``none``, ``int8`` or ``int4``: as asked for, or for ``auto``
     int4 on a CPU when no dtype was asked for either. On the 2-core machines of this project int4
-    decodes one stream 1.37x as fast as int8 and over twice as fast as bf16 (71-73 vs 53 vs 31
+    decodes one stream 1.34-1.37x as fast as int8 and over twice as fast as bf16 (71-73 vs 53 vs 31
     tok/s in one ``make bench`` run; 214 vs 168 vs 185 at eight streams); the capitals eval:
     88 of 100 against 89 for int8 and 90 for bf16. A dtype set in the config (float32 for exact
     parity, say) keeps unquantized weights."""
@@ -184,13 +184,17 @@ class EmbeddedBackend:
         """Start the engine thread; return once it has loaded tokenizer and weights (seconds)."""
         loop = asyncio.get_running_loop()
         loaded: asyncio.Future[Scheduler] = loop.create_future()
-        threading.Thread(
+        thread = threading.Thread(
             target=self._engine_thread, args=(loop, loaded), name="ragline-engine", daemon=True
-        ).start()
+        )
+        thread.start()
         try:
             self._scheduler = await loaded
         except Exception as exc:
             self.load_error = f"{type(exc).__name__}: {exc}"
+            # the thread returns right after handing over the error: when start raises, it is
+            # gone (it could otherwise still be alive for a moment)
+            await asyncio.to_thread(thread.join)
             raise
 
     def _engine_thread(
