@@ -30,11 +30,11 @@ ADMIN, USER = "sk-replicas-admin", "sk-replicas-user"
 REDIS = "redis://127.0.0.1:6379/0"
 RPM = 6
 # SmolLM2 writes a long answer to this: the stream is still running when the gateway is stopped.
-# A new prompt each time: a cached answer would be replayed at once, with nothing left to stop.
-
-
-def numbers_prompt() -> str:
-    return f"Write the numbers from 1 to 200, separated by commas. (run {time.time_ns()})"
+# The same prompt every run (greedy decoding gives the same long answer; a prompt made unique
+# with a timestamp once drew a two-line answer), sent with Cache-Control: no-cache so that no
+# cached answer is replayed at once, with nothing left to stop.
+NUMBERS = "Write the numbers from 1 to 200, separated by commas."
+NO_CACHE = {"Cache-Control": "no-cache"}
 
 
 @pytest.fixture(scope="module")
@@ -177,9 +177,9 @@ def test_a_gateway_stopped_mid_stream_finishes_it_and_records_it(
     gws, _ = replicas
     stopping, other = gws
     stream = sdk(stopping).chat.completions.create(
-        model="smollm2", messages=[{"role": "user", "content": numbers_prompt()}],
+        model="smollm2", messages=[{"role": "user", "content": NUMBERS}],
         max_tokens=200, temperature=0, stream=True, stream_options={"include_usage": True},
-        extra_headers={"X-Request-Id": "replica-drain-1"},
+        extra_headers={"X-Request-Id": "replica-drain-1", **NO_CACHE},
     )  # fmt: skip
     chunks = iter(stream)
     text = [next(chunks).choices[0].delta.content or ""]
@@ -220,10 +220,10 @@ def test_a_gateway_killed_mid_stream_cuts_it_visibly_and_the_other_serves_the_re
         "max_tokens": 200,
         "temperature": 0,
         "stream": True,
-        "messages": [{"role": "user", "content": numbers_prompt()}],
+        "messages": [{"role": "user", "content": NUMBERS}],
     }
     received: list[str] = []
-    auth = {"Authorization": f"Bearer {ADMIN}"}
+    auth = {"Authorization": f"Bearer {ADMIN}", **NO_CACHE}
     url = killed.base_url + "/chat/completions"
     with (
         pytest.raises(httpx.RemoteProtocolError),  # never a stream that looks finished
