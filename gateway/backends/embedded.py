@@ -54,9 +54,10 @@ def choose_device(name: str) -> torch.device:
 
 def choose_quantization(quantization: str, device: torch.device, dtype: str = "auto") -> str:
     """The weights' quantization, ``none``, ``int8`` or ``int4``: as asked for, or for ``auto``
-    int4 on a CPU when no dtype was asked for either. On the 2-core machines of this project int4
+    int4 on a CPU when no dtype was asked for either. On the 2-core AVX-512-BF16 machine int4
     decodes one stream 1.34-1.37x as fast as int8 and over twice as fast as bf16 (71-73 vs 53 vs 31
-    tok/s in one ``make bench`` run; 214 vs 168 vs 185 at eight streams); the capitals eval:
+    tok/s in one ``make bench`` run; 214 vs 168 vs 185 at eight streams), on the AVX2-only one
+    1.16-1.33x int8 (35-41 vs 31 tok/s; bf16 32, float32 18); the capitals eval:
     88 of 100 against 89 for int8 and 90 for bf16. A dtype set in the config (float32 for exact
     parity, say) keeps unquantized weights."""
     if quantization in ("int8", "int4"):
