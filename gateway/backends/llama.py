@@ -33,7 +33,7 @@ from safetensors.torch import load_file
 from gateway.backends.llama_weights import Layer, LlamaShape, fuse_weights, rotary_tables
 from gateway.backends.multilora import apply as lora_delta
 from gateway.backends.multilora import build_bank
-from gateway.backends.quant import Weight, linear
+from gateway.backends.quant import Quant, Weight, linear
 
 # The pool rows a forward pass reads: ``[b, L]`` row indices (gathered with one copy per layer),
 # or, for one sequence whose blocks are consecutive in the pool, their run of rows as a slice
@@ -69,7 +69,7 @@ class LlamaRunner:
         device: torch.device,
         num_blocks: int | None = None,
         block_size: int = 16,
-        quant: str = "none",
+        quant: Quant = "none",
     ) -> None:
         self.shape = shape
         self.quant = quant  # none | int8 | int4 (quant.py)
@@ -137,7 +137,7 @@ class LlamaRunner:
         block_size: int = 16,
         kv_cache_bytes: int | None = None,
         default_sequences: int | None = None,
-        quant: str = "none",
+        quant: Quant = "none",
     ) -> LlamaRunner:
         """Load a transformers Llama checkpoint directory (config.json + safetensors)."""
         from transformers import AutoConfig

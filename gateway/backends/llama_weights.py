@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from gateway.backends.multilora import LoraPair
-from gateway.backends.quant import Int4Weight, Int8Weight, Weight
+from gateway.backends.quant import Int4Weight, Int8Weight, Quant, Weight
 
 
 @dataclass(frozen=True)
@@ -70,7 +70,7 @@ def fuse_weights(
     shape: LlamaShape,
     dtype: torch.dtype,
     device: torch.device,
-    quant: str = "none",
+    quant: Quant = "none",
 ) -> tuple[torch.Tensor, Weight, torch.Tensor, list[Layer]]:
     """The embedding, LM head, final norm and layers of a transformers Llama state dict.
 

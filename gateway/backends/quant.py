@@ -14,9 +14,12 @@ the embedded engine).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
+
+Quant = Literal["none", "int8", "int4"]  # the weights' format (model config: auto picks one)
 
 
 @dataclass(frozen=True)
