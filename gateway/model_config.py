@@ -26,6 +26,10 @@ _FALLBACKS = (
 )
 
 
+# the weights' format asked for: `auto` resolves to one of backends/quant.py's ``Quant``
+Quantization = Literal["auto", "none", "int8", "int4"]
+
+
 class EmbeddedModelConfig(BaseModel):
     """A model served in-process by the embedded engine (transformers weights, our scheduler)."""
 
@@ -38,7 +42,7 @@ class EmbeddedModelConfig(BaseModel):
     )
     device: str = Field(default="auto", description="`auto`, `cpu`, `cuda` or `cuda:N`.")
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
-    quantization: Literal["auto", "none", "int8", "int4"] = Field(
+    quantization: Quantization = Field(
         default="auto",
         description="`int8`: int8 weights with per-channel scales for the linear layers (CPU "
         "only; activations in bf16). `int4`: the layers' weights in 4 bits with a scale and an "

@@ -18,7 +18,7 @@ import time
 from collections.abc import AsyncGenerator
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
@@ -39,6 +39,7 @@ from gateway.backends.scheduler import Job, Scheduler
 from gateway.backends.tool_calls import TOOLS_TEMPLATE, ToolParsers, uses_tools
 from gateway.config import AdapterConfig, EmbeddedModelConfig
 from gateway.errors import ContextLengthExceeded, InvalidRequest, Overloaded
+from gateway.model_config import Quantization
 
 log = logging.getLogger("ragline.embedded")
 
@@ -53,7 +54,7 @@ def choose_device(name: str) -> torch.device:
 
 
 def choose_quantization(
-    quantization: Literal["auto", "none", "int8", "int4"], device: torch.device, dtype: str = "auto"
+    quantization: Quantization, device: torch.device, dtype: str = "auto"
 ) -> Quant:
     """The weights' quantization, ``none``, ``int8`` or ``int4``: as asked for, or for ``auto``
     int4 on a CPU when no dtype was asked for either. On the 2-core AVX-512-BF16 machine int4
