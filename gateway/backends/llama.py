@@ -19,6 +19,14 @@ writes each new token's keys and values to its row, gathers the rows of each seq
 common prefix are read by every sequence that has it. Grouped-query attention is one batched
 matmul per step over (kv head, sequence), the query heads of a kv head as its rows, so keys and
 values are never repeated.
+
+Dense prefill: the int8 and int4 kernels' time grows with every token of a prompt (their
+dequantization is per row of activations), a dense matmul's barely, as it is bound by reading the
+weights up to dozens of tokens. With ``dense_prefill`` set, quantized weights keep a dense copy of
+the layers' projections, and prompts of ``DENSE_PREFILL_FROM`` tokens or more are prefilled with
+it (``python -m benchmarks.prefill`` on the 2-core AVX-512-BF16 machine, SmolLM2: 128 tokens in
+73 ms with bf16 against 211 ms with int4). Decoding stays quantized: one token a sequence per step
+is where reading fewer bytes wins.
 """
 
 from __future__ import annotations
@@ -39,6 +47,11 @@ from gateway.backends.quant import Quant, Weight, linear
 # or, for one sequence whose blocks are consecutive in the pool, their run of rows as a slice
 # (read in place: no copy).
 Rows = torch.Tensor | slice
+
+# New tokens of a sequence from which ``dense_prefill`` prefills it with the dense weights (the
+# int4 and dense times cross near 16 tokens with bf16 and at 16-24 with PyTorch's AVX2 kernels;
+# 32 leaves room for slower machines: README, "Dense prefill")
+DENSE_PREFILL_FROM = 32
 
 
 @dataclass
@@ -70,9 +83,13 @@ class LlamaRunner:
         num_blocks: int | None = None,
         block_size: int = 16,
         quant: Quant = "none",
+        dense_prefill: torch.dtype | None = None,
     ) -> None:
         self.shape = shape
         self.quant = quant  # none | int8 | int4 (quant.py)
+        # with quantized weights: the dtype of the dense copy long prompts are prefilled with
+        self.dense_prefill = dense_prefill if quant != "none" else None
+        self.dense_from = DENSE_PREFILL_FROM  # new tokens from which a prompt goes dense
         self.max_slots = max_slots  # the largest decode batch (CUDA graphs are captured up to it)
         self.max_len = max_len
         self.block_size = block_size
@@ -92,7 +109,7 @@ class LlamaRunner:
             raise ValueError(f"unknown quantization {quant!r}")
         if quant != "none" and device.type != "cpu":
             raise ValueError(f"{quant} weights run on the CPU only (PyTorch's {quant} kernels)")
-        fused = fuse_weights(weights, shape, dtype, device, quant)
+        fused = fuse_weights(weights, shape, dtype, device, quant, self.dense_prefill)
         self.embed, self.lm_head, self.final_norm, self.layers = fused
         self.cos, self.sin = rotary_tables(shape, max_len, dtype, device)
         # The cache is float32 whatever the weights are: keys and values keep the model dtype's
@@ -113,6 +130,7 @@ class LlamaRunner:
         # involves any adapter, the index of each row
         self.adapters: dict[str, int] = {}
         self._rows: torch.Tensor | None = None
+        self._dense = False  # during a forward pass on the layers' dense copies
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._graph_ids = torch.zeros(0, dtype=torch.long)
         self._graph_pos = torch.zeros(0, dtype=torch.long)
@@ -138,6 +156,7 @@ class LlamaRunner:
         kv_cache_bytes: int | None = None,
         default_sequences: int | None = None,
         quant: Quant = "none",
+        dense_prefill: torch.dtype | None = None,
     ) -> LlamaRunner:
         """Load a transformers Llama checkpoint directory (config.json + safetensors)."""
         from transformers import AutoConfig
@@ -164,6 +183,7 @@ class LlamaRunner:
             num_blocks=num_blocks,
             block_size=block_size,
             quant=quant,
+            dense_prefill=dense_prefill,
         )
 
     def load_adapters(self, adapters: dict[str, Path]) -> None:
@@ -225,6 +245,8 @@ class LlamaRunner:
         )
 
     def _project(self, x: torch.Tensor, weight: Weight, layer: Layer, name: str) -> torch.Tensor:
+        if self._dense and layer.dense is not None:
+            weight = layer.dense[name]
         out = linear(x, weight)
         if self._rows is not None and layer.lora is not None:
             out = out + lora_delta(x, layer.lora[name], self._rows)
@@ -320,13 +342,30 @@ class LlamaRunner:
         table; positions before ``start`` must already be in the cache (a prefix hit or a
         resumed sequence). Padding writes into the null block. Returns logits
         ``[len(items), vocab]`` of each item's last token.
+
+        With ``dense_prefill``, items of ``dense_from`` new tokens or more go through
+        the dense weights and the others through the quantized ones, in two passes: which
+        weights compute a sequence depends on its own length, not on what it is batched with.
         """
-        indices = [item.adapter for item in items]
-        self._use_rows(indices)
+        dense = [self._prefills_dense(item) for item in items]
+        if all(dense) or not any(dense):
+            return self._prefill_pass(items, dense=any(dense))
+        logits = torch.empty(len(items), self.shape.vocab_size, device=self.device)
+        for flag in (True, False):
+            part = [i for i, d in enumerate(dense) if d == flag]
+            logits[part] = self._prefill_pass([items[i] for i in part], flag)
+        return logits
+
+    def _prefills_dense(self, item: PrefillItem) -> bool:
+        return self.dense_prefill is not None and len(item.tokens) >= self.dense_from
+
+    def _prefill_pass(self, items: list[PrefillItem], dense: bool) -> torch.Tensor:
+        self._use_rows([item.adapter for item in items])
+        self._dense = dense
         try:
             return self._prefill(items)
         finally:
-            self._rows = None
+            self._rows, self._dense = None, False
 
     def _prefill(self, items: list[PrefillItem]) -> torch.Tensor:
         b = len(items)

@@ -1,6 +1,7 @@
 """The weights of a Llama checkpoint as ``llama.py``'s forward pass holds them: the config's few
 numbers the pass needs (``LlamaShape``), each layer's projections fused (q/k/v and gate/up as one
-matrix each) and optionally int8 or int4 (``quant.py``), and the rotary tables."""
+matrix each) and optionally int8 or int4 (``quant.py``), with a dense copy for long prefills if
+asked, and the rotary tables."""
 
 from __future__ import annotations
 
@@ -63,6 +64,9 @@ class Layer:
     gate_up: Weight  # [2 * intermediate, hidden]
     down: Weight
     lora: dict[str, LoraPair] | None = None  # stacked adapters per fused projection
+    # the four projections unquantized, by name (qkv, o, gate_up, down), when the weights above
+    # are quantized and the runner prefills long prompts with dense matmuls (``dense_prefill``)
+    dense: dict[str, torch.Tensor] | None = None
 
 
 def fuse_weights(
@@ -71,15 +75,17 @@ def fuse_weights(
     dtype: torch.dtype,
     device: torch.device,
     quant: Quant = "none",
+    dense: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, Weight, torch.Tensor, list[Layer]]:
     """The embedding, LM head, final norm and layers of a transformers Llama state dict.
 
     ``quant``: ``none``, ``int8`` (every linear layer and the LM head) or ``int4`` (the layers'
     matmuls in int4 where the kernel's shape rules allow, else int8; the LM head, which is also
-    the embedding table in tied models and decides every token, in int8)."""
+    the embedding table in tied models and decides every token, in int8). ``dense``: with
+    quantized weights, also keep each layer's projections in this dtype (``Layer.dense``)."""
 
-    def w(name: str) -> torch.Tensor:
-        return weights[name].to(device=device, dtype=dtype).contiguous()
+    def w(name: str, as_dtype: torch.dtype = dtype) -> torch.Tensor:
+        return weights[name].to(device=device, dtype=as_dtype).contiguous()
 
     def linear_weight(t: torch.Tensor, head: bool = False) -> Weight:
         if quant == "int4" and not head and Int4Weight.fits(t):
@@ -88,25 +94,31 @@ def fuse_weights(
 
     embed = w("model.embed_tokens.weight")
     head = embed if shape.tie_word_embeddings else w("lm_head.weight")
+
+    def projections(p: str, as_dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        """Layer ``p``'s projections, q/k/v and gate/up fused, by ``Layer``'s field names."""
+        qkv = [w(p + f"self_attn.{n}_proj.weight", as_dtype) for n in ("q", "k", "v")]
+        gate_up = [w(p + f"mlp.{n}_proj.weight", as_dtype) for n in ("gate", "up")]
+        return {
+            "qkv": torch.cat(qkv).contiguous(),
+            "o": w(p + "self_attn.o_proj.weight", as_dtype),
+            "gate_up": torch.cat(gate_up).contiguous(),
+            "down": w(p + "mlp.down_proj.weight", as_dtype),
+        }
+
     layers: list[Layer] = []
     for i in range(shape.num_layers):
         p = f"model.layers.{i}."
-        qkv = torch.cat(
-            [
-                w(p + "self_attn.q_proj.weight"),
-                w(p + "self_attn.k_proj.weight"),
-                w(p + "self_attn.v_proj.weight"),
-            ]
-        )
-        gate_up = torch.cat([w(p + "mlp.gate_proj.weight"), w(p + "mlp.up_proj.weight")])
+        fused = {name: linear_weight(t) for name, t in projections(p, dtype).items()}
         layers.append(
             Layer(
                 input_norm=w(p + "input_layernorm.weight"),
-                qkv=linear_weight(qkv.contiguous()),
-                o=linear_weight(w(p + "self_attn.o_proj.weight")),
+                qkv=fused["qkv"],
+                o=fused["o"],
                 post_norm=w(p + "post_attention_layernorm.weight"),
-                gate_up=linear_weight(gate_up.contiguous()),
-                down=linear_weight(w(p + "mlp.down_proj.weight")),
+                gate_up=fused["gate_up"],
+                down=fused["down"],
+                dense=projections(p, dense) if dense is not None and quant != "none" else None,
             )
         )
     return embed, linear_weight(head, head=True), w("model.norm.weight"), layers

@@ -82,6 +82,8 @@ Weight = torch.Tensor | Int8Weight | Int4Weight
 def linear(x: torch.Tensor, weight: Weight) -> torch.Tensor:
     """``x @ weight.T`` for a float, an int8 or an int4 weight."""
     if isinstance(weight, torch.Tensor):
+        if weight.dtype != x.dtype:  # a dense float32 copy under bf16 activations (long prefills)
+            return F.linear(x.to(weight.dtype), weight).to(x.dtype)
         return F.linear(x, weight)
     flat = x.reshape(-1, x.shape[-1]).contiguous()
     if isinstance(weight, Int4Weight):

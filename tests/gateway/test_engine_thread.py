@@ -16,8 +16,13 @@ import torch
 
 from gateway.backends import embedded
 from gateway.backends.base import GenerationParams, GenerationRequest
-from gateway.backends.embedded import EmbeddedBackend, choose_quantization
+from gateway.backends.embedded import (
+    EmbeddedBackend,
+    choose_dense_prefill,
+    choose_quantization,
+)
 from gateway.backends.llama import LlamaRunner
+from gateway.backends.quant import on_cpu_with_bf16
 from gateway.config import EmbeddedModelConfig
 
 
@@ -32,16 +37,29 @@ def test_auto_picks_int4_on_cpu_only_when_no_dtype_is_set() -> None:
     assert choose_quantization("int4", cpu, "bfloat16") == "int4"
 
 
+def test_long_prompts_prefill_dense_by_default_with_quantized_weights_only() -> None:
+    native = torch.bfloat16 if on_cpu_with_bf16() else torch.float32  # emulated bf16 is slow
+    assert choose_dense_prefill(True, "int4") == native
+    assert choose_dense_prefill(True, "int8") == native
+    assert choose_dense_prefill(False, "int4") is None  # `dense_prefill: false`
+    assert choose_dense_prefill(True, "none") is None
+    assert EmbeddedModelConfig(name="m").dense_prefill
+
+
 async def test_one_thread_loads_the_model_and_runs_it(
     model_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     seen: dict[str, set[int]] = {"load": set(), "prefill": set(), "decode": set()}
+    loaded: list[LlamaRunner] = []
     load, prefill, decode = LlamaRunner.from_pretrained, LlamaRunner.prefill, LlamaRunner.decode
 
     def record(name: str, fn):  # type: ignore[no-untyped-def]
         def wrapped(*args, **kwargs):  # type: ignore[no-untyped-def]
             seen[name].add(threading.get_ident())
-            return fn(*args, **kwargs)
+            result = fn(*args, **kwargs)
+            if name == "load":
+                loaded.append(result)
+            return result
 
         return wrapped
 
@@ -52,6 +70,8 @@ async def test_one_thread_loads_the_model_and_runs_it(
     await backend.start()
     try:
         assert backend.weights == "int4"  # the CPU default
+        (runner,) = loaded
+        assert runner.dense_prefill == choose_dense_prefill(True, "int4")  # on by default
         request = GenerationRequest(
             request_id="t",
             model="m",

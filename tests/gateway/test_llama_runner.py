@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from gateway.backends.llama import LlamaRunner, PrefillItem
+from gateway.backends.llama import DENSE_PREFILL_FROM, LlamaRunner, PrefillItem
 from gateway.backends.quant import Int4Weight, Int8Weight, linear
 from tests.engine_helpers import chat_ids, reference_greedy, runner_greedy, tables_for
 
@@ -149,11 +149,16 @@ def test_static_whole_cache_step_equals_the_dynamic_step(model_path, tokenizer) 
     assert runner.capture_cuda_graphs() == []  # no graphs on the CPU
 
 
-@pytest.mark.parametrize("quant", ["int8", "int4"])
-def test_quantized_weights_follow_float32_up_to_quantization(model_path, tokenizer, quant) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize(
+    ("quant", "dense"), [("int8", None), ("int4", None), ("int4", torch.float32)]
+)
+def test_quantized_weights_follow_float32_up_to_quantization(
+    model_path, tokenizer, quant, dense
+) -> None:  # type: ignore[no-untyped-def]
     """Weight-only int8 (per-channel scales) and int4 (a scale and an offset per 32 weights, the
     LM head in int8) teacher-forced on float32's greedy tokens: each ranks first or within a
-    small margin of first at every step, and most rank first. (Measured here: int8 99% first,
+    small margin of first at every step, and most rank first; also with the prompts prefilled by
+    the dense copy and decoded in int4 over the cache it wrote. (Measured here: int8 99% first,
     int4 100%, the largest gap under 0.01 for both.)"""
     reference = LlamaRunner.from_pretrained(
         model_path, max_slots=4, max_len=512, dtype=torch.float32, device=torch.device("cpu")
@@ -168,6 +173,7 @@ def test_quantized_weights_follow_float32_up_to_quantization(model_path, tokeniz
         dtype=torch.bfloat16,
         device=torch.device("cpu"),
         quant=quant,
+        dense_prefill=dense,
     )
     layer_type = Int4Weight if quant == "int4" else Int8Weight
     assert all(isinstance(w, layer_type) for w in (runner.layers[0].qkv, runner.layers[-1].down))
@@ -186,6 +192,63 @@ def test_quantized_weights_follow_float32_up_to_quantization(model_path, tokeniz
     print(f"{quant}: {exact / len(gaps):.0%} rank first, largest gap {max(gaps):.2f}")
     assert max(gaps) <= 0.75
     assert exact >= 0.9 * steps * len(prompts)
+
+
+def test_long_prompts_are_prefilled_with_the_dense_copy(model_path, tokenizer) -> None:  # type: ignore[no-untyped-def]
+    """With ``dense_prefill``, a prompt of ``DENSE_PREFILL_FROM`` new tokens or more is prefilled
+    with the layers' dense weights and a shorter one with the quantized weights, in separate
+    passes: each prompt's logits are those it gets alone, whatever it is batched with, and the
+    long prompt's keys and values are bit for bit those of the unquantized model."""
+    cpu = torch.device("cpu")
+    long_ids = chat_ids(tokenizer, PROMPTS[0])  # with the default system prompt
+    short_ids = list(tokenizer.encode("Explain gravity."))
+    assert len(long_ids) >= DENSE_PREFILL_FROM > len(short_ids)
+
+    def int4_runner(dense: torch.dtype | None) -> LlamaRunner:
+        return LlamaRunner.from_pretrained(
+            model_path,
+            max_slots=2,
+            max_len=256,
+            dtype=torch.bfloat16,
+            device=cpu,
+            quant="int4",
+            dense_prefill=dense,
+        )
+
+    quantized, dense = int4_runner(None), int4_runner(torch.bfloat16)
+    assert quantized.layers[0].dense is None
+    assert dense.layers[0].dense is not None
+    assert {w.dtype for w in dense.layers[-1].dense.values()} == {torch.bfloat16}
+    plain = LlamaRunner.from_pretrained(
+        model_path,
+        max_slots=2,
+        max_len=256,
+        dtype=torch.bfloat16,
+        device=cpu,
+        dense_prefill=torch.bfloat16,
+    )
+    assert plain.dense_prefill is None and plain.layers[0].dense is None  # quantized ones only
+    short_table, long_table = tables_for(dense, 2)
+
+    def alone(runner: LlamaRunner, ids: list[int], table: list[int]) -> torch.Tensor:
+        return runner.prefill([PrefillItem(ids, 0, table)])[0]
+
+    both = dense.prefill(
+        [PrefillItem(short_ids, 0, short_table), PrefillItem(long_ids, 0, long_table)]
+    )
+    assert torch.equal(both[0], alone(dense, short_ids, short_table))
+    assert torch.equal(both[1], alone(dense, long_ids, long_table))
+    assert torch.equal(both[0], alone(quantized, short_ids, short_table))  # int4 for the short one
+    int4 = alone(quantized, long_ids, long_table)
+    assert not torch.equal(both[1], int4)
+    alone(plain, long_ids, long_table)
+    bs = dense.block_size
+    rows = [long_table[p // bs] * bs + p % bs for p in range(len(long_ids))]
+    for layer in range(dense.shape.num_layers):
+        for pools in ("k_pool", "v_pool"):
+            expected = getattr(plain, pools)[layer][:, rows]
+            assert torch.equal(getattr(dense, pools)[layer][:, rows], expected)
+    assert not torch.equal(quantized.v_pool[-1][:, rows], plain.v_pool[-1][:, rows])
 
 
 def test_int4_weights_are_q4_1_exactly() -> None:
