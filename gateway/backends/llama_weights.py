@@ -109,7 +109,11 @@ def fuse_weights(
     layers: list[Layer] = []
     for i in range(shape.num_layers):
         p = f"model.layers.{i}."
-        fused = {name: linear_weight(t) for name, t in projections(p, dtype).items()}
+        plain = projections(p, dtype)
+        fused = {name: linear_weight(t) for name, t in plain.items()}
+        copy = None
+        if dense is not None and quant != "none":  # the same tensors when the dtypes agree
+            copy = plain if dense == dtype else projections(p, dense)
         layers.append(
             Layer(
                 input_norm=w(p + "input_layernorm.weight"),
@@ -118,7 +122,7 @@ def fuse_weights(
                 post_norm=w(p + "post_attention_layernorm.weight"),
                 gate_up=fused["gate_up"],
                 down=fused["down"],
-                dense=projections(p, dense) if dense is not None and quant != "none" else None,
+                dense=copy,
             )
         )
     return embed, linear_weight(head, head=True), w("model.norm.weight"), layers
