@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
+from gateway.backends.llama_ops import attend, rope
 from gateway.backends.llama_weights import Layer, LlamaShape, fuse_weights, rotary_tables
 from gateway.backends.multilora import apply as lora_delta
 from gateway.backends.multilora import build_bank
@@ -259,12 +260,6 @@ class LlamaRunner:
         normed = F.rms_norm(x.float(), (x.shape[-1],), None, self.shape.rms_norm_eps)
         return weight * normed.to(x.dtype)
 
-    @staticmethod
-    def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        # roll(x) is cat(x2, x1); with sin's first half negated (``rotary_tables``) its product
-        # is rotate_half(x) * sin = cat(-x2, x1) * sin, rounded the same
-        return x * cos + torch.roll(x, x.shape[-1] // 2, dims=-1) * sin
-
     def _mlp_and_attn_out(self, x: torch.Tensor, attn: torch.Tensor, layer: Layer) -> torch.Tensor:
         x = x + self._project(attn, layer.o, layer, "o")
         h = self._norm(x, layer.post_norm)
@@ -279,31 +274,12 @@ class LlamaRunner:
         qkv = self._project(h, layer.qkv, layer, "qkv")
         qkv = qkv.view(b, t, s.num_heads + 2 * s.num_kv_heads, s.head_dim)
         qk, v = qkv.split([s.num_heads + s.num_kv_heads, s.num_kv_heads], dim=2)
-        q, k = self._rope(qk, cos, sin).split([s.num_heads, s.num_kv_heads], dim=2)
+        q, k = rope(qk, cos, sin).split([s.num_heads, s.num_kv_heads], dim=2)
         return q, k, v  # one rotation for the query and key heads together: fewer ops per step
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
         x = self._norm(x, self.final_norm)
         return linear(x, self.lm_head).float()
-
-    def _attend(
-        self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor
-    ) -> torch.Tensor:
-        """Attention of ``q`` ``[b, t, heads, dim]`` over float32 ``keys`` and ``values``
-        ``[kv, b, L, dim]`` (gathered from the pool) with an additive ``mask`` ``[b, t, L]``;
-        returns ``[b, t, heads * dim]`` in the dtype of ``q``. The query heads that share a kv
-        head are the rows of one matmul, so keys and values are never repeated."""
-        s = self.shape
-        b, t = q.shape[0], q.shape[1]
-        kv, dim = s.num_kv_heads, s.head_dim
-        groups = s.num_heads // kv
-        length = keys.shape[2]
-        qg = q.view(b, t, kv, groups, dim).permute(2, 0, 3, 1, 4).reshape(kv * b, groups * t, dim)
-        scores = torch.bmm(qg.float(), keys.view(kv * b, length, dim).transpose(1, 2))
-        scores = scores.view(kv, b, groups, t, length) * dim**-0.5 + mask.view(1, b, 1, t, length)
-        probs = torch.softmax(scores, dim=-1).view(kv * b, groups * t, length)
-        out = torch.bmm(probs, values.view(kv * b, length, dim)).view(kv, b, groups, t, dim)
-        return out.permute(1, 3, 0, 2, 4).reshape(b, t, s.num_heads * dim).to(q.dtype)
 
     def _layers(
         self,
@@ -330,7 +306,7 @@ class LlamaRunner:
             else:
                 keys = kp.index_select(1, flat).view(kv, b, -1, dim)
                 values = vp.index_select(1, flat).view(kv, b, -1, dim)
-            attn = self._attend(q, keys, values, mask)
+            attn = attend(q, keys, values, mask, self.shape)
             x = self._mlp_and_attn_out(x, attn, layer)
         return x
 

@@ -133,7 +133,7 @@ def rotary_tables(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin for every position, in the weights' dtype, as transformers computes them,
     except that sin's first half is negated: the rotation is then ``x * cos + roll(x) * sin``
-    (``LlamaRunner._rope``), the same products as transformers' ``rotate_half`` in fewer ops."""
+    (``llama_ops.rope``), the same products as transformers' ``rotate_half`` in fewer ops."""
     inv_freq = 1.0 / (
         shape.rope_theta
         ** (torch.arange(0, shape.head_dim, 2, dtype=torch.int64).float() / shape.head_dim)

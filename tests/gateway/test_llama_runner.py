@@ -7,6 +7,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from gateway.backends.llama import DENSE_PREFILL_FROM, LlamaRunner, PrefillItem
+from gateway.backends.llama_ops import rope
 from gateway.backends.quant import Int4Weight, Int8Weight, linear
 from tests.engine_helpers import chat_ids, reference_greedy, runner_greedy, tables_for
 
@@ -291,7 +292,7 @@ def test_rotary_step_equals_transformers_bit_for_bit() -> None:
         q = torch.randn(1, 5, 9, 64).to(dtype)  # [batch, tokens, heads, dim]
         k = torch.randn(1, 5, 3, 64).to(dtype)
         c, s = cos[positions].unsqueeze(2), sin[positions].unsqueeze(2)
-        ours_q, ours_k = LlamaRunner._rope(torch.cat([q, k], dim=2), c, s).split([9, 3], 2)
+        ours_q, ours_k = rope(torch.cat([q, k], dim=2), c, s).split([9, 3], 2)
         # transformers' layout: [batch, heads, tokens, dim] and the plain sin
         plain = s.clone()
         plain[..., : shape.head_dim // 2] *= -1
