@@ -49,7 +49,7 @@ from gateway.backends.quant import Quant, Weight, linear
 # (read in place: no copy).
 Rows = torch.Tensor | slice
 
-# New tokens of a sequence from which ``dense_prefill`` prefills it with the dense weights (the
+# The prompt length from which ``dense_prefill`` prefills with the dense weights (the
 # int4 and dense times cross near 16 tokens with bf16 and at 16-24 with PyTorch's AVX2 kernels;
 # 32 leaves room for slower machines: README, "Dense prefill")
 DENSE_PREFILL_FROM = 32
@@ -90,7 +90,7 @@ class LlamaRunner:
         self.quant = quant  # none | int8 | int4 (quant.py)
         # with quantized weights: the dtype of the dense copy long prompts are prefilled with
         self.dense_prefill = dense_prefill if quant != "none" else None
-        self.dense_from = DENSE_PREFILL_FROM  # new tokens from which a prompt goes dense
+        self.dense_from = DENSE_PREFILL_FROM  # prompt length from which a prefill goes dense
         self.max_slots = max_slots  # the largest decode batch (CUDA graphs are captured up to it)
         self.max_len = max_len
         self.block_size = block_size
@@ -319,9 +319,10 @@ class LlamaRunner:
         resumed sequence). Padding writes into the null block. Returns logits
         ``[len(items), vocab]`` of each item's last token.
 
-        With ``dense_prefill``, items of ``dense_from`` new tokens or more go through
+        With ``dense_prefill``, items that end at position ``dense_from`` or later go through
         the dense weights and the others through the quantized ones, in two passes: which
-        weights compute a sequence depends on its own length, not on what it is batched with.
+        weights compute a sequence depends on its own length, not on what it is batched with
+        nor on how much of it was cached.
         """
         dense = [self._prefills_dense(item) for item in items]
         if all(dense) or not any(dense):
@@ -333,7 +334,10 @@ class LlamaRunner:
         return logits
 
     def _prefills_dense(self, item: PrefillItem) -> bool:
-        return self.dense_prefill is not None and len(item.tokens) >= self.dense_from
+        # by where the prompt ends, not by how much of it is new: a prompt computed whole (a
+        # cache miss) and one whose prefix was cached (a hit) then use the same weights
+        end = item.start + len(item.tokens)
+        return self.dense_prefill is not None and end >= self.dense_from
 
     def _prefill_pass(self, items: list[PrefillItem], dense: bool) -> torch.Tensor:
         self._use_rows([item.adapter for item in items])
