@@ -60,7 +60,8 @@ def choose_quantization(
     int4 on a CPU when no dtype was asked for either. On the 2-core AVX-512-BF16 machine int4
     decodes one stream 1.34-1.37x as fast as int8 and over twice as fast as bf16 (71-73 vs 53 vs 31
     tok/s in one ``make bench`` run; 214 vs 168 vs 185 at eight streams), on the AVX2-only one
-    1.16-1.33x int8 (35-41 vs 31 tok/s; bf16 32, float32 18); the capitals eval:
+    1.16-1.33x int8 (35-41 vs 31 tok/s; bf16 32, float32 18; 1.08-1.17x in a later A/B run,
+    1.06-1.12x at eight streams); the capitals eval:
     88 of 100 against 89 for int8 and 90 for bf16. A dtype set in the config (float32 for exact
     parity, say) keeps unquantized weights."""
     if quantization == "int8" or quantization == "int4":
