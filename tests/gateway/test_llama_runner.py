@@ -196,7 +196,7 @@ def test_quantized_weights_follow_float32_up_to_quantization(
 
 
 def test_long_prompts_are_prefilled_with_the_dense_copy(model_path, tokenizer) -> None:  # type: ignore[no-untyped-def]
-    """With ``dense_prefill``, a prompt of ``DENSE_PREFILL_FROM`` new tokens or more is prefilled
+    """With ``dense_prefill``, a prompt that ends at ``DENSE_PREFILL_FROM`` or later is prefilled
     with the layers' dense weights and a shorter one with the quantized weights, in separate
     passes: each prompt's logits are those it gets alone, whatever it is batched with, and the
     long prompt's keys and values are bit for bit those of the unquantized model."""
