@@ -27,6 +27,7 @@ from finetune.augment import augment
 from finetune.data import (
     IGNORE,
     DataError,
+    Example,
     Summary,
     Tokenized,
     choose_split,
@@ -138,9 +139,13 @@ def _device(name: str) -> torch.device:
 
 
 def load_data(
-    config: TrainConfig, tokenizer: Any, context_limit: int
+    config: TrainConfig,
+    tokenizer: Any,
+    context_limit: int,
+    loaded: tuple[list[Example], str] | None = None,
 ) -> tuple[list[Tokenized], list[Tokenized], Summary]:
-    examples, checksum = load_examples(config.data)
+    """Tokenized train and eval rows; ``loaded``: ``load_examples(config.data)`` already read."""
+    examples, checksum = loaded or load_examples(config.data)
     chosen = choose_split(examples, config.eval_fraction)
     eval_ex = chosen.held
     copies = []
@@ -221,16 +226,21 @@ def train(
     on_summary: Callable[[Summary], None] | None = None,
 ) -> Result:
     """Fine-tune; writes the adapter and ``ragline.json`` to ``config.output``."""
-    from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
-    from safetensors.torch import load_file
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, get_scheduler
-
+    # settings, then the dataset (which needs the tokenizer only), before PEFT and the model
+    # load: a mistyped flag or a bad line fails in a second or two, not after seconds of imports
     check(config)
     device = _device(config.device)
+    loaded = load_examples(config.data)  # malformed or empty data: before any model file
+    from transformers import AutoConfig, AutoTokenizer
+
     tokenizer = AutoTokenizer.from_pretrained(config.base)
     model_config = AutoConfig.from_pretrained(config.base)
     context = int(getattr(model_config, "max_position_embeddings", 2048))
-    train_rows, eval_rows, summary = load_data(config, tokenizer, context)
+    train_rows, eval_rows, summary = load_data(config, tokenizer, context, loaded)
+    from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, get_scheduler
+
     if on_summary is not None:
         on_summary(summary)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
