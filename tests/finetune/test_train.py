@@ -90,3 +90,45 @@ def test_merge_bakes_the_adapter_into_a_checkpoint(
         base = base_model(ids).logits
         peft = PeftModel.from_pretrained(base_model, tmp_path / "a")(ids).logits
     assert (merged - peft).abs().max() < (base - peft).abs().max() / 4
+
+
+def test_the_assistant_loss_is_the_causal_lm_loss_with_the_same_gradients(
+    model_path: Path,
+) -> None:
+    """``assistant_loss`` applies the LM head to the labelled positions only; its value and its
+    gradients are transformers' own causal-LM loss (labels shifted, prompt tokens ignored)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from finetune.data import IGNORE
+    from finetune.train import assistant_loss
+
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    lora = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "down_proj"], lora_dropout=0)
+    model = get_peft_model(base, lora)
+    for name, p in model.named_parameters():  # B starts at zero: make the adapter matter
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.02)
+    ids = torch.randint(100, 20000, (3, 24))
+    labels = ids.clone()
+    labels[:, :15] = IGNORE  # a prompt of 15 tokens, then the answer
+    labels[2, 20:] = IGNORE  # a padded row
+    mask = torch.ones_like(ids)
+    mask[2, 20:] = 0
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+    def grads(loss: torch.Tensor) -> dict[str, torch.Tensor]:
+        model.zero_grad()
+        loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    reference = model(**batch).loss
+    ours = assistant_loss(model, batch)
+    assert torch.allclose(ours, reference, rtol=1e-5), (float(ours), float(reference))
+    ref_grads, our_grads = grads(reference), grads(assistant_loss(model, batch))
+    assert ref_grads.keys() == our_grads.keys() and len(ref_grads) == 2 * 2 * 30
+    for name, g in ref_grads.items():
+        assert torch.allclose(our_grads[name], g, rtol=1e-4, atol=1e-7), name
+    summed = assistant_loss(model, batch, reduction="sum")
+    assert torch.allclose(summed, reference * int((labels[:, 1:] != IGNORE).sum()), rtol=1e-5)
