@@ -239,7 +239,6 @@ class EmbeddingService:
         return encode_response(vectors, request.encoding_format, self.model_id, tokens), tokens
 
     def _tokenise(self, inputs: list[Any], truncate: int | None) -> list[list[int]]:
-        tokenizer = self.embedder.tokenizer
         window = int(self.embedder.max_length)
         if truncate is not None and truncate != -1 and not 2 <= truncate <= window:
             raise InvalidRequest(
@@ -254,12 +253,12 @@ class EmbeddingService:
             if isinstance(item, str):
                 texts[i] = item
             elif self.token_ids == "native":
-                ids[i] = self._native(tokenizer, item, i)
+                ids[i] = self._native(self.embedder.tokenizer, item, i)
             else:
                 texts[i] = self._decode_cl100k(item, i)
         if texts:
-            encoded = tokenizer(list(texts.values()), add_special_tokens=True, verbose=False)
-            for i, row in zip(texts, encoded["input_ids"], strict=True):
+            encoded = self.embedder.token_ids(list(texts.values()), truncate=False)
+            for i, row in zip(texts, encoded, strict=True):
                 ids[i] = row
         out: list[list[int]] = []
         for i, row in enumerate(ids):

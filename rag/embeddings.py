@@ -140,6 +140,11 @@ class SentenceTransformerEmbedder:
         """The model's own (Hugging Face) tokenizer."""
         return self._load().tokenizer
 
+    def token_ids(self, texts: Sequence[str], truncate: bool = True) -> list[list[int]]:
+        """Each text's ids as ``tokenizer`` makes them (special tokens included); ``truncate``:
+        cut at ``max_length``, as ``embed`` does."""
+        return list(self._load().token_ids(list(texts), truncate))
+
     @property
     def max_length(self) -> int:
         """The most tokens one text is embedded with (special tokens included); longer texts are
@@ -189,6 +194,10 @@ class _TorchModel:
     @property
     def max_length(self) -> int:
         return int(self.model.max_seq_length or self.tokenizer.model_max_length)
+
+    def token_ids(self, texts: list[str], truncate: bool = True) -> list[list[int]]:
+        cut = {"truncation": True, "max_length": self.max_length} if truncate else {}
+        return list(self.tokenizer(texts, verbose=False, **cut)["input_ids"])
 
     def encode_ids(self, ids: list[list[int]], batch_size: int) -> np.ndarray:
         texts = self.tokenizer.batch_decode(ids, skip_special_tokens=True)

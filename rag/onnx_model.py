@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import re
+import threading
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -55,7 +56,6 @@ class OnnxEncoder:
         bulk: bool = False,
     ) -> None:
         import onnxruntime as ort
-        from transformers import AutoTokenizer
 
         config = _read_json(path / "sentence_bert_config.json")
         pooling = _read_json(path / "1_Pooling" / "config.json")
@@ -63,7 +63,11 @@ class OnnxEncoder:
             raise RuntimeError("only mean-pooling models run on the ONNX backend")
         self.max_length = int(config.get("max_seq_length", 256))
         self.batch_tokens = batch_tokens
-        self.tokenizer = AutoTokenizer.from_pretrained(str(path))
+        self.path = path
+        self._tokenizer: Any = None
+        self._tokenizer_lock = threading.Lock()
+        self._rust = _rust_tokenizer(path, self.max_length)
+        self._rust_whole = _rust_tokenizer(path, None)  # what the embeddings API counts
         onnx_file = model_file(path, precision)
         options = ort.SessionOptions()
         options.intra_op_num_threads = max(1, min(os.cpu_count() or 1, 8))
@@ -75,8 +79,38 @@ class OnnxEncoder:
             str(onnx_file), options, providers=["CPUExecutionProvider"]
         )
         self.inputs = [i.name for i in self.session.get_inputs()]
-        self.pad_id = int(self.tokenizer.pad_token_id or 0)
+        self.pad_id = self._pad_id()
         self.dim = int(self.encode(["dimension probe"], 1).shape[1])
+
+    @property
+    def tokenizer(self) -> Any:
+        """The model's Hugging Face tokenizer, loaded on first use: ``encode`` does not need it
+        (``transformers`` imports PyTorch where it is installed: ~5 s of a gateway's start-up
+        on 2 cores when nothing else there needs either)."""
+        with self._tokenizer_lock:
+            if self._tokenizer is None:
+                from transformers import AutoTokenizer
+
+                self._tokenizer = AutoTokenizer.from_pretrained(str(self.path))
+            return self._tokenizer
+
+    def _pad_id(self) -> int:
+        if self._rust is None:
+            return int(self.tokenizer.pad_token_id or 0)
+        pad = _read_json(self.path / "tokenizer_config.json").get("pad_token")
+        if isinstance(pad, dict):  # an AddedToken written out
+            pad = pad.get("content")
+        found = self._rust.token_to_id(pad) if isinstance(pad, str) else None
+        return int(found or 0)
+
+    def token_ids(self, texts: list[str], truncate: bool = True) -> list[list[int]]:
+        """Each text's ids, special tokens included; ``truncate``: at most ``max_length``, as
+        ``encode`` embeds them."""
+        rust = self._rust if truncate else self._rust_whole
+        if rust is None:
+            cut = {"truncation": True, "max_length": self.max_length} if truncate else {}
+            return list(self.tokenizer(texts, verbose=False, **cut)["input_ids"])
+        return [e.ids for e in rust.encode_batch(texts)]
 
     def encode(self, texts: list[str], batch_size: int) -> np.ndarray:
         """Tokenise everything once, then run batches of like token lengths (sorting by
@@ -84,8 +118,7 @@ class OnnxEncoder:
         ``batch_size`` texts and ``batch_tokens`` tokens: small batches keep the activations in
         cache (SciFact ingestion, int8, 2 cores: 512 tokens at a time ran ~1.15x faster than
         32 chunks of ~200)."""
-        enc = self.tokenizer(texts, truncation=True, max_length=self.max_length)
-        return self.encode_ids(enc["input_ids"], batch_size)
+        return self.encode_ids(self.token_ids(texts), batch_size)
 
     def encode_ids(self, ids: list[list[int]], batch_size: int) -> np.ndarray:
         """``encode`` for texts already tokenised (special tokens included), each at most the
@@ -120,6 +153,25 @@ class OnnxEncoder:
         pooled = (hidden * weights).sum(axis=1) / np.maximum(weights.sum(axis=1), 1e-9)
         norms = np.linalg.norm(pooled, axis=1, keepdims=True)
         return (pooled / np.maximum(norms, 1e-12)).astype(np.float32)
+
+
+def _rust_tokenizer(path: Path, max_length: int | None) -> Any:
+    """The model's ``tokenizer.json`` as a ``tokenizers.Tokenizer`` that never pads and
+    truncates at ``max_length`` (None: never): the ids the Hugging Face tokenizer gives with
+    ``truncation=True, max_length=...`` (or without truncation; the same Rust pipeline,
+    tested), without importing ``transformers``. None for a model without ``tokenizer.json``."""
+    file = path / "tokenizer.json"
+    if not file.exists():
+        return None
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(file))
+    tokenizer.no_padding()  # tokenizer.json may carry both (MiniLM: at 128 tokens)
+    if max_length is None:
+        tokenizer.no_truncation()
+    else:
+        tokenizer.enable_truncation(max_length)
+    return tokenizer
 
 
 def model_file(path: Path, precision: Precision = "float32") -> Path:

@@ -340,6 +340,44 @@ def test_onnx_backend_computes_sentence_transformers_vectors(
     assert np.allclose(np.linalg.norm(onnx, axis=1), 1.0, atol=1e-5)
 
 
+def test_onnx_encoder_tokenises_as_the_hugging_face_tokenizer(
+    embedder: SentenceTransformerEmbedder,
+) -> None:
+    """The encoder tokenises with ``tokenizer.json`` directly (no ``transformers`` import): the
+    same ids, truncation included, as the Hugging Face tokenizer it replaced."""
+    from transformers import AutoTokenizer
+
+    encoder = embedder._load()
+    texts = [f"{d['title']}\n{d['text']}" for d in corpus()[:300]]  # many longer than the window
+    texts += (REPO / "safety" / "data" / "hard_benign.txt").read_text().splitlines()[:200]
+    texts += ["", " ", "\t\n", "Straße 東京 🤖 zero\u200bwidth İstanbul ǅ ﬁ", "[CLS] [PAD] [MASK]"]
+    texts += ["x" * 5000, "word " * 2000]
+    hf = AutoTokenizer.from_pretrained(str(embedder.path))
+    expected = hf(texts, truncation=True, max_length=encoder.max_length)["input_ids"]
+    assert encoder.token_ids(texts) == expected
+    whole = hf(texts, verbose=False)["input_ids"]
+    assert embedder.token_ids(texts, truncate=False) == whole
+    assert max(map(len, whole)) > encoder.max_length
+    assert max(map(len, expected)) == encoder.max_length  # truncation was exercised
+    assert encoder.pad_id == hf.pad_token_id
+
+
+def test_embedding_text_imports_neither_transformers_nor_torch() -> None:
+    """Safety's classifier and retrieval embed through ONNX Runtime: a gateway whose models are
+    all remote starts without PyTorch (5 s of imports on 2 cores)."""
+    code = (
+        "import sys\n"
+        "from rag.embeddings import SentenceTransformerEmbedder\n"
+        "vectors = SentenceTransformerEmbedder().embed(['is this an injection?'])\n"
+        "print(vectors.shape, sorted(m for m in ('torch', 'transformers') if m in sys.modules))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "(1, 384) []"
+
+
 def test_documents_embed_with_an_int8_model_close_to_float32(
     tmp_path: Path, embedder: SentenceTransformerEmbedder
 ) -> None:
