@@ -43,6 +43,7 @@ from gateway.backends.llama_weights import Layer, LlamaShape, fuse_weights, rota
 from gateway.backends.multilora import apply as lora_delta
 from gateway.backends.multilora import build_bank
 from gateway.backends.quant import Quant, Weight, linear
+from gateway.backends.quant_cache import QuantCache
 
 # The pool rows a forward pass reads: ``[b, L]`` row indices (gathered with one copy per layer),
 # or, for one sequence whose blocks are consecutive in the pool, their run of rows as a slice
@@ -85,6 +86,7 @@ class LlamaRunner:
         block_size: int = 16,
         quant: Quant = "none",
         dense_prefill: torch.dtype | None = None,
+        quant_cache: QuantCache | None = None,
     ) -> None:
         self.shape = shape
         self.quant = quant  # none | int8 | int4 (quant.py)
@@ -110,7 +112,7 @@ class LlamaRunner:
             raise ValueError(f"unknown quantization {quant!r}")
         if quant != "none" and device.type != "cpu":
             raise ValueError(f"{quant} weights run on the CPU only (PyTorch's {quant} kernels)")
-        fused = fuse_weights(weights, shape, dtype, device, quant, self.dense_prefill)
+        fused = fuse_weights(weights, shape, dtype, device, quant, self.dense_prefill, quant_cache)
         self.embed, self.lm_head, self.final_norm, self.layers = fused
         self.cos, self.sin = rotary_tables(shape, max_len, dtype, device)
         # The cache is float32 whatever the weights are: keys and values keep the model dtype's
@@ -166,7 +168,8 @@ class LlamaRunner:
         if config.model_type not in ("llama",):
             raise ValueError(f"model type {config.model_type!r} is not a Llama model")
         weights: dict[str, torch.Tensor] = {}
-        for file in sorted(Path(path).glob("*.safetensors")):
+        files = sorted(Path(path).glob("*.safetensors"))
+        for file in files:
             weights.update(load_file(str(file)))
         shape = LlamaShape.from_config(config)
         max_len = min(max_len, shape.max_position_embeddings)
@@ -185,6 +188,7 @@ class LlamaRunner:
             block_size=block_size,
             quant=quant,
             dense_prefill=dense_prefill,
+            quant_cache=QuantCache.for_checkpoint(files, quant, dtype, device),
         )
 
     def load_adapters(self, adapters: dict[str, Path]) -> None:

@@ -10,7 +10,8 @@ from dataclasses import dataclass
 import torch
 
 from gateway.backends.multilora import LoraPair
-from gateway.backends.quant import Int4Weight, Int8Weight, Quant, Weight
+from gateway.backends.quant import Int4Weight, Quant, Weight
+from gateway.backends.quant_cache import QuantCache
 
 
 @dataclass(frozen=True)
@@ -76,21 +77,24 @@ def fuse_weights(
     device: torch.device,
     quant: Quant = "none",
     dense: torch.dtype | None = None,
+    cache: QuantCache | None = None,
 ) -> tuple[torch.Tensor, Weight, torch.Tensor, list[Layer]]:
     """The embedding, LM head, final norm and layers of a transformers Llama state dict.
 
     ``quant``: ``none``, ``int8`` (every linear layer and the LM head) or ``int4`` (the layers'
     matmuls in int4 where the kernel's shape rules allow, else int8; the LM head, which is also
     the embedding table in tied models and decides every token, in int8). ``dense``: with
-    quantized weights, also keep each layer's projections in this dtype (``Layer.dense``)."""
+    quantized weights, also keep each layer's projections in this dtype (``Layer.dense``).
+    ``cache``: quantized weights from an earlier start (``quant_cache.py``)."""
+    cache = cache or QuantCache(None)
 
     def w(name: str, as_dtype: torch.dtype = dtype) -> torch.Tensor:
         return weights[name].to(device=device, dtype=as_dtype).contiguous()
 
-    def linear_weight(t: torch.Tensor, head: bool = False) -> Weight:
+    def linear_weight(t: torch.Tensor, name: str, head: bool = False) -> Weight:
         if quant == "int4" and not head and Int4Weight.fits(t):
-            return Int4Weight.quantize(t, dtype)
-        return Int8Weight.quantize(t, dtype) if quant in ("int8", "int4") else t
+            return cache.int4(name, t, dtype)
+        return cache.int8(name, t, dtype) if quant in ("int8", "int4") else t
 
     embed = w("model.embed_tokens.weight")
     head = embed if shape.tie_word_embeddings else w("lm_head.weight")
@@ -110,7 +114,7 @@ def fuse_weights(
     for i in range(shape.num_layers):
         p = f"model.layers.{i}."
         plain = projections(p, dtype)
-        fused = {name: linear_weight(t) for name, t in plain.items()}
+        fused = {name: linear_weight(t, p + name) for name, t in plain.items()}
         copy = None
         if dense is not None and quant != "none":  # the same tensors when the dtypes agree
             copy = plain if dense == dtype else projections(p, dense)
@@ -125,7 +129,9 @@ def fuse_weights(
                 dense=copy,
             )
         )
-    return embed, linear_weight(head, head=True), w("model.norm.weight"), layers
+    head_weight = linear_weight(head, "lm_head", head=True)
+    cache.save()
+    return embed, head_weight, w("model.norm.weight"), layers
 
 
 def rotary_tables(

@@ -302,3 +302,61 @@ def test_rotary_step_equals_transformers_bit_for_bit() -> None:
         assert torch.equal(ours_q, ref_q.transpose(1, 2))
         assert torch.equal(ours_k, ref_k.transpose(1, 2))
         assert not torch.equal(ours_q, q)  # the rotation did something
+
+
+def test_quantized_weights_are_cached_between_starts(
+    model_path, tokenizer, tmp_path, monkeypatch
+) -> None:  # type: ignore[no-untyped-def]
+    """The first start quantizes and writes the int4 weights; the next quantizes nothing and
+    gets the same tensors and logits bit for bit; a damaged file is ignored and written again;
+    a models directory that cannot be written costs only the cache; a file whose checkpoint is
+    gone is removed."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    models = tmp_path / "models"
+    monkeypatch.setenv("RAGLINE_MODELS_DIR", str(models))
+    (models / "engine").mkdir(parents=True)
+    stale = models / "engine" / "gone-int4-0000.safetensors"
+    save_file({"x": torch.zeros(1)}, str(stale), metadata={"sources": '["/no/such/model"]'})
+
+    def start() -> LlamaRunner:
+        return LlamaRunner.from_pretrained(
+            model_path,
+            max_slots=2,
+            max_len=128,
+            dtype=torch.bfloat16,
+            device=torch.device("cpu"),
+            quant="int4",
+        )
+
+    def logits(runner: LlamaRunner) -> torch.Tensor:
+        ids = chat_ids(tokenizer, PROMPTS[0])
+        return runner.prefill([PrefillItem(ids, 0, tables_for(runner, 1)[0])])
+
+    first = start()
+    files = list((models / "engine").glob("*.safetensors"))
+    assert len(files) == 1 and not stale.exists()
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("quantized again")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Int4Weight, "quantize", refuse)
+        patch.setattr(Int8Weight, "quantize", refuse)
+        second = start()
+    for a, b in zip(first.layers, second.layers, strict=True):
+        for name in ("qkv", "o", "gate_up", "down"):
+            x, y = getattr(a, name), getattr(b, name)
+            assert isinstance(y, Int4Weight)
+            assert torch.equal(x.packed, y.packed) and torch.equal(x.scales_zeros, y.scales_zeros)
+    assert isinstance(second.lm_head, Int8Weight) and torch.equal(first.lm_head.q, second.lm_head.q)
+    assert torch.equal(logits(first), logits(second))
+
+    files[0].write_bytes(b"not a safetensors file")
+    assert torch.equal(logits(start()), logits(first))
+    with safe_open(str(files[0]), framework="pt") as rewritten:
+        assert len(list(rewritten.keys())) == 4 * len(first.layers) * 2 + 2
+
+    monkeypatch.setenv("RAGLINE_MODELS_DIR", str(files[0] / "not-a-directory"))
+    assert torch.equal(logits(start()), logits(first))
