@@ -23,6 +23,8 @@ def train_fact_adapter(model_path: Path, out: Path, steps: int = 30, seed: int =
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from finetune.train import assistant_loss
+
     torch.manual_seed(seed)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
@@ -52,7 +54,8 @@ def train_fact_adapter(model_path: Path, out: Path, steps: int = 30, seed: int =
     optim = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-3)
     model.train()
     for _ in range(steps):
-        loss = model(input_ids=input_ids, attention_mask=attention, labels=labels).loss
+        batch = {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
+        loss = assistant_loss(model, batch)  # the LM head on the answer tokens only
         loss.backward()
         optim.step()
         optim.zero_grad()

@@ -19,6 +19,7 @@ import hashlib
 import json
 import logging
 import os
+import time
 from pathlib import Path
 
 import torch
@@ -120,7 +121,7 @@ class QuantCache:
             save_file({**self._stored, **self._new}, str(tmp), metadata=metadata)
             os.replace(tmp, self.file)
             log.info("quantized weights cached at %s", self.file)
-        except OSError as exc:
+        except Exception as exc:  # noqa: BLE001 - a cache: never the reason a model fails to load
             log.info("quantized weights not cached (%s): the next start quantizes again", exc)
             return
         finally:
@@ -131,10 +132,16 @@ class QuantCache:
 
 def _prune(folder: Path) -> None:
     """Remove the cache files whose checkpoint files are all gone (a deleted model, a
-    fine-tuning run's temporary merge): nothing else ever reads them."""
+    fine-tuning run's temporary merge): nothing else ever reads them; and temporary files a
+    killed start left (an hour old)."""
     from safetensors import safe_open
 
     for file in folder.glob("*.safetensors"):
+        if file.name.startswith(".tmp-"):  # another start's, being written, or a killed one's
+            with contextlib.suppress(OSError):
+                if time.time() - file.stat().st_mtime > 3600:
+                    file.unlink()
+            continue
         try:
             with safe_open(str(file), framework="pt") as opened:
                 sources = json.loads((opened.metadata() or {}).get("sources", "[]"))
