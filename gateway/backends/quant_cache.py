@@ -1,7 +1,8 @@
 """Quantized weights kept on disk between starts of the embedded engine.
 
 Quantizing SmolLM2's linear layers to int4 takes about 1.2 s of every start on 2 cores (the
-same result each time); reading them back from a safetensors file takes a tenth of that. The
+same result each time); reading them back from a safetensors file maps it in about 10 ms, its
+pages read as they are first used (from the page cache on a restart). The
 file lives beside the ONNX exports, under ``$RAGLINE_MODELS_DIR/engine/``, named by a hash of
 what decides its content: the checkpoint files (path, size, modification time), the format
 (``int8``/``int4``, the activation dtype, the int4 group), PyTorch's version and the CPU
