@@ -17,6 +17,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from rag.onnx_model import rust_tokenizer
+
 
 class ChunkingConfig(BaseModel):
     """OpenAI's ``static`` chunking strategy, in embedding-model tokens."""
@@ -51,7 +53,11 @@ class Chunker:
         the Rust tokenizer directly and memoised for the split at hand: the splitter measures
         each separator and many pieces again as it merges (1,000 SciFact abstracts: 0.4 s
         instead of 1.2)."""
-        backend = _backend_tokenizer(self.tokenizer_path)
+        backend = rust_tokenizer(self.tokenizer_path, None)
+        if backend is None:  # no tokenizer.json: the Hugging Face tokenizer's own
+            from transformers import AutoTokenizer
+
+            backend = AutoTokenizer.from_pretrained(str(self.tokenizer_path)).backend_tokenizer
         # tokenizer.json may carry padding and truncation (MiniLM: both at 128 tokens)
         backend.no_padding()
         backend.no_truncation()
@@ -90,16 +96,3 @@ class Chunker:
             pieces.append(Piece(len(pieces), start, part))
             previous = max(previous, start)
         return pieces
-
-
-def _backend_tokenizer(path: Path) -> Any:
-    """The model's Rust tokenizer: ``tokenizer.json`` read by ``tokenizers`` itself (what the
-    Hugging Face tokenizer wraps, without importing ``transformers`` and, with it, PyTorch),
-    else the Hugging Face tokenizer's own."""
-    if (path / "tokenizer.json").exists():
-        from tokenizers import Tokenizer
-
-        return Tokenizer.from_file(str(path / "tokenizer.json"))
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(str(path)).backend_tokenizer

@@ -18,6 +18,7 @@ half-written:
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -66,8 +67,7 @@ class OnnxEncoder:
         self.path = path
         self._tokenizer: Any = None
         self._tokenizer_lock = threading.Lock()
-        self._rust = _rust_tokenizer(path, self.max_length)
-        self._rust_whole = _rust_tokenizer(path, None)  # what the embeddings API counts
+        self._rust = rust_tokenizer(path, self.max_length)
         onnx_file = model_file(path, precision)
         options = ort.SessionOptions()
         options.intra_op_num_threads = max(1, min(os.cpu_count() or 1, 8))
@@ -102,6 +102,12 @@ class OnnxEncoder:
             pad = pad.get("content")
         found = self._rust.token_to_id(pad) if isinstance(pad, str) else None
         return int(found or 0)
+
+    @functools.cached_property
+    def _rust_whole(self) -> Any:
+        """The same without truncation, for the embeddings API's length check (on first use:
+        the document encoder and start-up never need it)."""
+        return rust_tokenizer(self.path, None)
 
     def token_ids(self, texts: list[str], truncate: bool = True) -> list[list[int]]:
         """Each text's ids, special tokens included; ``truncate``: at most ``max_length``, as
@@ -155,7 +161,7 @@ class OnnxEncoder:
         return (pooled / np.maximum(norms, 1e-12)).astype(np.float32)
 
 
-def _rust_tokenizer(path: Path, max_length: int | None) -> Any:
+def rust_tokenizer(path: Path, max_length: int | None) -> Any:
     """The model's ``tokenizer.json`` as a ``tokenizers.Tokenizer`` that never pads and
     truncates at ``max_length`` (None: never): the ids the Hugging Face tokenizer gives with
     ``truncation=True, max_length=...`` (or without truncation; the same Rust pipeline,
