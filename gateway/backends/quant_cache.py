@@ -46,7 +46,6 @@ class QuantCache:
         self.sources = [str(f.resolve()) for f in sources or []]
         self._stored: dict[str, torch.Tensor] = {}
         self._new: dict[str, torch.Tensor] = {}
-        self.hits = 0
         if file is not None and file.exists():
             try:
                 from safetensors.torch import load_file
@@ -85,7 +84,6 @@ class QuantCache:
             and scales.dtype == dtype
             and tuple(scales.shape) == (inp // INT4_GROUP, out, 2)
         ):
-            self.hits += 1
             return Int4Weight(packed, scales, INT4_GROUP, out)
         made = Int4Weight.quantize(weight, dtype, INT4_GROUP)
         self._new.update({f"{name}.packed": made.packed, f"{name}.scales_zeros": made.scales_zeros})
@@ -103,7 +101,6 @@ class QuantCache:
             and scales.dtype == dtype
             and tuple(scales.shape) == (weight.shape[0],)
         ):
-            self.hits += 1
             return Int8Weight(q, scales)
         made = Int8Weight.quantize(weight, dtype)
         self._new.update({f"{name}.q": made.q, f"{name}.scales": made.scales})
