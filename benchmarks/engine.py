@@ -1,7 +1,8 @@
 """The embedded engine against what it is measured by, all in one run.
 
     python -m benchmarks.engine [--streams 1,8] [--tokens 128]
-        [--weights float32,bfloat16,int8,int4,int4-qprefill] [--vllm-url http://127.0.0.1:8100/v1]
+        [--weights auto,float32,bfloat16,int8,int4-torch,int4-onnxruntime,int4-torch-qprefill]
+        [--vllm-url http://127.0.0.1:8100/v1]
         [--no-peers] [--json out.json]
 
 For each weight format and concurrency C it runs C requests at once through the embedded backend
@@ -195,12 +196,14 @@ QUANTIZED_PREFILL = "-qprefill"  # a weight format's suffix: prompts prefilled q
 def _backend(path: Path, args: argparse.Namespace, weights: str) -> EmbeddedBackend:
     dense_prefill = not weights.endswith(QUANTIZED_PREFILL)
     weights = weights.removesuffix(QUANTIZED_PREFILL)
+    weights, _, kernel = weights.partition("-")  # int4-torch, int4-onnxruntime: whose kernel
     quantized = weights in ("int8", "int4")
     config = EmbeddedModelConfig(
         name="bench",
         device=args.device,
         dtype="auto" if quantized or weights == "auto" else weights,  # type: ignore[arg-type]
         quantization=weights if quantized else ("auto" if weights == "auto" else "none"),  # type: ignore[arg-type]
+        int4_kernel=kernel or "auto",  # type: ignore[arg-type]
         dense_prefill=dense_prefill,
         max_batch=max(max(args.streams), 8),
     )
@@ -208,7 +211,7 @@ def _backend(path: Path, args: argparse.Namespace, weights: str) -> EmbeddedBack
 
 
 def _label(backend: EmbeddedBackend) -> str:
-    quantized = backend.weights in ("int8", "int4")
+    quantized = backend.weights in ("int8", "int4", "int4-torch")
     return f"engine {backend.weights}" + (
         "" if backend.config.dense_prefill or not quantized else ", quantized prefill"
     )
@@ -278,10 +281,19 @@ def main() -> None:
     parser.add_argument(
         "--weights",
         type=lambda s: s.split(","),
-        default=["auto", "float32", "bfloat16", "int8", "int4", "int4" + QUANTIZED_PREFILL],
-        help="engine weight formats to run: auto, float32, bfloat16, float16, int8, int4; "
-        f"int8{QUANTIZED_PREFILL} and int4{QUANTIZED_PREFILL}: long prompts prefilled with the "
-        "quantized weights too (dense_prefill: false)",
+        default=[
+            "auto",
+            "float32",
+            "bfloat16",
+            "int8",
+            "int4-torch",
+            "int4-onnxruntime",
+            "int4-torch" + QUANTIZED_PREFILL,
+        ],
+        help="engine weight formats to run: auto, float32, bfloat16, float16, int8, int4 (the "
+        "kernel `int4_kernel: auto` picks), int4-torch, int4-onnxruntime; "
+        f"int8{QUANTIZED_PREFILL} and int4-torch{QUANTIZED_PREFILL}: long prompts prefilled "
+        "with the quantized weights too (dense_prefill: false)",
     )
     parser.add_argument("--vllm-url", default="http://127.0.0.1:8100/v1")
     parser.add_argument("--no-peers", action="store_true", help="skip llama.cpp and vLLM")

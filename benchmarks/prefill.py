@@ -1,6 +1,6 @@
 """Prefill time by prompt length: quantized weights against the dense copy (``dense_prefill``).
 
-    python -m benchmarks.prefill [--weights int4] [--lengths 4,8,16,...] [--repeats 5]
+    python -m benchmarks.prefill [--weights int4] [--lengths 4,8,...] [--repeats 5] [--onnxruntime]
 
 The runner alone (``LlamaRunner.prefill``, one prompt, no scheduler), so the figures are the
 forward pass's: the median of ``--repeats`` runs after one warm-up, for each prompt length, with
@@ -8,7 +8,9 @@ the layers' quantized weights and with their dense copy (bf16 where the CPU comp
 natively, else float32: what ``dense_prefill: true`` picks). ``DENSE_PREFILL_FROM`` in
 ``gateway/backends/llama.py`` was chosen from this table. PyTorch's AVX2 kernels can be measured
 on an AVX-512 machine with ``ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2`` in front of the
-command (and ``--dense float32``, as an AVX2-only CPU would get).
+command (and ``--dense float32``, as an AVX2-only CPU would get). ``--onnxruntime`` adds a row
+for int4 through ONNX Runtime's kernel (``int4_kernel: onnxruntime``: float32 activations, no
+dense copy), measured after the others (it leaves PyTorch one thread).
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ def main() -> None:
     )
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--model", default=None, help="checkpoint dir (default: pulled SmolLM2)")
+    parser.add_argument("--onnxruntime", action="store_true", help="add int4 on ONNX Runtime")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     dense = choose_dense_prefill(True, args.weights)
@@ -72,6 +75,18 @@ def main() -> None:
         runner.dense_from = tokens
         rows[f"dense ({dense})"].append(median_ms(runner, tokens, args.repeats))
     env = f"{torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} threads"
+    if args.onnxruntime:
+        del runner
+        ort = LlamaRunner.from_pretrained(
+            path,
+            max_slots=1,
+            max_len=max(args.lengths) + 16,
+            dtype=torch.float32,
+            device=torch.device("cpu"),
+            quant="int4",
+            int4_kernel="onnxruntime",
+        )
+        rows["int4 (onnxruntime)"] = [median_ms(ort, n, args.repeats) for n in args.lengths]
     table = Table(title=f"prefill ms by prompt tokens ({env}; dense from {DENSE_PREFILL_FROM})")
     table.add_column("weights")
     for tokens in args.lengths:

@@ -49,6 +49,14 @@ class EmbeddedModelConfig(BaseModel):
         "offset per 32 (llama.cpp's Q4_1), the LM head in int8 (CPU only). `auto`: int4 on CPU "
         "unless `dtype` is set, else none.",
     )
+    int4_kernel: Literal["auto", "torch", "onnxruntime"] = Field(
+        default="auto",
+        description="Whose kernel multiplies `int4` weights: `torch` (PyTorch's, bf16 "
+        "activations, the LM head in int8) or `onnxruntime` (ONNX Runtime's MatMulNBits with int8 "
+        "activations, float32 elsewhere, the LM head in 8 bits, no dense copy). `auto`: "
+        "`onnxruntime` on CPUs without native bf16 (AVX2), where it decodes about twice as fast; "
+        "`torch` on the others.",
+    )
     dense_prefill: bool = Field(
         default=True,
         description="With `int8` or `int4` weights, keep a dense copy of the layers' weights "

@@ -35,7 +35,7 @@ from gateway.backends.base import (
 )
 from gateway.backends.grammar import Grammar, Grammars
 from gateway.backends.llama import LlamaRunner
-from gateway.backends.quant import Quant, on_cpu_with_bf16
+from gateway.backends.quant import Int4Kernel, Quant, on_cpu_with_bf16
 from gateway.backends.scheduler import Job, Scheduler
 from gateway.backends.tool_calls import TOOLS_TEMPLATE, ToolParsers, uses_tools
 from gateway.config import AdapterConfig, EmbeddedModelConfig
@@ -72,20 +72,41 @@ def choose_quantization(
     return "none"
 
 
-def choose_dtype(name: str, device: torch.device, quantized: bool = False) -> torch.dtype:
+def choose_int4_kernel(name: str, quant: Quant) -> Int4Kernel:
+    """Whose kernel multiplies int4 weights: as asked for, or for ``auto`` ONNX Runtime's on CPUs
+    without native bf16 (on the 2-core AVX2 machine, one ``make bench`` run: one stream decodes
+    at 55 tok/s against 26 with PyTorch's kernel, 0.63x llama.cpp against 0.30x, and a 32-token
+    prompt prefills in 80 ms against 116: README, the embedded engine) and PyTorch's where bf16
+    is native (measured there: 0.70-0.79x llama.cpp for one stream)."""
+    if quant != "int4":
+        return "torch"
+    if name == "auto":
+        return "torch" if on_cpu_with_bf16() else "onnxruntime"
+    return "onnxruntime" if name == "onnxruntime" else "torch"
+
+
+def choose_dtype(
+    name: str, device: torch.device, quantized: bool = False, kernel: Int4Kernel = "torch"
+) -> torch.dtype:
     if name != "auto":
         dtype: torch.dtype = getattr(torch, name)
         return dtype
+    if kernel == "onnxruntime":  # MatMulNBits takes float32 activations
+        return torch.float32
     if device.type == "cuda" or on_cpu_with_bf16() or quantized:  # their fast kernels take bf16
         return torch.bfloat16
     return torch.float32
 
 
-def choose_dense_prefill(enabled: bool, quant: Quant) -> torch.dtype | None:
+def choose_dense_prefill(
+    enabled: bool, quant: Quant, kernel: Int4Kernel = "torch"
+) -> torch.dtype | None:
     """The dtype of the dense copy long prompts are prefilled with (``LlamaRunner``), or None:
     bf16 on CPUs with native bf16, float32 on the others (their bf16 matmuls are emulated:
-    100 prompt tokens in 1,150 ms against 258 in float32 on the AVX2-only machine)."""
-    if not enabled or quant == "none":
+    100 prompt tokens in 1,150 ms against 258 in float32 on the AVX2-only machine). None with
+    ONNX Runtime's int4 kernel: its integer GEMM prefills as fast as a dense float32 copy up to
+    256 tokens on that machine (595 against 590 ms at 256, 288 against 330 at 128)."""
+    if not enabled or quant == "none" or kernel == "onnxruntime":
         return None
     return torch.bfloat16 if on_cpu_with_bf16() else torch.float32
 
@@ -234,8 +255,16 @@ class EmbeddedBackend:
         device = choose_device(self.config.device)
         self.device_type = device.type  # /ready reports it: benchmarks choose goals by it
         quant = choose_quantization(self.config.quantization, device, self.config.dtype)
-        dtype = choose_dtype(self.config.dtype, device, quant != "none")
+        kernel = choose_int4_kernel(self.config.int4_kernel, quant)
+        dtype = choose_dtype(self.config.dtype, device, quant != "none", kernel)
         self.weights = quant if quant != "none" else str(dtype).removeprefix("torch.")
+        if kernel != "torch":
+            self.weights = f"int4-{kernel}"
+            # this thread's PyTorch work (sampling, the norms between the runtime's calls) on one
+            # thread, so that no OpenMP thread spins beside ONNX Runtime's pool: 31.6 tok/s for
+            # one stream with two (the runner's own switch covers only its layers), 57.8 with one.
+            # OpenMP's thread count is per thread: the process's other PyTorch work keeps its.
+            torch.set_num_threads(1)
         started = time.perf_counter()
         # Two tokenizers: the request side and the engine thread never share one (the second
         # a copy: a third of the time of loading it again)
@@ -252,7 +281,8 @@ class EmbeddedBackend:
             kv_cache_bytes=int(gib * 2**30) if gib is not None else None,
             default_sequences=DEFAULT_KV_SEQUENCES,
             quant=quant,
-            dense_prefill=choose_dense_prefill(self.config.dense_prefill, quant),
+            dense_prefill=choose_dense_prefill(self.config.dense_prefill, quant, kernel),
+            int4_kernel=kernel,
         )
         if device.type == "cuda" and self.config.cuda_graphs:
             try:

@@ -42,7 +42,8 @@ from gateway.backends.llama_ops import attend, rope
 from gateway.backends.llama_weights import Layer, LlamaShape, fuse_weights, rotary_tables
 from gateway.backends.multilora import apply as lora_delta
 from gateway.backends.multilora import build_bank
-from gateway.backends.quant import Quant, Weight, linear
+from gateway.backends.ort_int4 import LayerGraphs, LayerWeights, NBitsWeight
+from gateway.backends.quant import Int4Kernel, Quant, Weight, linear
 from gateway.backends.quant_cache import QuantCache
 
 # The pool rows a forward pass reads: ``[b, L]`` row indices (gathered with one copy per layer),
@@ -87,6 +88,7 @@ class LlamaRunner:
         quant: Quant = "none",
         dense_prefill: torch.dtype | None = None,
         quant_cache: QuantCache | None = None,
+        int4_kernel: Int4Kernel = "torch",
     ) -> None:
         self.shape = shape
         self.quant = quant  # none | int8 | int4 (quant.py)
@@ -112,8 +114,19 @@ class LlamaRunner:
             raise ValueError(f"unknown quantization {quant!r}")
         if quant != "none" and device.type != "cpu":
             raise ValueError(f"{quant} weights run on the CPU only (PyTorch's {quant} kernels)")
-        fused = fuse_weights(weights, shape, dtype, device, quant, self.dense_prefill, quant_cache)
+        if int4_kernel == "onnxruntime" and dtype != torch.float32:
+            raise ValueError("ONNX Runtime's int4 kernel takes float32 activations")
+        fused = fuse_weights(
+            weights, shape, dtype, device, quant, self.dense_prefill, quant_cache, int4_kernel
+        )
         self.embed, self.lm_head, self.final_norm, self.layers = fused
+        # with ONNX Runtime's int4 kernel, each layer's work between two attentions is one
+        # session (``ort_int4.LayerGraphs``); LoRA and dense prefills take the per-op path
+        self._graphs_ort = self._layer_graphs() if quant == "int4" else None
+        # ONNX Runtime's pool multiplies on every core; PyTorch's threads (attention, the ops
+        # between two calls) spinning beside it made a step three times slower (43 ms against
+        # 14-15 on two cores): its forward passes leave PyTorch one thread (``_layers``)
+        self._torch_threads = 1 if int4_kernel == "onnxruntime" and quant == "int4" else None
         self.cos, self.sin = rotary_tables(shape, max_len, dtype, device)
         # The cache is float32 whatever the weights are: keys and values keep the model dtype's
         # rounding, but attention accumulates in float32, as fused attention kernels do
@@ -140,6 +153,15 @@ class LlamaRunner:
         self._graph_write = torch.zeros(0, dtype=torch.long)
         self._graph_gather = torch.zeros(0, dtype=torch.long)
 
+    def _layer_graphs(self) -> LayerGraphs | None:
+        parts = []
+        for layer in self.layers:
+            mats = (layer.qkv, layer.o, layer.gate_up, layer.down)
+            if not all(isinstance(m, NBitsWeight) for m in mats):
+                return None
+            parts.append(LayerWeights(layer.input_norm, *mats[:2], layer.post_norm, *mats[2:]))  # type: ignore[arg-type]
+        return LayerGraphs(parts, self.shape.rms_norm_eps)
+
     @staticmethod
     def kv_bytes_per_token(shape: LlamaShape) -> int:
         """Bytes of keys and values one token takes in the pool (all layers, float32)."""
@@ -160,6 +182,7 @@ class LlamaRunner:
         default_sequences: int | None = None,
         quant: Quant = "none",
         dense_prefill: torch.dtype | None = None,
+        int4_kernel: Int4Kernel = "torch",
     ) -> LlamaRunner:
         """Load a transformers Llama checkpoint directory (config.json + safetensors)."""
         from transformers import AutoConfig
@@ -188,7 +211,8 @@ class LlamaRunner:
             block_size=block_size,
             quant=quant,
             dense_prefill=dense_prefill,
-            quant_cache=QuantCache.for_checkpoint(files, quant, dtype, device),
+            quant_cache=QuantCache.for_checkpoint(files, quant, dtype, device, int4_kernel),
+            int4_kernel=int4_kernel,
         )
 
     def load_adapters(self, adapters: dict[str, Path]) -> None:
@@ -210,6 +234,9 @@ class LlamaRunner:
         bank = build_bank(list(adapters.values()), s.num_layers, outs, ins, self.dtype, self.device)
         for layer, pairs in zip(self.layers, bank, strict=True):
             layer.lora = pairs
+            for weight in (layer.qkv, layer.o, layer.gate_up, layer.down):
+                if isinstance(weight, NBitsWeight):  # now, not at the first adapter's request
+                    weight.prepare()
         self.adapters = {name: i for i, name in enumerate(adapters, start=1)}
 
     # -- cache bookkeeping ---------------------------------------------------------------------
@@ -271,11 +298,10 @@ class LlamaRunner:
         return x + self._project(F.silu(gate) * up, layer.down, layer, "down")
 
     def _split_qkv(
-        self, h: torch.Tensor, layer: Layer, cos: torch.Tensor, sin: torch.Tensor
+        self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         s = self.shape
-        b, t, _ = h.shape
-        qkv = self._project(h, layer.qkv, layer, "qkv")
+        b, t = cos.shape[0], cos.shape[1]
         qkv = qkv.view(b, t, s.num_heads + 2 * s.num_kv_heads, s.head_dim)
         qk, v = qkv.split([s.num_heads + s.num_kv_heads, s.num_kv_heads], dim=2)
         q, k = rope(qk, cos, sin).split([s.num_heads, s.num_kv_heads], dim=2)
@@ -296,13 +322,36 @@ class LlamaRunner:
     ) -> torch.Tensor:
         """Every layer over ``x`` ``[b, t, hidden]``: new keys and values go to pool rows
         ``write`` ``[b * t]``, attention reads rows ``gather`` (``Rows``) under ``mask``."""
+        if self._torch_threads is None:
+            return self._layers_on(x, cos, sin, write, gather, mask)
+        threads = torch.get_num_threads()  # per call: the process's other PyTorch work keeps its
+        torch.set_num_threads(self._torch_threads)  # threads (0.3 us a switch)
+        try:
+            return self._layers_on(x, cos, sin, write, gather, mask)
+        finally:
+            torch.set_num_threads(threads)
+
+    def _layers_on(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        write: torch.Tensor,
+        gather: Rows,
+        mask: torch.Tensor,
+    ) -> torch.Tensor:
         s = self.shape
         b, t = x.shape[0], x.shape[1]
         kv, dim = s.num_kv_heads, s.head_dim
         flat = gather.reshape(-1) if isinstance(gather, torch.Tensor) else None
-        for layer, kp, vp in zip(self.layers, self.k_pool, self.v_pool, strict=True):
-            h = self._norm(x, layer.input_norm)
-            q, k, v = self._split_qkv(h, layer, cos, sin)
+        graphs = self._graphs_ort if self._rows is None and not self._dense else None
+        qkv = graphs.first(x) if graphs is not None else None
+        for i, (layer, kp, vp) in enumerate(
+            zip(self.layers, self.k_pool, self.v_pool, strict=True)
+        ):
+            if qkv is None:
+                qkv = self._project(self._norm(x, layer.input_norm), layer.qkv, layer, "qkv")
+            q, k, v = self._split_qkv(qkv, cos, sin)
             kp.index_copy_(1, write, k.reshape(b * t, kv, dim).transpose(0, 1).float())
             vp.index_copy_(1, write, v.reshape(b * t, kv, dim).transpose(0, 1).float())
             if flat is None:  # one sequence's consecutive rows, read in place
@@ -311,7 +360,11 @@ class LlamaRunner:
                 keys = kp.index_select(1, flat).view(kv, b, -1, dim)
                 values = vp.index_select(1, flat).view(kv, b, -1, dim)
             attn = attend(q, keys, values, mask, self.shape)
-            x = self._mlp_and_attn_out(x, attn, layer)
+            if graphs is not None:  # the rest of the layer and the next one's q/k/v: one call
+                x, qkv = graphs.after(i, x, attn)
+                x = x.view(b, t, -1)
+            else:
+                x, qkv = self._mlp_and_attn_out(x, attn, layer), None
         return x
 
     @torch.inference_mode()

@@ -10,7 +10,8 @@ from dataclasses import dataclass
 import torch
 
 from gateway.backends.multilora import LoraPair
-from gateway.backends.quant import Int4Weight, Quant, Weight
+from gateway.backends.ort_int4 import NBitsWeight
+from gateway.backends.quant import Int4Kernel, Int4Weight, Quant, Weight
 from gateway.backends.quant_cache import QuantCache
 
 
@@ -78,6 +79,7 @@ def fuse_weights(
     quant: Quant = "none",
     dense: torch.dtype | None = None,
     cache: QuantCache | None = None,
+    kernel: Int4Kernel = "torch",
 ) -> tuple[torch.Tensor, Weight, torch.Tensor, list[Layer]]:
     """The embedding, LM head, final norm and layers of a transformers Llama state dict.
 
@@ -85,6 +87,8 @@ def fuse_weights(
     matmuls in int4 where the kernel's shape rules allow, else int8; the LM head, which is also
     the embedding table in tied models and decides every token, in int8). ``dense``: with
     quantized weights, also keep each layer's projections in this dtype (``Layer.dense``).
+    ``kernel``: whose int4 kernel, PyTorch's (``Int4Weight``, int8 LM head) or ONNX Runtime's
+    (``NBitsWeight``: the layers in 4 bits, the LM head in 8, float32 activations).
     ``cache``: quantized weights from an earlier start (``quant_cache.py``)."""
     cache = cache or QuantCache(None)
 
@@ -92,6 +96,8 @@ def fuse_weights(
         return weights[name].to(device=device, dtype=as_dtype).contiguous()
 
     def linear_weight(t: torch.Tensor, name: str, head: bool = False) -> Weight:
+        if quant == "int4" and kernel == "onnxruntime":
+            return cache.nbits(name, t, 8 if head else 4) if NBitsWeight.fits(t) else t
         if quant == "int4" and not head and Int4Weight.fits(t):
             return cache.int4(name, t, dtype)
         return cache.int8(name, t, dtype) if quant in ("int8", "int4") else t

@@ -19,7 +19,10 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
+from gateway.backends.ort_int4 import NBitsWeight
+
 Quant = Literal["none", "int8", "int4"]  # the weights' format (model config: auto picks one)
+Int4Kernel = Literal["torch", "onnxruntime"]  # whose kernel multiplies int4 weights
 
 
 @dataclass(frozen=True)
@@ -76,11 +79,14 @@ class Int4Weight:
         return cls(packed, scales_zeros.transpose(0, 1).contiguous().to(dtype), group, out)
 
 
-Weight = torch.Tensor | Int8Weight | Int4Weight
+Weight = torch.Tensor | Int8Weight | Int4Weight | NBitsWeight
 
 
 def linear(x: torch.Tensor, weight: Weight) -> torch.Tensor:
-    """``x @ weight.T`` for a float, an int8 or an int4 weight."""
+    """``x @ weight.T`` for a float, an int8 or an int4 weight (PyTorch's kernels or ONNX
+    Runtime's, ``NBitsWeight``)."""
+    if isinstance(weight, NBitsWeight):
+        return weight(x)
     if isinstance(weight, torch.Tensor):
         if weight.dtype != x.dtype:  # a dense float32 copy under bf16 activations (long prefills)
             return F.linear(x.to(weight.dtype), weight).to(x.dtype)

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from gateway.backends.ort_int4 import NBITS_GROUP, NBitsWeight
 from gateway.backends.quant import INT4_GROUP, Int4Weight, Int8Weight
 
 log = logging.getLogger("ragline.embedded")
@@ -56,12 +57,19 @@ class QuantCache:
 
     @classmethod
     def for_checkpoint(
-        cls, files: list[Path], quant: str, dtype: torch.dtype, device: torch.device
+        cls,
+        files: list[Path],
+        quant: str,
+        dtype: torch.dtype,
+        device: torch.device,
+        kernel: str = "torch",
     ) -> QuantCache:
         """The cache of these checkpoint files' weights in ``quant`` (CPU only: the int8 and
         int4 kernels are CPU kernels); no file when there is nothing to quantize."""
         if quant == "none" or device.type != "cpu" or not files:
             return cls(None)
+        if quant == "int4" and kernel != "torch":
+            quant = f"int4-{kernel}"  # another layout, another file
         parts = [_RECIPE, quant, str(dtype), str(INT4_GROUP), torch.__version__]
         parts.append(torch.backends.cpu.get_cpu_capability())
         for file in files:
@@ -104,6 +112,29 @@ class QuantCache:
             return Int8Weight(q, scales)
         made = Int8Weight.quantize(weight, dtype)
         self._new.update({f"{name}.q": made.q, f"{name}.scales": made.scales})
+        return made
+
+    def nbits(self, name: str, weight: torch.Tensor, bits: int) -> NBitsWeight:
+        """``NBitsWeight.quantize(weight, bits)``, from the file when it holds it."""
+        out, inp = weight.shape
+        groups = inp // NBITS_GROUP
+        packed = self._stored.get(f"{name}.nbits")
+        scales = self._stored.get(f"{name}.nbits_scales")
+        offsets = self._stored.get(f"{name}.nbits_offsets") if bits == 4 else None
+        if (
+            packed is not None
+            and scales is not None
+            and packed.dtype == torch.uint8
+            and tuple(packed.shape) == (out, groups, NBITS_GROUP * bits // 8)
+            and scales.dtype == torch.float32
+            and scales.numel() == out * groups
+            and (bits == 8 or (offsets is not None and tuple(offsets.shape) == (groups, out)))
+        ):
+            return NBitsWeight(packed, scales, offsets, bits, inp, out)
+        made = NBitsWeight.quantize(weight, bits)
+        self._new.update({f"{name}.nbits": made.packed, f"{name}.nbits_scales": made.scales})
+        if made.offsets is not None:
+            self._new[f"{name}.nbits_offsets"] = made.offsets
         return made
 
     def save(self) -> None:

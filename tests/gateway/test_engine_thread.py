@@ -19,6 +19,8 @@ from gateway.backends.base import GenerationParams, GenerationRequest
 from gateway.backends.embedded import (
     EmbeddedBackend,
     choose_dense_prefill,
+    choose_dtype,
+    choose_int4_kernel,
     choose_quantization,
 )
 from gateway.backends.llama import LlamaRunner
@@ -35,6 +37,18 @@ def test_auto_picks_int4_on_cpu_only_when_no_dtype_is_set() -> None:
     assert choose_quantization("none", cpu) == "none"
     assert choose_quantization("int8", cpu, "float32") == "int8"  # asked for: always
     assert choose_quantization("int4", cpu, "bfloat16") == "int4"
+
+
+def test_int4_kernel_is_onnxruntimes_where_bf16_is_emulated() -> None:
+    auto = "torch" if on_cpu_with_bf16() else "onnxruntime"
+    assert choose_int4_kernel("auto", "int4") == auto
+    assert choose_int4_kernel("torch", "int4") == "torch"
+    assert choose_int4_kernel("onnxruntime", "int4") == "onnxruntime"
+    assert choose_int4_kernel("onnxruntime", "int8") == "torch"  # int4 only
+    cpu = torch.device("cpu")
+    assert choose_dtype("auto", cpu, True, "onnxruntime") == torch.float32  # what it takes
+    assert choose_dtype("auto", cpu, True, "torch") == torch.bfloat16
+    assert choose_dense_prefill(True, "int4", "onnxruntime") is None  # its prefill is fast
 
 
 def test_long_prompts_prefill_dense_by_default_with_quantized_weights_only() -> None:
@@ -69,9 +83,13 @@ async def test_one_thread_loads_the_model_and_runs_it(
     backend = EmbeddedBackend(EmbeddedModelConfig(name="m"), model_path)
     await backend.start()
     try:
-        assert backend.weights == "int4"  # the CPU default
+        kernel = choose_int4_kernel("auto", "int4")
+        assert backend.weights == (
+            "int4" if kernel == "torch" else "int4-onnxruntime"
+        )  # the default
         (runner,) = loaded
-        assert runner.dense_prefill == choose_dense_prefill(True, "int4")  # on by default
+        assert runner.dense_prefill == choose_dense_prefill(True, "int4", kernel)  # on by default
+        assert (runner._graphs_ort is not None) == (kernel == "onnxruntime")
         request = GenerationRequest(
             request_id="t",
             model="m",

@@ -8,6 +8,7 @@ from transformers import AutoModelForCausalLM
 
 from gateway.backends.llama import DENSE_PREFILL_FROM, LlamaRunner, PrefillItem
 from gateway.backends.llama_ops import rope
+from gateway.backends.ort_int4 import NBitsWeight
 from gateway.backends.quant import Int4Weight, Int8Weight, linear
 from tests.engine_helpers import chat_ids, reference_greedy, runner_greedy, tables_for
 
@@ -151,16 +152,24 @@ def test_static_whole_cache_step_equals_the_dynamic_step(model_path, tokenizer) 
 
 
 @pytest.mark.parametrize(
-    ("quant", "dense"), [("int8", None), ("int4", None), ("int4", torch.float32)]
+    ("quant", "dense", "kernel"),
+    [
+        ("int8", None, "torch"),
+        ("int4", None, "torch"),
+        ("int4", torch.float32, "torch"),
+        ("int4", None, "onnxruntime"),
+    ],
 )
 def test_quantized_weights_follow_float32_up_to_quantization(
-    model_path, tokenizer, quant, dense
+    model_path, tokenizer, quant, dense, kernel
 ) -> None:  # type: ignore[no-untyped-def]
     """Weight-only int8 (per-channel scales) and int4 (a scale and an offset per 32 weights, the
     LM head in int8) teacher-forced on float32's greedy tokens: each ranks first or within a
     small margin of first at every step, and most rank first; also with the prompts prefilled by
-    the dense copy and decoded in int4 over the cache it wrote. (Measured here: int8 99% first,
-    int4 100%, the largest gap under 0.01 for both.)"""
+    the dense copy and decoded in int4 over the cache it wrote, and with ONNX Runtime's kernel
+    (int8 activations, the LM head in 8 bits, the layer graphs). (Measured here: int8 99% first,
+    int4 100%, the largest gap under 0.01 for both; ONNX Runtime's int4 93-99% first, gap
+    0.18-0.20: its int8 activations round, as llama.cpp's Q8_1 activations do.)"""
     reference = LlamaRunner.from_pretrained(
         model_path, max_slots=4, max_len=512, dtype=torch.float32, device=torch.device("cpu")
     )
@@ -171,14 +180,20 @@ def test_quantized_weights_follow_float32_up_to_quantization(
         model_path,
         max_slots=4,
         max_len=512,
-        dtype=torch.bfloat16,
+        dtype=torch.float32 if kernel == "onnxruntime" else torch.bfloat16,
         device=torch.device("cpu"),
         quant=quant,
         dense_prefill=dense,
+        int4_kernel=kernel,
     )
-    layer_type = Int4Weight if quant == "int4" else Int8Weight
+    layer_type = {"int8": Int8Weight, "int4": Int4Weight}[quant]
+    if kernel == "onnxruntime":
+        layer_type = NBitsWeight
+        assert runner._graphs_ort is not None
+        assert isinstance(runner.lm_head, NBitsWeight) and runner.lm_head.bits == 8
+    else:
+        assert isinstance(runner.lm_head, Int8Weight)  # the head decides every token: int8
     assert all(isinstance(w, layer_type) for w in (runner.layers[0].qkv, runner.layers[-1].down))
-    assert isinstance(runner.lm_head, Int8Weight)  # the head decides every token: int8 in both
     tables = tables_for(runner, len(prompts))
     rows = runner.prefill([PrefillItem(p, 0, t) for p, t in zip(prompts, tables, strict=True)])
     positions = [len(ids) for ids in prompts]

@@ -1,0 +1,275 @@
+"""int4 linear layers through ONNX Runtime's ``MatMulNBits`` (the engine's int4 kernel on CPUs
+without native bf16).
+
+PyTorch's int4 CPU kernel (``quant.Int4Weight``) unpacks each weight to float and multiplies in
+float; on an AVX2-only CPU a decode step's int4 matmuls alone take about as long as llama.cpp's
+whole step. ONNX Runtime's ``MatMulNBits`` with ``accuracy_level=4`` quantizes the activations
+to int8 per block of 32 and multiplies integers (what llama.cpp's Q4_1 x Q8_1 dot product does):
+on the 2-core AVX2 machine a step's 120 layer matmuls take 7.5 ms against 10.4 and the LM head
+(in 8 bits) 0.9 ms against 3.2 for PyTorch's int8 kernel (README, the embedded engine).
+
+Each decoder layer's work between two attentions (output projection, residual, RMSNorm, gate/up,
+SiLU, down, residual, then the next layer's RMSNorm and q/k/v) is one ONNX graph
+(``LayerGraphs``), so a step makes one runtime call per layer instead of about fifty PyTorch
+calls; rotary embedding, the paged KV cache and attention stay in ``llama.py``. Activations are
+float32 (the kernel takes float32, and PyTorch's elementwise ops on an AVX2 CPU are faster in
+float32 than in emulated bf16).
+
+Weights are quantized per group of 32 inputs (4 bits for the layers, as llama.cpp's Q4_1; 8 for
+the LM head, which decides every token), in the layout ``MatMulNBits`` reads (``NBitsWeight``).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+if TYPE_CHECKING:
+    import onnxruntime as ort
+
+NBITS_GROUP = 32  # input weights per scale and zero point
+ACCURACY_LEVEL = 4  # int8 activations per block: MLAS's integer kernels (0: float32, slow)
+
+_threads_lock = threading.Lock()
+_threads_set = False
+
+
+def _global_threads() -> None:
+    """One ONNX Runtime thread pool for all the engine's sessions (about thirty): a pool per
+    session, each spinning between calls, made a step 60 times slower on two cores."""
+    global _threads_set
+    import onnxruntime as ort
+
+    with _threads_lock:
+        if not _threads_set:
+            ort.set_global_thread_pool_sizes(cpu_threads(), 1)
+            _threads_set = True
+
+
+def cpu_threads() -> int:
+    """The cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def session(model: bytes) -> ort.InferenceSession:
+    """An ONNX Runtime session on the CPU sharing the engine's thread pool."""
+    import onnxruntime as ort
+
+    _global_threads()
+    options = ort.SessionOptions()
+    options.use_per_session_threads = False
+    options.log_severity_level = 3
+    return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+
+
+@dataclass(eq=False)
+class NBitsWeight:
+    """A linear layer's ``[out, in]`` weight in ``bits`` (4 or 8) per group of 32 inputs.
+
+    4 bits: llama.cpp's Q4_1, ``w = q * scale + offset`` per group (its smallest and largest
+    weight map to 0 and 15). ``MatMulNBits`` takes integer zero points only on its fast path, and
+    rounding the offset to a whole step loses what Q4_1 keeps (SmolLM2's weights, dequantized
+    from a Q4_1 file, are stored exactly by Q4_1 and lose 0.6-0.8% of their energy with an
+    integer zero point: 85% of greedy steps agreed with float32 against 99%). So the kernel
+    multiplies ``q * scale`` (zero point 0) and the offsets are added as ``sum of the group's
+    inputs @ offsets``, a matmul 32 times smaller. 8 bits: symmetric, zero point 128."""
+
+    packed: torch.Tensor  # uint8 [out, in / 32, 32 * bits / 8], low nibble first
+    scales: torch.Tensor  # float32 [out * in / 32]
+    offsets: torch.Tensor | None  # float32 [in / 32, out] (4 bits), None (8 bits)
+    bits: int
+    in_features: int
+    out_features: int
+    _session: Any = field(default=None, repr=False)  # the lone matmul's session, made on use
+
+    @staticmethod
+    def fits(weight: torch.Tensor) -> bool:
+        return weight.shape[1] % NBITS_GROUP == 0
+
+    @property
+    def groups(self) -> int:
+        return self.in_features // NBITS_GROUP
+
+    @classmethod
+    def quantize(cls, weight: torch.Tensor, bits: int = 4) -> NBitsWeight:
+        out, inp = weight.shape
+        w = weight.float().view(out, inp // NBITS_GROUP, NBITS_GROUP)
+        if bits == 8:
+            scale = (w.abs().amax(dim=-1, keepdim=True) / 127).clamp(min=1e-8)
+            q = (torch.round(w / scale) + 128).clamp(1, 255).to(torch.uint8)
+            offsets = None
+        else:
+            low, high = w.amin(dim=-1, keepdim=True), w.amax(dim=-1, keepdim=True)
+            scale = ((high - low) / 15).clamp(min=1e-8)
+            q = torch.round((w - low) / scale).clamp(0, 15).to(torch.uint8)
+            q = q[..., 0::2] | (q[..., 1::2] << 4)
+            offsets = low.squeeze(-1).t().contiguous()
+        return cls(q.contiguous(), scale.reshape(-1).contiguous(), offsets, bits, inp, out)
+
+    def _zeros(self) -> torch.Tensor:
+        if self.bits == 8:
+            return torch.full((self.out_features * self.groups,), 128, dtype=torch.uint8)
+        return torch.zeros(self.out_features * -(-self.groups // 2), dtype=torch.uint8)
+
+    def dequantize(self) -> torch.Tensor:
+        """The float32 ``[out, in]`` weight the kernel multiplies by (tests)."""
+        q = self.packed
+        if self.bits == 4:
+            q = torch.stack([q & 15, q >> 4], dim=-1)
+        q = q.view(self.out_features, self.groups, NBITS_GROUP).float()
+        if self.bits == 8:
+            q = q - 128
+        w = q * self.scales.view(self.out_features, self.groups, 1)
+        if self.offsets is not None:
+            w = w + self.offsets.t().unsqueeze(-1)
+        return w.reshape(self.out_features, self.in_features)
+
+    def node(self, name: str, x: str, out: str) -> tuple[list[Any], list[Any]]:
+        """The nodes computing ``out = x @ w.T`` (``x`` ``[rows, in]``) and their initializers."""
+        from onnx import helper, numpy_helper
+
+        def init(array: torch.Tensor, suffix: str) -> str:
+            inits.append(numpy_helper.from_array(array.numpy(), f"{name}.{suffix}"))
+            return f"{name}.{suffix}"
+
+        inits: list[Any] = []
+        weight = [init(self.packed, "B"), init(self.scales, "scales"), init(self._zeros(), "zeros")]
+        nodes = [
+            helper.make_node(
+                "MatMulNBits",
+                [x, *weight],
+                [out if self.offsets is None else f"{name}.q"],
+                domain="com.microsoft",
+                K=self.in_features,
+                N=self.out_features,
+                bits=self.bits,
+                block_size=NBITS_GROUP,
+                accuracy_level=ACCURACY_LEVEL,
+            )
+        ]
+        if self.offsets is not None:  # + (x summed per group) @ offsets: two nodes
+            member = torch.arange(self.in_features).unsqueeze(1) // NBITS_GROUP
+            groups = (member == torch.arange(self.groups)).float()  # [in, groups], 0 or 1
+            nodes += [
+                helper.make_node("MatMul", [x, init(groups, "groups")], [f"{name}.sums"]),
+                helper.make_node(
+                    "Gemm",
+                    [f"{name}.sums", init(self.offsets, "offsets"), f"{name}.q"],
+                    [out],
+                ),
+            ]
+        return nodes, inits
+
+    def prepare(self) -> ort.InferenceSession:
+        """The session of this one matmul (the LM head; each projection once LoRA adapters are
+        loaded: their deltas are added between the layer graph's steps), built once."""
+        if self._session is None:
+            nodes, inits = self.node("w", "x", "y")
+            self._session = session(_model(nodes, inits, {"x": self.in_features}, ["y"]))
+        return self._session
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """``x @ w.T`` for ``x`` ``[..., in]``, in float32, returned in ``x``'s dtype."""
+        flat = x.reshape(-1, self.in_features).float().contiguous()
+        (y,) = self.prepare().run(None, {"x": flat.numpy()})
+        return torch.from_numpy(y).view(*x.shape[:-1], self.out_features).to(x.dtype)
+
+
+def _model(nodes: list[Any], inits: list[Any], inputs: dict[str, int], outputs: list[str]) -> bytes:
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        nodes,
+        "ragline",
+        [
+            helper.make_tensor_value_info(n, TensorProto.FLOAT, ["rows", d])
+            for n, d in inputs.items()
+        ],
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in outputs],
+        inits,
+    )
+    opsets = [helper.make_opsetid("", 23), helper.make_opsetid("com.microsoft", 1)]
+    model: bytes = helper.make_model(graph, opset_imports=opsets).SerializeToString()
+    return model
+
+
+@dataclass
+class LayerWeights:
+    """What ``LayerGraphs`` needs of one decoder layer (``llama_weights.Layer``'s fields)."""
+
+    input_norm: torch.Tensor
+    qkv: NBitsWeight
+    o: NBitsWeight
+    post_norm: torch.Tensor
+    gate_up: NBitsWeight
+    down: NBitsWeight
+
+
+class LayerGraphs:
+    """The decoder layers' matmuls and everything between two attentions, one session per
+    layer: ``first(x)`` is layer 0's q/k/v; ``after(i, x, attn)`` finishes layer ``i`` from its
+    attention's output and returns the new residual and layer ``i + 1``'s q/k/v (the last layer
+    returns the residual alone). Rows are tokens: ``x`` and ``attn`` are ``[rows, hidden]``."""
+
+    def __init__(self, layers: list[LayerWeights], eps: float) -> None:
+        from onnx import helper, numpy_helper
+
+        hidden = layers[0].o.out_features
+
+        def norm(name: str, x: str, weight: torch.Tensor) -> tuple[Any, Any]:
+            init = numpy_helper.from_array(weight.float().contiguous().numpy(), f"{name}.weight")
+            node = helper.make_node(
+                "RMSNormalization", [x, f"{name}.weight"], [name], axis=-1, epsilon=eps
+            )
+            return node, init
+
+        def qkv_of(layer: LayerWeights, x: str) -> tuple[list[Any], list[Any]]:
+            n_node, n_init = norm("h_next", x, layer.input_norm)
+            mm, inits = layer.qkv.node("qkv", "h_next", "qkv")
+            return [n_node, *mm], [n_init, *inits]
+
+        nodes, inits = qkv_of(layers[0], "x")
+        self._first = session(_model(nodes, inits, {"x": hidden}, ["qkv"]))
+        self._after = []
+        for i, layer in enumerate(layers):
+            o, o_init = layer.o.node("o", "attn", "o_out")
+            post, post_init = norm("h", "x1", layer.post_norm)
+            gu, gu_init = layer.gate_up.node("gate_up", "h", "gu")
+            down, down_init = layer.down.node("down", "act", "down_out")
+            nodes = [
+                *o,
+                helper.make_node("Add", ["x", "o_out"], ["x1"]),
+                post,
+                *gu,
+                helper.make_node("Split", ["gu"], ["gate", "up"], axis=-1, num_outputs=2),
+                helper.make_node("Sigmoid", ["gate"], ["sig"]),
+                helper.make_node("Mul", ["gate", "sig"], ["silu"]),
+                helper.make_node("Mul", ["silu", "up"], ["act"]),
+                *down,
+                helper.make_node("Add", ["x1", "down_out"], ["x2"]),
+            ]
+            inits = [*o_init, post_init, *gu_init, *down_init]
+            outputs = ["x2"]
+            if i + 1 < len(layers):
+                more, more_inits = qkv_of(layers[i + 1], "x2")
+                nodes, inits, outputs = nodes + more, inits + more_inits, ["x2", "qkv"]
+            model = _model(nodes, inits, {"x": hidden, "attn": hidden}, outputs)
+            self._after.append(session(model))
+
+    def first(self, x: torch.Tensor) -> torch.Tensor:
+        (qkv,) = self._first.run(None, {"x": _rows(x)})
+        return torch.from_numpy(qkv)
+
+    def after(
+        self, i: int, x: torch.Tensor, attn: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        out = self._after[i].run(None, {"x": _rows(x), "attn": _rows(attn)})
+        return torch.from_numpy(out[0]), (torch.from_numpy(out[1]) if len(out) > 1 else None)
+
+
+def _rows(x: torch.Tensor) -> Any:
+    return x.reshape(-1, x.shape[-1]).float().contiguous().numpy()
