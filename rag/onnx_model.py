@@ -39,6 +39,41 @@ Precision = Literal["float32", "int8"]
 _RECIPE = "eager-fused-4"
 
 
+_pool_lock = threading.Lock()
+_shared_pool = False
+
+
+def share_thread_pool(threads: int) -> None:
+    """Create ONNX Runtime's process-wide thread pool (once; the runtime refuses a second) and
+    run every session made after it on that pool: the embedded engine's ~30 sessions need one
+    pool (a pool each, spinning, made a decode step 60 times slower on two cores), and once it
+    exists the runtime refuses a session with a pool of its own."""
+    global _shared_pool
+    import onnxruntime as ort
+
+    with _pool_lock:
+        if not _shared_pool:
+            ort.set_global_thread_pool_sizes(threads, 1)
+            _shared_pool = True
+
+
+def session_options(threads: int, spinning: bool) -> Any:
+    """Options for a CPU session: its own pool of ``threads`` (spinning between calls or not),
+    or the process's shared pool once ``share_thread_pool`` made one (its size and spinning
+    then)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    with _pool_lock:
+        if _shared_pool:
+            options.use_per_session_threads = False
+            return options
+    options.intra_op_num_threads = threads
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+    return options
+
+
 def onnx_cache_dir() -> Path:
     root = Path(os.environ.get("RAGLINE_MODELS_DIR", "~/.cache/ragline/models")).expanduser()
     return root / "onnx"
@@ -69,12 +104,9 @@ class OnnxEncoder:
         self._tokenizer_lock = threading.Lock()
         self._rust = rust_tokenizer(path, self.max_length)
         onnx_file = model_file(path, precision)
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = max(1, min(os.cpu_count() or 1, 8))
-        options.log_severity_level = 3
         # requests: no busy-waiting between calls, the engine's torch threads share these cores;
         # ``bulk`` (ingestion, which keeps every core busy anyway): spinning ran it ~5% faster
-        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if bulk else "0")
+        options = session_options(max(1, min(os.cpu_count() or 1, 8)), spinning=bulk)
         self.session = ort.InferenceSession(
             str(onnx_file), options, providers=["CPUExecutionProvider"]
         )

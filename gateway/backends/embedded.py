@@ -74,10 +74,10 @@ def choose_quantization(
 
 def choose_int4_kernel(name: str, quant: Quant) -> Int4Kernel:
     """Whose kernel multiplies int4 weights: as asked for, or for ``auto`` ONNX Runtime's on CPUs
-    without native bf16 (on the 2-core AVX2 machine, one ``make bench`` run: one stream decodes
-    at 55 tok/s against 26 with PyTorch's kernel, 0.63x llama.cpp against 0.30x, and a 32-token
-    prompt prefills in 80 ms against 116: README, the embedded engine) and PyTorch's where bf16
-    is native (measured there: 0.70-0.79x llama.cpp for one stream)."""
+    without native bf16 (on the 2-core AVX2 machine, ``make bench``: one stream decodes at 55-61
+    tok/s against 26-31 with PyTorch's kernel, 0.45-0.63x llama.cpp against 0.23-0.30x, and a
+    32-token prompt prefills in 80 ms against 116: README, the embedded engine) and PyTorch's
+    where bf16 is native (measured there: 0.70-0.79x llama.cpp for one stream)."""
     if quant != "int4":
         return "torch"
     if name == "auto":

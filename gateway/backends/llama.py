@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from gateway.backends.llama_ops import attend, rope
+from gateway.backends.llama_ops import attend, attend_fused, rope
 from gateway.backends.llama_weights import Layer, LlamaShape, fuse_weights, rotary_tables
 from gateway.backends.multilora import apply as lora_delta
 from gateway.backends.multilora import build_bank
@@ -122,11 +122,12 @@ class LlamaRunner:
         self.embed, self.lm_head, self.final_norm, self.layers = fused
         # with ONNX Runtime's int4 kernel, each layer's work between two attentions is one
         # session (``ort_int4.LayerGraphs``); LoRA and dense prefills take the per-op path
-        self._graphs_ort = self._layer_graphs() if quant == "int4" else None
+        on_ort = int4_kernel == "onnxruntime" and quant == "int4"
+        self._graphs_ort = self._layer_graphs() if on_ort else None
         # ONNX Runtime's pool multiplies on every core; PyTorch's threads (attention, the ops
         # between two calls) spinning beside it made a step three times slower (43 ms against
         # 14-15 on two cores): its forward passes leave PyTorch one thread (``_layers``)
-        self._torch_threads = 1 if int4_kernel == "onnxruntime" and quant == "int4" else None
+        self._torch_threads = 1 if on_ort else None
         self.cos, self.sin = rotary_tables(shape, max_len, dtype, device)
         # The cache is float32 whatever the weights are: keys and values keep the model dtype's
         # rounding, but attention accumulates in float32, as fused attention kernels do
@@ -359,7 +360,10 @@ class LlamaRunner:
             else:
                 keys = kp.index_select(1, flat).view(kv, b, -1, dim)
                 values = vp.index_select(1, flat).view(kv, b, -1, dim)
-            attn = attend(q, keys, values, mask, self.shape)
+            if graphs is not None and flat is None:
+                attn = attend_fused(q, keys, values, mask, self.shape)
+            else:
+                attn = attend(q, keys, values, mask, self.shape)
             if graphs is not None:  # the rest of the layer and the next one's q/k/v: one call
                 x, qkv = graphs.after(i, x, attn)
                 x = x.view(b, t, -1)

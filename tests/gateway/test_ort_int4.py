@@ -133,3 +133,18 @@ def test_quantized_weights_are_cached_and_read_back(model_path, tmp_path, monkey
             assert torch.equal(x.packed, y.packed) and torch.equal(x.offsets, y.offsets)
             assert torch.equal(x.scales, y.scales) and y.bits == 4
     assert second.lm_head.bits == 8 and torch.equal(first.lm_head.packed, second.lm_head.packed)
+
+
+def test_sessions_made_after_the_engines_run_on_its_pool(model_path) -> None:  # type: ignore[no-untyped-def]
+    """Once the engine made ONNX Runtime's process-wide thread pool, the runtime refuses a session
+    with a pool of its own: the embedding encoders made later (RAG queries and documents, the
+    safety classifier's features) run on the shared pool instead of falling back to PyTorch."""
+    from rag.embeddings import SentenceTransformerEmbedder
+
+    ort_runner(model_path)  # makes the pool, or finds it made
+    embedder = SentenceTransformerEmbedder()
+    vectors = embedder.embed(["a sentence", "another one"])
+    assert embedder.backend == "onnx" and vectors.shape == (2, embedder.dim)
+    documents = embedder.embed_documents(["a sentence"])
+    assert embedder._documents is not embedder._model  # the int8 document encoder loaded
+    assert float((documents[0] * vectors[0]).sum()) > 0.99
