@@ -15,7 +15,8 @@ hits), then decodes on from where it stopped, with its sampler and detokenizer u
 pressure slows requests down; it never fails them.
 
 Events (``Chunk``, ``Usage`` or an exception) are handed to the asyncio loop once per step with
-one ``call_soon_threadsafe``; each request's events land in its own ``asyncio.Queue``.
+one ``call_soon_threadsafe`` (and once after a prefill, so that a first token does not wait for
+the decode step that follows it); each request's events land in its own ``asyncio.Queue``.
 """
 
 from __future__ import annotations
@@ -182,6 +183,9 @@ class Scheduler:
             try:
                 if live or resumed:
                     self._prefill(live, resumed, events)
+                    if events:  # first tokens go out now, not after the next decode step
+                        self._loop.call_soon_threadsafe(_dispatch, events)
+                        events = []
                 if self._running:
                     self._decode(events)
             except Exception as exc:  # the model failed: fail every running request, keep serving

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from gateway.backends import embedded
-from gateway.backends.base import GenerationParams, GenerationRequest
+from gateway.backends.base import Chunk, GenerationParams, GenerationRequest
 from gateway.backends.embedded import (
     EmbeddedBackend,
     choose_dense_prefill,
@@ -106,6 +106,41 @@ async def test_one_thread_loads_the_model_and_runs_it(
     finally:
         await backend.aclose()
     assert not engine.is_alive()  # aclose stops it
+
+
+async def test_a_first_token_goes_out_before_the_decode_step_after_its_prefill(
+    model_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The prefill's first tokens are handed to the event loop at once; holding them until the
+    decode step that follows had every TTFT pay for one more step (a whole batch's at eight
+    streams). The first decode step waits here until the client has the first token."""
+    delivered = threading.Event()
+    seen_before_decode: list[bool] = []
+    decode = LlamaRunner.decode
+
+    def gated(*args, **kwargs):  # type: ignore[no-untyped-def]
+        if not seen_before_decode:
+            seen_before_decode.append(delivered.wait(timeout=60))
+        return decode(*args, **kwargs)
+
+    monkeypatch.setattr(LlamaRunner, "decode", gated)
+    backend = EmbeddedBackend(EmbeddedModelConfig(name="m", dtype="float32"), model_path)
+    await backend.start()
+    try:
+        request = GenerationRequest(
+            request_id="t",
+            model="m",
+            params=GenerationParams(max_tokens=4, temperature=0.0, ignore_eos=True),
+            messages=({"role": "user", "content": "Name a colour."},),
+        )
+        texts = []
+        async for event in backend.stream(request):
+            if isinstance(event, Chunk) and event.text:
+                delivered.set()
+                texts.append(event.text)
+        assert seen_before_decode == [True] and len(texts) >= 2
+    finally:
+        await backend.aclose()
 
 
 async def test_a_failed_load_reaches_start_and_leaves_no_thread(tmp_path: Path) -> None:
