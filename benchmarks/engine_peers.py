@@ -83,7 +83,7 @@ def llama_server(binary: Path, gguf: Path, *, threads: int, slots: int) -> Itera
 
 
 async def _one(
-    client: httpx.AsyncClient, model: str, prompt: str, tokens: int
+    client: httpx.AsyncClient, model: str, prompt: str, tokens: int, **extra: object
 ) -> tuple[float, float, int]:
     """(TTFT s, total s, completion tokens) of one streamed chat completion."""
     body = {
@@ -94,6 +94,7 @@ async def _one(
         "ignore_eos": True,
         "stream": True,
         "stream_options": {"include_usage": True},
+        **extra,
     }
     start = time.perf_counter()
     first = 0.0
@@ -125,6 +126,21 @@ async def run_http(
     elapsed = time.perf_counter() - start
     ttfts = sorted(1000 * r[0] for r in results)
     return sum(r[2] for r in results) / elapsed, sum(ttfts) / len(ttfts), ttfts[len(ttfts) // 2]
+
+
+async def cold_ttft_http(url: str, model: str, prompt: str, repeats: int) -> float:
+    """Median TTFT ms of one stream whose whole prompt is computed: llama.cpp's server keeps a
+    slot's last prompt and computes only what differs (``cache_prompt``, on by default), so the
+    warm rows above reuse it; here every request asks it not to."""
+    # a connection per request: the server may close an idle keep-alive one between two
+    # requests, which httpx finds only when it reuses it ("Server disconnected")
+    limits = httpx.Limits(max_keepalive_connections=0)
+    async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
+        await _one(client, model, prompt, 2, cache_prompt=False)  # warm-up
+        ttfts = sorted(
+            [(await _one(client, model, prompt, 2, cache_prompt=False))[0] for _ in range(repeats)]
+        )
+    return 1000 * ttfts[len(ttfts) // 2]
 
 
 def vllm_answers(url: str) -> str | None:

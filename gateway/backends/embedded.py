@@ -105,7 +105,10 @@ def choose_dense_prefill(
     bf16 on CPUs with native bf16, float32 on the others (their bf16 matmuls are emulated:
     100 prompt tokens in 1,150 ms against 258 in float32 on the AVX2-only machine). None with
     ONNX Runtime's int4 kernel: its integer GEMM prefills as fast as a dense float32 copy up to
-    256 tokens on that machine (595 against 590 ms at 256, 288 against 330 at 128)."""
+    256 tokens on the AVX2-only machine (595 against 590 ms at 256, 288 against 330 at 128);
+    where bf16 is native a bf16 copy would be faster, but PyTorch's threads then contend with
+    the runtime's spinning pool (``make bench`` on the AVX-512-BF16 machine, stop 40: warm TTFT
+    114 ms against 26 without the copy, cold 108-128 against 96)."""
     if not enabled or quant == "none" or kernel == "onnxruntime":
         return None
     return torch.bfloat16 if on_cpu_with_bf16() else torch.float32
@@ -263,7 +266,8 @@ class EmbeddedBackend:
             # this thread's PyTorch work (sampling, the norms between the runtime's calls) on one
             # thread, so that no OpenMP thread spins beside ONNX Runtime's pool: 31.6 tok/s for
             # one stream with two (the runner's own switch covers only its layers), 57.8 with one.
-            # OpenMP's thread count is per thread: the process's other PyTorch work keeps its.
+            # OpenMP's thread count is per thread: threads already running keep theirs (threads
+            # started later default to this one: the benchmark's baseline sets its own).
             torch.set_num_threads(1)
         started = time.perf_counter()
         # Two tokenizers: the request side and the engine thread never share one (the second
