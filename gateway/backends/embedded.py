@@ -77,7 +77,9 @@ def choose_int4_kernel(name: str, quant: Quant) -> Int4Kernel:
     without native bf16 (on the 2-core AVX2 machine, ``make bench``: one stream decodes at 55-61
     tok/s against 26-31 with PyTorch's kernel, 0.45-0.63x llama.cpp against 0.23-0.30x, and a
     32-token prompt prefills in 80 ms against 116: README, the embedded engine) and PyTorch's
-    where bf16 is native (measured there: 0.70-0.79x llama.cpp for one stream)."""
+    where bf16 is native (measured there: 0.70-0.79x llama.cpp for one stream; in stop 40, on
+    a slower machine of that kind, ONNX Runtime's decoded faster in one run and slower in
+    another, and its cold 40-token prefill was slower, 79-96 ms against 56-66)."""
     if quant != "int4":
         return "torch"
     if name == "auto":
