@@ -5,7 +5,14 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from benchmarks.engine import QUANTIZED_PREFILL, _backend, run_cold_ttft
+from benchmarks.engine import (
+    COLD_PROMPT,
+    COLD_PROMPT_TOKENS,
+    QUANTIZED_PREFILL,
+    _backend,
+    _user,
+    run_cold_ttft,
+)
 
 
 def test_a_qprefill_format_turns_the_dense_prefill_off(tmp_path: Path) -> None:
@@ -26,14 +33,18 @@ def test_a_qprefill_format_turns_the_dense_prefill_off(tmp_path: Path) -> None:
 async def test_the_cold_ttft_computes_the_whole_40_token_prompt(model_path: Path) -> None:
     """The cold row's prompt is 40 tokens with the chat template, none of it comes from the
     prefix cache, and the cache is on again after."""
+    from gateway.backends.base import GenerationParams, GenerationRequest
     from gateway.backends.embedded import EmbeddedBackend
     from gateway.config import EmbeddedModelConfig
 
     backend = EmbeddedBackend(EmbeddedModelConfig(name="m", dtype="float32"), model_path)
     await backend.start()
     try:
-        tokens, ms = await run_cold_ttft(backend)
-        assert tokens == 40 and ms > 0
+        request = GenerationRequest(
+            request_id="t", model="m", params=GenerationParams(), messages=_user(COLD_PROMPT)
+        )
+        assert len(await backend.prompt_ids(request)) == COLD_PROMPT_TOKENS == 40
+        assert await run_cold_ttft(backend) > 0
         stats = backend.stats()
         assert stats["prefix_hit_tokens"] == 0  # six requests of the same prompt, none reused
         assert backend._scheduler is not None and backend._scheduler.pool.prefix_caching
