@@ -33,10 +33,11 @@ from gateway.backends.base import (
     collect,
     merge,
 )
+from gateway.backends.engine_jobs import Job
 from gateway.backends.grammar import Grammar, Grammars
 from gateway.backends.llama import LlamaRunner
 from gateway.backends.quant import Int4Kernel, Quant, on_cpu_with_bf16
-from gateway.backends.scheduler import Job, Scheduler
+from gateway.backends.scheduler import Scheduler
 from gateway.backends.tool_calls import TOOLS_TEMPLATE, ToolParsers, uses_tools
 from gateway.config import AdapterConfig, EmbeddedModelConfig
 from gateway.errors import ContextLengthExceeded, InvalidRequest, Overloaded

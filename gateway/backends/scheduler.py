@@ -25,12 +25,11 @@ import asyncio
 import logging
 import threading
 from collections import deque
-from dataclasses import dataclass, field
 from typing import Any
 
-from gateway.backends.base import Chunk, GenerationParams, TokenInfo, Usage
+from gateway.backends.base import Chunk, TokenInfo, Usage
 from gateway.backends.detokenize import IncrementalDetokenizer, StopStrings
-from gateway.backends.grammar import Grammar
+from gateway.backends.engine_jobs import Event, Job, Sequence
 from gateway.backends.kv_blocks import BlockPool, block_hashes
 from gateway.backends.llama import LlamaRunner, PrefillItem
 from gateway.backends.sampling import Sampler, TokenChoice, sample_batch
@@ -38,55 +37,9 @@ from gateway.errors import BackendError, InvalidRequest, Overloaded
 
 log = logging.getLogger("ragline.engine")
 
-Event = Chunk | Usage | Exception
-
 # Padded prompt tokens per prefill pass: one pass for several short prompts (far cheaper than one
 # pass each on a memory-bound CPU), several passes for long ones (bounded activation memory).
 PREFILL_TOKEN_BUDGET = 4096
-
-
-@dataclass(eq=False)
-class Job:
-    """A submitted request as the scheduler sees it."""
-
-    prompt_ids: list[int]
-    params: GenerationParams
-    n: int
-    max_tokens: int
-    queue: asyncio.Queue[Event]
-    adapter: int = 0  # the runner's adapter index; 0: the base model
-    tenant: str = ""  # prefix-cache scope: blocks are shared only between equal tenants
-
-    @property
-    def cache_salt(self) -> bytes:
-        """What a block's hash is salted with: the adapter (its keys and values differ) and the
-        tenant (``prefix_cache_scope: key``)."""
-        return f"{self.adapter}\0{self.tenant}".encode()
-
-    grammar: Grammar | None = None  # structured output: every choice follows it
-    cancelled: bool = False
-    completion_tokens: int = 0
-    unfinished: int = 0
-
-
-@dataclass(eq=False)
-class _Sequence:
-    job: Job
-    index: int
-    sampler: Sampler
-    detokenizer: IncrementalDetokenizer
-    stops: StopStrings
-    tokens: list[int]  # prompt and generated tokens; the first ``position`` are in the cache
-    position: int
-    table: list[int] = field(default_factory=list)  # the KV blocks, in order
-    hashes: list[bytes] = field(default_factory=list)  # of the full blocks, chained
-    generated: int = 0
-    finished: bool = False
-    held_tokens: list[TokenInfo] = field(default_factory=list)
-
-    @property
-    def last_token(self) -> int:
-        return self.tokens[-1]
 
 
 class Scheduler:
@@ -115,9 +68,9 @@ class Scheduler:
         self._watermark = max(1, runner.num_blocks // 100)
         self._cv = threading.Condition()
         self._waiting: deque[Job] = deque()
-        self._preempted: deque[_Sequence] = deque()
-        self._running: list[_Sequence] = []
-        self._starting: list[_Sequence] = []  # admitted, prompt not yet computed
+        self._preempted: deque[Sequence] = deque()
+        self._running: list[Sequence] = []
+        self._starting: list[Sequence] = []  # admitted, prompt not yet computed
         self._stopping = False
         self._thread = threading.current_thread()
         self._token_text: dict[int, str] = {}
@@ -224,10 +177,10 @@ class Scheduler:
         """Blocks new work leaves free while others run (the watermark)."""
         return self._watermark if self._running else 0
 
-    def _admit(self, events: list[tuple[Job, Event]]) -> tuple[list[Job], list[_Sequence]]:
+    def _admit(self, events: list[tuple[Job, Event]]) -> tuple[list[Job], list[Sequence]]:
         """Preempted sequences first, then waiting jobs in order, while they fit. A job whose
         sampling settings are refused fails here (``events``)."""
-        resumed: list[_Sequence] = []
+        resumed: list[Sequence] = []
         budget = PREFILL_TOKEN_BUDGET * 4  # tokens computed by the prefill of one step
         while self._preempted:
             seq = self._preempted[0]
@@ -273,13 +226,13 @@ class Scheduler:
     # -- prefill -------------------------------------------------------------------------------
 
     def _prefill(
-        self, jobs: list[Job], resumed: list[_Sequence], events: list[tuple[Job, Event]]
+        self, jobs: list[Job], resumed: list[Sequence], events: list[tuple[Job, Event]]
     ) -> None:
         """Compute what admitted jobs and resumed sequences lack, in as few forward passes as
         the token budget allows; sample each job's first token."""
         pending = {id(s.job): s for s in self._admitted_firsts(jobs)}
         work = [s for s in resumed if s.position < len(s.tokens) - 1] + list(pending.values())
-        group: list[_Sequence] = []
+        group: list[Sequence] = []
         for seq in work:
             longest = max([self._todo(s) for s in group] + [self._todo(seq)])
             if group and longest * (len(group) + 1) > PREFILL_TOKEN_BUDGET:
@@ -292,11 +245,11 @@ class Scheduler:
             seq.position = len(seq.tokens) - 1
             self._running.append(seq)
 
-    def _admitted_firsts(self, jobs: list[Job]) -> list[_Sequence]:
+    def _admitted_firsts(self, jobs: list[Job]) -> list[Sequence]:
         wanted = {id(job) for job in jobs}
         return [s for s in self._starting if id(s.job) in wanted]
 
-    def _todo(self, seq: _Sequence) -> int:
+    def _todo(self, seq: Sequence) -> int:
         """Tokens of ``seq`` still to compute: a new prompt's whole remainder; a resumed
         sequence's all but its pending last token."""
         end = len(seq.tokens) if seq.job.unfinished and seq.generated == 0 else len(seq.tokens) - 1
@@ -304,8 +257,8 @@ class Scheduler:
 
     def _prefill_group(
         self,
-        group: list[_Sequence],
-        pending: dict[int, _Sequence],
+        group: list[Sequence],
+        pending: dict[int, Sequence],
         events: list[tuple[Job, Event]],
     ) -> None:
         items = []
@@ -323,7 +276,7 @@ class Scheduler:
             if pending.get(id(seq.job)) is seq:
                 self._start_job(seq, logits[row], events)
 
-    def _start_job(self, first: _Sequence, logits: Any, events: list[tuple[Job, Event]]) -> None:
+    def _start_job(self, first: Sequence, logits: Any, events: list[tuple[Job, Event]]) -> None:
         """A job's prompt is in the cache: fork its other choices, sample every first token."""
         job = first.job
         self._starting.remove(first)
@@ -350,8 +303,8 @@ class Scheduler:
         ):
             self._advance(seq, choice, events)
 
-    def _new_sequence(self, job: Job, index: int) -> _Sequence:
-        seq = _Sequence(
+    def _new_sequence(self, job: Job, index: int) -> Sequence:
+        seq = Sequence(
             job=job,
             index=index,
             sampler=Sampler(job.params, index=index, eos_ids=self._eos_ids, grammar=job.grammar),
@@ -363,7 +316,7 @@ class Scheduler:
         self._starting.append(seq)
         return seq
 
-    def _register_full_blocks(self, seq: _Sequence) -> None:
+    def _register_full_blocks(self, seq: Sequence) -> None:
         """Name the blocks that ``seq`` has filled so later prompts can reuse them."""
         full = seq.position // self._bs
         if len(seq.hashes) < full:
@@ -414,7 +367,7 @@ class Scheduler:
             seq.table.append(block)
             i += 1
 
-    def _preempt(self, seq: _Sequence) -> None:
+    def _preempt(self, seq: Sequence) -> None:
         self._running.remove(seq)
         self.pool.release(seq.table)
         seq.table, seq.hashes = [], []
@@ -423,9 +376,7 @@ class Scheduler:
         self.pool.stats.preemptions += 1
         log.info("KV cache full: preempted a sequence of %d tokens", len(seq.tokens))
 
-    def _advance(
-        self, seq: _Sequence, choice: TokenChoice, events: list[tuple[Job, Event]]
-    ) -> None:
+    def _advance(self, seq: Sequence, choice: TokenChoice, events: list[tuple[Job, Event]]) -> None:
         job = seq.job
         token = choice.token_id
         seq.tokens.append(token)
