@@ -241,7 +241,7 @@ def _backend(path: Path, args: argparse.Namespace, weights: str) -> EmbeddedBack
 
 
 def _label(backend: EmbeddedBackend) -> str:
-    quantized = backend.weights in ("int8", "int4", "int4-torch")
+    quantized = backend.weights.startswith(("int8", "int4"))
     return f"engine {backend.weights}" + (
         "" if backend.config.dense_prefill or not quantized else ", quantized prefill"
     )
@@ -335,8 +335,9 @@ def main() -> None:
         ],
         help="engine weight formats to run: auto, float32, bfloat16, float16, int8, int4 (the "
         "kernel `int4_kernel: auto` picks), int4-torch, int4-onnxruntime; "
-        f"int8{QUANTIZED_PREFILL} and int4-torch{QUANTIZED_PREFILL}: long prompts prefilled "
-        "with the quantized weights too (dense_prefill: false)",
+        f"a quantized format with {QUANTIZED_PREFILL} (int4-torch{QUANTIZED_PREFILL}, "
+        f"int4-onnxruntime{QUANTIZED_PREFILL}): long prompts prefilled with the quantized "
+        "weights too (dense_prefill: false)",
     )
     parser.add_argument("--vllm-url", default="http://127.0.0.1:8100/v1")
     parser.add_argument("--no-peers", action="store_true", help="skip llama.cpp and vLLM")

@@ -118,7 +118,9 @@ async def run_http(
     url: str, model: str, prompts: list[str], tokens: int
 ) -> tuple[float, float, float]:
     """Aggregate tokens/s, mean TTFT ms and p50 TTFT ms of ``prompts`` sent at once."""
-    limits = httpx.Limits(max_connections=len(prompts) + 1)
+    # a connection per request, as in ``cold_ttft_http``: the server may close a keep-alive one
+    # between the warm-up and the run (seen on the AVX2 machine: "Server disconnected")
+    limits = httpx.Limits(max_connections=len(prompts) + 1, max_keepalive_connections=0)
     async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
         await asyncio.gather(*(_one(client, model, p, 8) for p in prompts))  # warm-up
         start = time.perf_counter()

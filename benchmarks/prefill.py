@@ -9,8 +9,9 @@ natively, else float32: what ``dense_prefill: true`` picks). ``DENSE_PREFILL_FRO
 ``gateway/backends/llama.py`` was chosen from this table. PyTorch's AVX2 kernels can be measured
 on an AVX-512 machine with ``ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2`` in front of the
 command (and ``--dense float32``, as an AVX2-only CPU would get). ``--onnxruntime`` adds a row
-for int4 through ONNX Runtime's kernel (``int4_kernel: onnxruntime``: float32 activations, no
-dense copy), measured after the others (it leaves PyTorch one thread).
+for int4 through ONNX Runtime's kernel (``int4_kernel: onnxruntime``: float32 activations) and
+one for its int8 copy on the runtime's integer GEMM, measured after the others (it leaves
+PyTorch one thread).
 """
 
 from __future__ import annotations
@@ -85,8 +86,14 @@ def main() -> None:
             device=torch.device("cpu"),
             quant="int4",
             int4_kernel="onnxruntime",
+            dense_prefill=choose_dense_prefill(True, "int4", "onnxruntime"),
         )
-        rows["int4 (onnxruntime)"] = [median_ms(ort, n, args.repeats) for n in args.lengths]
+        rows["int4 (onnxruntime)"], rows["int8 copy (onnxruntime)"] = [], []
+        for tokens in args.lengths:
+            ort.dense_from = tokens + 1
+            rows["int4 (onnxruntime)"].append(median_ms(ort, tokens, args.repeats))
+            ort.dense_from = tokens
+            rows["int8 copy (onnxruntime)"].append(median_ms(ort, tokens, args.repeats))
     table = Table(title=f"prefill ms by prompt tokens ({env}; dense from {DENSE_PREFILL_FROM})")
     table.add_column("weights")
     for tokens in args.lengths:

@@ -53,16 +53,17 @@ class EmbeddedModelConfig(BaseModel):
         default="auto",
         description="Whose kernel multiplies `int4` weights: `torch` (PyTorch's, bf16 "
         "activations, the LM head in int8) or `onnxruntime` (ONNX Runtime's MatMulNBits with int8 "
-        "activations, float32 elsewhere, the LM head in 8 bits, no dense copy). `auto`: "
-        "`onnxruntime` on CPUs without native bf16 (AVX2), where it decodes about twice as fast; "
-        "`torch` on the others.",
+        "activations, float32 elsewhere, the LM head in 8 bits, an int8 copy for prefills). "
+        "`auto`: `onnxruntime` on CPUs without native bf16 (AVX2), where it decodes about twice "
+        "as fast; `torch` on the others.",
     )
     dense_prefill: bool = Field(
         default=True,
         description="With `int8` or `int4` weights, keep a dense copy of the layers' weights "
         "(bf16 where the CPU computes bf16 natively, else float32: about 0.2 or 0.4 GB more for "
-        "SmolLM2) and prefill prompts of 32 tokens or more with it; the quantized kernels' time "
-        "grows with every prompt token, a dense matmul's far less. `false`: quantized throughout.",
+        "SmolLM2; with `int4_kernel: onnxruntime`, int8 for the runtime's integer GEMM, 0.1 GB) "
+        "and prefill prompts of 32 tokens or more with it; the quantized kernels' time grows with "
+        "every prompt token, a dense or int8 GEMM's far less. `false`: quantized throughout.",
     )
     max_batch: int = Field(
         default=64,

@@ -26,7 +26,8 @@ weights up to dozens of tokens. With ``dense_prefill`` set, quantized weights ke
 the layers' projections, and prompts of ``DENSE_PREFILL_FROM`` tokens or more are prefilled with
 it (``python -m benchmarks.prefill`` on the 2-core AVX-512-BF16 machine, SmolLM2: 128 tokens in
 73 ms with bf16 against 211 ms with int4). Decoding stays quantized: one token a sequence per step
-is where reading fewer bytes wins.
+is where reading fewer bytes wins. With ONNX Runtime's int4 kernel the copy is int8 on the
+runtime's integer GEMM, with layer graphs of its own (``ort_int4.QGemmWeight``).
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ from gateway.backends.llama_ops import attend, attend_fused, rope
 from gateway.backends.llama_weights import Layer, LlamaShape, fuse_weights, rotary_tables
 from gateway.backends.multilora import apply as lora_delta
 from gateway.backends.multilora import build_bank
-from gateway.backends.ort_int4 import LayerGraphs, LayerWeights, NBitsWeight
+from gateway.backends.ort_int4 import OrtWeight, layer_graphs
 from gateway.backends.quant import Int4Kernel, Quant, Weight, linear
 from gateway.backends.quant_cache import QuantCache
 
@@ -121,9 +122,12 @@ class LlamaRunner:
         )
         self.embed, self.lm_head, self.final_norm, self.layers = fused
         # with ONNX Runtime's int4 kernel, each layer's work between two attentions is one
-        # session (``ort_int4.LayerGraphs``); LoRA and dense prefills take the per-op path
+        # session (``ort_int4.LayerGraphs``); LoRA takes the per-op path
         on_ort = int4_kernel == "onnxruntime" and quant == "int4"
-        self._graphs_ort = self._layer_graphs() if on_ort else None
+        eps = shape.rms_norm_eps
+        self._graphs_ort = layer_graphs(self.layers, eps) if on_ort else None
+        # and long prefills' graphs, on the int8 copy (``QGemmWeight``)
+        self._prefill_graphs_ort = layer_graphs(self.layers, eps, copies=True) if on_ort else None
         # ONNX Runtime's pool multiplies on every core; PyTorch's threads (attention, the ops
         # between two calls) spinning beside it made a step three times slower (43 ms against
         # 14-15 on two cores): its forward passes leave PyTorch one thread (``_layers``)
@@ -153,15 +157,6 @@ class LlamaRunner:
         self._graph_pos = torch.zeros(0, dtype=torch.long)
         self._graph_write = torch.zeros(0, dtype=torch.long)
         self._graph_gather = torch.zeros(0, dtype=torch.long)
-
-    def _layer_graphs(self) -> LayerGraphs | None:
-        parts = []
-        for layer in self.layers:
-            mats = (layer.qkv, layer.o, layer.gate_up, layer.down)
-            if not all(isinstance(m, NBitsWeight) for m in mats):
-                return None
-            parts.append(LayerWeights(layer.input_norm, *mats[:2], layer.post_norm, *mats[2:]))  # type: ignore[arg-type]
-        return LayerGraphs(parts, self.shape.rms_norm_eps)
 
     @staticmethod
     def kv_bytes_per_token(shape: LlamaShape) -> int:
@@ -235,8 +230,9 @@ class LlamaRunner:
         bank = build_bank(list(adapters.values()), s.num_layers, outs, ins, self.dtype, self.device)
         for layer, pairs in zip(self.layers, bank, strict=True):
             layer.lora = pairs
-            for weight in (layer.qkv, layer.o, layer.gate_up, layer.down):
-                if isinstance(weight, NBitsWeight):  # now, not at the first adapter's request
+            copies = list(layer.dense.values()) if layer.dense else []
+            for weight in (layer.qkv, layer.o, layer.gate_up, layer.down, *copies):
+                if isinstance(weight, OrtWeight):  # now, not at the first adapter's request
                     weight.prepare()
         self.adapters = {name: i for i, name in enumerate(adapters, start=1)}
 
@@ -345,7 +341,9 @@ class LlamaRunner:
         b, t = x.shape[0], x.shape[1]
         kv, dim = s.num_kv_heads, s.head_dim
         flat = gather.reshape(-1) if isinstance(gather, torch.Tensor) else None
-        graphs = self._graphs_ort if self._rows is None and not self._dense else None
+        graphs = None
+        if self._rows is None:  # LoRA rows take the per-op path
+            graphs = self._prefill_graphs_ort if self._dense else self._graphs_ort
         qkv = graphs.first(x) if graphs is not None else None
         for i, (layer, kp, vp) in enumerate(
             zip(self.layers, self.k_pool, self.v_pool, strict=True)

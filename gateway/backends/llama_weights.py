@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from gateway.backends.multilora import LoraPair
-from gateway.backends.ort_int4 import NBitsWeight
+from gateway.backends.ort_int4 import NBitsWeight, QGemmWeight
 from gateway.backends.quant import Int4Kernel, Int4Weight, Quant, Weight
 from gateway.backends.quant_cache import QuantCache
 
@@ -66,9 +66,10 @@ class Layer:
     gate_up: Weight  # [2 * intermediate, hidden]
     down: Weight
     lora: dict[str, LoraPair] | None = None  # stacked adapters per fused projection
-    # the four projections unquantized, by name (qkv, o, gate_up, down), when the weights above
-    # are quantized and the runner prefills long prompts with dense matmuls (``dense_prefill``)
-    dense: dict[str, torch.Tensor] | None = None
+    # the four projections by name (qkv, o, gate_up, down) for long prefills (``dense_prefill``)
+    # when the weights above are quantized: unquantized, or in int8 for ONNX Runtime's integer
+    # GEMM with its int4 kernel (``QGemmWeight``)
+    dense: dict[str, Weight] | None = None
 
 
 def fuse_weights(
@@ -86,7 +87,8 @@ def fuse_weights(
     ``quant``: ``none``, ``int8`` (every linear layer and the LM head) or ``int4`` (the layers'
     matmuls in int4 where the kernel's shape rules allow, else int8; the LM head, which is also
     the embedding table in tied models and decides every token, in int8). ``dense``: with
-    quantized weights, also keep each layer's projections in this dtype (``Layer.dense``).
+    quantized weights, also keep each layer's projections in this dtype (``Layer.dense``); with
+    ONNX Runtime's kernel, in int8 for its integer GEMM instead (``QGemmWeight``).
     ``kernel``: whose int4 kernel, PyTorch's (``Int4Weight``, int8 LM head) or ONNX Runtime's
     (``NBitsWeight``: the layers in 4 bits, the LM head in 8, float32 activations).
     ``cache``: quantized weights from an earlier start (``quant_cache.py``)."""
@@ -121,9 +123,12 @@ def fuse_weights(
         p = f"model.layers.{i}."
         plain = projections(p, dtype)
         fused = {name: linear_weight(t, p + name) for name, t in plain.items()}
-        copy = None
-        if dense is not None and quant != "none":  # the same tensors when the dtypes agree
-            copy = plain if dense == dtype else projections(p, dense)
+        copy: dict[str, Weight] | None = None
+        if dense is not None and quant == "int4" and kernel == "onnxruntime":
+            copy = {n: QGemmWeight.quantize(t) for n, t in plain.items() if n != "down"}
+            copy["down"] = fused["down"]
+        elif dense is not None and quant != "none":  # the same tensors when the dtypes agree
+            copy = dict(plain) if dense == dtype else dict(projections(p, dense))
         layers.append(
             Layer(
                 input_norm=w(p + "input_layernorm.weight"),

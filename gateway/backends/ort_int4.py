@@ -22,6 +22,7 @@ the LM head, which decides every token), in the layout ``MatMulNBits`` reads (``
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -31,6 +32,10 @@ if TYPE_CHECKING:
     import onnxruntime as ort
 
 NBITS_GROUP = 32  # input weights per scale and zero point
+# the int8 GEMM's weights in 7 bits: on AVX2 MLAS multiplies uint8 activations by int8 weights
+# with VPMADDUBSW, whose int16 sum of two products saturates at full range (ONNX Runtime's
+# quantization guide: "reduce_range"); a layer's outputs were 23% off
+QGEMM_MAX = 63
 ACCURACY_LEVEL = 4  # int8 activations per block: MLAS's integer kernels (0: float32, slow)
 
 
@@ -51,8 +56,34 @@ def session(model: bytes) -> ort.InferenceSession:
     return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
 
 
+class OrtWeight:
+    """A weight multiplied by ONNX Runtime: ``node`` builds it into a layer graph; called, it
+    runs in a session of its own (the LM head; each projection once LoRA adapters are loaded:
+    their deltas are added between the layer graph's steps)."""
+
+    in_features: int
+    out_features: int
+    _session: Any
+
+    def node(self, name: str, x: str, out: str) -> tuple[list[Any], list[Any]]:
+        raise NotImplementedError
+
+    def prepare(self) -> ort.InferenceSession:
+        """The session of this one matmul, built once."""
+        if self._session is None:
+            nodes, inits = self.node("w", "x", "y")
+            self._session = session(_model(nodes, inits, {"x": self.in_features}, ["y"]))
+        return self._session
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """``x @ w.T`` for ``x`` ``[..., in]``, in float32, returned in ``x``'s dtype."""
+        flat = x.reshape(-1, self.in_features).float().contiguous()
+        (y,) = self.prepare().run(None, {"x": flat.numpy()})
+        return torch.from_numpy(y).view(*x.shape[:-1], self.out_features).to(x.dtype)
+
+
 @dataclass(eq=False)
-class NBitsWeight:
+class NBitsWeight(OrtWeight):
     """A linear layer's ``[out, in]`` weight in ``bits`` (4 or 8) per group of 32 inputs.
 
     4 bits: llama.cpp's Q4_1, ``w = q * scale + offset`` per group (its smallest and largest
@@ -149,19 +180,68 @@ class NBitsWeight:
             ]
         return nodes, inits
 
-    def prepare(self) -> ort.InferenceSession:
-        """The session of this one matmul (the LM head; each projection once LoRA adapters are
-        loaded: their deltas are added between the layer graph's steps), built once."""
-        if self._session is None:
-            nodes, inits = self.node("w", "x", "y")
-            self._session = session(_model(nodes, inits, {"x": self.in_features}, ["y"]))
-        return self._session
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """``x @ w.T`` for ``x`` ``[..., in]``, in float32, returned in ``x``'s dtype."""
-        flat = x.reshape(-1, self.in_features).float().contiguous()
-        (y,) = self.prepare().run(None, {"x": flat.numpy()})
-        return torch.from_numpy(y).view(*x.shape[:-1], self.out_features).to(x.dtype)
+@dataclass(eq=False)
+class QGemmWeight(OrtWeight):
+    """A linear layer's weight in int8, one scale per output channel, for ONNX Runtime's
+    ``DynamicQuantizeMatMul``: the activations are quantized to uint8 per call and MLAS's integer
+    GEMM multiplies. The prefill weights on the ONNX Runtime path: at 40 rows a layer's matmuls
+    take half as long as ``MatMulNBits``' in 4 bits, which unpacks and quantizes per block of 32
+    (SmolLM2's 30 layers on the 2-core AVX2 machine: 30 ms against 56); at one row 4 bits win
+    (3.7 against 4.8 ms), so decoding stays in 4 bits."""
+
+    weight: torch.Tensor  # int8 [in, out], the layout the kernel reads
+    scales: torch.Tensor  # float32 [out]
+    in_features: int
+    out_features: int
+    _session: Any = field(default=None, repr=False)
+
+    @classmethod
+    def quantize(cls, weight: torch.Tensor) -> QGemmWeight:
+        w = weight.float()
+        scale = (w.abs().amax(dim=1) / QGEMM_MAX).clamp(min=1e-8)
+        q = torch.round(w / scale.unsqueeze(1)).clamp(-QGEMM_MAX, QGEMM_MAX).to(torch.int8)
+        return cls(q.t().contiguous(), scale.contiguous(), w.shape[1], w.shape[0])
+
+    def dequantize(self) -> torch.Tensor:
+        """The float32 ``[out, in]`` weight the kernel multiplies by (tests)."""
+        return (self.weight.float() * self.scales).t().contiguous()
+
+    def node(self, name: str, x: str, out: str) -> tuple[list[Any], list[Any]]:
+        """``x`` quantized per row (symmetric, as uint8 around 128), an integer matmul, then
+        each row's and each column's scale."""
+        from onnx import TensorProto, helper, numpy_helper
+
+        arrays = {
+            "B": self.weight,
+            "scales": self.scales,
+            "a_zero": torch.tensor(128, dtype=torch.uint8),
+            "max": torch.tensor(127.0),
+            "eps": torch.tensor(1e-8),
+            "mid": torch.tensor(128.0),
+            "axes": torch.tensor([-1]),
+        }
+        inits = [numpy_helper.from_array(a.numpy(), f"{name}.{k}") for k, a in arrays.items()]
+        n = f"{name}."
+
+        def op(kind: str, inputs: list[str], output: str, **attrs: Any) -> Any:
+            return helper.make_node(kind, inputs, [output], **attrs)
+
+        nodes = [
+            op("Abs", [x], n + "abs"),
+            op("ReduceMax", [n + "abs", n + "axes"], n + "amax", keepdims=1),
+            op("Max", [n + "amax", n + "eps"], n + "amax1"),
+            op("Div", [n + "amax1", n + "max"], n + "row_scale"),
+            op("Div", [x, n + "row_scale"], n + "xs"),
+            op("Round", [n + "xs"], n + "xr"),
+            op("Add", [n + "xr", n + "mid"], n + "xu"),
+            op("Cast", [n + "xu"], n + "xq", to=TensorProto.UINT8),
+            op("MatMulInteger", [n + "xq", n + "B", n + "a_zero"], n + "acc"),
+            op("Cast", [n + "acc"], n + "accf", to=TensorProto.FLOAT),
+            op("Mul", [n + "accf", n + "row_scale"], n + "y_rows"),
+            op("Mul", [n + "y_rows", n + "scales"], out),
+        ]
+        return nodes, inits
 
 
 def _model(nodes: list[Any], inits: list[Any], inputs: dict[str, int], outputs: list[str]) -> bytes:
@@ -187,11 +267,11 @@ class LayerWeights:
     """What ``LayerGraphs`` needs of one decoder layer (``llama_weights.Layer``'s fields)."""
 
     input_norm: torch.Tensor
-    qkv: NBitsWeight
-    o: NBitsWeight
+    qkv: OrtWeight
+    o: OrtWeight
     post_norm: torch.Tensor
-    gate_up: NBitsWeight
-    down: NBitsWeight
+    gate_up: OrtWeight
+    down: OrtWeight
 
 
 class LayerGraphs:
@@ -254,6 +334,22 @@ class LayerGraphs:
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         out = self._after[i].run(None, {"x": _rows(x), "attn": _rows(attn)})
         return torch.from_numpy(out[0]), (torch.from_numpy(out[1]) if len(out) > 1 else None)
+
+
+def layer_graphs(layers: Sequence[Any], eps: float, copies: bool = False) -> LayerGraphs | None:
+    """The graphs of decoder layers (``llama_weights.Layer``) on their ONNX Runtime weights, or
+    on their copies for long prefills (``Layer.dense``); None where some weight is not one."""
+    names = ("qkv", "o", "gate_up", "down")
+    parts = []
+    for layer in layers:
+        source = layer.dense if copies else {n: getattr(layer, n) for n in names}
+        found = [source.get(n) for n in names] if source is not None else []
+        mats = [m for m in found if isinstance(m, OrtWeight)]
+        if len(mats) != len(names):
+            return None
+        qkv, o, gate_up, down = mats
+        parts.append(LayerWeights(layer.input_norm, qkv, o, layer.post_norm, gate_up, down))
+    return LayerGraphs(parts, eps)
 
 
 def _rows(x: torch.Tensor) -> Any:

@@ -19,7 +19,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from gateway.backends.ort_int4 import NBitsWeight
+from gateway.backends.ort_int4 import OrtWeight
 
 Quant = Literal["none", "int8", "int4"]  # the weights' format (model config: auto picks one)
 Int4Kernel = Literal["torch", "onnxruntime"]  # whose kernel multiplies int4 weights
@@ -79,13 +79,13 @@ class Int4Weight:
         return cls(packed, scales_zeros.transpose(0, 1).contiguous().to(dtype), group, out)
 
 
-Weight = torch.Tensor | Int8Weight | Int4Weight | NBitsWeight
+Weight = torch.Tensor | Int8Weight | Int4Weight | OrtWeight
 
 
 def linear(x: torch.Tensor, weight: Weight) -> torch.Tensor:
     """``x @ weight.T`` for a float, an int8 or an int4 weight (PyTorch's kernels or ONNX
-    Runtime's, ``NBitsWeight``)."""
-    if isinstance(weight, NBitsWeight):
+    Runtime's, ``OrtWeight``)."""
+    if isinstance(weight, OrtWeight):
         return weight(x)
     if isinstance(weight, torch.Tensor):
         if weight.dtype != x.dtype:  # a dense float32 copy under bf16 activations (long prefills)

@@ -48,7 +48,9 @@ def test_int4_kernel_is_onnxruntimes_where_bf16_is_emulated() -> None:
     cpu = torch.device("cpu")
     assert choose_dtype("auto", cpu, True, "onnxruntime") == torch.float32  # what it takes
     assert choose_dtype("auto", cpu, True, "torch") == torch.bfloat16
-    assert choose_dense_prefill(True, "int4", "onnxruntime") is None  # its prefill is fast
+    # its copy is int8 (QGemmWeight), float32 being its activations' dtype
+    assert choose_dense_prefill(True, "int4", "onnxruntime") == torch.float32
+    assert choose_dense_prefill(False, "int4", "onnxruntime") is None
 
 
 def test_long_prompts_prefill_dense_by_default_with_quantized_weights_only() -> None:
