@@ -15,6 +15,10 @@ calls; rotary embedding, the paged KV cache and attention stay in ``llama.py``. 
 float32 (the kernel takes float32, and PyTorch's elementwise ops on an AVX2 CPU are faster in
 float32 than in emulated bf16).
 
+Long prompts are prefilled through a second set of layer graphs on an int8 copy of the q/k/v,
+output and gate/up projections (``QGemmWeight``, the runtime's integer GEMM), whose time grows
+far less with the number of rows than ``MatMulNBits``'.
+
 Weights are quantized per group of 32 inputs (4 bits for the layers, as llama.cpp's Q4_1; 8 for
 the LM head, which decides every token), in the layout ``MatMulNBits`` reads (``NBitsWeight``).
 """
@@ -183,12 +187,14 @@ class NBitsWeight(OrtWeight):
 
 @dataclass(eq=False)
 class QGemmWeight(OrtWeight):
-    """A linear layer's weight in int8, one scale per output channel, for ONNX Runtime's
-    ``DynamicQuantizeMatMul``: the activations are quantized to uint8 per call and MLAS's integer
-    GEMM multiplies. The prefill weights on the ONNX Runtime path: at 40 rows a layer's matmuls
-    take half as long as ``MatMulNBits``' in 4 bits, which unpacks and quantizes per block of 32
-    (SmolLM2's 30 layers on the 2-core AVX2 machine: 30 ms against 56); at one row 4 bits win
-    (3.7 against 4.8 ms), so decoding stays in 4 bits."""
+    """A linear layer's weight in int8 (7-bit steps, ``QGEMM_MAX``), one scale per output
+    channel, multiplied by ONNX Runtime's ``MatMulInteger`` (MLAS's u8s8 GEMM) after each row of
+    activations is quantized on its own in the graph. The copy long prompts are prefilled with
+    on the ONNX Runtime path: at 40 rows SmolLM2's 30 layers of matmuls took 30 ms on the integer
+    GEMM against 56 with ``MatMulNBits`` in 4 bits, which unpacks and quantizes per block of 32
+    (2-core AVX2 machine, a microbenchmark); at one row 4 bits win (3.7 against 4.8 ms), so
+    decoding stays in 4 bits. One scale for the whole activation matrix
+    (``DynamicQuantizeMatMul``) agreed with float32's greedy steps on 78% against 93% per row."""
 
     weight: torch.Tensor  # int8 [in, out], the layout the kernel reads
     scales: torch.Tensor  # float32 [out]
