@@ -126,8 +126,8 @@ class LlamaRunner:
         on_ort = int4_kernel == "onnxruntime" and quant == "int4"
         eps = shape.rms_norm_eps
         self._graphs_ort = layer_graphs(self.layers, eps) if on_ort else None
-        # and long prefills' graphs, on the int8 copy (``QGemmWeight``)
-        self._prefill_graphs_ort = layer_graphs(self.layers, eps, copies=True) if on_ort else None
+        # and those of the int8 copy (``QGemmWeight``), for long prefills
+        self._int8_graphs_ort = layer_graphs(self.layers, eps, copies=True) if on_ort else None
         # ONNX Runtime's pool multiplies on every core; PyTorch's threads (attention, the ops
         # between two calls) spinning beside it made a step three times slower (43 ms against
         # 14-15 on two cores): its forward passes leave PyTorch one thread (``_layers``)
@@ -343,7 +343,7 @@ class LlamaRunner:
         flat = gather.reshape(-1) if isinstance(gather, torch.Tensor) else None
         graphs = None
         if self._rows is None:  # LoRA rows take the per-op path
-            graphs = self._prefill_graphs_ort if self._dense else self._graphs_ort
+            graphs = self._int8_graphs_ort if self._dense else self._graphs_ort
         qkv = graphs.first(x) if graphs is not None else None
         for i, (layer, kp, vp) in enumerate(
             zip(self.layers, self.k_pool, self.v_pool, strict=True)

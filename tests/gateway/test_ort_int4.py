@@ -126,7 +126,7 @@ def test_long_prompts_prefill_through_the_int8_graphs(model_path, tokenizer) -> 
     and the prompt's logits follow float32's: the same greedy token, correlation >= 0.97 (the
     int8 rounding of activations; 4 bits alone: 0.998)."""
     runner = ort_runner(model_path, dense_prefill=torch.float32)
-    graphs = runner._prefill_graphs_ort
+    graphs = runner._int8_graphs_ort
     assert graphs is not None
     layer, following = runner.layers[2], runner.layers[3]
     assert isinstance(layer.dense["qkv"], QGemmWeight) and layer.dense["down"] is layer.down
