@@ -56,7 +56,7 @@ def test_the_int8_copy_quantizes_each_row_of_activations_apart() -> None:
     """The prefill copy (``QGemmWeight``): a weight of 7-bit steps per output channel is stored
     without loss, and the integer GEMM's product is within the int8 rounding of each row of
     activations, even beside a row a hundred times larger (one scale for the whole matrix, as
-    ``DynamicQuantizeMatMul`` has, left the small rows 20-30% off)."""
+    ``DynamicQuantizeMatMul`` has, would leave the other rows a step or two of 127)."""
     torch.manual_seed(0)
     steps = torch.randint(-QGEMM_MAX, QGEMM_MAX + 1, (48, 96))
     steps[:, 0] = QGEMM_MAX
