@@ -20,14 +20,12 @@ common prefix are read by every sequence that has it. Grouped-query attention is
 matmul per step over (kv head, sequence), the query heads of a kv head as its rows, so keys and
 values are never repeated.
 
-Dense prefill: the int8 and int4 kernels' time grows with every token of a prompt (their
-dequantization is per row of activations), a dense matmul's barely, as it is bound by reading the
-weights up to dozens of tokens. With ``dense_prefill`` set, quantized weights keep a dense copy of
-the layers' projections, and prompts of ``DENSE_PREFILL_FROM`` tokens or more are prefilled with
-it (``python -m benchmarks.prefill`` on the 2-core AVX-512-BF16 machine, SmolLM2: 128 tokens in
-73 ms with bf16 against 211 ms with int4). Decoding stays quantized: one token a sequence per step
-is where reading fewer bytes wins. With ONNX Runtime's int4 kernel the copy is int8 on the
-runtime's integer GEMM, with layer graphs of its own (``ort_int4.QGemmWeight``).
+Dense prefill: the int8 and int4 kernels' time grows with every prompt token, a dense matmul's
+barely (bound by reading the weights up to dozens of tokens). With ``dense_prefill``, quantized
+weights keep a dense copy of the layers' projections for prompts of ``DENSE_PREFILL_FROM`` tokens
+or more (README, "Dense prefill"); decoding stays quantized. With ONNX Runtime's int4 kernel the
+copy is int8 on the runtime's integer GEMM (``ort_int4.QGemmWeight``). CUDA graphs of the decode
+step: ``cuda_graphs.py``.
 """
 
 from __future__ import annotations
@@ -39,10 +37,11 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
+from gateway.backends.cuda_graphs import DecodeGraphs
 from gateway.backends.llama_ops import attend, attend_fused, rope
 from gateway.backends.llama_weights import Layer, LlamaShape, fuse_weights, rotary_tables
 from gateway.backends.multilora import apply as lora_delta
-from gateway.backends.multilora import build_bank
+from gateway.backends.multilora import llama_bank
 from gateway.backends.ort_int4 import OrtWeight, layer_graphs
 from gateway.backends.quant import Int4Kernel, Quant, Weight, linear
 from gateway.backends.quant_cache import QuantCache
@@ -152,11 +151,7 @@ class LlamaRunner:
         self.adapters: dict[str, int] = {}
         self._rows: torch.Tensor | None = None
         self._dense = False  # during a forward pass on the layers' dense copies
-        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
-        self._graph_ids = torch.zeros(0, dtype=torch.long)
-        self._graph_pos = torch.zeros(0, dtype=torch.long)
-        self._graph_write = torch.zeros(0, dtype=torch.long)
-        self._graph_gather = torch.zeros(0, dtype=torch.long)
+        self.cuda_graphs: DecodeGraphs | None = None  # captured decode steps (CUDA only)
 
     @staticmethod
     def kv_bytes_per_token(shape: LlamaShape) -> int:
@@ -215,19 +210,7 @@ class LlamaRunner:
         """Load PEFT LoRA adapters (once, before serving); request them by name afterwards."""
         if not adapters:
             return
-        s = self.shape
-        q, kv = s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim
-        outs = {
-            "q_proj": q,
-            "k_proj": kv,
-            "v_proj": kv,
-            "o_proj": s.hidden_size,
-            "gate_proj": s.intermediate_size,
-            "up_proj": s.intermediate_size,
-            "down_proj": s.hidden_size,
-        }
-        ins = {"qkv": s.hidden_size, "o": q, "gate_up": s.hidden_size, "down": s.intermediate_size}
-        bank = build_bank(list(adapters.values()), s.num_layers, outs, ins, self.dtype, self.device)
+        bank = llama_bank(list(adapters.values()), self.shape, self.dtype, self.device)
         for layer, pairs in zip(self.layers, bank, strict=True):
             layer.lora = pairs
             copies = list(layer.dense.values()) if layer.dense else []
@@ -459,16 +442,10 @@ class LlamaRunner:
                 return self._decode_lists(token_ids, positions, write, tables)
             finally:
                 self._rows = None
-        if self._graphs:
-            size = next(b for b in sorted(self._graphs) if b >= n)
-            pad = size - n  # padding rows: position 0 of the null block
-            self._graph_ids[:size].copy_(torch.tensor(token_ids + [0] * pad).view(size, 1))
-            self._graph_pos[:size].copy_(torch.tensor(positions + [0] * pad))
-            self._graph_write[:size].copy_(torch.tensor(write + [0] * pad))
-            self._graph_gather[:size].copy_(self._gather_rows(tables + [[]] * pad, self.max_blocks))
-            graph, out = self._graphs[size]
-            graph.replay()
-            return out[:n]
+        if self.cuda_graphs is not None:
+            size = self.cuda_graphs.bucket(n)
+            gather = self._gather_rows(tables + [[]] * (size - n), self.max_blocks)
+            return self.cuda_graphs.replay(token_ids, positions, write, gather)
         return self._decode_lists(token_ids, positions, write, tables)
 
     def _decode_lists(
@@ -502,52 +479,15 @@ class LlamaRunner:
 
     # -- CUDA graphs ---------------------------------------------------------------------------
 
-    @torch.inference_mode()
     def capture_cuda_graphs(self) -> list[int]:
-        """Capture the decode step for batch sizes 1, 2, 4, ... up to ``max_slots`` (CUDA only).
-
-        A decode step of a small model launches hundreds of tiny kernels; replaying a captured
-        graph removes the per-kernel launch and Python cost. Graphs gather every block a sequence
-        can have (static shapes) under the same mask, so they compute what ``_decode`` computes.
-        Call once, before serving (the warm-up writes into the null block).
-        """
+        """Capture the decode step for batch sizes 1, 2, 4, ... up to ``max_slots``
+        (``cuda_graphs.DecodeGraphs``; CUDA only, an empty list elsewhere). Call once, before
+        serving (the warm-up writes into the null block)."""
         if self.device.type != "cuda":
             return []
-        sizes = sorted(
-            {b for b in (1, 2, 4, 8, 16, 32, 64, 128, 256) if b <= self.max_slots}
-            | {self.max_slots}
+        graphs = DecodeGraphs(
+            self._decode, self.max_slots, self.max_blocks * self.block_size, self.device
         )
-        dev, top = self.device, self.max_slots
-        self._graph_ids = torch.zeros(top, 1, dtype=torch.long, device=dev)
-        self._graph_pos = torch.zeros(top, dtype=torch.long, device=dev)
-        self._graph_write = torch.zeros(top, dtype=torch.long, device=dev)
-        self._graph_gather = torch.zeros(
-            top, self.max_blocks * self.block_size, dtype=torch.long, device=dev
-        )
-
-        def step(b: int) -> torch.Tensor:
-            return self._decode(
-                self._graph_ids[:b],
-                self._graph_pos[:b],
-                self._graph_write[:b],
-                self._graph_gather[:b],
-            )
-
-        side = torch.cuda.Stream(dev)
-        side.wait_stream(torch.cuda.current_stream(dev))
-        with torch.cuda.stream(side):
-            for b in sizes:
-                for _ in range(2):
-                    step(b)
-        torch.cuda.current_stream(dev).wait_stream(side)
-        graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
-        pool = None
-        for b in reversed(sizes):  # the largest first: later graphs share its memory pool
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                out = step(b)
-            pool = graph.pool()
-            graphs[b] = (graph, out)
-        torch.cuda.synchronize(dev)
-        self._graphs = graphs
+        sizes = graphs.capture()
+        self.cuda_graphs = graphs
         return sizes

@@ -16,9 +16,13 @@ import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors.torch import load_file
+
+if TYPE_CHECKING:  # llama_weights imports LoraPair from here
+    from gateway.backends.llama_weights import LlamaShape
 
 _KEY = re.compile(r"layers\.(\d+)\.(?:self_attn|mlp)\.(\w+_proj)\.lora_([AB])\.weight$")
 # fused projection -> the modules it concatenates, in order
@@ -92,6 +96,25 @@ def build_bank(
             per[fused] = LoraPair(a.to(device, dtype), b.to(device, dtype))
         bank.append(per)
     return bank
+
+
+def llama_bank(
+    adapters: list[Path], shape: LlamaShape, dtype: torch.dtype, device: torch.device
+) -> list[dict[str, LoraPair]]:
+    """``build_bank`` with a Llama model's projection sizes."""
+    q, kv = shape.num_heads * shape.head_dim, shape.num_kv_heads * shape.head_dim
+    outs = {
+        "q_proj": q,
+        "k_proj": kv,
+        "v_proj": kv,
+        "o_proj": shape.hidden_size,
+        "gate_proj": shape.intermediate_size,
+        "up_proj": shape.intermediate_size,
+        "down_proj": shape.hidden_size,
+    }
+    h = shape.hidden_size
+    ins = {"qkv": h, "o": q, "gate_up": h, "down": shape.intermediate_size}
+    return build_bank(adapters, shape.num_layers, outs, ins, dtype, device)
 
 
 def apply(x: torch.Tensor, pair: LoraPair, rows: torch.Tensor) -> torch.Tensor:
