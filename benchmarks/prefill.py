@@ -4,14 +4,15 @@
 
 The runner alone (``LlamaRunner.prefill``, one prompt, no scheduler), so the figures are the
 forward pass's: the median of ``--repeats`` runs after one warm-up, for each prompt length, with
-the layers' quantized weights and with their dense copy (bf16 where the CPU computes bf16
-natively, else float32: what ``dense_prefill: true`` picks). ``DENSE_PREFILL_FROM`` in
-``gateway/backends/llama.py`` was chosen from this table. PyTorch's AVX2 kernels can be measured
-on an AVX-512 machine with ``ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2`` in front of the
-command (and ``--dense float32``, as an AVX2-only CPU would get). ``--onnxruntime`` adds a row
-for int4 through ONNX Runtime's kernel (``int4_kernel: onnxruntime``: float32 activations) and
-one for its int8 copy on the runtime's integer GEMM, measured after the others (it leaves
-PyTorch one thread).
+the layers' quantized weights and with their dense copy (bf16 where the CPU computes bf16 natively,
+else float32: what ``dense_prefill: true`` picks; where the bf16 copy is prepacked for oneDNN,
+``PackedWeight``, a row for the same copy in PyTorch's plain layout follows).
+``DENSE_PREFILL_FROM`` in ``gateway/backends/llama.py`` was chosen from this table. PyTorch's AVX2
+kernels can be measured on an AVX-512 machine with ``ATEN_CPU_CAPABILITY=avx2
+ONEDNN_MAX_CPU_ISA=AVX2`` in front of the command (and ``--dense float32``, as an AVX2-only CPU
+would get). ``--onnxruntime`` adds a row for int4 through ONNX Runtime's kernel (``int4_kernel:
+onnxruntime``: float32 activations) and one for its int8 copy on the runtime's integer GEMM,
+measured after the others (it leaves PyTorch one thread).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from rich.table import Table
 
 from gateway.backends.embedded import choose_dense_prefill
 from gateway.backends.llama import DENSE_PREFILL_FROM, LlamaRunner, PrefillItem
+from gateway.backends.quant import PackedWeight, Weight
 from gateway.config import Settings
 
 
@@ -70,11 +72,26 @@ def main() -> None:
         dense_prefill=dense,
     )
     rows: dict[str, list[float]] = {args.weights: [], f"dense ({dense})": []}
+    packed = [layer.dense for layer in runner.layers]
+    plain: list[dict[str, Weight]] = [  # the same copy in the plain layout (PackedWeight)
+        {n: w.packed.to_dense() if isinstance(w, PackedWeight) else w for n, w in d.items()}
+        for d in packed
+        if d is not None
+    ]
+    unpacked = "dense, not prepacked"
+    if any(isinstance(w, PackedWeight) for d in packed if d for w in d.values()):
+        rows[unpacked] = []
     for tokens in args.lengths:  # every length both ways, the threshold aside
         runner.dense_from = tokens + 1
         rows[args.weights].append(median_ms(runner, tokens, args.repeats))
         runner.dense_from = tokens
         rows[f"dense ({dense})"].append(median_ms(runner, tokens, args.repeats))
+        if unpacked in rows:
+            for layer, copy in zip(runner.layers, plain, strict=True):
+                layer.dense = copy
+            rows[unpacked].append(median_ms(runner, tokens, args.repeats))
+            for layer, kept in zip(runner.layers, packed, strict=True):
+                layer.dense = kept
     env = f"{torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} threads"
     if args.onnxruntime:
         del runner

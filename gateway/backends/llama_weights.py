@@ -11,7 +11,7 @@ import torch
 
 from gateway.backends.multilora import LoraPair
 from gateway.backends.ort_int4 import NBitsWeight, QGemmWeight
-from gateway.backends.quant import Int4Kernel, Int4Weight, Quant, Weight
+from gateway.backends.quant import Int4Kernel, Int4Weight, PackedWeight, Quant, Weight
 from gateway.backends.quant_cache import QuantCache
 
 
@@ -91,7 +91,9 @@ def fuse_weights(
     ONNX Runtime's kernel, in int8 for its integer GEMM instead (``QGemmWeight``).
     ``kernel``: whose int4 kernel, PyTorch's (``Int4Weight``, int8 LM head) or ONNX Runtime's
     (``NBitsWeight``: the layers in 4 bits, the LM head in 8, float32 activations).
-    ``cache``: quantized weights from an earlier start (``quant_cache.py``)."""
+    ``cache``: quantized weights from an earlier start (``quant_cache.py``). bf16 weights that
+    stay unquantized (the model's with ``quant: none``, the LM head included, and the dense
+    copy) are prepacked for oneDNN (``PackedWeight``) on CPUs with native bf16."""
     cache = cache or QuantCache(None)
 
     def w(name: str, as_dtype: torch.dtype = dtype) -> torch.Tensor:
@@ -102,7 +104,12 @@ def fuse_weights(
             return cache.nbits(name, t, 8 if head else 4) if NBitsWeight.fits(t) else t
         if quant == "int4" and not head and Int4Weight.fits(t):
             return cache.int4(name, t, dtype)
-        return cache.int8(name, t, dtype) if quant in ("int8", "int4") else t
+        return cache.int8(name, t, dtype) if quant in ("int8", "int4") else packed(t)
+
+    def packed(t: torch.Tensor) -> Weight:  # bf16 weights on a CPU with native bf16
+        return PackedWeight.pack(t) if pack and t.dtype == torch.bfloat16 else t
+
+    pack = PackedWeight.available(torch.bfloat16, device)
 
     embed = w("model.embed_tokens.weight")
     head = embed if shape.tie_word_embeddings else w("lm_head.weight")
@@ -128,7 +135,8 @@ def fuse_weights(
             copy = {n: QGemmWeight.quantize(t) for n, t in plain.items() if n != "down"}
             copy["down"] = fused["down"]
         elif dense is not None and quant != "none":  # the same tensors when the dtypes agree
-            copy = dict(plain) if dense == dtype else dict(projections(p, dense))
+            source = plain if dense == dtype else projections(p, dense)
+            copy = {n: packed(t) for n, t in source.items()}
         layers.append(
             Layer(
                 input_norm=w(p + "input_layernorm.weight"),

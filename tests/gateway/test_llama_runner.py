@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
+from gateway.backends.cuda_graphs import DecodeGraphs
 from gateway.backends.llama import DENSE_PREFILL_FROM, LlamaRunner, PrefillItem
 from gateway.backends.llama_ops import rope
 from gateway.backends.ort_int4 import NBitsWeight
-from gateway.backends.quant import Int4Weight, Int8Weight, linear
+from gateway.backends.quant import Int4Weight, Int8Weight, PackedWeight, linear
 from tests.engine_helpers import chat_ids, reference_greedy, runner_greedy, tables_for
 
 PROMPTS = ["What is the capital of France?", "Write a haiku about rain.", "Explain gravity."]
@@ -151,6 +153,15 @@ def test_static_whole_cache_step_equals_the_dynamic_step(model_path, tokenizer) 
     assert runner.capture_cuda_graphs() == []  # no graphs on the CPU
 
 
+def test_cuda_graph_buckets_cover_every_batch_up_to_the_cap() -> None:
+    """A step of n sequences replays the smallest captured batch of n or more; the cap itself is
+    a bucket even when it is not a power of two (the graphs themselves need CUDA)."""
+    graphs = DecodeGraphs(lambda *a: a[0], max_batch=12, gather_len=32, device=torch.device("cpu"))
+    assert graphs.sizes == [1, 2, 4, 8, 12]
+    assert [graphs.bucket(n) for n in (1, 2, 3, 5, 8, 9, 12)] == [1, 2, 4, 8, 8, 12, 12]
+    assert graphs.gather.shape == (12, 32)
+
+
 @pytest.mark.parametrize(
     ("quant", "dense", "kernel"),
     [
@@ -286,6 +297,32 @@ def test_int4_weights_are_q4_1_exactly() -> None:
     error = linear(x, Int4Weight.quantize(torch.randn(out, inp), torch.float32))
     assert error.shape == (5, out)
     assert not Int4Weight.fits(torch.zeros(40, 96)) and not Int4Weight.fits(torch.zeros(48, 80))
+
+
+def test_prepacked_bf16_weights_give_the_plain_products_bit_for_bit(model_path) -> None:  # type: ignore[no-untyped-def]
+    """Where the CPU computes bf16 natively, bf16 weights that stay unquantized (a bf16 model's
+    layers and head, the dense prefill copy) are reordered once for oneDNN (``PackedWeight``);
+    their products are ``F.linear``'s bit for bit, for one row, a prompt and a padded batch.
+    Elsewhere they stay plain tensors."""
+    cpu = torch.device("cpu")
+    runner = LlamaRunner.from_pretrained(
+        model_path, max_slots=1, max_len=64, dtype=torch.bfloat16, device=cpu
+    )
+    packs = PackedWeight.available(torch.bfloat16, cpu)
+    assert isinstance(runner.layers[0].qkv, PackedWeight) == packs
+    assert isinstance(runner.layers[-1].down, PackedWeight) == packs
+    assert isinstance(runner.lm_head, PackedWeight) == packs
+    assert isinstance(runner.embed, torch.Tensor)  # the embedding table is read, not multiplied
+    if not packs:
+        return
+    torch.manual_seed(0)
+    weight = torch.randn(3072, 576, dtype=torch.bfloat16)
+    packed = PackedWeight.pack(weight)
+    for shape in ((1, 576), (40, 576), (2, 7, 576)):
+        x = torch.randn(shape, dtype=torch.bfloat16)
+        assert torch.equal(linear(x, packed), F.linear(x, weight))
+    x = torch.randn(3, 576)  # float32 activations are rounded to bf16 first, as for plain weights
+    assert torch.equal(linear(x, packed), F.linear(x.bfloat16(), weight).float())
 
 
 def test_rotary_step_equals_transformers_bit_for_bit() -> None:
