@@ -25,7 +25,11 @@ async def _loop_turns_during(work: asyncio.Future[object]) -> int:
 
 
 def test_the_event_loop_runs_while_a_long_history_is_scanned() -> None:
-    policy = build_policy(default_policy())
+    spec = default_policy()
+    # a stall of the loaded test machine (seen once in the full suite: one scan over the 250 ms
+    # budget, failing closed after 11 messages) must not end the batch: this is about the loop
+    generous = [s.model_copy(update={"budget_ms": 60_000.0}) for s in spec.scanners]
+    policy = build_policy(spec.model_copy(update={"scanners": generous}))
     context = ScanContext("input", "k", role="user")
     scans = [(text, context, f"messages[{i}].content") for i, text in enumerate(HISTORY)]
     counted = []
