@@ -298,7 +298,6 @@ class EmbeddedBackend:
                 log.info("captured CUDA graphs of the decode step for batch sizes %s", sizes)
             except Exception as exc:  # a driver or torch that cannot capture: run eagerly
                 log.warning("CUDA graph capture failed (%s); decoding eagerly", exc)
-                runner.cuda_graphs = None
         if self.adapters:
             from finetune.adapters import inspect
 

@@ -99,17 +99,17 @@ def fuse_weights(
     def w(name: str, as_dtype: torch.dtype = dtype) -> torch.Tensor:
         return weights[name].to(device=device, dtype=as_dtype).contiguous()
 
+    pack = PackedWeight.available(device)
+
+    def packed(t: torch.Tensor) -> Weight:  # bf16 weights on a CPU with native bf16
+        return PackedWeight.pack(t) if pack and t.dtype == torch.bfloat16 else t
+
     def linear_weight(t: torch.Tensor, name: str, head: bool = False) -> Weight:
         if quant == "int4" and kernel == "onnxruntime":
             return cache.nbits(name, t, 8 if head else 4) if NBitsWeight.fits(t) else t
         if quant == "int4" and not head and Int4Weight.fits(t):
             return cache.int4(name, t, dtype)
         return cache.int8(name, t, dtype) if quant in ("int8", "int4") else packed(t)
-
-    def packed(t: torch.Tensor) -> Weight:  # bf16 weights on a CPU with native bf16
-        return PackedWeight.pack(t) if pack and t.dtype == torch.bfloat16 else t
-
-    pack = PackedWeight.available(torch.bfloat16, device)
 
     embed = w("model.embed_tokens.weight")
     head = embed if shape.tie_word_embeddings else w("lm_head.weight")

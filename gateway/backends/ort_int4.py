@@ -204,10 +204,10 @@ class QGemmWeight(OrtWeight):
 
     @classmethod
     def quantize(cls, weight: torch.Tensor) -> QGemmWeight:
-        w = weight.float()
-        scale = (w.abs().amax(dim=1) / QGEMM_MAX).clamp(min=1e-8)
-        q = torch.round(w / scale.unsqueeze(1)).clamp(-QGEMM_MAX, QGEMM_MAX).to(torch.int8)
-        return cls(q.t().contiguous(), scale.contiguous(), w.shape[1], w.shape[0])
+        from gateway.backends.quant import Int8Weight  # quant.py imports this module
+
+        int8 = Int8Weight.quantize(weight, torch.float32, qmax=QGEMM_MAX)
+        return cls(int8.q.t().contiguous(), int8.scales, weight.shape[1], weight.shape[0])
 
     def dequantize(self) -> torch.Tensor:
         """The float32 ``[out, in]`` weight the kernel multiplies by (tests)."""

@@ -35,11 +35,11 @@ class Int8Weight:
     scales: torch.Tensor  # [out], the activation dtype
 
     @classmethod
-    def quantize(cls, weight: torch.Tensor, dtype: torch.dtype) -> Int8Weight:
-        """Symmetric per-channel: each row scaled so its largest magnitude maps to 127."""
+    def quantize(cls, weight: torch.Tensor, dtype: torch.dtype, qmax: int = 127) -> Int8Weight:
+        """Symmetric per-channel: each row scaled so its largest magnitude maps to ``qmax``."""
         w = weight.float()
-        scales = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-8)
-        q = torch.round(w / scales.unsqueeze(1)).clamp(-127, 127).to(torch.int8)
+        scales = (w.abs().amax(dim=1) / qmax).clamp(min=1e-8)
+        q = torch.round(w / scales.unsqueeze(1)).clamp(-qmax, qmax).to(torch.int8)
         return cls(q.contiguous(), scales.to(dtype))
 
 
@@ -100,15 +100,10 @@ class PackedWeight:
         return cls(packed, weight.shape[0])
 
     @staticmethod
-    def available(dtype: torch.dtype, device: torch.device) -> bool:
-        """bf16 on a CPU that computes it natively (elsewhere oneDNN would emulate it), with
+    def available(device: torch.device) -> bool:
+        """On a CPU that computes bf16 natively (elsewhere oneDNN would emulate it), with
         PyTorch built with oneDNN."""
-        return (
-            dtype == torch.bfloat16
-            and device.type == "cpu"
-            and torch.backends.mkldnn.is_available()
-            and on_cpu_with_bf16()
-        )
+        return device.type == "cpu" and torch.backends.mkldnn.is_available() and on_cpu_with_bf16()
 
 
 Weight = torch.Tensor | Int8Weight | Int4Weight | PackedWeight | OrtWeight

@@ -308,7 +308,7 @@ def test_prepacked_bf16_weights_give_the_plain_products_bit_for_bit(model_path) 
     runner = LlamaRunner.from_pretrained(
         model_path, max_slots=1, max_len=64, dtype=torch.bfloat16, device=cpu
     )
-    packs = PackedWeight.available(torch.bfloat16, cpu)
+    packs = PackedWeight.available(cpu)
     assert isinstance(runner.layers[0].qkv, PackedWeight) == packs
     assert isinstance(runner.layers[-1].down, PackedWeight) == packs
     assert isinstance(runner.lm_head, PackedWeight) == packs
