@@ -85,7 +85,9 @@ class PackedWeight:
     and multiplied by ``mkldnn._linear_pointwise``: the pair Inductor's CPU weight-freezing pass
     emits. ``F.linear`` on a plain bf16 weight reorders it on every call; prepacked, SmolLM2's
     layers took 26-28 ms at 40 rows against 38 and 10-11 ms at one row against 18-19 (the
-    AVX-512-BF16 machine, microbenchmark), with bit for bit the same products (tested)."""
+    AVX-512-BF16 machine, microbenchmark), with bit for bit the same products there; on AMX
+    (Intel Sapphire Rapids) oneDNN multiplies the plain layout of some shapes with another kernel,
+    and a few products of a prompt differ by one bf16 step, as accurate either way (tested)."""
 
     packed: torch.Tensor  # layout torch._mkldnn, bf16
     out_features: int

@@ -299,10 +299,13 @@ def test_int4_weights_are_q4_1_exactly() -> None:
     assert not Int4Weight.fits(torch.zeros(40, 96)) and not Int4Weight.fits(torch.zeros(48, 80))
 
 
-def test_prepacked_bf16_weights_give_the_plain_products_bit_for_bit(model_path) -> None:  # type: ignore[no-untyped-def]
+def test_prepacked_bf16_weights_give_the_plain_products(model_path) -> None:  # type: ignore[no-untyped-def]
     """Where the CPU computes bf16 natively, bf16 weights that stay unquantized (a bf16 model's
     layers and head, the dense prefill copy) are reordered once for oneDNN (``PackedWeight``);
-    their products are ``F.linear``'s bit for bit, for one row, a prompt and a padded batch.
+    their products are ``F.linear``'s, for one row, a prompt and a padded batch: bit for bit on
+    the AVX-512-BF16 machine; on AMX, oneDNN multiplies the plain layout of some shapes with
+    another kernel (a 40-row prompt: 10 of 122,880 products one bf16 step apart), so the test
+    allows one rounding step and asks for the same accuracy against float32 arithmetic.
     Elsewhere they stay plain tensors."""
     cpu = torch.device("cpu")
     runner = LlamaRunner.from_pretrained(
@@ -320,9 +323,17 @@ def test_prepacked_bf16_weights_give_the_plain_products_bit_for_bit(model_path) 
     packed = PackedWeight.pack(weight)
     for shape in ((1, 576), (40, 576), (2, 7, 576)):
         x = torch.randn(shape, dtype=torch.bfloat16)
-        assert torch.equal(linear(x, packed), F.linear(x, weight))
+        got, plain = linear(x, packed), F.linear(x, weight)
+        assert got.shape == plain.shape and got.dtype == plain.dtype
+        # at most one bf16 step apart (2**-7 relative covers one step at any magnitude)
+        torch.testing.assert_close(got, plain, rtol=2**-7, atol=0)
+        exact = F.linear(x.double(), weight.double())
+        error = (got.double() - exact).abs().mean()
+        assert error <= 1.01 * (plain.double() - exact).abs().mean()
     x = torch.randn(3, 576)  # float32 activations are rounded to bf16 first, as for plain weights
-    assert torch.equal(linear(x, packed), F.linear(x.bfloat16(), weight).float())
+    got = linear(x, packed)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, F.linear(x.bfloat16(), weight).float(), rtol=2**-7, atol=0)
 
 
 def test_rotary_step_equals_transformers_bit_for_bit() -> None:
