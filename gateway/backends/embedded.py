@@ -104,17 +104,17 @@ def choose_dtype(
 def choose_dense_prefill(
     enabled: bool, quant: Quant, kernel: Int4Kernel = "torch"
 ) -> torch.dtype | None:
-    """The dtype of the dense copy long prompts are prefilled with (``LlamaRunner``), or None:
+    """The dtype of the copy long prompts are prefilled with (``LlamaRunner``), or None:
     bf16 on CPUs with native bf16, float32 on the others (their bf16 matmuls are emulated:
     100 prompt tokens in 1,150 ms against 258 in float32 on the AVX2-only machine). With ONNX
-    Runtime's int4 kernel the copy is int8 on the runtime's integer GEMM (``QGemmWeight``; float32
-    is the activations' dtype): a dense PyTorch copy, even bf16 where it is native, has
+    Runtime's int4 kernel, ``torch.int8``: the copy is int8 on the runtime's integer GEMM
+    (``QGemmWeight``, float32 activations): a dense PyTorch copy, even bf16 where it is native, has
     PyTorch's threads contend with the runtime's spinning pool (``make bench`` on the
     AVX-512-BF16 machine, stop 40: warm TTFT 114 ms against 26 without the copy)."""
     if not enabled or quant == "none":
         return None
     if kernel == "onnxruntime":
-        return torch.float32
+        return torch.int8
     return torch.bfloat16 if on_cpu_with_bf16() else torch.float32
 
 

@@ -24,7 +24,8 @@ Dense prefill: the int8 and int4 kernels' time grows with every prompt token, a 
 barely (bound by reading the weights up to dozens of tokens). With ``dense_prefill``, quantized
 weights keep a dense copy of the layers' projections for prompts of ``DENSE_PREFILL_FROM`` tokens
 or more (README, "Dense prefill"); decoding stays quantized. With ONNX Runtime's int4 kernel the
-copy is int8 on the runtime's integer GEMM (``ort_int4.QGemmWeight``). CUDA graphs of the decode
+copy is int8 on the runtime's integer GEMM (``dense_prefill=torch.int8``, ``ort_int4.QGemmWeight``).
+CUDA graphs of the decode
 step: ``cuda_graphs.py``.
 """
 
@@ -92,7 +93,8 @@ class LlamaRunner:
     ) -> None:
         self.shape = shape
         self.quant = quant  # none | int8 | int4 (quant.py)
-        # with quantized weights: the dtype of the dense copy long prompts are prefilled with
+        # with quantized weights: the dtype of the copy long prompts are prefilled with (bf16 or
+        # float32; int8 for ONNX Runtime's integer GEMM beside its int4 kernel)
         self.dense_prefill = dense_prefill if quant != "none" else None
         self.dense_from = DENSE_PREFILL_FROM  # prompt length from which a prefill goes dense
         self.max_slots = max_slots  # the largest decode batch (CUDA graphs are captured up to it)

@@ -87,14 +87,21 @@ def fuse_weights(
     ``quant``: ``none``, ``int8`` (every linear layer and the LM head) or ``int4`` (the layers'
     matmuls in int4 where the kernel's shape rules allow, else int8; the LM head, which is also
     the embedding table in tied models and decides every token, in int8). ``dense``: with
-    quantized weights, also keep each layer's projections in this dtype (``Layer.dense``); with
-    ONNX Runtime's kernel, in int8 for its integer GEMM instead (``QGemmWeight``).
+    quantized weights, also keep each layer's projections in this dtype (``Layer.dense``):
+    ``torch.int8`` for ONNX Runtime's integer GEMM (``QGemmWeight``), which takes int4 weights
+    on ONNX Runtime's kernel and is the only copy they take; a float dtype otherwise.
     ``kernel``: whose int4 kernel, PyTorch's (``Int4Weight``, int8 LM head) or ONNX Runtime's
     (``NBitsWeight``: the layers in 4 bits, the LM head in 8, float32 activations).
     ``cache``: quantized weights from an earlier start (``quant_cache.py``). bf16 weights that
     stay unquantized (the model's with ``quant: none``, the LM head included, and the dense
     copy) are prepacked for oneDNN (``PackedWeight``) on CPUs with native bf16."""
     cache = cache or QuantCache(None)
+    on_ort = quant == "int4" and kernel == "onnxruntime"
+    if dense is not None and quant != "none" and (dense == torch.int8) != on_ort:
+        raise ValueError(
+            "the int8 prefill copy (ONNX Runtime's integer GEMM) goes with int4 weights on ONNX "
+            f"Runtime's kernel, and only it: got a {dense} copy of {quant} weights on {kernel}'s"
+        )
 
     def w(name: str, as_dtype: torch.dtype = dtype) -> torch.Tensor:
         return weights[name].to(device=device, dtype=as_dtype).contiguous()
@@ -131,7 +138,7 @@ def fuse_weights(
         plain = projections(p, dtype)
         fused = {name: linear_weight(t, p + name) for name, t in plain.items()}
         copy: dict[str, Weight] | None = None
-        if dense is not None and quant == "int4" and kernel == "onnxruntime":
+        if dense == torch.int8 and on_ort:
             copy = {n: QGemmWeight.quantize(t) for n, t in plain.items() if n != "down"}
             copy["down"] = fused["down"]
         elif dense is not None and quant != "none":  # the same tensors when the dtypes agree

@@ -48,8 +48,8 @@ def test_int4_kernel_is_onnxruntimes_where_bf16_is_emulated() -> None:
     cpu = torch.device("cpu")
     assert choose_dtype("auto", cpu, True, "onnxruntime") == torch.float32  # what it takes
     assert choose_dtype("auto", cpu, True, "torch") == torch.bfloat16
-    # its copy is int8 (QGemmWeight), float32 being its activations' dtype
-    assert choose_dense_prefill(True, "int4", "onnxruntime") == torch.float32
+    # its copy is int8 (QGemmWeight), named by its weights' dtype
+    assert choose_dense_prefill(True, "int4", "onnxruntime") == torch.int8
     assert choose_dense_prefill(False, "int4", "onnxruntime") is None
 
 

@@ -125,7 +125,7 @@ def test_long_prompts_prefill_through_the_int8_graphs(model_path, tokenizer) -> 
     afterwards through the 4-bit graphs. A graph computes what its ops do on the same inputs,
     and the prompt's logits follow float32's: the same greedy token, correlation >= 0.97 (the
     int8 rounding of activations; 4 bits alone: 0.998)."""
-    runner = ort_runner(model_path, dense_prefill=torch.float32)
+    runner = ort_runner(model_path, dense_prefill=torch.int8)
     graphs = runner._int8_graphs_ort
     assert graphs is not None
     layer, following = runner.layers[2], runner.layers[3]
@@ -164,6 +164,25 @@ def test_long_prompts_prefill_through_the_int8_graphs(model_path, tokenizer) -> 
     reference = exact.prefill([PrefillItem(prompt, 0, tables_for(exact, 1)[0])])
     assert int(logits[0].argmax()) == int(reference[0].argmax())
     assert float(torch.corrcoef(torch.stack([logits[0], reference[0]]))[0, 1]) >= 0.97
+
+
+def test_the_int8_copy_goes_with_onnxruntimes_int4_kernel_only(model_path) -> None:  # type: ignore[no-untyped-def]
+    """``dense_prefill=torch.int8`` names ONNX Runtime's integer-GEMM copy, which only int4
+    weights on ONNX Runtime's kernel take; a float copy beside that kernel (PyTorch's threads
+    would contend with the runtime's pool) or an int8 copy of PyTorch's weights is refused
+    before anything is quantized, instead of quietly becoming the other copy."""
+    with pytest.raises(ValueError, match="int8 prefill copy"):
+        ort_runner(model_path, dense_prefill=torch.float32)
+    with pytest.raises(ValueError, match="int8 prefill copy"):
+        LlamaRunner.from_pretrained(
+            model_path,
+            max_slots=1,
+            max_len=64,
+            dtype=torch.bfloat16,
+            device=torch.device("cpu"),
+            quant="int4",
+            dense_prefill=torch.int8,
+        )
 
 
 def test_quantized_weights_are_cached_and_read_back(model_path, tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
