@@ -24,9 +24,8 @@ Dense prefill: the int8 and int4 kernels' time grows with every prompt token, a 
 barely (bound by reading the weights up to dozens of tokens). With ``dense_prefill``, quantized
 weights keep a dense copy of the layers' projections for prompts of ``DENSE_PREFILL_FROM`` tokens
 or more (README, "Dense prefill"); decoding stays quantized. With ONNX Runtime's int4 kernel the
-copy is int8 on the runtime's integer GEMM (``dense_prefill=torch.int8``, ``ort_int4.QGemmWeight``).
-CUDA graphs of the decode
-step: ``cuda_graphs.py``.
+copy is int8 on the runtime's integer GEMM (``dense_prefill=torch.int8``,
+``ort_int4.QGemmWeight``). CUDA graphs of the decode step: ``cuda_graphs.py``.
 """
 
 from __future__ import annotations

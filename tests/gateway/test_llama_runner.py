@@ -305,7 +305,7 @@ def test_prepacked_bf16_weights_give_the_plain_products(model_path) -> None:  # 
     their products are ``F.linear``'s, for one row, a prompt and a padded batch: bit for bit on
     the AVX-512-BF16 machine; on AMX, oneDNN multiplies the plain layout of some shapes with
     another kernel (a 40-row prompt: 10 of 122,880 products one bf16 step apart), so the test
-    allows one rounding step and asks for the same accuracy against float32 arithmetic.
+    allows one rounding step and asks for the same accuracy against float64 arithmetic.
     Elsewhere they stay plain tensors."""
     cpu = torch.device("cpu")
     runner = LlamaRunner.from_pretrained(
