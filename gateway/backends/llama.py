@@ -42,6 +42,7 @@ from gateway.backends.llama_ops import attend, attend_fused, rope
 from gateway.backends.llama_weights import Layer, LlamaShape, fuse_weights, rotary_tables
 from gateway.backends.multilora import apply as lora_delta
 from gateway.backends.multilora import llama_bank
+from gateway.backends.ort_decode import decode_graph
 from gateway.backends.ort_int4 import OrtWeight, layer_graphs
 from gateway.backends.quant import Int4Kernel, Quant, Weight, linear
 from gateway.backends.quant_cache import QuantCache
@@ -128,6 +129,12 @@ class LlamaRunner:
         self._graphs_ort = layer_graphs(self.layers, eps) if on_ort else None
         # and those of the int8 copy (``QGemmWeight``), for long prefills
         self._int8_graphs_ort = layer_graphs(self.layers, eps, copies=True) if on_ort else None
+        # and the whole decode step in one graph (``ort_decode.DecodeGraph``)
+        self._decode_graph = (
+            decode_graph(self.layers, self.final_norm, self.lm_head, shape, num_blocks * block_size)
+            if on_ort
+            else None
+        )
         # ONNX Runtime's pool multiplies on every core; PyTorch's threads (attention, the ops
         # between two calls) spinning beside it made a step three times slower (43 ms against
         # 14-15 on two cores): its forward passes leave PyTorch one thread (``_layers``)
@@ -139,14 +146,15 @@ class LlamaRunner:
         # One pool per layer, kv-head major: [kv_heads, num_blocks * block_size, head_dim], so a
         # gather of rows is contiguous per kv head and attention runs as one batched matmul
         # over (kv head, sequence) without another copy.
+        # The layers' pools are views of one tensor each for keys and values (``DecodeGraph``
+        # takes all of them in one input and its new rows are written with one call).
         kv, dim = shape.num_kv_heads, shape.head_dim
         rows = num_blocks * block_size
-        self.k_pool = [
-            torch.zeros((kv, rows, dim), dtype=torch.float32, device=device) for _ in self.layers
-        ]
-        self.v_pool = [
-            torch.zeros((kv, rows, dim), dtype=torch.float32, device=device) for _ in self.layers
-        ]
+        pools = (len(self.layers), kv, rows, dim)
+        self.k_pools = torch.zeros(pools, dtype=torch.float32, device=device)
+        self.v_pools = torch.zeros(pools, dtype=torch.float32, device=device)
+        self.k_pool = list(self.k_pools.unbind(0))
+        self.v_pool = list(self.v_pools.unbind(0))
         # LoRA adapters: index per name (0: the base model) and, during a forward pass that
         # involves any adapter, the index of each row
         self.adapters: dict[str, int] = {}
@@ -469,6 +477,8 @@ class LlamaRunner:
         every block a sequence can have in a graph; or one sequence's slice of rows)."""
         n = ids.shape[0]
         x = F.embedding(ids, self.embed)
+        if self._decode_graph is not None and self._rows is None:
+            return self._decode_in_graph(x, pos, write, gather)
         cos = self.cos[pos].view(n, 1, 1, -1)
         sin = self.sin[pos].view(n, 1, 1, -1)
         length = gather.stop - gather.start if isinstance(gather, slice) else gather.shape[1]
@@ -477,6 +487,30 @@ class LlamaRunner:
         mask.masked_fill_(~visible, float("-inf"))
         x = self._layers(x, cos, sin, write, gather, mask.view(n, 1, length))
         return self._logits(x[:, -1])
+
+    def _decode_in_graph(
+        self, x: torch.Tensor, pos: torch.Tensor, write: torch.Tensor, gather: Rows
+    ) -> torch.Tensor:
+        """``_decode`` through ``DecodeGraph``: each sequence attends to its past rows (a lone
+        sequence to exactly its ``pos`` rows) and its new token; the new keys and values go to
+        rows ``write`` afterwards."""
+        assert self._decode_graph is not None
+        n = x.shape[0]
+        if isinstance(gather, slice):
+            rows = torch.arange(gather.start, gather.stop, device=self.device).view(1, -1)
+        else:
+            rows = gather
+        if n == 1:
+            rows = rows[:, : int(pos[0])]
+        past = torch.arange(rows.shape[1], device=self.device).view(1, -1) < pos.view(-1, 1)
+        mask = torch.zeros(rows.shape, dtype=torch.float32, device=self.device)
+        mask.masked_fill_(~past, float("-inf"))
+        logits, k_new, v_new = self._decode_graph.run(
+            x, self.cos[pos], self.sin[pos], self.k_pools, self.v_pools, rows, mask
+        )
+        self.k_pools[:, :, write] = k_new.transpose(1, 2)
+        self.v_pools[:, :, write] = v_new.transpose(1, 2)
+        return logits
 
     # -- CUDA graphs ---------------------------------------------------------------------------
 

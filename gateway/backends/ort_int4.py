@@ -171,11 +171,16 @@ class NBitsWeight(OrtWeight):
                 accuracy_level=ACCURACY_LEVEL,
             )
         ]
-        if self.offsets is not None:  # + (x summed per group) @ offsets: two nodes
-            member = torch.arange(self.in_features).unsqueeze(1) // NBITS_GROUP
-            groups = (member == torch.arange(self.groups)).float()  # [in, groups], 0 or 1
+        if self.offsets is not None:  # + (x summed per group) @ offsets: three nodes
+            grouped = init(torch.tensor([0, self.groups, NBITS_GROUP]), "grouped")
             nodes += [
-                helper.make_node("MatMul", [x, init(groups, "groups")], [f"{name}.sums"]),
+                helper.make_node("Reshape", [x, grouped], [f"{name}.x3"]),
+                helper.make_node(
+                    "ReduceSum",
+                    [f"{name}.x3", init(torch.tensor([2]), "axis")],
+                    [f"{name}.sums"],
+                    keepdims=0,
+                ),
                 helper.make_node(
                     "Gemm",
                     [f"{name}.sums", init(self.offsets, "offsets"), f"{name}.q"],

@@ -96,8 +96,9 @@ def test_layer_graphs_compute_what_the_ops_do_one_by_one(
     monkeypatch.setattr(ort_int4, "ACCURACY_LEVEL", 0)
     graphs = ort_runner(model_path)
     assert graphs._graphs_ort is not None
+    graphs._decode_graph = None  # decoding in one graph: the next test
     ops = ort_runner(model_path)
-    ops._graphs_ort = None
+    ops._graphs_ort = ops._decode_graph = None
     prompts = [chat_ids(tokenizer, p) for p in PROMPTS]
 
     def run(runner: LlamaRunner, tokens: list[list[int]]) -> list[torch.Tensor]:
@@ -155,8 +156,12 @@ def test_long_prompts_prefill_through_the_int8_graphs(model_path, tokenizer) -> 
     table = tables_for(runner, 1)[0]
     logits = runner.prefill([PrefillItem(prompt, 0, table)])
     assert calls == {"int8": runner.shape.num_layers, "int4": 0}
+    steps = []
+    assert runner._decode_graph is not None  # the decode step's graph, on the 4-bit weights
+    original_run = runner._decode_graph.run
+    runner._decode_graph.run = lambda *a: steps.append(a) or original_run(*a)  # type: ignore[method-assign]
     runner.decode([int(logits[0].argmax())], [len(prompt)], [table])
-    assert calls == {"int8": runner.shape.num_layers, "int4": runner.shape.num_layers}
+    assert calls == {"int8": runner.shape.num_layers, "int4": 0} and len(steps) == 1
 
     exact = LlamaRunner.from_pretrained(
         model_path, max_slots=1, max_len=256, dtype=torch.float32, device=torch.device("cpu")
@@ -164,6 +169,67 @@ def test_long_prompts_prefill_through_the_int8_graphs(model_path, tokenizer) -> 
     reference = exact.prefill([PrefillItem(prompt, 0, tables_for(exact, 1)[0])])
     assert int(logits[0].argmax()) == int(reference[0].argmax())
     assert float(torch.corrcoef(torch.stack([logits[0], reference[0]]))[0, 1]) >= 0.97
+
+
+def test_the_decode_step_is_one_graph(model_path, tokenizer, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Decoding takes ``DecodeGraph`` (rotary embedding, attention over each sequence's rows of
+    the pools, every layer and the LM head in one runtime call): with the kernel multiplying in
+    float32, its logits and the keys and values it writes are those of the layer graphs with
+    attention in PyTorch, step after step, for a sequence alone (its rows read as a run), one
+    whose blocks are not consecutive (gathered) and two of different lengths together (masked).
+    A wrong rotation, head order, past row or mask would be far off."""
+    monkeypatch.setattr(ort_int4, "ACCURACY_LEVEL", 0)
+    runner = ort_runner(model_path)
+    graph = runner._decode_graph
+    assert graph is not None
+    batches: list[int] = []
+    original = graph.run
+
+    def counted(x, *args):  # type: ignore[no-untyped-def]
+        batches.append(x.shape[0])
+        return original(x, *args)
+
+    graph.run = counted  # type: ignore[method-assign]
+    prompts = [
+        chat_ids(tokenizer, p) for p in [*PROMPTS[:1], "Name three rivers in Europe, please."]
+    ]
+    assert len(prompts[0]) != len(prompts[1])
+    steps = 12  # past a block boundary
+
+    def decode(
+        tables: list[list[int]], tokens: list[list[int]] | None = None
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Logits of the prompts and of each step, fed ``tokens`` or their own greedy picks,
+        and the keys and values of every position afterwards."""
+        items = [PrefillItem(p, 0, t) for p, t in zip(prompts, tables, strict=False)]
+        out = [runner.prefill(items).clone()]
+        for step in range(steps):
+            picks = tokens[step] if tokens else [int(row.argmax()) for row in out[-1]]
+            positions = [len(item.tokens) + step for item in items]
+            out.append(runner.decode(picks, positions, tables).clone())
+        rows = [r for i in items for r in runner._rows_of(i.table, range(len(i.tokens) + steps))]
+        index = torch.tensor(rows)
+        return out, [runner.k_pools[:, :, index].clone(), runner.v_pools[:, :, index].clone()]
+
+    alone, *pair = tables_for(runner, 3)
+    scattered = [alone[1], alone[0], *alone[2:]]  # the first two blocks swapped
+    assert runner._rows_to_read([alone], 2) == slice(
+        alone[0] * runner.block_size, (alone[0] + 2) * runner.block_size
+    )
+    assert not isinstance(runner._rows_to_read([scattered], 2), slice)
+    for tables in ([alone], [scattered], pair):
+        batches.clear()
+        got, got_kv = decode(tables)
+        assert batches == [len(tables)] * steps
+        tokens = [[int(row.argmax()) for row in logits] for logits in got[:-1]]
+        runner._decode_graph = None
+        expected, expected_kv = decode(tables, tokens)
+        runner._decode_graph = graph
+        for a, b in zip(got, expected, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-3)
+        for a, b in zip(got_kv, expected_kv, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+        assert not torch.allclose(expected[1], expected[2], atol=1e-3)  # the steps differ
 
 
 def test_the_int8_copy_goes_with_onnxruntimes_int4_kernel_only(model_path) -> None:  # type: ignore[no-untyped-def]

@@ -1,0 +1,234 @@
+"""A lone sequence's whole decode step as one ONNX Runtime graph (the engine's int4 kernel on
+CPUs without native bf16).
+
+``ort_int4.LayerGraphs`` makes a decode step 32 runtime calls with rotary embedding, the KV
+cache's writes and attention in PyTorch between them: about 25 PyTorch calls a layer, each
+costing microseconds of dispatch on a 576-wide vector, which was a third of a step on the 2-core
+AVX2 machine. The common case of a chat, one sequence decoding alone whose blocks are
+consecutive in the pool (free blocks are handed out in order), needs none of the paged cache's
+generality: its past keys and values are one run of rows of each layer's pool. ``DecodeGraph``
+computes that step, the embedding's row in and the logits out, in a single graph: rotary
+embedding, attention over the run of rows (sliced from the pools, which go in without a copy),
+every layer's matmuls, norms and residuals, the final norm and the LM head. The new token's keys
+and values come back as outputs, and the runner writes them to their row (two PyTorch calls).
+
+Attention is written out of standard operators (``FusedMatMul`` for the scaled ``q @ k.T``):
+the past rows' scores and the new token's are computed apart and concatenated before the
+softmax, so the past keys and values are read once, from their slice, and never copied again
+to append the new row. Batches, prefills, LoRA adapters and sequences whose blocks are not
+consecutive keep ``LayerGraphs``.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from gateway.backends.ort_int4 import LayerWeights, OrtWeight, session
+
+if TYPE_CHECKING:
+    from gateway.backends.llama_weights import LlamaShape
+
+
+class DecodeGraph:
+    """One decode step of one sequence: ``run(x, cos, sin, k_pool, v_pool, start, position)``
+    with ``x`` the token's embedding ``[1, hidden]``, ``cos``/``sin`` its position's rotary rows
+    (``llama_weights.rotary_tables``), the pools ``[layers, kv, rows, dim]`` and the sequence's
+    past keys at rows ``start .. start + position - 1`` returns the logits ``[1, vocab]`` and
+    the new keys and values ``[layers, kv, dim]`` for row ``start + position``."""
+
+    def __init__(
+        self,
+        layers: list[LayerWeights],
+        final_norm: torch.Tensor,
+        head: OrtWeight,
+        shape: LlamaShape,
+        pool_rows: int,
+    ) -> None:
+        from onnx import TensorProto, helper, numpy_helper
+
+        heads, kv, dim = shape.num_heads, shape.num_kv_heads, shape.head_dim
+        eps = shape.rms_norm_eps
+        nodes: list[Any] = []
+        inits: list[Any] = []
+
+        def const(name: str, value: torch.Tensor) -> str:
+            inits.append(numpy_helper.from_array(value.numpy(), name))
+            return name
+
+        def op(kind: str, inputs: list[str], output: str, **attrs: Any) -> str:
+            nodes.append(helper.make_node(kind, inputs, [output], **attrs))
+            return output
+
+        def split(inputs: list[str], outputs: list[str], **attrs: Any) -> list[str]:
+            nodes.append(helper.make_node("Split", inputs, outputs, **attrs))
+            return outputs
+
+        def norm(name: str, x: str, weight: torch.Tensor) -> str:
+            w = const(f"{name}.weight", weight.float().contiguous())
+            return op("RMSNormalization", [x, w], name, axis=-1, epsilon=eps)
+
+        def matmul(weight: OrtWeight, name: str, x: str) -> str:
+            more, more_inits = weight.node(name, x, f"{name}.out")
+            nodes.extend(more)
+            inits.extend(more_inits)
+            return f"{name}.out"
+
+        def shape_of(name: str, *dims: int) -> str:
+            return const(name, torch.tensor(dims, dtype=torch.long))
+
+        qk_split = shape_of("qk_v", (heads + kv) * dim, kv * dim)
+        q_k = shape_of("q_k", heads, kv)
+        as_qk = shape_of("as_qk", 0, heads + kv, dim)
+        as_q = shape_of("as_q", 0, kv, heads // kv, dim)
+        as_kv = shape_of("as_kv", 0, kv, dim)
+        two = const("two", torch.tensor([2]))
+        as_rows = shape_of("as_rows", 0, -1)
+        scale = dim**-0.5
+
+        x = "x"
+        qkv = matmul(layers[0].qkv, "l0.qkv", norm("l0.in", x, layers[0].input_norm))
+        new_k: list[str] = []
+        new_v: list[str] = []
+        for i, layer in enumerate(layers):
+            p = f"l{i}."
+            # rotary embedding of the query and key heads together (``llama_ops.rope``)
+            qk, v = split([qkv, qk_split], [p + "qk", p + "v"], axis=-1)
+            qk = op("Reshape", [qk, as_qk], p + "qk3")  # [n, heads + kv, dim]
+            low, high = split([qk], [p + "lo", p + "hi"], axis=-1, num_outputs=2)
+            rolled = op("Concat", [high, low], p + "rolled", axis=-1)
+            qk = op(
+                "Add",
+                [op("Mul", [qk, "cos"], p + "qc"), op("Mul", [rolled, "sin"], p + "rs")],
+                p + "qk_rot",
+            )
+            q, k = split([qk, q_k], [p + "q", p + "k"], axis=1)
+            new_k.append(k)  # [n, kv, dim]
+            new_v.append(v)  # [n, kv * dim]
+            # [kv, n, rows, dim]: a kv head's queries (its query heads) as the rows of a matmul
+            q = op("Transpose", [op("Reshape", [q, as_q], p + "q4")], p + "qt", perm=[1, 0, 2, 3])
+            k = op("Unsqueeze", [op("Transpose", [k], p + "kt", perm=[1, 0, 2]), two], p + "k4")
+            v = op("Reshape", [v, as_kv], p + "v3")
+            v = op("Unsqueeze", [op("Transpose", [v], p + "vt", perm=[1, 0, 2]), two], p + "v4")
+            # attention: each sequence's past rows of this layer's pools, then its new token
+            base = const(p + "base", torch.tensor(i * kv * pool_rows))
+            index = op("Add", ["index", base], p + "index")  # rows of layer i's pools
+            past = [op("Gather", [pool, index], p + pool, axis=0) for pool in ("k_pool", "v_pool")]
+            fused = {"domain": "com.microsoft", "transB": 1, "alpha": scale}
+            s_past = op("FusedMatMul", [q, past[0]], p + "s_past0", **fused)
+            s_past = op("Add", [s_past, "mask"], p + "s_past")
+            s_new = op("FusedMatMul", [q, k], p + "s_new", **fused)
+            scores = op("Concat", [s_past, s_new], p + "scores", axis=-1)
+            probs = op("Softmax", [scores], p + "probs", axis=-1)
+            p_past, p_new = split([probs, "split"], [p + "p_past", p + "p_new"], axis=-1)
+            out = op(
+                "Add",
+                [
+                    op("MatMul", [p_past, past[1]], p + "o_past"),
+                    op("MatMul", [p_new, v], p + "o_new"),
+                ],
+                p + "o_heads",
+            )
+            out = op("Transpose", [out], p + "o_t", perm=[1, 0, 2, 3])  # [n, kv, per kv, dim]
+            attn = op("Reshape", [out, as_rows], p + "attn")
+            # the rest of the layer: ``LayerGraphs``' nodes
+            x1 = op("Add", [x, matmul(layer.o, p + "o", attn)], p + "x1")
+            h = norm(p + "post", x1, layer.post_norm)
+            gu = matmul(layer.gate_up, p + "gate_up", h)
+            gate, up = split([gu], [p + "gate", p + "up"], axis=-1, num_outputs=2)
+            silu = op("Mul", [gate, op("Sigmoid", [gate], p + "sig")], p + "silu")
+            act = op("Mul", [silu, up], p + "act")
+            x = op("Add", [x1, matmul(layer.down, p + "down", act)], p + "x2")
+            if i + 1 < len(layers):
+                nxt = layers[i + 1]
+                qkv = matmul(nxt.qkv, f"l{i + 1}.qkv", norm(f"l{i + 1}.in", x, nxt.input_norm))
+        logits = matmul(head, "head", norm("final", x, final_norm))
+        op("Identity", [logits], "logits")
+        op("Concat", new_k, "k_new", axis=0)
+        op("Concat", new_v, "v_new", axis=0)
+
+        def value(name: str, elem: int, dims: list[Any] | None) -> Any:
+            return helper.make_tensor_value_info(name, elem, dims)
+
+        f, i64 = TensorProto.FLOAT, TensorProto.INT64
+        graph = helper.make_graph(
+            nodes,
+            "ragline_decode",
+            [
+                value("x", f, ["n", shape.hidden_size]),
+                value("cos", f, ["n", 1, dim]),
+                value("sin", f, ["n", 1, dim]),
+                value("k_pool", f, [len(layers) * kv * pool_rows, dim]),
+                value("v_pool", f, [len(layers) * kv * pool_rows, dim]),
+                value("index", i64, [kv, "n", "L"]),
+                value("mask", f, ["n", 1, "L"]),
+                value("split", i64, [2]),
+            ],
+            [value(n, f, None) for n in ("logits", "k_new", "v_new")],
+            inits,
+        )
+        opsets = [helper.make_opsetid("", 23), helper.make_opsetid("com.microsoft", 1)]
+        model = helper.make_model(graph, opset_imports=opsets).SerializeToString()
+        self._session = session(model)
+        self._kv = kv
+        self._layers = len(layers)
+        self._pool_rows = pool_rows
+        self._heads = torch.arange(kv).view(kv, 1, 1) * pool_rows
+
+    def run(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        k_pools: torch.Tensor,
+        v_pools: torch.Tensor,
+        rows: torch.Tensor,
+        mask: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """A step of ``n`` sequences: ``x`` their tokens' embeddings ``[n, hidden]``, ``cos`` and
+        ``sin`` their positions' rotary rows ``[n, dim]``, ``rows`` ``[n, L]`` the pool rows of
+        their past keys and values and ``mask`` ``[n, L]`` which of those they see (0 or -inf;
+        a sequence's past only: its new token is attended apart). Returns the logits ``[n,
+        vocab]`` and the new keys and values ``[layers, n, kv, dim]``."""
+        import numpy as np
+
+        n, length = rows.shape
+        dim = k_pools.shape[-1]
+        logits, k_new, v_new = self._session.run(
+            None,
+            {
+                "x": x.reshape(n, -1).float().numpy(),
+                "cos": cos.reshape(n, 1, -1).float().numpy(),
+                "sin": sin.reshape(n, 1, -1).float().numpy(),
+                "k_pool": k_pools.view(-1, dim).numpy(),
+                "v_pool": v_pools.view(-1, dim).numpy(),
+                "index": (self._heads + rows.unsqueeze(0)).numpy(),
+                "mask": mask.view(n, 1, length).numpy(),
+                "split": np.array([length, 1], dtype=np.int64),
+            },
+        )
+        new = (self._layers, n, self._kv, dim)
+        return (
+            torch.from_numpy(logits),
+            torch.from_numpy(k_new).view(new),
+            torch.from_numpy(v_new).view(new),
+        )
+
+
+def decode_graph(
+    layers: list[Any], final_norm: torch.Tensor, head: Any, shape: LlamaShape, pool_rows: int
+) -> DecodeGraph | None:
+    """The decode graph of decoder layers (``llama_weights.Layer``) on their ONNX Runtime
+    weights, or None where some weight (the LM head included) is not one."""
+    names = ("qkv", "o", "gate_up", "down")
+    parts = []
+    for layer in layers:
+        mats = [getattr(layer, n) for n in names]
+        if not all(isinstance(m, OrtWeight) for m in mats):
+            return None
+        qkv, o, gate_up, down = mats
+        parts.append(LayerWeights(layer.input_norm, qkv, o, layer.post_norm, gate_up, down))
+    if not isinstance(head, OrtWeight):
+        return None
+    return DecodeGraph(parts, final_norm, head, shape, pool_rows)
