@@ -25,7 +25,8 @@ barely (bound by reading the weights up to dozens of tokens). With ``dense_prefi
 weights keep a dense copy of the layers' projections for prompts of ``DENSE_PREFILL_FROM`` tokens
 or more (README, "Dense prefill"); decoding stays quantized. With ONNX Runtime's int4 kernel the
 copy is int8 on the runtime's integer GEMM (``dense_prefill=torch.int8``,
-``ort_int4.QGemmWeight``). CUDA graphs of the decode step: ``cuda_graphs.py``.
+``ort_int4.QGemmWeight``) and prefills every prompt, and the decode step is one graph
+(``ort_decode.DecodeGraph``). CUDA graphs of the decode step: ``cuda_graphs.py``.
 """
 
 from __future__ import annotations
@@ -126,9 +127,15 @@ class LlamaRunner:
         # session (``ort_int4.LayerGraphs``); LoRA takes the per-op path
         on_ort = int4_kernel == "onnxruntime" and quant == "int4"
         eps = shape.rms_norm_eps
-        self._graphs_ort = layer_graphs(self.layers, eps) if on_ort else None
-        # and those of the int8 copy (``QGemmWeight``), for long prefills
+        # the layer graphs of the int8 copy (``QGemmWeight``) prefill every prompt: as fast as
+        # the 4-bit ones from one token and faster from 16 (README, "An int8 copy for
+        # prefills"), so the 4-bit layer graphs are made only without the copy
         self._int8_graphs_ort = layer_graphs(self.layers, eps, copies=True) if on_ort else None
+        if self._int8_graphs_ort is not None:
+            self.dense_from = 1
+        self._graphs_ort = (
+            layer_graphs(self.layers, eps) if on_ort and self._int8_graphs_ort is None else None
+        )
         # and the whole decode step in one graph (``ort_decode.DecodeGraph``)
         self._decode_graph = (
             decode_graph(self.layers, self.final_norm, self.lm_head, shape, num_blocks * block_size)

@@ -1,22 +1,22 @@
-"""A lone sequence's whole decode step as one ONNX Runtime graph (the engine's int4 kernel on
-CPUs without native bf16).
+"""The engine's decode step as one ONNX Runtime graph (the int4 kernel on CPUs without native
+bf16).
 
-``ort_int4.LayerGraphs`` makes a decode step 32 runtime calls with rotary embedding, the KV
+``ort_int4.LayerGraphs`` made a decode step 32 runtime calls with rotary embedding, the KV
 cache's writes and attention in PyTorch between them: about 25 PyTorch calls a layer, each
-costing microseconds of dispatch on a 576-wide vector, which was a third of a step on the 2-core
-AVX2 machine. The common case of a chat, one sequence decoding alone whose blocks are
-consecutive in the pool (free blocks are handed out in order), needs none of the paged cache's
-generality: its past keys and values are one run of rows of each layer's pool. ``DecodeGraph``
-computes that step, the embedding's row in and the logits out, in a single graph: rotary
-embedding, attention over the run of rows (sliced from the pools, which go in without a copy),
-every layer's matmuls, norms and residuals, the final norm and the LM head. The new token's keys
-and values come back as outputs, and the runner writes them to their row (two PyTorch calls).
+costing microseconds of dispatch on a 576-wide vector. ``DecodeGraph`` computes the step of a
+batch of any size in a single call, the tokens' embeddings in and the logits out: each layer's
+rotary embedding, attention, matmuls, norms and residuals, then the final norm and the LM head.
+The layers' pools go in without a copy, as rows of ``head_dim`` (``LlamaRunner.k_pools``, one
+tensor for every layer), and each sequence's past rows, the paged cache's block table turned
+into row numbers (a run of rows for a lone sequence whose blocks are consecutive), are read with
+one ``Gather`` a layer, under a mask for the padding of a batch. The new tokens' keys and values
+come back as outputs and the runner writes them to their rows (two PyTorch calls).
 
 Attention is written out of standard operators (``FusedMatMul`` for the scaled ``q @ k.T``):
 the past rows' scores and the new token's are computed apart and concatenated before the
-softmax, so the past keys and values are read once, from their slice, and never copied again
-to append the new row. Batches, prefills, LoRA adapters and sequences whose blocks are not
-consecutive keep ``LayerGraphs``.
+softmax, so the past keys and values are gathered once and never copied again to append the
+new row. Batches with LoRA adapters (their deltas go between the matmuls) and prefills keep the
+layer graphs.
 """
 
 from __future__ import annotations
@@ -32,11 +32,7 @@ if TYPE_CHECKING:
 
 
 class DecodeGraph:
-    """One decode step of one sequence: ``run(x, cos, sin, k_pool, v_pool, start, position)``
-    with ``x`` the token's embedding ``[1, hidden]``, ``cos``/``sin`` its position's rotary rows
-    (``llama_weights.rotary_tables``), the pools ``[layers, kv, rows, dim]`` and the sequence's
-    past keys at rows ``start .. start + position - 1`` returns the logits ``[1, vocab]`` and
-    the new keys and values ``[layers, kv, dim]`` for row ``start + position``."""
+    """The decode step on one set of weights (4 bits: ``NBitsWeight``); ``run`` computes it."""
 
     def __init__(
         self,
@@ -106,7 +102,7 @@ class DecodeGraph:
             q, k = split([qk, q_k], [p + "q", p + "k"], axis=1)
             new_k.append(k)  # [n, kv, dim]
             new_v.append(v)  # [n, kv * dim]
-            # [kv, n, rows, dim]: a kv head's queries (its query heads) as the rows of a matmul
+            # [kv, n, heads per kv head, dim]: the query heads of a kv head as a matmul's rows
             q = op("Transpose", [op("Reshape", [q, as_q], p + "q4")], p + "qt", perm=[1, 0, 2, 3])
             k = op("Unsqueeze", [op("Transpose", [k], p + "kt", perm=[1, 0, 2]), two], p + "k4")
             v = op("Reshape", [v, as_kv], p + "v3")
@@ -173,7 +169,6 @@ class DecodeGraph:
         self._session = session(model)
         self._kv = kv
         self._layers = len(layers)
-        self._pool_rows = pool_rows
         self._heads = torch.arange(kv).view(kv, 1, 1) * pool_rows
 
     def run(

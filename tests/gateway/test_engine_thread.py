@@ -91,7 +91,8 @@ async def test_one_thread_loads_the_model_and_runs_it(
         )  # the default
         (runner,) = loaded
         assert runner.dense_prefill == choose_dense_prefill(True, "int4", kernel)  # on by default
-        assert (runner._graphs_ort is not None) == (kernel == "onnxruntime")
+        assert (runner._decode_graph is not None) == (kernel == "onnxruntime")
+        assert (runner._int8_graphs_ort is not None) == (kernel == "onnxruntime")
         request = GenerationRequest(
             request_id="t",
             model="m",
