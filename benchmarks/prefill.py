@@ -11,9 +11,8 @@ else float32: what ``dense_prefill: true`` picks; where the bf16 copy is prepack
 kernels can be measured on an AVX-512 machine with ``ATEN_CPU_CAPABILITY=avx2
 ONEDNN_MAX_CPU_ISA=AVX2`` in front of the command (and ``--dense float32``, as an AVX2-only CPU
 would get). ``--onnxruntime`` adds a row for int4 through ONNX Runtime's kernel (``int4_kernel:
-onnxruntime``: float32 activations; a runner without the int8 copy) and one for its int8 copy on
-the runtime's integer GEMM (a runner with it, which prefills every prompt with the copy),
-measured after the others (they leave PyTorch one thread).
+onnxruntime``: float32 activations) and one for its int8 copy on the runtime's integer GEMM,
+measured after the others (it leaves PyTorch one thread).
 """
 
 from __future__ import annotations
@@ -96,29 +95,22 @@ def main() -> None:
     env = f"{torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} threads"
     if args.onnxruntime:
         del runner
-        # two runners: with the int8 copy (which then prefills every prompt) the 4-bit layer
-        # graphs are not made
-        ort = {
-            name: LlamaRunner.from_pretrained(
-                path,
-                max_slots=1,
-                max_len=max(args.lengths) + 16,
-                dtype=torch.float32,
-                device=torch.device("cpu"),
-                quant="int4",
-                int4_kernel="onnxruntime",
-                dense_prefill=dense,
-            )
-            for name, dense in (
-                ("int4 (onnxruntime)", None),
-                ("int8 copy (onnxruntime)", choose_dense_prefill(True, "int4", "onnxruntime")),
-            )
-        }
-        for name in ort:
-            rows[name] = []
+        ort = LlamaRunner.from_pretrained(
+            path,
+            max_slots=1,
+            max_len=max(args.lengths) + 16,
+            dtype=torch.float32,
+            device=torch.device("cpu"),
+            quant="int4",
+            int4_kernel="onnxruntime",
+            dense_prefill=choose_dense_prefill(True, "int4", "onnxruntime"),
+        )
+        rows["int4 (onnxruntime)"], rows["int8 copy (onnxruntime)"] = [], []
         for tokens in args.lengths:
-            for name, ort_runner in ort.items():
-                rows[name].append(median_ms(ort_runner, tokens, args.repeats))
+            ort.dense_from = tokens + 1
+            rows["int4 (onnxruntime)"].append(median_ms(ort, tokens, args.repeats))
+            ort.dense_from = tokens
+            rows["int8 copy (onnxruntime)"].append(median_ms(ort, tokens, args.repeats))
     table = Table(title=f"prefill ms by prompt tokens ({env}; dense from {DENSE_PREFILL_FROM})")
     table.add_column("weights")
     for tokens in args.lengths:

@@ -25,8 +25,8 @@ barely (bound by reading the weights up to dozens of tokens). With ``dense_prefi
 weights keep a dense copy of the layers' projections for prompts of ``DENSE_PREFILL_FROM`` tokens
 or more (README, "Dense prefill"); decoding stays quantized. With ONNX Runtime's int4 kernel the
 copy is int8 on the runtime's integer GEMM (``dense_prefill=torch.int8``,
-``ort_int4.QGemmWeight``) and prefills every prompt, and the decode step is one graph
-(``ort_decode.DecodeGraph``). CUDA graphs of the decode step: ``cuda_graphs.py``.
+``ort_int4.QGemmWeight``), and the decode step is one graph (``ort_decode.DecodeGraph``).
+CUDA graphs of the decode step: ``cuda_graphs.py``.
 """
 
 from __future__ import annotations
@@ -127,15 +127,9 @@ class LlamaRunner:
         # session (``ort_int4.LayerGraphs``); LoRA takes the per-op path
         on_ort = int4_kernel == "onnxruntime" and quant == "int4"
         eps = shape.rms_norm_eps
-        # the layer graphs of the int8 copy (``QGemmWeight``) prefill every prompt: as fast as
-        # the 4-bit ones from one token and faster from 16 (README, "An int8 copy for
-        # prefills"), so the 4-bit layer graphs are made only without the copy
+        self._graphs_ort = layer_graphs(self.layers, eps) if on_ort else None
+        # and those of the int8 copy (``QGemmWeight``), for long prefills
         self._int8_graphs_ort = layer_graphs(self.layers, eps, copies=True) if on_ort else None
-        if self._int8_graphs_ort is not None:
-            self.dense_from = 1
-        self._graphs_ort = (
-            layer_graphs(self.layers, eps) if on_ort and self._int8_graphs_ort is None else None
-        )
         # and the whole decode step in one graph (``ort_decode.DecodeGraph``)
         self._decode_graph = (
             decode_graph(self.layers, self.final_norm, self.lm_head, shape, num_blocks * block_size)
@@ -498,17 +492,17 @@ class LlamaRunner:
     def _decode_in_graph(
         self, x: torch.Tensor, pos: torch.Tensor, write: torch.Tensor, gather: Rows
     ) -> torch.Tensor:
-        """``_decode`` through ``DecodeGraph``: each sequence attends to its past rows (a lone
-        sequence to exactly its ``pos`` rows) and its new token; the new keys and values go to
-        rows ``write`` afterwards."""
+        """``_decode`` through ``DecodeGraph``: each sequence attends to its past rows, those of
+        its blocks before ``pos``, and its new token; the new keys and values go to rows
+        ``write`` afterwards. A lone sequence reads its whole blocks too, masked past ``pos``,
+        as in a batch: beside sequences of as many blocks it then sums the same rows as alone
+        (the int8 rounding of activations amplifies a last bit's difference into another
+        greedy token now and then)."""
         assert self._decode_graph is not None
-        n = x.shape[0]
         if isinstance(gather, slice):
             rows = torch.arange(gather.start, gather.stop, device=self.device).view(1, -1)
         else:
             rows = gather
-        if n == 1:
-            rows = rows[:, : int(pos[0])]
         past = torch.arange(rows.shape[1], device=self.device).view(1, -1) < pos.view(-1, 1)
         mask = torch.zeros(rows.shape, dtype=torch.float32, device=self.device)
         mask.masked_fill_(~past, float("-inf"))

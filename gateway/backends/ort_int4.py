@@ -16,9 +16,9 @@ float32 (the kernel takes float32, and PyTorch's elementwise ops on an AVX2 CPU 
 float32 than in emulated bf16). The decode step, attention included, is one graph of its own
 (``ort_decode.DecodeGraph``).
 
-With ``dense_prefill`` prompts are prefilled through layer graphs on an int8 copy of the q/k/v,
-output and gate/up projections (``QGemmWeight``, the runtime's integer GEMM), whose time grows
-far less with the number of rows than ``MatMulNBits``'; the 4-bit layer graphs serve without it.
+With ``dense_prefill`` long prompts are prefilled through layer graphs on an int8 copy of the
+q/k/v, output and gate/up projections (``QGemmWeight``, the runtime's integer GEMM), whose time
+grows far less with the number of rows than ``MatMulNBits``'.
 
 Weights are quantized per group of 32 inputs (4 bits for the layers, as llama.cpp's Q4_1; 8 for
 the LM head, which decides every token), in the layout ``MatMulNBits`` reads (``NBitsWeight``).
@@ -195,8 +195,8 @@ class NBitsWeight(OrtWeight):
 class QGemmWeight(OrtWeight):
     """A linear layer's weight in int8 (7-bit steps, ``QGEMM_MAX``), one scale per output
     channel, multiplied by ONNX Runtime's ``MatMulInteger`` (MLAS's u8s8 GEMM) after each row of
-    activations is quantized on its own in the graph. The copy prompts are prefilled with on
-    the ONNX Runtime path: at 40 rows SmolLM2's 30 layers of matmuls took 30 ms on the integer
+    activations is quantized on its own in the graph. The copy long prompts are prefilled with
+    on the ONNX Runtime path: at 40 rows SmolLM2's 30 layers of matmuls took 30 ms on the integer
     GEMM against 56 with ``MatMulNBits`` in 4 bits, which unpacks and quantizes per block of 32
     (2-core AVX2 machine, a microbenchmark); at one row 4 bits win (3.7 against 4.8 ms), so
     decoding stays in 4 bits. One scale for the whole activation matrix
@@ -350,7 +350,7 @@ class LayerGraphs:
 
 def layer_graphs(layers: Sequence[Any], eps: float, copies: bool = False) -> LayerGraphs | None:
     """The graphs of decoder layers (``llama_weights.Layer``) on their ONNX Runtime weights, or
-    on their copies for prefills (``Layer.dense``); None where some weight is not one."""
+    on their copies for long prefills (``Layer.dense``); None where some weight is not one."""
     names = ("qkv", "o", "gate_up", "down")
     parts = []
     for layer in layers:

@@ -119,16 +119,16 @@ def test_layer_graphs_compute_what_the_ops_do_one_by_one(
     assert not torch.allclose(reference[0], reference[1], atol=1e-3)  # the steps differ
 
 
-def test_prompts_prefill_through_the_int8_graphs(model_path, tokenizer) -> None:  # type: ignore[no-untyped-def]
-    """With ``dense_prefill`` every prompt, a one-token one included, is prefilled through the
+def test_long_prompts_prefill_through_the_int8_graphs(model_path, tokenizer) -> None:  # type: ignore[no-untyped-def]
+    """With ``dense_prefill`` a prompt of ``dense_from`` tokens or more is prefilled through the
     layer graphs of the int8 copy (its down projections stay in 4 bits: their inputs' outliers,
-    up to 900x a channel's median, leave too few steps for the rest of a row; no 4-bit layer
-    graphs are made) and decoded afterwards through the 4-bit decode graph. A graph computes
-    what its ops do on the same inputs, and the prompt's logits follow float32's: the same
-    greedy token, correlation >= 0.97 (the int8 rounding of activations; 4 bits alone: 0.998)."""
+    up to 900x a channel's median, leave too few steps for the rest of a row) and decoding
+    afterwards through the 4-bit graphs. A graph computes what its ops do on the same inputs,
+    and the prompt's logits follow float32's: the same greedy token, correlation >= 0.97 (the
+    int8 rounding of activations; 4 bits alone: 0.998)."""
     runner = ort_runner(model_path, dense_prefill=torch.int8)
     graphs = runner._int8_graphs_ort
-    assert graphs is not None and runner._graphs_ort is None and runner.dense_from == 1
+    assert graphs is not None
     layer, following = runner.layers[2], runner.layers[3]
     assert isinstance(layer.dense["qkv"], QGemmWeight) and layer.dense["down"] is layer.down
 
@@ -143,26 +143,25 @@ def test_prompts_prefill_through_the_int8_graphs(model_path, tokenizer) -> None:
     torch.testing.assert_close(qkv, expected_qkv, rtol=1e-4, atol=1e-3)
 
     prompt = chat_ids(tokenizer, PROMPTS[0])
-    calls = []
-    original = graphs.after
+    assert len(prompt) >= runner.dense_from
+    calls = {"int8": 0, "int4": 0}
+    for name, layer_graphs in (("int8", graphs), ("int4", runner._graphs_ort)):
+        original = layer_graphs.after
 
-    def counted(*args):  # type: ignore[no-untyped-def]
-        calls.append(args[0])
-        return original(*args)
+        def counted(*args, _name=name, _original=original):  # type: ignore[no-untyped-def]
+            calls[_name] += 1
+            return _original(*args)
 
-    graphs.after = counted  # type: ignore[method-assign]
-    tables = tables_for(runner, 2)
-    logits = runner.prefill([PrefillItem(prompt, 0, tables[0])])
-    layers = list(range(runner.shape.num_layers))
-    assert calls == layers
-    runner.prefill([PrefillItem(prompt[:1], 0, tables[1])])
-    assert calls == layers * 2
+        layer_graphs.after = counted  # type: ignore[method-assign]
+    table = tables_for(runner, 1)[0]
+    logits = runner.prefill([PrefillItem(prompt, 0, table)])
+    assert calls == {"int8": runner.shape.num_layers, "int4": 0}
     steps = []
     assert runner._decode_graph is not None  # the decode step's graph, on the 4-bit weights
     original_run = runner._decode_graph.run
     runner._decode_graph.run = lambda *a: steps.append(a) or original_run(*a)  # type: ignore[method-assign]
-    runner.decode([int(logits[0].argmax())], [len(prompt)], [tables[0]])
-    assert calls == layers * 2 and len(steps) == 1
+    runner.decode([int(logits[0].argmax())], [len(prompt)], [table])
+    assert calls == {"int8": runner.shape.num_layers, "int4": 0} and len(steps) == 1
 
     exact = LlamaRunner.from_pretrained(
         model_path, max_slots=1, max_len=256, dtype=torch.float32, device=torch.device("cpu")
