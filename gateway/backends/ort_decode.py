@@ -15,8 +15,8 @@ come back as outputs and the runner writes them to their rows (two PyTorch calls
 Attention is written out of standard operators (``FusedMatMul`` for the scaled ``q @ k.T``):
 the past rows' scores and the new token's are computed apart and concatenated before the
 softmax, so the past keys and values are gathered once and never copied again to append the
-new row. Batches with LoRA adapters (their deltas go between the matmuls) and prefills keep the
-layer graphs.
+new row. Batches with LoRA adapters take the op-by-op path (their deltas go between the
+matmuls) and prefills the layer graphs.
 """
 
 from __future__ import annotations
