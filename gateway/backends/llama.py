@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from gateway.backends.cuda_graphs import DecodeGraphs
+from gateway.backends.kv_rows import Rows, additive_mask, gather_rows, rows_of, rows_to_read
 from gateway.backends.llama_ops import attend, attend_fused, rope
 from gateway.backends.llama_weights import Layer, LlamaShape, fuse_weights, rotary_tables
 from gateway.backends.multilora import apply as lora_delta
@@ -47,11 +48,6 @@ from gateway.backends.ort_decode import decode_graph
 from gateway.backends.ort_int4 import OrtWeight, layer_graphs
 from gateway.backends.quant import Int4Kernel, Quant, Weight, linear
 from gateway.backends.quant_cache import QuantCache
-
-# The pool rows a forward pass reads: ``[b, L]`` row indices (gathered with one copy per layer),
-# or, for one sequence whose blocks are consecutive in the pool, their run of rows as a slice
-# (read in place: no copy).
-Rows = torch.Tensor | slice
 
 # The prompt length from which ``dense_prefill`` prefills with the dense weights (the
 # int4 and dense times cross near 16 tokens with bf16 and at 16-24 with PyTorch's AVX2 kernels;
@@ -235,31 +231,8 @@ class LlamaRunner:
         """Copy block ``src``'s keys and values into block ``dst`` (a forked choice's last,
         partly filled block: the choices write different tokens after it)."""
         bs = self.block_size
-        for k, v in zip(self.k_pool, self.v_pool, strict=True):
-            k[:, dst * bs : (dst + 1) * bs] = k[:, src * bs : (src + 1) * bs]
-            v[:, dst * bs : (dst + 1) * bs] = v[:, src * bs : (src + 1) * bs]
-
-    def _rows_of(self, table: list[int], positions: range | list[int]) -> list[int]:
-        bs = self.block_size
-        return [table[p // bs] * bs + p % bs for p in positions]
-
-    def _gather_rows(self, tables: list[list[int]], blocks: int) -> torch.Tensor:
-        """Pool rows ``[len(tables), blocks * block_size]`` of each table's first ``blocks``
-        blocks, padded with the null block."""
-        padded = [t[:blocks] + [0] * (blocks - len(t[:blocks])) for t in tables]
-        ids = torch.tensor(padded, dtype=torch.long, device=self.device)
-        offsets = torch.arange(self.block_size, dtype=torch.long, device=self.device)
-        return (ids.unsqueeze(-1) * self.block_size + offsets).view(len(tables), -1)
-
-    def _rows_to_read(self, tables: list[list[int]], blocks: int) -> Rows:
-        """What ``_layers`` reads: a slice when there is one sequence and its first ``blocks``
-        blocks are consecutive (the usual case for a lone stream: free blocks are handed out in
-        order), else the gathered row indices. Both read the same rows in the same order."""
-        if len(tables) == 1 and len(tables[0]) >= blocks:
-            first = tables[0][0]
-            if tables[0][:blocks] == list(range(first, first + blocks)):
-                return slice(first * self.block_size, (first + blocks) * self.block_size)
-        return self._gather_rows(tables, blocks)
+        for pools in (self.k_pools, self.v_pools):
+            pools[:, :, dst * bs : (dst + 1) * bs] = pools[:, :, src * bs : (src + 1) * bs]
 
     def _use_rows(self, indices: list[int]) -> None:
         self._rows = (
@@ -413,16 +386,14 @@ class LlamaRunner:
             ids.append(item.tokens + [0] * pad)
             positions = range(item.start, item.start + len(item.tokens))
             pos.append(list(positions) + [0] * pad)
-            write.extend(self._rows_of(item.table, positions) + [0] * pad)  # null block
+            write.extend(rows_of(item.table, positions, bs) + [0] * pad)  # null block
         dev = self.device
         pos_t = torch.tensor(pos, dtype=torch.long, device=dev)
         x = F.embedding(torch.tensor(ids, dtype=torch.long, device=dev), self.embed)
         cos, sin = self.cos[pos_t].unsqueeze(2), self.sin[pos_t].unsqueeze(2)
-        gather = self._rows_to_read([item.table for item in items], blocks)
+        gather = rows_to_read([item.table for item in items], blocks, bs, dev)
         # query at position p sees key positions 0..p (causal, across the cached prefix too)
-        visible = torch.arange(blocks * bs, device=dev).view(1, 1, -1) <= pos_t.unsqueeze(-1)
-        mask = torch.zeros(visible.shape, dtype=torch.float32, device=dev)
-        mask.masked_fill_(~visible, float("-inf"))
+        mask = additive_mask(blocks * bs, pos_t, inclusive=True)
         write_t = torch.tensor(write, dtype=torch.long, device=dev)
         x = self._layers(x, cos, sin, write_t, gather, mask)
         last = torch.tensor([len(item.tokens) - 1 for item in items], device=dev)
@@ -445,7 +416,8 @@ class LlamaRunner:
         """
         n = len(token_ids)
         indices = adapters or [0] * n
-        write = [self._rows_of(t, [p])[0] for t, p in zip(tables, positions, strict=True)]
+        bs = self.block_size
+        write = [rows_of(t, [p], bs)[0] for t, p in zip(tables, positions, strict=True)]
         if any(indices):  # adapters run eagerly (graphs were captured without them)
             self._use_rows(indices)
             try:
@@ -454,7 +426,7 @@ class LlamaRunner:
                 self._rows = None
         if self.cuda_graphs is not None:
             size = self.cuda_graphs.bucket(n)
-            gather = self._gather_rows(tables + [[]] * (size - n), self.max_blocks)
+            gather = gather_rows(tables + [[]] * (size - n), self.max_blocks, bs, self.device)
             return self.cuda_graphs.replay(token_ids, positions, write, gather)
         return self._decode_lists(token_ids, positions, write, tables)
 
@@ -467,7 +439,7 @@ class LlamaRunner:
             torch.tensor(token_ids, dtype=torch.long, device=dev).view(-1, 1),
             torch.tensor(positions, dtype=torch.long, device=dev),
             torch.tensor(write, dtype=torch.long, device=dev),
-            self._rows_to_read(tables, blocks),
+            rows_to_read(tables, blocks, self.block_size, dev),
         )
 
     def _decode(
@@ -479,39 +451,14 @@ class LlamaRunner:
         n = ids.shape[0]
         x = F.embedding(ids, self.embed)
         if self._decode_graph is not None and self._rows is None:
-            return self._decode_in_graph(x, pos, write, gather)
+            cos, sin, pools = self.cos[pos], self.sin[pos], (self.k_pools, self.v_pools)
+            return self._decode_graph.step(x, cos, sin, pools, pos, write, gather)
         cos = self.cos[pos].view(n, 1, 1, -1)
         sin = self.sin[pos].view(n, 1, 1, -1)
         length = gather.stop - gather.start if isinstance(gather, slice) else gather.shape[1]
-        visible = torch.arange(length, device=self.device).view(1, -1) <= pos.view(-1, 1)
-        mask = torch.zeros(n, length, dtype=torch.float32, device=self.device)
-        mask.masked_fill_(~visible, float("-inf"))
+        mask = additive_mask(length, pos, inclusive=True)
         x = self._layers(x, cos, sin, write, gather, mask.view(n, 1, length))
         return self._logits(x[:, -1])
-
-    def _decode_in_graph(
-        self, x: torch.Tensor, pos: torch.Tensor, write: torch.Tensor, gather: Rows
-    ) -> torch.Tensor:
-        """``_decode`` through ``DecodeGraph``: each sequence attends to its past rows, those of
-        its blocks before ``pos``, and its new token; the new keys and values go to rows
-        ``write`` afterwards. A lone sequence reads its whole blocks too, masked past ``pos``,
-        as in a batch: beside sequences of as many blocks it then sums the same rows as alone
-        (the int8 rounding of activations amplifies a last bit's difference into another
-        greedy token now and then)."""
-        assert self._decode_graph is not None
-        if isinstance(gather, slice):
-            rows = torch.arange(gather.start, gather.stop, device=self.device).view(1, -1)
-        else:
-            rows = gather
-        past = torch.arange(rows.shape[1], device=self.device).view(1, -1) < pos.view(-1, 1)
-        mask = torch.zeros(rows.shape, dtype=torch.float32, device=self.device)
-        mask.masked_fill_(~past, float("-inf"))
-        logits, k_new, v_new = self._decode_graph.run(
-            x, self.cos[pos], self.sin[pos], self.k_pools, self.v_pools, rows, mask
-        )
-        self.k_pools[:, :, write] = k_new.transpose(1, 2)
-        self.v_pools[:, :, write] = v_new.transpose(1, 2)
-        return logits
 
     # -- CUDA graphs ---------------------------------------------------------------------------
 

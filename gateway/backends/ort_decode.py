@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from gateway.backends.kv_rows import Rows, additive_mask, as_index
 from gateway.backends.ort_int4 import LayerWeights, OrtWeight, session
 
 if TYPE_CHECKING:
@@ -170,6 +171,33 @@ class DecodeGraph:
         self._kv = kv
         self._layers = len(layers)
         self._heads = torch.arange(kv).view(kv, 1, 1) * pool_rows
+
+    def step(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        pools: tuple[torch.Tensor, torch.Tensor],
+        pos: torch.Tensor,
+        write: torch.Tensor,
+        read: Rows,
+    ) -> torch.Tensor:
+        """The runner's decode step (``LlamaRunner._decode``): ``n`` sequences' embeddings ``x``,
+        rotary rows ``cos``/``sin`` and positions ``pos``; each attends to its past, the rows
+        ``read`` before ``pos``, and its new token, whose keys and values are then written to
+        rows ``write`` of ``pools`` (``LlamaRunner.k_pools``, ``v_pools``). Returns the logits.
+
+        A lone sequence reads its whole blocks too, masked past ``pos``, as in a batch: beside
+        sequences of as many blocks it then sums the same rows as alone (the int8 rounding of
+        activations amplifies a last bit's difference into another greedy token now and
+        then)."""
+        rows = as_index(read, pos.device)
+        mask = additive_mask(rows.shape[1], pos, inclusive=False)
+        k_pools, v_pools = pools
+        logits, k_new, v_new = self.run(x, cos, sin, k_pools, v_pools, rows, mask)
+        k_pools[:, :, write] = k_new.transpose(1, 2)
+        v_pools[:, :, write] = v_new.transpose(1, 2)
+        return logits
 
     def run(
         self,

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
 from gateway.backends.cuda_graphs import DecodeGraphs
+from gateway.backends.kv_rows import gather_rows, rows_of, rows_to_read
 from gateway.backends.llama import DENSE_PREFILL_FROM, LlamaRunner, PrefillItem
 from gateway.backends.llama_ops import rope
 from gateway.backends.ort_int4 import NBitsWeight
@@ -118,9 +119,10 @@ def test_a_lone_sequence_reads_its_consecutive_blocks_in_place(model_path, token
     blocks = -(-(len(ids) + 4) // runner.block_size)
     straight = list(range(1, blocks + 1))
     scattered = list(range(2 * blocks + 1, blocks, -1))[:blocks]  # descending, disjoint
-    assert isinstance(runner._rows_to_read([straight], blocks), slice)
-    assert isinstance(runner._rows_to_read([scattered], blocks), torch.Tensor)
-    assert isinstance(runner._rows_to_read([straight, scattered], blocks), torch.Tensor)
+    bs, dev = runner.block_size, runner.device
+    assert isinstance(rows_to_read([straight], blocks, bs, dev), slice)
+    assert isinstance(rows_to_read([scattered], blocks, bs, dev), torch.Tensor)
+    assert isinstance(rows_to_read([straight, scattered], blocks, bs, dev), torch.Tensor)
     outs = []
     for table in (straight, scattered):
         logits = [runner.prefill([PrefillItem(ids, 0, table)])[0].clone()]
@@ -143,10 +145,10 @@ def test_static_whole_cache_step_equals_the_dynamic_step(model_path, tokenizer) 
     first = [int(row.argmax()) for row in runner.prefill(items)]
     positions = [len(p) for p in prompts]
     dynamic = runner.decode(first, positions, tables).clone()
-    write = [runner._rows_of(t, [p])[0] for t, p in zip(tables, positions, strict=True)]
+    write = [rows_of(t, [p], runner.block_size)[0] for t, p in zip(tables, positions, strict=True)]
     ids = torch.tensor(first + [0, 0]).view(4, 1)
     pos = torch.tensor(positions + [0, 0])
-    gather = runner._gather_rows(tables + [[], []], runner.max_blocks)
+    gather = gather_rows(tables + [[], []], runner.max_blocks, runner.block_size, runner.device)
     with torch.inference_mode():
         static = runner._decode(ids, pos, torch.tensor(write + [0, 0]), gather)[:2]
     torch.testing.assert_close(static, dynamic, rtol=1e-4, atol=1e-4)

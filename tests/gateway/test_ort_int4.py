@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from gateway.backends import ort_int4
+from gateway.backends.kv_rows import rows_of, rows_to_read
 from gateway.backends.llama import LlamaRunner, PrefillItem
 from gateway.backends.ort_int4 import NBITS_GROUP, QGEMM_MAX, NBitsWeight, QGemmWeight
 from tests.engine_helpers import chat_ids, tables_for
@@ -207,16 +208,20 @@ def test_the_decode_step_is_one_graph(model_path, tokenizer, monkeypatch) -> Non
             picks = tokens[step] if tokens else [int(row.argmax()) for row in out[-1]]
             positions = [len(item.tokens) + step for item in items]
             out.append(runner.decode(picks, positions, tables).clone())
-        rows = [r for i in items for r in runner._rows_of(i.table, range(len(i.tokens) + steps))]
+        rows = [
+            r
+            for i in items
+            for r in rows_of(i.table, range(len(i.tokens) + steps), runner.block_size)
+        ]
         index = torch.tensor(rows)
         return out, [runner.k_pools[:, :, index].clone(), runner.v_pools[:, :, index].clone()]
 
     alone, *pair = tables_for(runner, 3)
     scattered = [alone[1], alone[0], *alone[2:]]  # the first two blocks swapped
-    assert runner._rows_to_read([alone], 2) == slice(
+    assert rows_to_read([alone], 2, runner.block_size, runner.device) == slice(
         alone[0] * runner.block_size, (alone[0] + 2) * runner.block_size
     )
-    assert not isinstance(runner._rows_to_read([scattered], 2), slice)
+    assert not isinstance(rows_to_read([scattered], 2, runner.block_size, runner.device), slice)
     for tables in ([alone], [scattered], pair):
         batches.clear()
         got, got_kv = decode(tables)
