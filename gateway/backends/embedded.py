@@ -74,17 +74,19 @@ def choose_quantization(
 
 
 def choose_int4_kernel(name: str, quant: Quant) -> Int4Kernel:
-    """Whose kernel multiplies int4 weights: as asked for, or for ``auto`` ONNX Runtime's on CPUs
-    without native bf16 (on the 2-core AVX2 machine, ``make bench``: one stream decodes at 55-61
-    tok/s against 26-31 with PyTorch's kernel, 0.45-0.63x llama.cpp against 0.23-0.30x, and a
-    32-token prompt prefills in 80 ms against 116: README, the embedded engine) and PyTorch's
-    where bf16 is native (measured there: 0.70-0.79x llama.cpp for one stream; in stop 40, on
-    a slower machine of that kind, ONNX Runtime's decoded faster in one run and slower in
-    another, and its cold 40-token prefill was slower, 79-96 ms against 56-66)."""
+    """Whose kernel multiplies int4 weights: as asked for, or for ``auto`` ONNX Runtime's, whose
+    decode step is one graph (``ort_decode.DecodeGraph``). Measured with ``python -m
+    benchmarks.engine`` against PyTorch's kernel in the same run: on the 2-core AMX machine
+    (stop 45) one stream 83-89 tok/s against 44-59, eight streams 253-274 against 133-192, cold
+    TTFT for 40 tokens 47-51 ms against 47-66 (int8 copy against the dense bf16 one); on the
+    AVX2-only machine, where PyTorch's kernel unpacks to float, 45-58 tok/s against 26-31 before
+    the graph. The AVX-512-BF16 kind without AMX was last measured before the graph (stop 40: a
+    tie for decoding, a slower cold prefill); ``int4_kernel: torch`` keeps PyTorch's kernel,
+    with about 0.6 GB less memory (README, the embedded engine)."""
     if quant != "int4":
         return "torch"
     if name == "auto":
-        return "torch" if on_cpu_with_bf16() else "onnxruntime"
+        return "onnxruntime"
     return "onnxruntime" if name == "onnxruntime" else "torch"
 
 

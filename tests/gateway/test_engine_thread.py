@@ -39,9 +39,8 @@ def test_auto_picks_int4_on_cpu_only_when_no_dtype_is_set() -> None:
     assert choose_quantization("int4", cpu, "bfloat16") == "int4"
 
 
-def test_int4_kernel_is_onnxruntimes_where_bf16_is_emulated() -> None:
-    auto = "torch" if on_cpu_with_bf16() else "onnxruntime"
-    assert choose_int4_kernel("auto", "int4") == auto
+def test_int4_kernel_is_onnxruntimes_by_default() -> None:
+    assert choose_int4_kernel("auto", "int4") == "onnxruntime"  # its decode step is one graph
     assert choose_int4_kernel("torch", "int4") == "torch"
     assert choose_int4_kernel("onnxruntime", "int4") == "onnxruntime"
     assert choose_int4_kernel("onnxruntime", "int8") == "torch"  # int4 only
@@ -85,14 +84,11 @@ async def test_one_thread_loads_the_model_and_runs_it(
     backend = EmbeddedBackend(EmbeddedModelConfig(name="m"), model_path)
     await backend.start()
     try:
-        kernel = choose_int4_kernel("auto", "int4")
-        assert backend.weights == (
-            "int4" if kernel == "torch" else "int4-onnxruntime"
-        )  # the default
+        assert backend.weights == "int4-onnxruntime"  # the default on every CPU
         (runner,) = loaded
-        assert runner.dense_prefill == choose_dense_prefill(True, "int4", kernel)  # on by default
-        assert (runner._decode_graph is not None) == (kernel == "onnxruntime")
-        assert (runner._int8_graphs_ort is not None) == (kernel == "onnxruntime")
+        assert runner.dense_prefill == torch.int8  # on by default: the int8 copy
+        assert runner._decode_graph is not None
+        assert runner._int8_graphs_ort is not None
         request = GenerationRequest(
             request_id="t",
             model="m",
