@@ -76,13 +76,14 @@ def choose_quantization(
 def choose_int4_kernel(name: str, quant: Quant) -> Int4Kernel:
     """Whose kernel multiplies int4 weights: as asked for, or for ``auto`` ONNX Runtime's, whose
     decode step is one graph (``ort_decode.DecodeGraph``). Measured with ``python -m
-    benchmarks.engine`` against PyTorch's kernel in the same run: on the 2-core AMX machine
-    (stop 45) one stream 83-89 tok/s against 44-59, eight streams 253-274 against 133-192, cold
-    TTFT for 40 tokens 47-51 ms against 47-66 (int8 copy against the dense bf16 one); on the
-    AVX2-only machine, where PyTorch's kernel unpacks to float, 45-58 tok/s against 26-31 before
-    the graph. The AVX-512-BF16 kind without AMX was last measured before the graph (stop 40: a
-    tie for decoding, a slower cold prefill); ``int4_kernel: torch`` keeps PyTorch's kernel,
-    with about 0.6 GB less memory (README, the embedded engine)."""
+    benchmarks.engine`` against PyTorch's kernel in the same runs on the 2-core AMX machine
+    (stop 45, five runs): one stream 67-92 tok/s against 37-59 (0.80-1.02x llama.cpp against
+    0.44-0.58x), eight streams 222-274 against 112-192, cold TTFT for 40 tokens 47-58 ms against
+    47-88 (its int8 copy against the dense bf16 one); on the AVX2-only machine, where PyTorch's
+    kernel unpacks to float, 45-58 tok/s against 26-31 before the graph. The AVX-512-BF16 kind
+    without AMX was last compared before the graph (stop 40: a tie for decoding, a slower cold
+    prefill). ``int4_kernel: torch`` keeps PyTorch's kernel: about 0.6 GB less memory and, where
+    bf16 is native, faster prefills of 128 tokens and more (README, the stop 45 table)."""
     if quant != "int4":
         return "torch"
     if name == "auto":
