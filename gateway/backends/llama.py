@@ -40,12 +40,12 @@ from safetensors.torch import load_file
 
 from gateway.backends.cuda_graphs import DecodeGraphs
 from gateway.backends.kv_rows import Rows, additive_mask, gather_rows, rows_of, rows_to_read
-from gateway.backends.llama_ops import attend, attend_fused, rope
+from gateway.backends.llama_ops import attend, rope
 from gateway.backends.llama_weights import Layer, LlamaShape, fuse_weights, rotary_tables
 from gateway.backends.multilora import apply as lora_delta
 from gateway.backends.multilora import llama_bank
 from gateway.backends.ort_decode import decode_graph
-from gateway.backends.ort_int4 import OrtWeight, layer_graphs
+from gateway.backends.ort_int4 import OrtWeight
 from gateway.backends.quant import Int4Kernel, Quant, Weight, linear
 from gateway.backends.quant_cache import QuantCache
 
@@ -119,19 +119,13 @@ class LlamaRunner:
             weights, shape, dtype, device, quant, self.dense_prefill, quant_cache, int4_kernel
         )
         self.embed, self.lm_head, self.final_norm, self.layers = fused
-        # with ONNX Runtime's int4 kernel, each layer's work between two attentions is one
-        # session (``ort_int4.LayerGraphs``); LoRA takes the per-op path
+        # with ONNX Runtime's int4 kernel, a forward pass is one graph (``ort_decode``): a decode
+        # step or a short prompt's prefill on the 4-bit weights, a long prompt's on the int8
+        # copy (``QGemmWeight``); LoRA takes the per-op path
         on_ort = int4_kernel == "onnxruntime" and quant == "int4"
-        eps = shape.rms_norm_eps
-        self._graphs_ort = layer_graphs(self.layers, eps) if on_ort else None
-        # and those of the int8 copy (``QGemmWeight``), for long prefills
-        self._int8_graphs_ort = layer_graphs(self.layers, eps, copies=True) if on_ort else None
-        # and the whole decode step in one graph (``ort_decode.DecodeGraph``)
-        self._decode_graph = (
-            decode_graph(self.layers, self.final_norm, self.lm_head, shape, num_blocks * block_size)
-            if on_ort
-            else None
-        )
+        graph_args = (self.layers, self.final_norm, self.lm_head, shape, num_blocks * block_size)
+        self._decode_graph = decode_graph(*graph_args) if on_ort else None
+        self._prefill_graph = decode_graph(*graph_args, copies=True) if on_ort else None
         # ONNX Runtime's pool multiplies on every core; PyTorch's threads (attention, the ops
         # between two calls) spinning beside it made a step three times slower (43 ms against
         # 14-15 on two cores): its forward passes leave PyTorch one thread (``_layers``)
@@ -307,15 +301,8 @@ class LlamaRunner:
         b, t = x.shape[0], x.shape[1]
         kv, dim = s.num_kv_heads, s.head_dim
         flat = gather.reshape(-1) if isinstance(gather, torch.Tensor) else None
-        graphs = None
-        if self._rows is None:  # LoRA rows take the per-op path
-            graphs = self._int8_graphs_ort if self._dense else self._graphs_ort
-        qkv = graphs.first(x) if graphs is not None else None
-        for i, (layer, kp, vp) in enumerate(
-            zip(self.layers, self.k_pool, self.v_pool, strict=True)
-        ):
-            if qkv is None:
-                qkv = self._project(self._norm(x, layer.input_norm), layer.qkv, layer, "qkv")
+        for layer, kp, vp in zip(self.layers, self.k_pool, self.v_pool, strict=True):
+            qkv = self._project(self._norm(x, layer.input_norm), layer.qkv, layer, "qkv")
             q, k, v = self._split_qkv(qkv, cos, sin)
             kp.index_copy_(1, write, k.reshape(b * t, kv, dim).transpose(0, 1).float())
             vp.index_copy_(1, write, v.reshape(b * t, kv, dim).transpose(0, 1).float())
@@ -324,15 +311,8 @@ class LlamaRunner:
             else:
                 keys = kp.index_select(1, flat).view(kv, b, -1, dim)
                 values = vp.index_select(1, flat).view(kv, b, -1, dim)
-            if graphs is not None and flat is None:
-                attn = attend_fused(q, keys, values, mask, self.shape)
-            else:
-                attn = attend(q, keys, values, mask, self.shape)
-            if graphs is not None:  # the rest of the layer and the next one's q/k/v: one call
-                x, qkv = graphs.after(i, x, attn)
-                x = x.view(b, t, -1)
-            else:
-                x, qkv = self._mlp_and_attn_out(x, attn, layer), None
+            attn = attend(q, keys, values, mask, self.shape)
+            x = self._mlp_and_attn_out(x, attn, layer)
         return x
 
     @torch.inference_mode()
@@ -391,10 +371,21 @@ class LlamaRunner:
         pos_t = torch.tensor(pos, dtype=torch.long, device=dev)
         x = F.embedding(torch.tensor(ids, dtype=torch.long, device=dev), self.embed)
         cos, sin = self.cos[pos_t].unsqueeze(2), self.sin[pos_t].unsqueeze(2)
-        gather = rows_to_read([item.table for item in items], blocks, bs, dev)
+        write_t = torch.tensor(write, dtype=torch.long, device=dev)
+        tables = [item.table for item in items]
+        graph = self._prefill_graph if self._dense else self._decode_graph
+        if graph is not None and self._rows is None:
+            # it attends to the new tokens apart: it reads only the blocks before them (one,
+            # masked, for prompts computed whole)
+            starts = [item.start for item in items]
+            past = rows_to_read(tables, max(1, -(-max(starts) // bs)), bs, dev)
+            last = torch.tensor([i * t + len(item.tokens) - 1 for i, item in enumerate(items)])
+            start = torch.tensor(starts, device=dev)
+            pools = (self.k_pools, self.v_pools)
+            return graph.forward(x, cos, sin, pools, start, write_t, past, last)
+        gather = rows_to_read(tables, blocks, bs, dev)
         # query at position p sees key positions 0..p (causal, across the cached prefix too)
         mask = additive_mask(blocks * bs, pos_t, inclusive=True)
-        write_t = torch.tensor(write, dtype=torch.long, device=dev)
         x = self._layers(x, cos, sin, write_t, gather, mask)
         last = torch.tensor([len(item.tokens) - 1 for item in items], device=dev)
         return self._logits(x[torch.arange(b, device=dev), last])

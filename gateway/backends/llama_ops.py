@@ -4,7 +4,6 @@ grouped-query attention over keys and values gathered from the paged pool."""
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from gateway.backends.llama_weights import LlamaShape
 
@@ -37,22 +36,3 @@ def attend(
     probs = torch.softmax(scores, dim=-1).view(kv * b, groups * t, length)
     out = torch.bmm(probs, values.view(kv * b, length, dim)).view(kv, b, groups, t, dim)
     return out.permute(1, 3, 0, 2, 4).reshape(b, t, shape.num_heads * dim).to(q.dtype)
-
-
-def attend_fused(
-    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, shape: LlamaShape
-) -> torch.Tensor:
-    """``attend`` for one sequence (``keys``/``values`` ``[kv, 1, L, dim]``) through PyTorch's
-    fused ``scaled_dot_product_attention`` (grouped-query heads without repeating keys): a few
-    calls instead of about seventeen, for the ONNX Runtime path, whose int8 activations already
-    round away last-bit differences (the PyTorch path keeps ``attend``: its slice and gather
-    reads are bit for bit the same)."""
-    t = q.shape[1]
-    out = F.scaled_dot_product_attention(
-        q.transpose(1, 2),
-        keys.transpose(0, 1),
-        values.transpose(0, 1),
-        attn_mask=mask.unsqueeze(1),
-        enable_gqa=True,
-    )
-    return out.transpose(1, 2).reshape(1, t, shape.num_heads * shape.head_dim)

@@ -1,22 +1,26 @@
-"""The engine's decode step as one ONNX Runtime graph (the int4 kernel on CPUs without native
-bf16).
+"""The engine's forward pass as one ONNX Runtime graph (the default int4 kernel on CPU): a
+decode step, and a prefill alike.
 
-``ort_int4.LayerGraphs`` made a decode step 32 runtime calls with rotary embedding, the KV
-cache's writes and attention in PyTorch between them: about 25 PyTorch calls a layer, each
-costing microseconds of dispatch on a 576-wide vector. ``DecodeGraph`` computes the step of a
-batch of any size in a single call, the tokens' embeddings in and the logits out: each layer's
-rotary embedding, attention, matmuls, norms and residuals, then the final norm and the LM head.
-The layers' pools go in without a copy, as rows of ``head_dim`` (``LlamaRunner.k_pools``, one
-tensor for every layer), and each sequence's past rows, the paged cache's block table turned
+Before stop 44 a decode step on ONNX Runtime was 32 runtime calls (one graph per layer between
+two attentions) with rotary embedding, the KV cache's writes and attention in PyTorch between
+them: about 25 PyTorch calls a layer, each costing microseconds of dispatch on a 576-wide
+vector. ``DecodeGraph`` computes a whole pass of a batch in a single call, the tokens'
+embeddings in and the logits out: each layer's rotary embedding, attention, matmuls, norms and
+residuals, then the final norm and the LM head on each sequence's last token. It takes ``t``
+new tokens per sequence: 1 in a decode step, the prompt (or what a prefix hit left of it) in a
+prefill. The layers' pools go in without a copy, as rows of ``head_dim`` (``LlamaRunner.k_pools``,
+one tensor for every layer), and each sequence's past rows, the paged cache's block table turned
 into row numbers (a run of rows for a lone sequence whose blocks are consecutive), are read with
 one ``Gather`` a layer, under a mask for the padding of a batch. The new tokens' keys and values
 come back as outputs and the runner writes them to their rows (two PyTorch calls).
 
-Attention is written out of standard operators (``FusedMatMul`` for the scaled ``q @ k.T``):
-the past rows' scores and the new token's are computed apart and concatenated before the
-softmax, so the past keys and values are gathered once and never copied again to append the
-new row. Batches with LoRA adapters take the op-by-op path (their deltas go between the
-matmuls) and prefills the layer graphs.
+Attention is written out of standard operators (``FusedMatMul`` for the scaled ``q @ k.T``): the
+past rows' scores and the new tokens' (causal among them) are computed apart and concatenated
+before the softmax, so the past keys and values are gathered once and never copied again to
+append the new rows, and a prompt computed whole reads no past at all (one masked block). The
+same graph is built twice: on the 4-bit weights (decoding, short prompts) and on the int8 copy
+(``QGemmWeight``, prompts of ``dense_from`` tokens or more). Batches with LoRA adapters take the
+op-by-op path (their deltas go between the matmuls).
 """
 
 from __future__ import annotations
@@ -33,7 +37,8 @@ if TYPE_CHECKING:
 
 
 class DecodeGraph:
-    """The decode step on one set of weights (4 bits: ``NBitsWeight``); ``run`` computes it."""
+    """The forward pass on one set of weights (4 bits, ``NBitsWeight``, or the int8 copy);
+    ``step`` decodes, ``forward`` prefills, ``run`` computes."""
 
     def __init__(
         self,
@@ -78,10 +83,7 @@ class DecodeGraph:
         qk_split = shape_of("qk_v", (heads + kv) * dim, kv * dim)
         q_k = shape_of("q_k", heads, kv)
         as_qk = shape_of("as_qk", 0, heads + kv, dim)
-        as_q = shape_of("as_q", 0, kv, heads // kv, dim)
-        as_kv = shape_of("as_kv", 0, kv, dim)
-        two = const("two", torch.tensor([2]))
-        as_rows = shape_of("as_rows", 0, -1)
+        as_rows = shape_of("as_rows", -1, heads * dim)
         scale = dim**-0.5
 
         x = "x"
@@ -101,21 +103,25 @@ class DecodeGraph:
                 p + "qk_rot",
             )
             q, k = split([qk, q_k], [p + "q", p + "k"], axis=1)
-            new_k.append(k)  # [n, kv, dim]
-            new_v.append(v)  # [n, kv * dim]
-            # [kv, n, heads per kv head, dim]: the query heads of a kv head as a matmul's rows
-            q = op("Transpose", [op("Reshape", [q, as_q], p + "q4")], p + "qt", perm=[1, 0, 2, 3])
-            k = op("Unsqueeze", [op("Transpose", [k], p + "kt", perm=[1, 0, 2]), two], p + "k4")
-            v = op("Reshape", [v, as_kv], p + "v3")
-            v = op("Unsqueeze", [op("Transpose", [v], p + "vt", perm=[1, 0, 2]), two], p + "v4")
-            # attention: each sequence's past rows of this layer's pools, then its new token
+            new_k.append(k)  # [R, kv, dim]
+            new_v.append(v)  # [R, kv * dim]
+            # [kv, n, t * heads per kv head, dim]: a sequence's queries of a kv head (token
+            # major) as a matmul's rows; its new keys and values [kv, n, t, dim]
+            q = op("Reshape", [q, "q5"], p + "q5")  # [n, t, kv, heads per kv head, dim]
+            q = op("Transpose", [q], p + "qt", perm=[2, 0, 1, 3, 4])
+            q = op("Reshape", [q, "q_rows"], p + "q4")
+            k = op("Transpose", [op("Reshape", [k, "kv4"], p + "k4")], p + "kt", perm=[2, 0, 1, 3])
+            v = op("Transpose", [op("Reshape", [v, "kv4"], p + "v4")], p + "vt", perm=[2, 0, 1, 3])
+            # attention: each sequence's past rows of this layer's pools, then its new tokens
+            # (causal among them)
             base = const(p + "base", torch.tensor(i * kv * pool_rows))
             index = op("Add", ["index", base], p + "index")  # rows of layer i's pools
             past = [op("Gather", [pool, index], p + pool, axis=0) for pool in ("k_pool", "v_pool")]
             fused = {"domain": "com.microsoft", "transB": 1, "alpha": scale}
             s_past = op("FusedMatMul", [q, past[0]], p + "s_past0", **fused)
             s_past = op("Add", [s_past, "mask"], p + "s_past")
-            s_new = op("FusedMatMul", [q, k], p + "s_new", **fused)
+            s_new = op("FusedMatMul", [q, k], p + "s_new0", **fused)
+            s_new = op("Add", [s_new, "causal"], p + "s_new")
             scores = op("Concat", [s_past, s_new], p + "scores", axis=-1)
             probs = op("Softmax", [scores], p + "probs", axis=-1)
             p_past, p_new = split([probs, "split"], [p + "p_past", p + "p_new"], axis=-1)
@@ -127,7 +133,8 @@ class DecodeGraph:
                 ],
                 p + "o_heads",
             )
-            out = op("Transpose", [out], p + "o_t", perm=[1, 0, 2, 3])  # [n, kv, per kv, dim]
+            out = op("Reshape", [out, "o5"], p + "o5")  # [kv, n, t, per kv, dim]
+            out = op("Transpose", [out], p + "o_t", perm=[1, 2, 0, 3, 4])
             attn = op("Reshape", [out, as_rows], p + "attn")
             # the rest of the layer: ``LayerGraphs``' nodes
             x1 = op("Add", [x, matmul(layer.o, p + "o", attn)], p + "x1")
@@ -140,6 +147,7 @@ class DecodeGraph:
             if i + 1 < len(layers):
                 nxt = layers[i + 1]
                 qkv = matmul(nxt.qkv, f"l{i + 1}.qkv", norm(f"l{i + 1}.in", x, nxt.input_norm))
+        x = op("Gather", [x, "last"], "x_last", axis=0)  # each sequence's last token
         logits = matmul(head, "head", norm("final", x, final_norm))
         op("Identity", [logits], "logits")
         op("Concat", new_k, "k_new", axis=0)
@@ -153,14 +161,20 @@ class DecodeGraph:
             nodes,
             "ragline_decode",
             [
-                value("x", f, ["n", shape.hidden_size]),
-                value("cos", f, ["n", 1, dim]),
-                value("sin", f, ["n", 1, dim]),
+                value("x", f, ["R", shape.hidden_size]),
+                value("cos", f, ["R", 1, dim]),
+                value("sin", f, ["R", 1, dim]),
                 value("k_pool", f, [len(layers) * kv * pool_rows, dim]),
                 value("v_pool", f, [len(layers) * kv * pool_rows, dim]),
                 value("index", i64, [kv, "n", "L"]),
                 value("mask", f, ["n", 1, "L"]),
+                value("causal", f, [1, "tG", "t"]),
+                value("last", i64, ["n"]),
                 value("split", i64, [2]),
+                value("q5", i64, [5]),
+                value("q_rows", i64, [4]),
+                value("kv4", i64, [4]),
+                value("o5", i64, [5]),
             ],
             [value(n, f, None) for n in ("logits", "k_new", "v_new")],
             inits,
@@ -169,6 +183,7 @@ class DecodeGraph:
         model = helper.make_model(graph, opset_imports=opsets).SerializeToString()
         self._session = session(model)
         self._kv = kv
+        self._groups = heads // kv
         self._layers = len(layers)
         self._heads = torch.arange(kv).view(kv, 1, 1) * pool_rows
 
@@ -191,10 +206,35 @@ class DecodeGraph:
         sequences of as many blocks it then sums the same rows as alone (the int8 rounding of
         activations amplifies a last bit's difference into another greedy token now and
         then)."""
-        rows = as_index(read, pos.device)
-        mask = additive_mask(rows.shape[1], pos, inclusive=False)
+        n = pos.shape[0]
+        last = torch.arange(n, device=pos.device)
+        return self.forward(x, cos, sin, pools, pos, write, read, last)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        pools: tuple[torch.Tensor, torch.Tensor],
+        start: torch.Tensor,
+        write: torch.Tensor,
+        read: Rows,
+        last: torch.Tensor,
+    ) -> torch.Tensor:
+        """``t`` new tokens of each of ``n`` sequences (a prefill; ``t`` is 1 in a decode step):
+        ``x`` ``[n, t, hidden]`` (or ``[n, hidden]``), ``cos``/``sin`` their rotary rows, at
+        positions ``start[i] ..``; each token attends to its sequence's past, the rows ``read``
+        before ``start``, and to the new tokens up to itself. Their keys and values go to rows
+        ``write`` ``[n * t]`` of ``pools`` afterwards (padding to the null block). Returns the
+        logits of the tokens ``last`` (indices into the ``n * t`` rows)."""
+        rows = as_index(read, start.device)
+        t = x.numel() // (rows.shape[0] * x.shape[-1])
+        mask = additive_mask(rows.shape[1], start, inclusive=False)
+        groups = self._groups
+        query = torch.arange(t, device=start.device).repeat_interleave(groups)
+        causal = additive_mask(t, query, inclusive=True)  # [t * groups, t]
         k_pools, v_pools = pools
-        logits, k_new, v_new = self.run(x, cos, sin, k_pools, v_pools, rows, mask)
+        logits, k_new, v_new = self.run(x, cos, sin, k_pools, v_pools, rows, mask, causal, last)
         k_pools[:, :, write] = k_new.transpose(1, 2)
         v_pools[:, :, write] = v_new.transpose(1, 2)
         return logits
@@ -208,30 +248,44 @@ class DecodeGraph:
         v_pools: torch.Tensor,
         rows: torch.Tensor,
         mask: torch.Tensor,
+        causal: torch.Tensor,
+        last: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """A step of ``n`` sequences: ``x`` their tokens' embeddings ``[n, hidden]``, ``cos`` and
-        ``sin`` their positions' rotary rows ``[n, dim]``, ``rows`` ``[n, L]`` the pool rows of
-        their past keys and values and ``mask`` ``[n, L]`` which of those they see (0 or -inf;
-        a sequence's past only: its new token is attended apart). Returns the logits ``[n,
-        vocab]`` and the new keys and values ``[layers, n, kv, dim]``."""
+        """The graph on ``R = n * t`` token rows: ``x`` ``[R, hidden]``, ``cos``/``sin`` ``[R,
+        dim]``, ``rows`` ``[n, L]`` the pool rows of each sequence's past keys and values,
+        ``mask`` ``[n, L]`` which of those it sees (0 or -inf), ``causal`` ``[t * groups, t]``
+        which new tokens each query row sees. Returns the logits of rows ``last`` and the new
+        keys and values ``[layers, R, kv, dim]``."""
         import numpy as np
 
         n, length = rows.shape
         dim = k_pools.shape[-1]
+        t = causal.shape[-1]
+        kv, groups = self._kv, self._groups
+
+        def dims(*values: int) -> Any:
+            return np.array(values, dtype=np.int64)
+
         logits, k_new, v_new = self._session.run(
             None,
             {
-                "x": x.reshape(n, -1).float().numpy(),
-                "cos": cos.reshape(n, 1, -1).float().numpy(),
-                "sin": sin.reshape(n, 1, -1).float().numpy(),
+                "x": x.reshape(n * t, -1).float().numpy(),
+                "cos": cos.reshape(n * t, 1, -1).float().numpy(),
+                "sin": sin.reshape(n * t, 1, -1).float().numpy(),
                 "k_pool": k_pools.view(-1, dim).numpy(),
                 "v_pool": v_pools.view(-1, dim).numpy(),
                 "index": (self._heads + rows.unsqueeze(0)).numpy(),
                 "mask": mask.view(n, 1, length).numpy(),
-                "split": np.array([length, 1], dtype=np.int64),
+                "causal": causal.view(1, t * groups, t).numpy(),
+                "last": last.numpy(),
+                "split": dims(length, t),
+                "q5": dims(n, t, kv, groups, dim),
+                "q_rows": dims(kv, n, t * groups, dim),
+                "kv4": dims(n, t, kv, dim),
+                "o5": dims(kv, n, t, groups, dim),
             },
         )
-        new = (self._layers, n, self._kv, dim)
+        new = (self._layers, n * t, kv, dim)
         return (
             torch.from_numpy(logits),
             torch.from_numpy(k_new).view(new),
@@ -240,15 +294,23 @@ class DecodeGraph:
 
 
 def decode_graph(
-    layers: list[Any], final_norm: torch.Tensor, head: Any, shape: LlamaShape, pool_rows: int
+    layers: list[Any],
+    final_norm: torch.Tensor,
+    head: Any,
+    shape: LlamaShape,
+    pool_rows: int,
+    copies: bool = False,
 ) -> DecodeGraph | None:
-    """The decode graph of decoder layers (``llama_weights.Layer``) on their ONNX Runtime
-    weights, or None where some weight (the LM head included) is not one."""
+    """The graph of decoder layers (``llama_weights.Layer``) on their ONNX Runtime weights, or
+    on their copies for long prefills (``Layer.dense``, the int8 copy); None where some weight
+    (the LM head included) is not one."""
     names = ("qkv", "o", "gate_up", "down")
     parts = []
     for layer in layers:
-        mats = [getattr(layer, n) for n in names]
-        if not all(isinstance(m, OrtWeight) for m in mats):
+        source = layer.dense if copies else {n: getattr(layer, n) for n in names}
+        found = [source.get(n) for n in names] if source is not None else []
+        mats = [m for m in found if isinstance(m, OrtWeight)]
+        if len(mats) != len(names):
             return None
         qkv, o, gate_up, down = mats
         parts.append(LayerWeights(layer.input_norm, qkv, o, layer.post_norm, gate_up, down))

@@ -8,15 +8,12 @@ to int8 per block of 32 and multiplies integers (what llama.cpp's Q4_1 x Q8_1 do
 on the 2-core AVX2 machine a step's 120 layer matmuls take 7.5 ms against 10.4 and the LM head
 (in 8 bits) 0.9 ms against 3.2 for PyTorch's int8 kernel (README, the embedded engine).
 
-Each decoder layer's work between two attentions (output projection, residual, RMSNorm, gate/up,
-SiLU, down, residual, then the next layer's RMSNorm and q/k/v) is one ONNX graph
-(``LayerGraphs``), so a prefill makes one runtime call per layer instead of about fifty PyTorch
-calls; rotary embedding, the paged KV cache and attention stay in ``llama.py``. Activations are
-float32 (the kernel takes float32, and PyTorch's elementwise ops on an AVX2 CPU are faster in
-float32 than in emulated bf16). The decode step, attention included, is one graph of its own
-(``ort_decode.DecodeGraph``).
+The whole forward pass, attention included, is one ONNX graph (``ort_decode.DecodeGraph``), for
+a decode step and a prefill alike; this module's weights build their nodes into it. Activations
+are float32 (the kernel takes float32). Called, a weight runs in a session of its own: the
+per-op path LoRA adapters take, their deltas added between the matmuls.
 
-With ``dense_prefill`` long prompts are prefilled through layer graphs on an int8 copy of the
+With ``dense_prefill`` long prompts are prefilled through the same graph on an int8 copy of the
 q/k/v, output and gate/up projections (``QGemmWeight``, the runtime's integer GEMM), whose time
 grows far less with the number of rows than ``MatMulNBits``'.
 
@@ -27,7 +24,6 @@ the LM head, which decides every token), in the layout ``MatMulNBits`` reads (``
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -276,7 +272,8 @@ def _model(nodes: list[Any], inits: list[Any], inputs: dict[str, int], outputs: 
 
 @dataclass
 class LayerWeights:
-    """What ``LayerGraphs`` needs of one decoder layer (``llama_weights.Layer``'s fields)."""
+    """What ``ort_decode.DecodeGraph`` needs of one decoder layer (``llama_weights.Layer``'s
+    fields)."""
 
     input_norm: torch.Tensor
     qkv: OrtWeight
@@ -284,85 +281,3 @@ class LayerWeights:
     post_norm: torch.Tensor
     gate_up: OrtWeight
     down: OrtWeight
-
-
-class LayerGraphs:
-    """The decoder layers' matmuls and everything between two attentions, one session per
-    layer: ``first(x)`` is layer 0's q/k/v; ``after(i, x, attn)`` finishes layer ``i`` from its
-    attention's output and returns the new residual and layer ``i + 1``'s q/k/v (the last layer
-    returns the residual alone). Rows are tokens: ``x`` and ``attn`` are ``[rows, hidden]``."""
-
-    def __init__(self, layers: list[LayerWeights], eps: float) -> None:
-        from onnx import helper, numpy_helper
-
-        hidden = layers[0].o.out_features
-
-        def norm(name: str, x: str, weight: torch.Tensor) -> tuple[Any, Any]:
-            init = numpy_helper.from_array(weight.float().contiguous().numpy(), f"{name}.weight")
-            node = helper.make_node(
-                "RMSNormalization", [x, f"{name}.weight"], [name], axis=-1, epsilon=eps
-            )
-            return node, init
-
-        def qkv_of(layer: LayerWeights, x: str) -> tuple[list[Any], list[Any]]:
-            n_node, n_init = norm("h_next", x, layer.input_norm)
-            mm, inits = layer.qkv.node("qkv", "h_next", "qkv")
-            return [n_node, *mm], [n_init, *inits]
-
-        nodes, inits = qkv_of(layers[0], "x")
-        self._first = session(_model(nodes, inits, {"x": hidden}, ["qkv"]))
-        self._after = []
-        for i, layer in enumerate(layers):
-            o, o_init = layer.o.node("o", "attn", "o_out")
-            post, post_init = norm("h", "x1", layer.post_norm)
-            gu, gu_init = layer.gate_up.node("gate_up", "h", "gu")
-            down, down_init = layer.down.node("down", "act", "down_out")
-            nodes = [
-                *o,
-                helper.make_node("Add", ["x", "o_out"], ["x1"]),
-                post,
-                *gu,
-                helper.make_node("Split", ["gu"], ["gate", "up"], axis=-1, num_outputs=2),
-                helper.make_node("Sigmoid", ["gate"], ["sig"]),
-                helper.make_node("Mul", ["gate", "sig"], ["silu"]),
-                helper.make_node("Mul", ["silu", "up"], ["act"]),
-                *down,
-                helper.make_node("Add", ["x1", "down_out"], ["x2"]),
-            ]
-            inits = [*o_init, post_init, *gu_init, *down_init]
-            outputs = ["x2"]
-            if i + 1 < len(layers):
-                more, more_inits = qkv_of(layers[i + 1], "x2")
-                nodes, inits, outputs = nodes + more, inits + more_inits, ["x2", "qkv"]
-            model = _model(nodes, inits, {"x": hidden, "attn": hidden}, outputs)
-            self._after.append(session(model))
-
-    def first(self, x: torch.Tensor) -> torch.Tensor:
-        (qkv,) = self._first.run(None, {"x": _rows(x)})
-        return torch.from_numpy(qkv)
-
-    def after(
-        self, i: int, x: torch.Tensor, attn: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        out = self._after[i].run(None, {"x": _rows(x), "attn": _rows(attn)})
-        return torch.from_numpy(out[0]), (torch.from_numpy(out[1]) if len(out) > 1 else None)
-
-
-def layer_graphs(layers: Sequence[Any], eps: float, copies: bool = False) -> LayerGraphs | None:
-    """The graphs of decoder layers (``llama_weights.Layer``) on their ONNX Runtime weights, or
-    on their copies for long prefills (``Layer.dense``); None where some weight is not one."""
-    names = ("qkv", "o", "gate_up", "down")
-    parts = []
-    for layer in layers:
-        source = layer.dense if copies else {n: getattr(layer, n) for n in names}
-        found = [source.get(n) for n in names] if source is not None else []
-        mats = [m for m in found if isinstance(m, OrtWeight)]
-        if len(mats) != len(names):
-            return None
-        qkv, o, gate_up, down = mats
-        parts.append(LayerWeights(layer.input_norm, qkv, o, layer.post_norm, gate_up, down))
-    return LayerGraphs(parts, eps)
-
-
-def _rows(x: torch.Tensor) -> Any:
-    return x.reshape(-1, x.shape[-1]).float().contiguous().numpy()

@@ -88,7 +88,7 @@ async def test_one_thread_loads_the_model_and_runs_it(
         (runner,) = loaded
         assert runner.dense_prefill == torch.int8  # on by default: the int8 copy
         assert runner._decode_graph is not None
-        assert runner._int8_graphs_ort is not None
+        assert runner._prefill_graph is not None
         request = GenerationRequest(
             request_id="t",
             model="m",

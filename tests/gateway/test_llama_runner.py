@@ -180,7 +180,7 @@ def test_quantized_weights_follow_float32_up_to_quantization(
     LM head in int8) teacher-forced on float32's greedy tokens: each ranks first or within a
     small margin of first at every step, and most rank first; also with the prompts prefilled by
     the dense copy and decoded in int4 over the cache it wrote, and with ONNX Runtime's kernel
-    (int8 activations, the LM head in 8 bits, the layer graphs). (Measured here: int8 99% first,
+    (int8 activations, the LM head in 8 bits, its one-graph forward pass). (Measured here: int8 99% first,
     int4 100%, the largest gap under 0.01 for both; ONNX Runtime's int4 93-99% first, gap
     0.18-0.20: its int8 activations round, as llama.cpp's Q8_1 activations do.)"""
     reference = LlamaRunner.from_pretrained(
@@ -202,7 +202,7 @@ def test_quantized_weights_follow_float32_up_to_quantization(
     layer_type = {"int8": Int8Weight, "int4": Int4Weight}[quant]
     if kernel == "onnxruntime":
         layer_type = NBitsWeight
-        assert runner._graphs_ort is not None
+        assert runner._decode_graph is not None
         assert isinstance(runner.lm_head, NBitsWeight) and runner.lm_head.bits == 8
     else:
         assert isinstance(runner.lm_head, Int8Weight)  # the head decides every token: int8
