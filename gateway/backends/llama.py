@@ -25,7 +25,8 @@ barely (bound by reading the weights up to dozens of tokens). With ``dense_prefi
 weights keep a dense copy of the layers' projections for prompts of ``DENSE_PREFILL_FROM`` tokens
 or more (README, "Dense prefill"); decoding stays quantized. With ONNX Runtime's int4 kernel the
 copy is int8 on the runtime's integer GEMM (``dense_prefill=torch.int8``,
-``ort_int4.QGemmWeight``), and the decode step is one graph (``ort_decode.DecodeGraph``).
+``ort_int4.QGemmWeight``), and every forward pass without LoRA adapters, a decode step or a
+prefill, is one graph (``ort_decode.DecodeGraph``).
 CUDA graphs of the decode step: ``cuda_graphs.py``.
 """
 

@@ -94,7 +94,7 @@ class DecodeGraph:
             p = f"l{i}."
             # rotary embedding of the query and key heads together (``llama_ops.rope``)
             qk, v = split([qkv, qk_split], [p + "qk", p + "v"], axis=-1)
-            qk = op("Reshape", [qk, as_qk], p + "qk3")  # [n, heads + kv, dim]
+            qk = op("Reshape", [qk, as_qk], p + "qk3")  # [R, heads + kv, dim]
             low, high = split([qk], [p + "lo", p + "hi"], axis=-1, num_outputs=2)
             rolled = op("Concat", [high, low], p + "rolled", axis=-1)
             qk = op(
@@ -136,7 +136,7 @@ class DecodeGraph:
             out = op("Reshape", [out, "o5"], p + "o5")  # [kv, n, t, per kv, dim]
             out = op("Transpose", [out], p + "o_t", perm=[1, 2, 0, 3, 4])
             attn = op("Reshape", [out, as_rows], p + "attn")
-            # the rest of the layer: ``LayerGraphs``' nodes
+            # the rest of the layer: output projection, residual, norm, MLP, residual
             x1 = op("Add", [x, matmul(layer.o, p + "o", attn)], p + "x1")
             h = norm(p + "post", x1, layer.post_norm)
             gu = matmul(layer.gate_up, p + "gate_up", h)
