@@ -373,18 +373,14 @@ class LlamaRunner:
         x = F.embedding(torch.tensor(ids, dtype=torch.long, device=dev), self.embed)
         cos, sin = self.cos[pos_t].unsqueeze(2), self.sin[pos_t].unsqueeze(2)
         write_t = torch.tensor(write, dtype=torch.long, device=dev)
-        tables = [item.table for item in items]
+        gather = rows_to_read([item.table for item in items], blocks, bs, dev)
         graph = self._prefill_graph if self._dense else self._decode_graph
         if graph is not None and self._rows is None:
-            # it attends to the new tokens apart: it reads only the blocks before them (one,
-            # masked, for prompts computed whole)
-            starts = [item.start for item in items]
-            past = rows_to_read(tables, max(1, -(-max(starts) // bs)), bs, dev)
-            last = torch.tensor([i * t + len(item.tokens) - 1 for i, item in enumerate(items)])
-            start = torch.tensor(starts, device=dev)
+            lengths = torch.tensor([len(item.tokens) for item in items])
+            real = torch.arange(t).view(1, -1) < lengths.view(-1, 1)
+            last = torch.arange(b) * t + lengths - 1
             pools = (self.k_pools, self.v_pools)
-            return graph.forward(x, cos, sin, pools, start, write_t, past, last)
-        gather = rows_to_read(tables, blocks, bs, dev)
+            return graph.forward(x, cos, sin, pools, pos_t, real, write_t, gather, last)
         # query at position p sees key positions 0..p (causal, across the cached prefix too)
         mask = additive_mask(blocks * bs, pos_t, inclusive=True)
         x = self._layers(x, cos, sin, write_t, gather, mask)

@@ -9,18 +9,21 @@ embeddings in and the logits out: each layer's rotary embedding, attention, matm
 residuals, then the final norm and the LM head on each sequence's last token. It takes ``t``
 new tokens per sequence: 1 in a decode step, the prompt (or what a prefix hit left of it) in a
 prefill. The layers' pools go in without a copy, as rows of ``head_dim`` (``LlamaRunner.k_pools``,
-one tensor for every layer), and each sequence's past rows, the paged cache's block table turned
+one tensor for every layer), and each sequence's rows, the paged cache's block table turned
 into row numbers (a run of rows for a lone sequence whose blocks are consecutive), are read with
-one ``Gather`` a layer, under a mask for the padding of a batch. The new tokens' keys and values
+one ``Gather`` a layer, under a mask. The new tokens' keys and values
 come back as outputs and the runner writes them to their rows (two PyTorch calls).
 
-Attention is written out of standard operators (``FusedMatMul`` for the scaled ``q @ k.T``): the
-past rows' scores and the new tokens' (causal among them) are computed apart and concatenated
-before the softmax, so the past keys and values are gathered once and never copied again to
-append the new rows, and a prompt computed whole reads no past at all (one masked block). The
-same graph is built twice: on the 4-bit weights (decoding, short prompts) and on the int8 copy
-(``QGemmWeight``, prompts of ``dense_from`` tokens or more). Batches with LoRA adapters take the
-op-by-op path (their deltas go between the matmuls).
+Attention is written out of standard operators (``FusedMatMul`` for the scaled ``q @ k.T``), as
+the op-by-op path computes it: each sequence's rows of the pools are gathered in position order
+(the blocks up to its last new token), the new tokens' keys and values are put in their rows
+(``ScatterElements``), and each token attends to the rows up to its position. So a prompt's
+rows and sums are the same whether it is computed whole, after a cached prefix or beside other
+sequences, and greedy answers do not change with a prefix hit (scoring the new tokens apart from
+the past, as stop 44's decode step did, changed them: the int8 rounding of activations turns a
+last bit into a step). The same graph is built twice: on the 4-bit weights (decoding, short
+prompts) and on the int8 copy (``QGemmWeight``, prompts of ``dense_from`` tokens or more).
+Batches with LoRA adapters take the op-by-op path (their deltas go between the matmuls).
 """
 
 from __future__ import annotations
@@ -84,6 +87,7 @@ class DecodeGraph:
         q_k = shape_of("q_k", heads, kv)
         as_qk = shape_of("as_qk", 0, heads + kv, dim)
         as_rows = shape_of("as_rows", -1, heads * dim)
+        two = const("two", torch.tensor([2]))
         scale = dim**-0.5
 
         x = "x"
@@ -105,36 +109,29 @@ class DecodeGraph:
             q, k = split([qk, q_k], [p + "q", p + "k"], axis=1)
             new_k.append(k)  # [R, kv, dim]
             new_v.append(v)  # [R, kv * dim]
-            # [kv, n, t * heads per kv head, dim]: a sequence's queries of a kv head (token
-            # major) as a matmul's rows; its new keys and values [kv, n, t, dim]
+            # [kv, n, heads per kv head, t, dim]: a sequence's queries of a kv head as the rows
+            # of one matmul; its new keys and values [kv, n, t, dim]
             q = op("Reshape", [q, "q5"], p + "q5")  # [n, t, kv, heads per kv head, dim]
-            q = op("Transpose", [q], p + "qt", perm=[2, 0, 1, 3, 4])
-            q = op("Reshape", [q, "q_rows"], p + "q4")
+            q = op("Transpose", [q], p + "qt", perm=[2, 0, 3, 1, 4])
             k = op("Transpose", [op("Reshape", [k, "kv4"], p + "k4")], p + "kt", perm=[2, 0, 1, 3])
             v = op("Transpose", [op("Reshape", [v, "kv4"], p + "v4")], p + "vt", perm=[2, 0, 1, 3])
-            # attention: each sequence's past rows of this layer's pools, then its new tokens
-            # (causal among them)
+            # attention as the op-by-op path computes it: each sequence's rows of this layer's
+            # pools in position order, its new keys and values put in their rows (``at``), then
+            # the rows each token sees (``mask``), so a prompt's rows and sums are the same
+            # whether it is computed whole, after a cached prefix or beside other sequences
             base = const(p + "base", torch.tensor(i * kv * pool_rows))
             index = op("Add", ["index", base], p + "index")  # rows of layer i's pools
-            past = [op("Gather", [pool, index], p + pool, axis=0) for pool in ("k_pool", "v_pool")]
+            rows = []
+            for pool, new in (("k_pool", k), ("v_pool", v)):
+                read = op("Gather", [pool, index], p + pool, axis=0)  # [kv, n, L, dim]
+                put = op("ScatterElements", [read, "at", new], p + pool + "_put", axis=2)
+                rows.append(op("Unsqueeze", [put, two], p + pool + "_rows"))  # [kv, n, 1, L, dim]
             fused = {"domain": "com.microsoft", "transB": 1, "alpha": scale}
-            s_past = op("FusedMatMul", [q, past[0]], p + "s_past0", **fused)
-            s_past = op("Add", [s_past, "mask"], p + "s_past")
-            s_new = op("FusedMatMul", [q, k], p + "s_new0", **fused)
-            s_new = op("Add", [s_new, "causal"], p + "s_new")
-            scores = op("Concat", [s_past, s_new], p + "scores", axis=-1)
+            scores = op("FusedMatMul", [q, rows[0]], p + "scores0", **fused)
+            scores = op("Add", [scores, "mask"], p + "scores")  # [kv, n, per kv, t, L]
             probs = op("Softmax", [scores], p + "probs", axis=-1)
-            p_past, p_new = split([probs, "split"], [p + "p_past", p + "p_new"], axis=-1)
-            out = op(
-                "Add",
-                [
-                    op("MatMul", [p_past, past[1]], p + "o_past"),
-                    op("MatMul", [p_new, v], p + "o_new"),
-                ],
-                p + "o_heads",
-            )
-            out = op("Reshape", [out, "o5"], p + "o5")  # [kv, n, t, per kv, dim]
-            out = op("Transpose", [out], p + "o_t", perm=[1, 2, 0, 3, 4])
+            out = op("MatMul", [probs, rows[1]], p + "o_heads")  # [kv, n, per kv, t, dim]
+            out = op("Transpose", [out], p + "o_t", perm=[1, 3, 0, 2, 4])
             attn = op("Reshape", [out, as_rows], p + "attn")
             # the rest of the layer: output projection, residual, norm, MLP, residual
             x1 = op("Add", [x, matmul(layer.o, p + "o", attn)], p + "x1")
@@ -167,14 +164,11 @@ class DecodeGraph:
                 value("k_pool", f, [len(layers) * kv * pool_rows, dim]),
                 value("v_pool", f, [len(layers) * kv * pool_rows, dim]),
                 value("index", i64, [kv, "n", "L"]),
-                value("mask", f, ["n", 1, "L"]),
-                value("causal", f, [1, "tG", "t"]),
+                value("at", i64, [kv, "n", "t", dim]),
+                value("mask", f, ["n", 1, "t", "L"]),
                 value("last", i64, ["n"]),
-                value("split", i64, [2]),
                 value("q5", i64, [5]),
-                value("q_rows", i64, [4]),
                 value("kv4", i64, [4]),
-                value("o5", i64, [5]),
             ],
             [value(n, f, None) for n in ("logits", "k_new", "v_new")],
             inits,
@@ -198,17 +192,13 @@ class DecodeGraph:
         read: Rows,
     ) -> torch.Tensor:
         """The runner's decode step (``LlamaRunner._decode``): ``n`` sequences' embeddings ``x``,
-        rotary rows ``cos``/``sin`` and positions ``pos``; each attends to its past, the rows
-        ``read`` before ``pos``, and its new token, whose keys and values are then written to
-        rows ``write`` of ``pools`` (``LlamaRunner.k_pools``, ``v_pools``). Returns the logits.
-
-        A lone sequence reads its whole blocks too, masked past ``pos``, as in a batch: beside
-        sequences of as many blocks it then sums the same rows as alone (the int8 rounding of
-        activations amplifies a last bit's difference into another greedy token now and
-        then)."""
+        rotary rows ``cos``/``sin`` and positions ``pos``; each attends to the rows ``read`` up
+        to ``pos``, its new token's among them; the new keys and values are then written to
+        rows ``write`` of ``pools`` (``LlamaRunner.k_pools``, ``v_pools``). Returns the logits."""
         n = pos.shape[0]
-        last = torch.arange(n, device=pos.device)
-        return self.forward(x, cos, sin, pools, pos, write, read, last)
+        real = torch.ones(n, 1, dtype=torch.bool)
+        last = torch.arange(n)
+        return self.forward(x, cos, sin, pools, pos.view(n, 1), real, write, read, last)
 
     def forward(
         self,
@@ -216,25 +206,29 @@ class DecodeGraph:
         cos: torch.Tensor,
         sin: torch.Tensor,
         pools: tuple[torch.Tensor, torch.Tensor],
-        start: torch.Tensor,
+        positions: torch.Tensor,
+        real: torch.Tensor,
         write: torch.Tensor,
         read: Rows,
         last: torch.Tensor,
     ) -> torch.Tensor:
         """``t`` new tokens of each of ``n`` sequences (a prefill; ``t`` is 1 in a decode step):
-        ``x`` ``[n, t, hidden]`` (or ``[n, hidden]``), ``cos``/``sin`` their rotary rows, at
-        positions ``start[i] ..``; each token attends to its sequence's past, the rows ``read``
-        before ``start``, and to the new tokens up to itself. Their keys and values go to rows
-        ``write`` ``[n * t]`` of ``pools`` afterwards (padding to the null block). Returns the
-        logits of the tokens ``last`` (indices into the ``n * t`` rows)."""
-        rows = as_index(read, start.device)
-        t = x.numel() // (rows.shape[0] * x.shape[-1])
-        mask = additive_mask(rows.shape[1], start, inclusive=False)
-        groups = self._groups
-        query = torch.arange(t, device=start.device).repeat_interleave(groups)
-        causal = additive_mask(t, query, inclusive=True)  # [t * groups, t]
+        ``x`` ``[n, t, hidden]``, ``cos``/``sin`` their rotary rows, ``positions`` ``[n, t]``
+        and which of them are tokens, not padding (``real``). ``read`` ``[n, L]`` are the pool
+        rows of positions ``0 .. L - 1`` of each sequence, past the last new token; each token
+        attends to those up to its position, the new ones taken from this pass. Their keys and
+        values go to rows ``write`` ``[n * t]`` of ``pools`` afterwards (padding to the null
+        block). Returns the logits of the tokens ``last`` (indices into the ``n * t`` rows)."""
+        rows = as_index(read, positions.device)
+        n, length = rows.shape
+        t = positions.shape[1]
+        # one more row, the null block's first: padding tokens are put there, seen by none
+        rows = torch.cat([rows, torch.zeros(n, 1, dtype=rows.dtype)], dim=1)
+        at = torch.where(real, positions, length)
+        mask = additive_mask(length + 1, positions, inclusive=True)
+        mask[..., length] = float("-inf")
         k_pools, v_pools = pools
-        logits, k_new, v_new = self.run(x, cos, sin, k_pools, v_pools, rows, mask, causal, last)
+        logits, k_new, v_new = self.run(x, cos, sin, k_pools, v_pools, rows, mask, at, last, t)
         k_pools[:, :, write] = k_new.transpose(1, 2)
         v_pools[:, :, write] = v_new.transpose(1, 2)
         return logits
@@ -248,19 +242,19 @@ class DecodeGraph:
         v_pools: torch.Tensor,
         rows: torch.Tensor,
         mask: torch.Tensor,
-        causal: torch.Tensor,
+        at: torch.Tensor,
         last: torch.Tensor,
+        t: int,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The graph on ``R = n * t`` token rows: ``x`` ``[R, hidden]``, ``cos``/``sin`` ``[R,
-        dim]``, ``rows`` ``[n, L]`` the pool rows of each sequence's past keys and values,
-        ``mask`` ``[n, L]`` which of those it sees (0 or -inf), ``causal`` ``[t * groups, t]``
-        which new tokens each query row sees. Returns the logits of rows ``last`` and the new
-        keys and values ``[layers, R, kv, dim]``."""
+        dim]``, ``rows`` ``[n, L]`` the pool rows each sequence reads in position order,
+        ``mask`` ``[n, t, L]`` which of them each token sees (0 or -inf), ``at`` ``[n, t]`` the
+        row each new token's keys and values take among them. Returns the logits of rows
+        ``last`` and the new keys and values ``[layers, R, kv, dim]``."""
         import numpy as np
 
         n, length = rows.shape
         dim = k_pools.shape[-1]
-        t = causal.shape[-1]
         kv, groups = self._kv, self._groups
 
         def dims(*values: int) -> Any:
@@ -275,14 +269,11 @@ class DecodeGraph:
                 "k_pool": k_pools.view(-1, dim).numpy(),
                 "v_pool": v_pools.view(-1, dim).numpy(),
                 "index": (self._heads + rows.unsqueeze(0)).numpy(),
-                "mask": mask.view(n, 1, length).numpy(),
-                "causal": causal.view(1, t * groups, t).numpy(),
+                "at": at.view(1, n, t, 1).expand(kv, n, t, dim).contiguous().numpy(),
+                "mask": mask.view(n, 1, t, length).numpy(),
                 "last": last.numpy(),
-                "split": dims(length, t),
                 "q5": dims(n, t, kv, groups, dim),
-                "q_rows": dims(kv, n, t * groups, dim),
                 "kv4": dims(n, t, kv, dim),
-                "o5": dims(kv, n, t, groups, dim),
             },
         )
         new = (self._layers, n * t, kv, dim)

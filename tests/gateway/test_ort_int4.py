@@ -173,6 +173,41 @@ def test_long_prompts_prefill_through_the_int8_copy(model_path, tokenizer) -> No
     assert float(torch.corrcoef(torch.stack([logits[0], reference[0]]))[0, 1]) >= 0.97
 
 
+def test_a_prompt_computes_the_same_whole_after_a_prefix_hit_or_in_a_batch(
+    model_path, tokenizer
+) -> None:  # type: ignore[no-untyped-def]
+    """With the default kernel (int8 activations, which turn a last bit into a step) a prompt
+    prefilled through the graphs gives the same logits, bit for bit, and the same greedy steps
+    whether it is computed whole, after 32 or 48 cached tokens (cached by prompts long enough for
+    the int8 copy too: which weights computed a cached block is its own prompt's choice), or
+    beside a shorter prompt: each
+    token's keys and values are put in their rows and read in position order, as the op-by-op
+    path does. (Scoring the new tokens apart from the past, stop 45's first version, gave
+    another greedy answer after a prefix hit: test_non_ascii_stream_is_valid_utf8 failed.)"""
+    runner = ort_runner(model_path, dense_prefill=torch.int8)
+    prompt = chat_ids(tokenizer, "Write 'café', 'naïve', '東京' and an emoji 🎉.")
+    other = chat_ids(tokenizer, PROMPTS[1])
+    assert len(prompt) > 48 and len(other) < len(prompt)
+
+    def run(cached: int, beside: list[int] | None = None) -> list[torch.Tensor]:
+        tables = tables_for(runner, 2)
+        if cached:
+            runner.prefill([PrefillItem(prompt[:cached], 0, tables[0])])
+        items = [PrefillItem(prompt[cached:], cached, tables[0])]
+        if beside:
+            items.append(PrefillItem(beside, 0, tables[1]))
+        out = [runner.prefill(items)[0].clone()]
+        position = len(prompt)
+        for _ in range(6):
+            out.append(runner.decode([int(out[-1].argmax())], [position], tables[:1])[0].clone())
+            position += 1
+        return out
+
+    whole = run(0)
+    for got in (run(32), run(48), run(0, other)):
+        assert all(torch.equal(a, b) for a, b in zip(got, whole, strict=True))
+
+
 def test_the_decode_step_is_one_graph(model_path, tokenizer, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     """Decoding takes ``DecodeGraph`` (rotary embedding, attention over each sequence's rows of
     the pools, every layer and the LM head in one runtime call): with the kernel multiplying in
