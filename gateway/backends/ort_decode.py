@@ -221,14 +221,13 @@ class DecodeGraph:
         block). Returns the logits of the tokens ``last`` (indices into the ``n * t`` rows)."""
         rows = as_index(read, positions.device)
         n, length = rows.shape
-        t = positions.shape[1]
         # one more row, the null block's first: padding tokens are put there, seen by none
         rows = torch.cat([rows, torch.zeros(n, 1, dtype=rows.dtype)], dim=1)
         at = torch.where(real, positions, length)
         mask = additive_mask(length + 1, positions, inclusive=True)
         mask[..., length] = float("-inf")
         k_pools, v_pools = pools
-        logits, k_new, v_new = self.run(x, cos, sin, k_pools, v_pools, rows, mask, at, last, t)
+        logits, k_new, v_new = self.run(x, cos, sin, k_pools, v_pools, rows, mask, at, last)
         k_pools[:, :, write] = k_new.transpose(1, 2)
         v_pools[:, :, write] = v_new.transpose(1, 2)
         return logits
@@ -244,7 +243,6 @@ class DecodeGraph:
         mask: torch.Tensor,
         at: torch.Tensor,
         last: torch.Tensor,
-        t: int,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The graph on ``R = n * t`` token rows: ``x`` ``[R, hidden]``, ``cos``/``sin`` ``[R,
         dim]``, ``rows`` ``[n, L]`` the pool rows each sequence reads in position order,
@@ -254,6 +252,7 @@ class DecodeGraph:
         import numpy as np
 
         n, length = rows.shape
+        t = at.shape[1]
         dim = k_pools.shape[-1]
         kv, groups = self._kv, self._groups
 
